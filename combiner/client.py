@@ -1,0 +1,211 @@
+"""Python SDK for a Chorus ensemble endpoint (any KServe v2 gRPC client works too).
+
+    from combiner.client import EnsembleClient
+    with EnsembleClient("127.0.0.1:8100") as client:
+        probabilities = client.predict(images)
+
+``AsyncEnsembleClient`` is the asyncio twin. Errors are one small tree, translated from gRPC's at
+this edge::
+
+    EnsembleError
+    ├── InvalidRequest      the request was refused (INVALID_ARGUMENT); the message says why
+    ├── ModelNotFound       no such ensemble on this endpoint (NOT_FOUND)
+    ├── DeadlineExceeded    no answer in time (DEADLINE_EXCEEDED)
+    ├── Unavailable         the endpoint or a member cannot be reached (UNAVAILABLE)
+    └── ServerError         anything else the server reported (INTERNAL, ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+__all__ = [
+    "AsyncEnsembleClient",
+    "DeadlineExceeded",
+    "EnsembleClient",
+    "EnsembleError",
+    "InvalidRequest",
+    "ModelNotFound",
+    "ServerError",
+    "Unavailable",
+]
+
+_MAX_MESSAGE = 2**31 - 1
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+]
+
+
+class EnsembleError(Exception):
+    """Base of every error the client raises."""
+
+    code = ""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code or type(self).code
+
+
+class InvalidRequest(EnsembleError):
+    code = "INVALID_ARGUMENT"
+
+
+class ModelNotFound(EnsembleError):
+    code = "NOT_FOUND"
+
+
+class DeadlineExceeded(EnsembleError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(EnsembleError):
+    code = "UNAVAILABLE"
+
+
+class ServerError(EnsembleError):
+    code = "INTERNAL"
+
+
+_BY_CODE: dict[str, type[EnsembleError]] = {
+    cls.code: cls for cls in (InvalidRequest, ModelNotFound, DeadlineExceeded, Unavailable)
+}
+
+
+def _translate(e: InferenceServerException) -> EnsembleError:
+    status = (e.status() or "").removeprefix("StatusCode.")
+    cls = _BY_CODE.get(status, ServerError)
+    return cls(e.message() or str(e), status)
+
+
+Inputs = np.ndarray | Mapping[str, np.ndarray]
+
+
+class _Common:
+    def __init__(self, url: str, model: str | None) -> None:
+        self.url = url
+        self.model = model
+        self._metadata: Any = None
+
+    def _build(self, x: Inputs, module: Any) -> tuple[list[Any], list[Any]]:
+        meta = self._metadata
+        names = [t["name"] for t in meta["inputs"]]
+        if isinstance(x, Mapping):
+            arrays = dict(x)
+        elif len(names) == 1:
+            arrays = {names[0]: x}
+        else:
+            raise InvalidRequest(f"ensemble {self.model!r} takes several inputs ({names}); "
+                                 "pass a mapping of name to array")
+        inputs = []
+        for name, array in arrays.items():
+            array = np.ascontiguousarray(array)
+            tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        outputs = [module.InferRequestedOutput(t["name"]) for t in meta["outputs"]]
+        return inputs, outputs
+
+    def _unpack(self, result: Any) -> np.ndarray | dict[str, np.ndarray]:
+        names = [t["name"] for t in self._metadata["outputs"]]
+        arrays = {n: result.as_numpy(n) for n in names}
+        return arrays[names[0]] if len(names) == 1 else arrays
+
+
+class EnsembleClient(_Common):
+    """Blocking client. ``model`` defaults to the one ensemble the endpoint serves."""
+
+    def __init__(self, url: str, model: str | None = None) -> None:
+        super().__init__(url, model)
+        self._client = grpcclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+
+    def metadata(self) -> dict[str, Any]:
+        if self._metadata is None:
+            try:
+                if self.model is None:
+                    index = self._client.get_model_repository_index(as_json=True)
+                    self.model = index["models"][0]["name"]
+                self._metadata = self._client.get_model_metadata(self.model, as_json=True)
+            except InferenceServerException as e:
+                raise _translate(e) from e
+        return dict(self._metadata)
+
+    def ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready())
+        except InferenceServerException:
+            return False
+
+    def predict(self, x: Inputs, timeout_s: float | None = None) -> np.ndarray | dict[str, np.ndarray]:
+        """The ensemble's answer for ``x`` (an array, or a mapping name -> array); one output
+        comes back as an array, several as a mapping."""
+        self.metadata()
+        inputs, outputs = self._build(x, grpcclient)
+        try:
+            result = self._client.infer(
+                self.model, inputs, outputs=outputs, client_timeout=timeout_s
+            )
+        except InferenceServerException as e:
+            raise _translate(e) from e
+        return self._unpack(result)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> EnsembleClient:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncEnsembleClient(_Common):
+    """The asyncio twin of :class:`EnsembleClient`."""
+
+    def __init__(self, url: str, model: str | None = None) -> None:
+        super().__init__(url, model)
+        self._client = aioclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+
+    async def metadata(self) -> dict[str, Any]:
+        if self._metadata is None:
+            try:
+                if self.model is None:
+                    index = await self._client.get_model_repository_index(as_json=True)
+                    self.model = index["models"][0]["name"]
+                self._metadata = await self._client.get_model_metadata(self.model, as_json=True)
+            except InferenceServerException as e:
+                raise _translate(e) from e
+        return dict(self._metadata)
+
+    async def predict(
+        self, x: Inputs, timeout_s: float | None = None
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        await self.metadata()
+        inputs, outputs = self._build(x, aioclient)
+        try:
+            result = await self._client.infer(
+                self.model, inputs, outputs=outputs, client_timeout=timeout_s
+            )
+        except InferenceServerException as e:
+            raise _translate(e) from e
+        return self._unpack(result)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> AsyncEnsembleClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

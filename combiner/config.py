@@ -1,0 +1,49 @@
+"""What the combiner serves: written by the orchestrator, read by the combiner process.
+
+The combiner never plans; this file (``combiner.json`` beside the model repository) tells it the
+ensemble's tensors, its members as Triton knows them, the combination rule and where Triton is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["CombinerConfig", "MemberRoute", "TensorInfo"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorInfo(_Strict):
+    name: str
+    dtype: str = Field(description="Triton data type name, e.g. FP32")
+    shape: tuple[int, ...] = Field(description="dimensions after the batch one; -1 is variable")
+
+
+class MemberRoute(_Strict):
+    name: str = Field(description="the member's model name on Triton")
+    weight: float = 1.0
+    inputs: dict[str, str] = Field(description="ensemble input name -> member input name")
+    outputs: dict[str, str] = Field(description="ensemble output name -> member output name")
+
+
+class CombinerConfig(_Strict):
+    name: str = Field(description="the ensemble's model name on the combiner's endpoint")
+    triton_url: str = Field(description="host:port of Triton's gRPC endpoint")
+    max_batch_size: int
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    members: tuple[MemberRoute, ...]
+    rule: Literal["mean", "weighted_mean"] = "mean"
+    softmax: bool = False
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> CombinerConfig:
+        return cls.model_validate_json(path.read_text())

@@ -1,0 +1,330 @@
+"""The ensemble's KServe v2 gRPC endpoint.
+
+Per request: validate it against the ensemble's tensors (a bad one gets INVALID_ARGUMENT naming
+the problem, and touches no member), forward the input bytes to every member on Triton at once,
+gather, combine with numpy, answer. Health and metadata calls answer truthfully: the ensemble
+is ready only while every member is ready on Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.utils import triton_to_np_dtype
+
+from . import __version__
+from .config import CombinerConfig, TensorInfo
+from .rules import combine
+from .upstream import GRPC_OPTIONS, MemberError, Upstream
+
+__all__ = ["EnsembleService", "RequestError", "serve"]
+
+log = logging.getLogger("chorus.combiner")
+
+# Where a request may carry a tensor's values without raw_input_contents.
+_TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+class RequestError(Exception):
+    """A request the endpoint refuses; carries the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    batch: int
+    data: dict[str, bytes]  # ensemble input name -> raw bytes, row-major
+    shapes: dict[str, tuple[int, ...]]  # with the batch dimension
+
+
+class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(self, config: CombinerConfig, upstream: Upstream) -> None:
+        self.config = config
+        self.upstream = upstream
+        self._member_names = [m.name for m in config.members]
+        self._inputs = {t.name: t for t in config.inputs}
+        self._outputs = {t.name: t for t in config.outputs}
+        self._weights = [m.weight for m in config.members]
+
+    # -- health and metadata ------------------------------------------------------------------
+
+    async def ServerLive(self, request, context):  # noqa: N802 (gRPC method names)
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        return service_pb2.ServerReadyResponse(ready=await self._ready())
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        if not self._is_ours(request.name, request.version):
+            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=await self._ready())
+
+    async def ServerMetadata(self, request, context):  # noqa: N802
+        return service_pb2.ServerMetadataResponse(name="chorus", version=__version__)
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        await self._check_model(request.name, request.version, context)
+        return service_pb2.ModelMetadataResponse(
+            name=self.config.name,
+            versions=["1"],
+            platform="chorus_ensemble",
+            inputs=[_metadata(t) for t in self.config.inputs],
+            outputs=[_metadata(t) for t in self.config.outputs],
+        )
+
+    async def ModelConfig(self, request, context):  # noqa: N802
+        await self._check_model(request.name, request.version, context)
+        config = model_config_pb2.ModelConfig(
+            name=self.config.name,
+            platform="chorus_ensemble",
+            max_batch_size=self.config.max_batch_size,
+            input=[
+                model_config_pb2.ModelInput(
+                    name=t.name, data_type=_config_dtype(t.dtype), dims=list(t.shape)
+                )
+                for t in self.config.inputs
+            ],
+            output=[
+                model_config_pb2.ModelOutput(
+                    name=t.name, data_type=_config_dtype(t.dtype), dims=list(t.shape)
+                )
+                for t in self.config.outputs
+            ],
+        )
+        return service_pb2.ModelConfigResponse(config=config)
+
+    async def RepositoryIndex(self, request, context):  # noqa: N802
+        state = "READY" if await self._ready() else "UNAVAILABLE"
+        model = service_pb2.RepositoryIndexResponse.ModelIndex(
+            name=self.config.name, version="1", state=state
+        )
+        return service_pb2.RepositoryIndexResponse(models=[model])
+
+    # -- inference ------------------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        try:
+            await self._check_model(request.model_name, request.model_version, context)
+            inputs = self._parse(request)
+            wanted = self._requested_outputs(request)
+            outputs = await self._fan_out(request.id, inputs, wanted)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        except MemberError as e:
+            code = grpc.StatusCode.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else (
+                grpc.StatusCode.INTERNAL
+            )
+            log.warning("%s", e)
+            await context.abort(code, str(e))
+        response = service_pb2.ModelInferResponse(
+            model_name=self.config.name, model_version="1", id=request.id
+        )
+        for name, array in outputs.items():
+            info = self._outputs[name]
+            response.outputs.add(name=name, datatype=info.dtype, shape=array.shape)
+            response.raw_output_contents.append(array.tobytes())
+        return response
+
+    def _parse(self, request: service_pb2.ModelInferRequest) -> _Inputs:
+        expected = ", ".join(self._inputs)
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            raise _invalid(
+                f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents"
+            )
+        data: dict[str, bytes] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        batch = None
+        for i, tensor in enumerate(request.inputs):
+            info = self._inputs.get(tensor.name)
+            if info is None:
+                raise _invalid(f"unknown input {tensor.name!r}; this ensemble takes: {expected}")
+            if tensor.name in data:
+                raise _invalid(f"input {tensor.name!r} is given twice")
+            if "shared_memory_region" in tensor.parameters:
+                raise _invalid(
+                    f"input {tensor.name!r} is in shared memory; this endpoint takes inputs "
+                    "in the request only"
+                )
+            if tensor.datatype != info.dtype:
+                raise _invalid(
+                    f"input {tensor.name!r} has datatype {tensor.datatype}; "
+                    f"the ensemble expects {info.dtype}"
+                )
+            shape = tuple(tensor.shape)
+            if not _shape_fits(shape, info):
+                want = [-1, *info.shape]
+                raise _invalid(
+                    f"input {tensor.name!r} has shape {list(shape)}; the ensemble expects "
+                    f"{want} (first dimension: batch)"
+                )
+            if shape[0] > self.config.max_batch_size:
+                raise _invalid(
+                    f"batch size {shape[0]} of input {tensor.name!r} exceeds the maximum "
+                    f"batch size {self.config.max_batch_size}; split the batch"
+                )
+            if batch is not None and shape[0] != batch:
+                raise _invalid(f"inputs disagree on the batch size ({batch} and {shape[0]})")
+            batch = shape[0]
+            content = raw[i] if raw else _typed_bytes(tensor, info)
+            need = int(np.prod(shape)) * np.dtype(triton_to_np_dtype(info.dtype)).itemsize
+            if len(content) != need:
+                raise _invalid(
+                    f"input {tensor.name!r} carries {len(content)} bytes; shape {list(shape)} "
+                    f"of {info.dtype} needs {need}"
+                )
+            data[tensor.name] = content
+            shapes[tensor.name] = shape
+        missing = [n for n in self._inputs if n not in data]
+        if missing:
+            raise _invalid(f"missing input {', '.join(map(repr, missing))}; "
+                           f"this ensemble takes: {expected}")
+        assert batch is not None
+        return _Inputs(batch, data, shapes)
+
+    def _requested_outputs(self, request: service_pb2.ModelInferRequest) -> list[str]:
+        if not request.outputs:
+            return list(self._outputs)
+        names = []
+        for out in request.outputs:
+            if out.name not in self._outputs:
+                raise _invalid(f"unknown output {out.name!r}; this ensemble gives: "
+                               f"{', '.join(self._outputs)}")
+            if "shared_memory_region" in out.parameters:
+                raise _invalid(f"output {out.name!r} asks for shared memory; this endpoint "
+                               "returns outputs in the response only")
+            names.append(out.name)
+        return names
+
+    async def _fan_out(
+        self, request_id: str, inputs: _Inputs, wanted: list[str]
+    ) -> dict[str, np.ndarray]:
+        calls = []
+        for member in self.config.members:
+            req = service_pb2.ModelInferRequest(model_name=member.name, id=request_id)
+            for ens_name, content in inputs.data.items():
+                info = self._inputs[ens_name]
+                req.inputs.add(
+                    name=member.inputs[ens_name], datatype=info.dtype, shape=inputs.shapes[ens_name]
+                )
+                req.raw_input_contents.append(content)
+            for ens_name in wanted:
+                req.outputs.add(name=member.outputs[ens_name])
+            calls.append(self.upstream.infer(req))
+        responses = await asyncio.gather(*calls)
+        combined = {}
+        for ens_name in wanted:
+            info = self._outputs[ens_name]
+            stacked = np.stack(
+                [
+                    _output(resp, member.outputs[ens_name], info)
+                    for member, resp in zip(self.config.members, responses, strict=True)
+                ]
+            )
+            result = combine(stacked, self.config.rule, self._weights, self.config.softmax)
+            combined[ens_name] = np.ascontiguousarray(
+                result.astype(triton_to_np_dtype(info.dtype), copy=False)
+            )
+        return combined
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _is_ours(self, name: str, version: str) -> bool:
+        return name == self.config.name and version in ("", "1")
+
+    async def _check_model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> None:
+        """Abort the call with NOT_FOUND unless it names this ensemble."""
+        if not self._is_ours(name, version):
+            shown = f"{name!r}" + (f" version {version!r}" if version else "")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown model {shown}; this endpoint serves {self.config.name!r} (version 1)",
+            )
+
+    async def _ready(self) -> bool:
+        return await self.upstream.models_ready(self._member_names)
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _shape_fits(shape: tuple[int, ...], info: TensorInfo) -> bool:
+    return (
+        len(shape) == 1 + len(info.shape)
+        and shape[0] >= 1
+        and all(d >= 0 and (want == -1 or d == want) for d, want in zip(shape[1:], info.shape))
+    )
+
+
+def _typed_bytes(tensor: service_pb2.ModelInferRequest.InferInputTensor, info: TensorInfo) -> bytes:
+    field = _TYPED_FIELD.get(info.dtype)
+    if field is None:
+        raise _invalid(f"input {tensor.name!r} of {info.dtype} must be sent as raw bytes")
+    values = getattr(tensor.contents, field)
+    return np.asarray(values, dtype=triton_to_np_dtype(info.dtype)).tobytes()
+
+
+def _output(
+    response: service_pb2.ModelInferResponse, name: str, info: TensorInfo
+) -> np.ndarray:
+    for i, out in enumerate(response.outputs):
+        if out.name == name:
+            dtype = triton_to_np_dtype(out.datatype)
+            return np.frombuffer(response.raw_output_contents[i], dtype=dtype).reshape(out.shape)
+    raise MemberError(response.model_name, grpc.StatusCode.INTERNAL,
+                      f"its response has no output {name!r}")
+
+
+def _metadata(t: TensorInfo) -> service_pb2.ModelMetadataResponse.TensorMetadata:
+    return service_pb2.ModelMetadataResponse.TensorMetadata(
+        name=t.name, datatype=t.dtype, shape=[-1, *t.shape]
+    )
+
+
+def _config_dtype(dtype: str) -> int:
+    return int(model_config_pb2.DataType.Value(f"TYPE_{dtype}"))
+
+
+async def serve(
+    config: CombinerConfig, host: str, port: int, stop: asyncio.Event | None = None
+) -> None:
+    """Serve the ensemble on ``host:port`` until ``stop`` is set (or forever)."""
+    upstream = Upstream(config.triton_url)
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        EnsembleService(config, upstream), server
+    )
+    address = f"{host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    log.info("serving ensemble %r on %s (Triton at %s)", config.name, address, config.triton_url)
+    try:
+        if stop is None:
+            await server.wait_for_termination()
+        else:
+            await stop.wait()
+    finally:
+        await server.stop(grace=2.0)
+        await upstream.close()

@@ -1,0 +1,283 @@
+"""Start and stop the processes Chorus runs: tritonserver and the combiner.
+
+Every child is started in its own session (so a terminal's Ctrl-C reaches Chorus, which stops
+them in order) with ``PR_SET_PDEATHSIG`` (so it dies with Chorus even if Chorus is killed), its
+output kept in a log file whose tail goes into every error. Stopping is SIGINT (SIGTERM for the
+combiner), a timeout, then SIGKILL.
+
+``tritonserver`` is found in $TRITONSERVER, then on PATH, then in the nvidia-pytriton wheel. The
+bundled one needs a backend directory holding the Python backend and the stub built for this
+interpreter, the wheel's libraries on LD_LIBRARY_PATH, and this interpreter's ``bin`` first on
+PATH so that the stub imports the same numpy and onnxruntime as Chorus.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from .errors import LaunchError
+
+__all__ = [
+    "ManagedProcess",
+    "ServerBinary",
+    "TritonServer",
+    "find_tritonserver",
+    "free_port",
+]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ManagedProcess:
+    """A child process with a log file, that dies with its parent and stops in steps."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        stop_signal: int = signal.SIGINT,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log = log
+        self.env = env
+        self.stop_signal = stop_signal
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as out:
+            try:
+                self.proc = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            except OSError as e:
+                raise LaunchError(f"cannot start {self.name} ({self.argv[0]}): {e}") from e
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def exited(self) -> int | None:
+        """The exit code if the process has ended, else None."""
+        return None if self.proc is None else self.proc.poll()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def failure(self, what: str) -> LaunchError:
+        return LaunchError(f"{self.name} {what} (log: {self.log})", self.log_tail())
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self.proc.send_signal(self.stop_signal)
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass(frozen=True)
+class ServerBinary:
+    path: Path
+    backend_dir: Path | None  # None: the server's own default
+    bundled: bool
+    lib_dir: Path | None = None
+    backends: frozenset[str] = field(default_factory=frozenset)
+
+
+def find_tritonserver() -> ServerBinary:
+    """$TRITONSERVER, then PATH, then the binary bundled in nvidia-pytriton."""
+    given = os.environ.get("TRITONSERVER") or shutil.which("tritonserver")
+    if given:
+        path = Path(given).resolve()
+        if not os.access(path, os.X_OK):
+            raise LaunchError(f"tritonserver at {path} (from $TRITONSERVER) is not executable")
+        backend_dir = next(
+            (d for d in (path.parent.parent / "backends", Path("/opt/tritonserver/backends"))
+             if d.is_dir()),
+            None,
+        )
+        return ServerBinary(path, backend_dir, bundled=False, backends=_backends(backend_dir))
+    try:
+        import pytriton
+    except ImportError:
+        raise LaunchError(
+            "no tritonserver found: set $TRITONSERVER, put it on PATH, or install nvidia-pytriton"
+        ) from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    lib_dir = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    return ServerBinary(
+        root / "bin" / "tritonserver",
+        root / "backends",
+        bundled=True,
+        lib_dir=lib_dir if lib_dir.is_dir() else None,
+        backends=_backends(root / "backends"),
+    )
+
+
+def _backends(backend_dir: Path | None) -> frozenset[str]:
+    if backend_dir is None:
+        return frozenset()
+    return frozenset(d.name for d in backend_dir.iterdir() if d.is_dir() and d.name != "__pycache__")
+
+
+def _bundled_backend_dir(binary: ServerBinary, workdir: Path) -> Path:
+    """A backend directory for the bundled server: its Python backend plus this Python's stub."""
+    assert binary.backend_dir is not None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = binary.path.parent.parent / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise LaunchError(
+            f"the bundled tritonserver has no Python backend stub for Python {version} "
+            f"(looked for {stub}); use a Python the nvidia-pytriton wheel supports"
+        )
+    target = workdir / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in (*sorted((binary.backend_dir / "python").glob("*.*")), stub):
+        if src.is_file() and not (target / src.name).is_file():
+            shutil.copy2(src, target / src.name)
+    return target.parent
+
+
+class TritonServer:
+    """tritonserver on a model repository, with explicit model control, on its own ports."""
+
+    def __init__(
+        self,
+        repo: Path,
+        workdir: Path,
+        models: Sequence[str],
+        host: str = "127.0.0.1",
+        binary: ServerBinary | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.repo = repo
+        self.workdir = workdir
+        self.models = list(models)
+        self.host = host
+        self.binary = binary or find_tritonserver()
+        self.extra_args = list(extra_args)
+        self.grpc_port = self.http_port = self.metrics_port = 0
+        self.process: ManagedProcess | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the server and wait until it and every model are ready, within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        env = dict(os.environ)
+        backend_dir = self.binary.backend_dir
+        if self.binary.bundled:
+            backend_dir = _bundled_backend_dir(self.binary, self.workdir)
+            if self.binary.lib_dir:
+                env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                    p for p in (str(self.binary.lib_dir), env.get("LD_LIBRARY_PATH")) if p
+                )
+        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent),
+                                                  env.get("PATH")) if p)
+        self.grpc_port, self.http_port, self.metrics_port = (free_port(self.host) for _ in "ghm")
+        argv = [
+            str(self.binary.path),
+            f"--model-repository={self.repo}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.models),
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--exit-timeout-secs=10",
+            *self.extra_args,
+        ]
+        if backend_dir is not None:
+            argv.append(f"--backend-directory={backend_dir}")
+        self.process = ManagedProcess("tritonserver", argv, self.workdir / "tritonserver.log", env)
+        self.process.start()
+        try:
+            self._wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self.process is not None
+        paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in self.models)]
+        while paths:
+            code = self.process.exited()
+            if code is not None:
+                raise self.process.failure(f"exited with code {code} before it was ready")
+            if time.monotonic() > deadline:
+                raise self.process.failure(f"was not ready in time (waiting for {paths[0]})")
+            if _http_ok(f"http://{self.http_url}{paths[0]}"):
+                paths.pop(0)
+            else:
+                time.sleep(0.1)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is not None:
+            self.process.stop(timeout)
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

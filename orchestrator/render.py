@@ -1,0 +1,139 @@
+"""Write the model repository Triton serves: one directory per member.
+
+Configs are rendered by jinja2 from ``model_repository_templates/`` and parsed back through
+Triton's own ``ModelConfig`` schema before they are written. The template is chosen by the
+backends the target server has: ONNX Runtime where it exists (the official container), else
+the Python backend running the same ONNX file with onnxruntime (the server bundled in
+nvidia-pytriton). Rendering is deterministic: the same inputs give the same bytes, and files
+whose bytes would not change are not touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import jinja2
+import model_repository_templates
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from .errors import ChorusError
+from .spec import Ensemble, Member, validate_name
+
+__all__ = ["Backend", "InstanceGroup", "pick_backend", "render_config", "render_repository"]
+
+Backend = Literal["onnxruntime", "python"]
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(model_repository_templates.__file__).parent),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    autoescape=False,
+)
+
+
+@dataclass(frozen=True)
+class InstanceGroup:
+    kind: Literal["gpu", "cpu"]
+    count: int
+    gpus: tuple[int, ...] = ()
+
+
+def pick_backend(available: Iterable[str]) -> Backend:
+    """ONNX Runtime where the server has it, else the Python backend."""
+    names = set(available)
+    if "onnxruntime" in names:
+        return "onnxruntime"
+    if "python" in names:
+        return "python"
+    raise ChorusError(
+        "the Triton server has neither the onnxruntime nor the python backend "
+        f"(it has: {', '.join(sorted(names)) or 'none'}); Chorus needs one to serve ONNX members"
+    )
+
+
+def render_config(
+    member: Member,
+    backend: Backend,
+    groups: tuple[InstanceGroup, ...],
+    max_batch_size: int,
+    intra_op_threads: int = 0,
+    queue_delay_us: int = 0,
+) -> str:
+    """The member's ``config.pbtxt``, checked against Triton's schema."""
+    validate_name(member.name)
+    text = _TEMPLATES.get_template(f"{backend}.pbtxt.j2").render(
+        name=member.name,
+        max_batch_size=max_batch_size,
+        inputs=member.inputs,
+        outputs=member.outputs,
+        instance_groups=groups,
+        intra_op_threads=intra_op_threads,
+        queue_delay_us=queue_delay_us,
+    )
+    parse_config(text, member.name)
+    return text
+
+
+def parse_config(text: str, name: str) -> model_config_pb2.ModelConfig:
+    """Parse a config.pbtxt with Triton's ModelConfig schema; a failure is a Chorus bug."""
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as e:
+        raise ChorusError(f"rendered config of {name!r} does not parse as ModelConfig: {e}") from e
+    if config.name != name:
+        raise ChorusError(f"rendered config names {config.name!r}, expected {name!r}")
+    return config
+
+
+def render_repository(
+    ensemble: Ensemble,
+    repo: Path,
+    backend: Backend,
+    groups: Mapping[str, tuple[InstanceGroup, ...]],
+    max_batch_size: Mapping[str, int],
+    intra_op_threads: int = 0,
+) -> list[Path]:
+    """Write every member's directory under ``repo``; returns the files whose bytes changed."""
+    changed = []
+    repo.mkdir(parents=True, exist_ok=True)
+    for member in ensemble.members:
+        config = render_config(
+            member, backend, groups[member.name], max_batch_size[member.name], intra_op_threads
+        )
+        root = repo / member.name
+        if _write(root / "config.pbtxt", config.encode()):
+            changed.append(root / "config.pbtxt")
+        if _copy(member.path, root / "1" / "model.onnx"):
+            changed.append(root / "1" / "model.onnx")
+        if backend == "python":
+            code = _TEMPLATES.get_template("python_model.py.j2").render()
+            if _write(root / "1" / "model.py", code.encode()):
+                changed.append(root / "1" / "model.py")
+    return changed
+
+
+def _write(path: Path, data: bytes) -> bool:
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return True
+
+
+def _copy(src: Path, dst: Path) -> bool:
+    if dst.is_file() and dst.stat().st_size == src.stat().st_size:
+        if dst.read_bytes() == src.read_bytes():
+            return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+    return True

@@ -1,0 +1,165 @@
+"""Bring an ensemble up: render its repository, launch Triton, launch the combiner, wait ready.
+
+:class:`Deployment` is what ``chorus up`` and ``chorus demo`` run: a context manager that
+leaves nothing running when it exits, whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from combiner.config import CombinerConfig, MemberRoute, TensorInfo
+
+from .hardware import Device, discover
+from .launch import ManagedProcess, ServerBinary, TritonServer, find_tritonserver, free_port
+from .render import InstanceGroup, pick_backend, render_repository
+from .spec import Ensemble, Tensor
+
+__all__ = ["Deployment", "Endpoints", "combiner_config", "one_instance_each"]
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    ensemble: str  # host:port of the combiner's gRPC endpoint (the ensemble)
+    triton_grpc: str  # host:port of Triton's gRPC endpoint (the members)
+    triton_http: str
+
+
+def one_instance_each(
+    ensemble: Ensemble, devices: tuple[Device, ...]
+) -> dict[str, tuple[InstanceGroup, ...]]:
+    """The simplest placement: one instance of every member, GPUs round-robin, else the CPU."""
+    gpus = [d for d in devices if d.kind == "gpu"]
+    if not gpus:
+        return {m.name: (InstanceGroup("cpu", 1),) for m in ensemble.members}
+    return {
+        m.name: (InstanceGroup("gpu", 1, (gpus[i % len(gpus)].index,)),)
+        for i, m in enumerate(ensemble.members)
+    }
+
+
+def combiner_config(ensemble: Ensemble, triton_url: str) -> CombinerConfig:
+    def info(t: Tensor) -> TensorInfo:
+        return TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape)
+
+    return CombinerConfig(
+        name=ensemble.name,
+        triton_url=triton_url,
+        max_batch_size=ensemble.max_batch_size,
+        inputs=tuple(info(t) for t in ensemble.inputs),
+        outputs=tuple(info(t) for t in ensemble.outputs),
+        members=tuple(
+            MemberRoute(
+                name=m.name, weight=m.weight, inputs=dict(m.input_map), outputs=dict(m.output_map)
+            )
+            for m in ensemble.members
+        ),
+        rule=ensemble.rule,
+        softmax=ensemble.softmax,
+    )
+
+
+class Deployment:
+    """Triton serving the members plus the combiner serving the ensemble, on this host."""
+
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        workdir: Path,
+        host: str = "127.0.0.1",
+        grpc_port: int | None = None,
+        binary: ServerBinary | None = None,
+        devices: tuple[Device, ...] | None = None,
+        timeout_s: float = 180.0,
+    ) -> None:
+        self.ensemble = ensemble
+        self.workdir = workdir
+        self.host = host
+        self.grpc_port = grpc_port
+        self.binary = binary or find_tritonserver()
+        self.devices = devices if devices is not None else discover()
+        self.timeout_s = timeout_s
+        self.triton: TritonServer | None = None
+        self.combiner: ManagedProcess | None = None
+        self.endpoints: Endpoints | None = None
+
+    def start(self) -> Endpoints:
+        deadline = time.monotonic() + self.timeout_s
+        repo = self.workdir / "repository"
+        groups = one_instance_each(self.ensemble, self.devices)
+        cpu = next(d for d in self.devices if d.kind == "cpu")
+        cpu_instances = sum(g.count for gs in groups.values() for g in gs if g.kind == "cpu")
+        render_repository(
+            self.ensemble,
+            repo,
+            pick_backend(self.binary.backends),
+            groups,
+            {m.name: self.ensemble.max_batch_size for m in self.ensemble.members},
+            intra_op_threads=max(1, cpu.cores // max(1, cpu_instances)),
+        )
+        try:
+            self.triton = TritonServer(
+                repo, self.workdir, [m.name for m in self.ensemble.members], binary=self.binary
+            )
+            self.triton.start(timeout=deadline - time.monotonic())
+            config_file = self.workdir / "combiner.json"
+            combiner_config(self.ensemble, self.triton.grpc_url).save(config_file)
+            port = self.grpc_port or free_port(self.host)
+            self.combiner = ManagedProcess(
+                "combiner",
+                [sys.executable, "-m", "combiner", "--config", str(config_file),
+                 "--host", self.host, "--grpc-port", str(port)],
+                self.workdir / "combiner.log",
+                env=dict(os.environ),
+                stop_signal=signal.SIGTERM,
+            )
+            self.combiner.start()
+            address = f"{self.host}:{port}"
+            _wait_combiner_ready(self.combiner, address, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        self.endpoints = Endpoints(address, self.triton.grpc_url, self.triton.http_url)
+        return self.endpoints
+
+    def stop(self) -> None:
+        """Stop the combiner, then Triton; safe to call more than once."""
+        if self.combiner is not None:
+            self.combiner.stop()
+        if self.triton is not None:
+            self.triton.stop()
+
+    def __enter__(self) -> Endpoints:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _wait_combiner_ready(process: ManagedProcess, address: str, deadline: float) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        while True:
+            code = process.exited()
+            if code is not None:
+                raise process.failure(f"exited with code {code} before it was ready")
+            if time.monotonic() > deadline:
+                raise process.failure(f"was not ready on {address} in time")
+            try:
+                if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1.0).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+
