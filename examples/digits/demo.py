@@ -1,0 +1,133 @@
+"""``chorus demo``: train the digits ensemble, serve it on a real Triton, measure it.
+
+Trains four DNNs (``train.py``), brings them up through the same code as ``chorus up``, sends
+the held-out set through the ensemble's endpoint with the client SDK, and prints each member's
+accuracy (asked of Triton directly), the ensemble's, and the measured throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from rich.console import Console
+from rich.table import Table
+
+from combiner.client import AsyncEnsembleClient, EnsembleClient
+from orchestrator.spec import Ensemble, load_ensemble
+from orchestrator.up import Deployment
+
+from .train import HERE, Split, load_split, train_members
+
+__all__ = ["Throughput", "member_predictions", "predict_all", "run", "throughput"]
+
+
+@dataclass(frozen=True)
+class Throughput:
+    batch: int
+    concurrency: int
+    samples_per_s: float
+    requests_per_s: float
+
+
+def predict_all(client: EnsembleClient, x: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([client.predict(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def member_predictions(
+    ensemble: Ensemble, triton_url: str, x: np.ndarray, batch: int
+) -> dict[str, np.ndarray]:
+    """Each member's raw output for ``x``, asked of Triton directly (bypassing the combiner)."""
+    out = {}
+    with grpcclient.InferenceServerClient(triton_url) as client:
+        for m in ensemble.members:
+            (_, in_name), = m.input_map
+            (_, out_name), = m.output_map
+            parts = []
+            for i in range(0, len(x), batch):
+                chunk = np.ascontiguousarray(x[i : i + batch])
+                tensor = grpcclient.InferInput(in_name, list(chunk.shape), "FP32")
+                tensor.set_data_from_numpy(chunk)
+                parts.append(client.infer(m.name, [tensor]).as_numpy(out_name))
+            out[m.name] = np.concatenate(parts)
+    return out
+
+
+def throughput(url: str, x: np.ndarray, batch: int, concurrency: int, seconds: float) -> Throughput:
+    """Closed-loop load: ``concurrency`` clients each sending ``batch`` rows back to back."""
+
+    async def go() -> Throughput:
+        async with AsyncEnsembleClient(url) as client:
+            await client.metadata()
+            requests = 0
+            end = time.perf_counter() + seconds
+
+            async def worker(k: int) -> None:
+                nonlocal requests
+                i = k * batch
+                while time.perf_counter() < end:
+                    start = i % (len(x) - batch + 1)
+                    await client.predict(x[start : start + batch])
+                    requests += 1
+                    i += batch * concurrency
+
+            began = time.perf_counter()
+            await asyncio.gather(*(worker(k) for k in range(concurrency)))
+            elapsed = time.perf_counter() - began
+        return Throughput(batch, concurrency, requests * batch / elapsed, requests / elapsed)
+
+    return asyncio.run(go())
+
+
+def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None:
+    console = console or Console(stderr=True)
+    out = Console()
+    with console.status("training 4 members on scikit-learn's digits (CPU)..."):
+        began = time.perf_counter()
+        split: Split = load_split()
+        train_members(HERE / "models", split, epochs=epochs)
+        trained_s = time.perf_counter() - began
+    out.print(f"trained 4 members in {trained_s:.1f} s; held-out set: {len(split.y_test)} digits")
+
+    ensemble = load_ensemble(HERE / "ensemble.yaml")
+    cold = time.perf_counter()
+    with console.status("starting Triton and the combiner..."):
+        deployment = Deployment(ensemble, workdir)
+        endpoints = deployment.start()
+    try:
+        with EnsembleClient(endpoints.ensemble) as client:
+            client.predict(split.x_test[:1])
+            first_answer_s = time.perf_counter() - cold
+            out.print(f"serving {ensemble.name!r} on {endpoints.ensemble}; first answer "
+                      f"{first_answer_s:.1f} s after a cold start")
+            probs = predict_all(client, split.x_test, ensemble.max_batch_size)
+        members = member_predictions(
+            ensemble, endpoints.triton_grpc, split.x_test, ensemble.max_batch_size
+        )
+        with console.status("measuring throughput..."):
+            loads = [throughput(endpoints.ensemble, split.x_test, b, c, 3.0)
+                     for b, c in ((1, 1), (1, 16), (64, 4))]
+    finally:
+        deployment.stop()
+
+    table = Table(title="accuracy on the held-out digits")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    for name, logits in members.items():
+        table.add_row(name, f"{np.mean(logits.argmax(1) == split.y_test):.4f}")
+    table.add_row(f"[bold]ensemble ({ensemble.rule}"
+                  f"{', softmax' if ensemble.softmax else ''})[/bold]",
+                  f"[bold]{np.mean(probs.argmax(1) == split.y_test):.4f}[/bold]")
+    out.print(table)
+    perf = Table(title="throughput through the ensemble endpoint (closed loop, 3 s each)")
+    for col in ("batch", "concurrency", "samples/s", "requests/s"):
+        perf.add_column(col, justify="right")
+    for t in loads:
+        perf.add_row(str(t.batch), str(t.concurrency), f"{t.samples_per_s:,.0f}",
+                     f"{t.requests_per_s:,.0f}")
+    out.print(perf)
+    out.print("stopped Triton and the combiner")
