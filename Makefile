@@ -1,0 +1,22 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+demo: $(STAMP)
+	$(VENV)/bin/chorus demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+# torch==2.13.0 is the CPU build on this machine's disk; a bare "torch" would pull CUDA wheels.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .chorus examples/digits/models

@@ -1,0 +1,141 @@
+"""The digits ensemble served by a real tritonserver and the combiner."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from combiner.client import AsyncEnsembleClient, EnsembleClient, InvalidRequest, ModelNotFound
+from combiner.rules import softmax
+from examples.digits.demo import member_predictions, predict_all
+
+
+def direct_combination(ensemble, x: np.ndarray) -> np.ndarray:
+    """The ensemble's answer computed with onnxruntime on the member files, no server."""
+    outputs = []
+    for m in ensemble.members:
+        session = ort.InferenceSession(str(m.path), providers=["CPUExecutionProvider"])
+        (_, in_name), = m.input_map
+        outputs.append(session.run(None, {in_name: x})[0])
+    stacked = np.stack(outputs)
+    if ensemble.softmax:
+        stacked = softmax(stacked)
+    return stacked.mean(axis=0)
+
+
+@pytest.fixture
+def client(endpoints):
+    with EnsembleClient(endpoints.ensemble) as c:
+        yield c
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_served_answer_equals_direct_onnxruntime_combination(ensemble, client, batch):
+    assert batch <= ensemble.max_batch_size
+    x = np.random.default_rng(batch).random((batch, 1, 8, 8), dtype=np.float32)
+    served = client.predict(x)
+    assert served.shape == (batch, 10)
+    np.testing.assert_allclose(served, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
+
+
+def test_ensemble_is_at_least_as_accurate_as_its_best_member(ensemble, endpoints, client, split):
+    probs = predict_all(client, split.x_test, ensemble.max_batch_size)
+    ensemble_acc = np.mean(probs.argmax(1) == split.y_test)
+    members = member_predictions(ensemble, endpoints.triton_grpc, split.x_test, 64)
+    accs = {name: np.mean(out.argmax(1) == split.y_test) for name, out in members.items()}
+    assert len(accs) == 4
+    assert ensemble_acc >= max(accs.values()), (ensemble_acc, accs)
+    assert ensemble_acc > 0.9
+
+
+def test_a_stock_tritonclient_grpc_call_works(ensemble, endpoints):
+    x = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
+    with grpcclient.InferenceServerClient(endpoints.ensemble) as stock:
+        assert stock.is_server_live() and stock.is_server_ready()
+        assert stock.is_model_ready("digits")
+        meta = stock.get_model_metadata("digits", as_json=True)
+        assert meta["inputs"] == [{"name": "image", "datatype": "FP32",
+                                   "shape": ["-1", "1", "8", "8"]}]
+        assert meta["outputs"][0]["name"] == "logits"
+        assert stock.get_model_config("digits").config.max_batch_size == 64
+        tensor = grpcclient.InferInput("image", [3, 1, 8, 8], "FP32")
+        tensor.set_data_from_numpy(x)
+        result = stock.infer("digits", [tensor], request_id="r-42")
+    assert result.get_response().id == "r-42"
+    np.testing.assert_allclose(result.as_numpy("logits"), direct_combination(ensemble, x),
+                               rtol=1e-4, atol=1e-6)
+
+
+def _infer(endpoints, tensors):
+    with grpcclient.InferenceServerClient(endpoints.ensemble) as stock:
+        return stock.infer("digits", tensors)
+
+
+def _tensor(name, array, dtype=None):
+    t = grpcclient.InferInput(name, list(array.shape), dtype or "FP32")
+    t.set_data_from_numpy(array)
+    return t
+
+
+def _good():
+    return np.zeros((2, 1, 8, 8), dtype=np.float32)
+
+
+BAD_REQUESTS = {
+    "unknown input name": (lambda: [_tensor("pixels", _good())], "unknown input 'pixels'"),
+    "wrong dtype": (lambda: [_tensor("image", _good().astype(np.float64), "FP64")],
+                    "datatype FP64"),
+    "wrong shape": (lambda: [_tensor("image", np.zeros((2, 8, 8), np.float32))],
+                    "shape [2, 8, 8]"),
+    "batch over the maximum": (lambda: [_tensor("image", np.zeros((65, 1, 8, 8), np.float32))],
+                               "exceeds the maximum batch size 64"),
+    "missing input": (lambda: [], "missing input 'image'"),
+}
+
+
+@pytest.mark.parametrize(("make", "expected"), BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_request_gets_invalid_argument_naming_the_problem_then_serving_goes_on(
+    endpoints, make, expected
+):
+    tensors = make()
+    with pytest.raises(InferenceServerException) as e:
+        _infer(endpoints, tensors)
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert expected in e.value.message()
+    good = _infer(endpoints, [_tensor("image", _good())])
+    assert good.as_numpy("logits").shape == (2, 10)
+
+
+def test_client_translates_errors_into_its_own_tree(endpoints):
+    with EnsembleClient(endpoints.ensemble) as c:
+        with pytest.raises(InvalidRequest, match="datatype FP64"):
+            c.predict(np.zeros((1, 1, 8, 8), dtype=np.float64))
+    with EnsembleClient(endpoints.ensemble, model="nope") as c:
+        with pytest.raises(ModelNotFound, match="unknown model 'nope'"):
+            c.predict(_good())
+
+
+def test_async_client_answers_concurrent_requests_each_with_its_own_answer(ensemble, endpoints):
+    xs = [np.random.default_rng(i).random((i % 5 + 1, 1, 8, 8), dtype=np.float32)
+          for i in range(24)]
+
+    async def go():
+        async with AsyncEnsembleClient(endpoints.ensemble) as c:
+            return await asyncio.gather(*(c.predict(x) for x in xs))
+
+    answers = asyncio.run(go())
+    for x, answer in zip(xs, answers, strict=True):
+        np.testing.assert_allclose(answer, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
+
+
+def test_rendered_repository_holds_every_member_for_the_python_backend(ensemble, deployment):
+    repo = deployment.workdir / "repository"
+    for m in ensemble.members:
+        config = (repo / m.name / "config.pbtxt").read_text()
+        assert 'backend: "python"' in config
+        assert (repo / m.name / "1" / "model.onnx").read_bytes() == m.path.read_bytes()

@@ -1,0 +1,80 @@
+"""`chorus up` as a user runs it: a real process tree, stopped by a signal."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from combiner.client import EnsembleClient
+from orchestrator.launch import free_port
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "?"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
+                         ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_stopping_chorus_up_leaves_no_process_behind(ensemble_file, tmp_path, split, sig):
+    port = free_port()
+    with subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "up", str(ensemble_file),
+         "--grpc-port", str(port), "--workdir", str(tmp_path / "work")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as up:
+        try:
+            assert up.stdout is not None and up.stderr is not None
+            line = up.stdout.readline()
+            assert f"serving on 127.0.0.1:{port}" in line, (line, up.stderr.read())
+            with EnsembleClient(f"127.0.0.1:{port}") as client:
+                assert client.predict(split.x_test[:5]).shape == (5, 10)
+            tree = descendants(up.pid)
+            names = " | ".join(command_name(p) for p in tree)
+            assert "tritonserver" in names and "-m combiner" in names, names
+
+            up.send_signal(sig)
+            code = up.wait(timeout=60)
+            assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 0), up.stderr.read()
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [command_name(p) for p in tree if alive(p)] == []

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.errors import ChorusError
+from orchestrator.render import (
+    InstanceGroup,
+    parse_config,
+    pick_backend,
+    render_config,
+    render_repository,
+)
+from orchestrator.spec import Ensemble, load_ensemble
+from tests.onnx_models import linear
+
+GROUPS = {
+    "cpu": (InstanceGroup("cpu", 2),),
+    "gpus": (InstanceGroup("gpu", 1, (0,)), InstanceGroup("gpu", 3, (2, 3))),
+}
+
+
+@pytest.fixture
+def ensemble(tmp_path: Path) -> Ensemble:
+    linear(tmp_path / "a.onnx", seed=0)
+    linear(tmp_path / "b.onnx", seed=1, output_name="scores")
+    spec = {"name": "toy", "members": [{"name": "a", "path": "a.onnx"},
+                                       {"name": "b", "path": "b.onnx"}]}
+    (tmp_path / "ensemble.yaml").write_text(yaml.safe_dump(spec))
+    return load_ensemble(tmp_path / "ensemble.yaml")
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+@pytest.mark.parametrize("groups", GROUPS.values(), ids=GROUPS.keys())
+def test_rendered_configs_parse_with_tritons_schema_and_say_what_was_asked(
+    ensemble, backend, groups
+):
+    for member in ensemble.members:
+        config = parse_config(render_config(member, backend, groups, 16, 2), member.name)
+        assert config.backend == backend
+        assert config.max_batch_size == 16
+        assert [i.name for i in config.input] == [t.name for t in member.inputs]
+        assert [o.name for o in config.output] == [t.name for t in member.outputs]
+        assert list(config.output[0].dims) == [3]
+        assert [(g.count, g.kind, list(g.gpus)) for g in config.instance_group] == [
+            (g.count, 1 if g.kind == "gpu" else 2, list(g.gpus)) for g in groups
+        ]  # KIND_GPU = 1, KIND_CPU = 2
+        assert config.HasField("dynamic_batching")
+
+
+def test_rendering_twice_gives_identical_bytes_and_touches_nothing(ensemble, tmp_path):
+    groups = {m.name: GROUPS["cpu"] for m in ensemble.members}
+    sizes = {m.name: 8 for m in ensemble.members}
+    repo = tmp_path / "repo"
+    first = render_repository(ensemble, repo, "python", groups, sizes, 1)
+    assert sorted(p.relative_to(repo).as_posix() for p in first) == [
+        "a/1/model.onnx", "a/1/model.py", "a/config.pbtxt",
+        "b/1/model.onnx", "b/1/model.py", "b/config.pbtxt",
+    ]
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    mtimes = {p: p.stat().st_mtime_ns for p in before}
+    assert render_repository(ensemble, repo, "python", groups, sizes, 1) == []
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in before} == mtimes
+
+
+def test_a_changed_batch_size_rewrites_only_the_configs(ensemble, tmp_path):
+    groups = {m.name: GROUPS["cpu"] for m in ensemble.members}
+    repo = tmp_path / "repo"
+    render_repository(ensemble, repo, "onnxruntime", groups, {"a": 8, "b": 8})
+    changed = render_repository(ensemble, repo, "onnxruntime", groups, {"a": 8, "b": 32})
+    assert changed == [repo / "b" / "config.pbtxt"]
+    assert "max_batch_size: 32" in (repo / "b" / "config.pbtxt").read_text()
+
+
+def test_member_names_that_escape_the_repository_are_refused(ensemble):
+    from dataclasses import replace
+
+    evil = replace(ensemble.members[0], name="../../etc")
+    with pytest.raises(ValueError, match="not a valid name"):
+        render_config(evil, "python", GROUPS["cpu"], 8)
+
+
+def test_backend_is_onnxruntime_where_the_server_has_it_else_python():
+    assert pick_backend({"python", "onnxruntime", "pytorch"}) == "onnxruntime"
+    assert pick_backend({"python"}) == "python"
+    with pytest.raises(ChorusError, match="neither"):
+        pick_backend({"tensorrt"})

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.errors import SpecError
+from orchestrator.spec import load_ensemble
+from tests.onnx_models import linear
+
+
+def write(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "ensemble.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture
+def members(tmp_path: Path) -> dict:
+    linear(tmp_path / "a.onnx", seed=0)
+    linear(tmp_path / "b.onnx", seed=1, input_name="features", output_name="scores")
+    return {"name": "toy", "members": [{"name": "a", "path": "a.onnx"},
+                                       {"name": "b", "path": "b.onnx", "weight": 2.0}]}
+
+
+def test_tensors_are_inferred_from_the_first_member_and_single_tensors_mapped(tmp_path, members):
+    ens = load_ensemble(write(tmp_path, members))
+    assert [(t.name, t.dtype, t.shape) for t in ens.inputs] == [("x", "FP32", (4,))]
+    assert [(t.name, t.shape) for t in ens.outputs] == [("y", (3,))]
+    b = ens.member("b")
+    assert b.input_map == (("x", "features"),)
+    assert b.output_map == (("y", "scores"),)
+    assert b.weight == 2.0
+    assert b.path == (tmp_path / "b.onnx").resolve()
+
+
+def test_explicit_maps_name_member_tensors(tmp_path):
+    linear(tmp_path / "a.onnx", input_name="in0", output_name="out0")
+    linear(tmp_path / "b.onnx", input_name="in1", output_name="out1")
+    spec = {
+        "name": "toy",
+        "inputs": [{"name": "x", "dtype": "FP32", "shape": [4]}],
+        "outputs": [{"name": "y", "dtype": "FP32", "shape": [3]}],
+        "members": [
+            {"name": "a", "path": "a.onnx", "inputs": {"x": "in0"}, "outputs": {"y": "out0"}},
+            {"name": "b", "path": "b.onnx", "inputs": {"x": "in1"}, "outputs": {"y": "out1"}},
+        ],
+    }
+    ens = load_ensemble(write(tmp_path, spec))
+    assert ens.member("a").input_map == (("x", "in0"),)
+    assert ens.member("b").output_map == (("y", "out1"),)
+
+
+def test_unknown_key_names_the_field(tmp_path, members):
+    members["members"][1]["wieght"] = 3
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "members[1].wieght"
+    assert "unknown key" in str(e.value)
+    assert "ensemble.yaml" in str(e.value)
+
+
+def test_missing_member_file_names_the_path_field(tmp_path, members):
+    members["members"][0]["path"] = "nowhere.onnx"
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "members[0].path"
+    assert "nowhere.onnx" in str(e.value)
+
+
+def test_members_whose_outputs_disagree_in_shape_are_refused(tmp_path, members):
+    linear(tmp_path / "b.onnx", out_dim=5)
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "members[1].outputs"
+    assert "[5]" in str(e.value) and "[3]" in str(e.value)
+
+
+def test_members_whose_inputs_disagree_in_dtype_are_refused(tmp_path, members):
+    linear(tmp_path / "b.onnx", elem_type=__import__("onnx").TensorProto.DOUBLE)
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "members[1].inputs"
+    assert "FP64" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", ".hidden", "", "x" * 65, "sp ace"])
+def test_bad_member_names_are_refused(tmp_path, members, name):
+    members["members"][0]["name"] = name
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "members[0].name"
+
+
+def test_duplicate_member_names_are_refused(tmp_path, members):
+    members["members"][1]["name"] = "a"
+    with pytest.raises(SpecError, match="duplicate member name 'a'") as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "members[1].name"
+
+
+def test_a_fixed_batch_dimension_is_refused_with_the_fix(tmp_path, members):
+    linear(tmp_path / "a.onnx", batch=1)
+    with pytest.raises(SpecError, match="dynamic batch axis"):
+        load_ensemble(write(tmp_path, members))
+
+
+def test_every_problem_in_the_file_is_reported(tmp_path, members):
+    members["typo"] = 1
+    members["serving"] = {"max_batch_size": 0}
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert "typo" in str(e.value) and "serving.max_batch_size" in str(e.value)
+
+
+def _chorus(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda s, d: s.update(colour="red"), "colour"),
+        (lambda s, d: s["members"][0].update(path="missing.onnx"), "members[0].path"),
+        (lambda s, d: linear(d / "b.onnx", out_dim=7), "members[1].outputs"),
+        (lambda s, d: s["members"][1].update(name="../b"), "members[1].name"),
+    ],
+    ids=["unknown key", "missing member file", "outputs disagree in shape", "bad member name"],
+)
+def test_cli_exits_2_naming_the_field(tmp_path, members, change, field):
+    change(members, tmp_path)
+    result = _chorus("up", str(write(tmp_path, members)), "--workdir", str(tmp_path / "w"))
+    assert result.returncode == 2, result.stderr
+    assert field in result.stderr
+    assert "ensemble.yaml" in result.stderr
+    assert not (tmp_path / "w").exists()  # nothing was started or written
