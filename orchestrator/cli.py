@@ -45,8 +45,7 @@ def up(
         typer.Option(help="where the model repository and logs go [default: .chorus/NAME]"),
     ] = None,
 ) -> None:
-    """Render the model repository, launch Triton and the combiner, and serve the ensemble
-    until Ctrl-C or SIGTERM; stops everything it started."""
+    """Serve the ensemble (Triton + combiner) until Ctrl-C or SIGTERM, then stop both."""
     ensemble = load_ensemble(ensemble_file)
     workdir = workdir or Path(".chorus") / ensemble.name
     stop = threading.Event()
@@ -79,8 +78,7 @@ def demo(
     ] = Path(".chorus/demo"),
     epochs: Annotated[int, typer.Option(help="training epochs per member")] = 20,
 ) -> None:
-    """Train four DNNs on scikit-learn's digits, serve them as an ensemble on a real Triton,
-    send the held-out set through it, and report accuracy and throughput."""
+    """Train 4 DNNs on digits, serve them on a real Triton, report accuracy and throughput."""
     from examples.digits.demo import run
 
     run(workdir.resolve(), epochs=epochs, console=console)
@@ -88,18 +86,7 @@ def demo(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app()  # click reports usage errors itself, with exit code 2
     except ChorusError as e:
         console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         raise SystemExit(e.exit_code) from None
-    except (typer.Abort, KeyboardInterrupt):
-        raise SystemExit(130) from None
-    except typer.Exit as e:
-        raise SystemExit(e.exit_code) from None
-    except Exception as e:  # click usage errors keep their own exit code (2)
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            raise SystemExit(e.exit_code) from None
-        raise
