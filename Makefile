@@ -3,13 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test lint clean
 
 demo: $(STAMP)
 	$(VENV)/bin/chorus demo
 
-test: $(STAMP)
+test: lint $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy orchestrator combiner
 
 # torch==2.13.0 is the CPU build on this machine's disk; a bare "torch" would pull CUDA wheels.
 $(STAMP): pyproject.toml

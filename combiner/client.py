@@ -102,8 +102,10 @@ class _Common:
         elif len(names) == 1:
             arrays = {names[0]: x}
         else:
-            raise InvalidRequest(f"ensemble {self.model!r} takes several inputs ({names}); "
-                                 "pass a mapping of name to array")
+            raise InvalidRequest(
+                f"ensemble {self.model!r} takes several inputs ({names}); "
+                "pass a mapping of name to array"
+            )
         inputs = []
         for name, array in arrays.items():
             array = np.ascontiguousarray(array)
@@ -143,7 +145,9 @@ class EnsembleClient(_Common):
         except InferenceServerException:
             return False
 
-    def predict(self, x: Inputs, timeout_s: float | None = None) -> np.ndarray | dict[str, np.ndarray]:
+    def predict(
+        self, x: Inputs, timeout_s: float | None = None
+    ) -> np.ndarray | dict[str, np.ndarray]:
         """The ensemble's answer for ``x`` (an array, or a mapping name -> array); one output
         comes back as an array, several as a mapping."""
         self.metadata()

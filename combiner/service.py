@@ -68,21 +68,21 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
 
     # -- health and metadata ------------------------------------------------------------------
 
-    async def ServerLive(self, request, context):  # noqa: N802 (gRPC method names)
+    async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):  # noqa: N802
+    async def ServerReady(self, request, context):
         return service_pb2.ServerReadyResponse(ready=await self._ready())
 
-    async def ModelReady(self, request, context):  # noqa: N802
+    async def ModelReady(self, request, context):
         if not self._is_ours(request.name, request.version):
             return service_pb2.ModelReadyResponse(ready=False)
         return service_pb2.ModelReadyResponse(ready=await self._ready())
 
-    async def ServerMetadata(self, request, context):  # noqa: N802
+    async def ServerMetadata(self, request, context):
         return service_pb2.ServerMetadataResponse(name="chorus", version=__version__)
 
-    async def ModelMetadata(self, request, context):  # noqa: N802
+    async def ModelMetadata(self, request, context):
         await self._check_model(request.name, request.version, context)
         return service_pb2.ModelMetadataResponse(
             name=self.config.name,
@@ -92,7 +92,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             outputs=[_metadata(t) for t in self.config.outputs],
         )
 
-    async def ModelConfig(self, request, context):  # noqa: N802
+    async def ModelConfig(self, request, context):
         await self._check_model(request.name, request.version, context)
         config = model_config_pb2.ModelConfig(
             name=self.config.name,
@@ -113,7 +113,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         )
         return service_pb2.ModelConfigResponse(config=config)
 
-    async def RepositoryIndex(self, request, context):  # noqa: N802
+    async def RepositoryIndex(self, request, context):
         state = "READY" if await self._ready() else "UNAVAILABLE"
         model = service_pb2.RepositoryIndexResponse.ModelIndex(
             name=self.config.name, version="1", state=state
@@ -122,7 +122,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
 
     # -- inference ------------------------------------------------------------------------------
 
-    async def ModelInfer(self, request, context):  # noqa: N802
+    async def ModelInfer(self, request, context):
         try:
             await self._check_model(request.model_name, request.model_version, context)
             inputs = self._parse(request)
@@ -131,8 +131,10 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         except RequestError as e:
             await context.abort(e.code, str(e))
         except MemberError as e:
-            code = grpc.StatusCode.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else (
-                grpc.StatusCode.INTERNAL
+            code = (
+                grpc.StatusCode.UNAVAILABLE
+                if e.code == grpc.StatusCode.UNAVAILABLE
+                else (grpc.StatusCode.INTERNAL)
             )
             log.warning("%s", e)
             await context.abort(code, str(e))
@@ -197,8 +199,9 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             shapes[tensor.name] = shape
         missing = [n for n in self._inputs if n not in data]
         if missing:
-            raise _invalid(f"missing input {', '.join(map(repr, missing))}; "
-                           f"this ensemble takes: {expected}")
+            raise _invalid(
+                f"missing input {', '.join(map(repr, missing))}; this ensemble takes: {expected}"
+            )
         assert batch is not None
         return _Inputs(batch, data, shapes)
 
@@ -208,11 +211,14 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         names = []
         for out in request.outputs:
             if out.name not in self._outputs:
-                raise _invalid(f"unknown output {out.name!r}; this ensemble gives: "
-                               f"{', '.join(self._outputs)}")
+                raise _invalid(
+                    f"unknown output {out.name!r}; this ensemble gives: {', '.join(self._outputs)}"
+                )
             if "shared_memory_region" in out.parameters:
-                raise _invalid(f"output {out.name!r} asks for shared memory; this endpoint "
-                               "returns outputs in the response only")
+                raise _invalid(
+                    f"output {out.name!r} asks for shared memory; this endpoint "
+                    "returns outputs in the response only"
+                )
             names.append(out.name)
         return names
 
@@ -252,7 +258,9 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     def _is_ours(self, name: str, version: str) -> bool:
         return name == self.config.name and version in ("", "1")
 
-    async def _check_model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> None:
+    async def _check_model(
+        self, name: str, version: str, context: grpc.aio.ServicerContext
+    ) -> None:
         """Abort the call with NOT_FOUND unless it names this ensemble."""
         if not self._is_ours(name, version):
             shown = f"{name!r}" + (f" version {version!r}" if version else "")
@@ -273,7 +281,10 @@ def _shape_fits(shape: tuple[int, ...], info: TensorInfo) -> bool:
     return (
         len(shape) == 1 + len(info.shape)
         and shape[0] >= 1
-        and all(d >= 0 and (want == -1 or d == want) for d, want in zip(shape[1:], info.shape))
+        and all(
+            d >= 0 and (want == -1 or d == want)
+            for d, want in zip(shape[1:], info.shape, strict=True)
+        )
     )
 
 
@@ -285,15 +296,14 @@ def _typed_bytes(tensor: service_pb2.ModelInferRequest.InferInputTensor, info: T
     return np.asarray(values, dtype=triton_to_np_dtype(info.dtype)).tobytes()
 
 
-def _output(
-    response: service_pb2.ModelInferResponse, name: str, info: TensorInfo
-) -> np.ndarray:
+def _output(response: service_pb2.ModelInferResponse, name: str, info: TensorInfo) -> np.ndarray:
     for i, out in enumerate(response.outputs):
         if out.name == name:
             dtype = triton_to_np_dtype(out.datatype)
             return np.frombuffer(response.raw_output_contents[i], dtype=dtype).reshape(out.shape)
-    raise MemberError(response.model_name, grpc.StatusCode.INTERNAL,
-                      f"its response has no output {name!r}")
+    raise MemberError(
+        response.model_name, grpc.StatusCode.INTERNAL, f"its response has no output {name!r}"
+    )
 
 
 def _metadata(t: TensorInfo) -> service_pb2.ModelMetadataResponse.TensorMetadata:

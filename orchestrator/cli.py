@@ -63,7 +63,7 @@ def up(
             flush=True,
         )
         while not stop.wait(0.5):
-            for process in (deployment.triton and deployment.triton.process, deployment.combiner):
+            for process in deployment.processes():
                 if process is not None and (code := process.exited()) is not None:
                     raise process.failure(f"exited unexpectedly with code {code}")
         console.print("stopping...")
@@ -73,9 +73,9 @@ def up(
 
 @app.command()
 def demo(
-    workdir: Annotated[
-        Path, typer.Option(help="where the model repository and logs go")
-    ] = Path(".chorus/demo"),
+    workdir: Annotated[Path, typer.Option(help="where the model repository and logs go")] = Path(
+        ".chorus/demo"
+    ),
     epochs: Annotated[int, typer.Option(help="training epochs per member")] = 20,
 ) -> None:
     """Train 4 DNNs on digits, serve them on a real Triton, report accuracy and throughput."""

@@ -1,9 +1,9 @@
 """The orchestrator's exceptions: one tree, each class with the exit code the CLI uses.
 
-    ChorusError                 exit 1: anything the orchestrator could not do
-    ├── SpecError               exit 2: an input file is invalid (names file, field, problem)
-    ├── InfeasibleError         exit 3: the ensemble cannot fit the hardware
-    └── LaunchError             exit 1: tritonserver or the combiner did not start or died
+ChorusError                 exit 1: anything the orchestrator could not do
+├── SpecError               exit 2: an input file is invalid (names file, field, problem)
+├── InfeasibleError         exit 3: the ensemble cannot fit the hardware
+└── LaunchError             exit 1: tritonserver or the combiner did not start or died
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["ChorusError", "SpecError", "InfeasibleError", "LaunchError"]
+__all__ = ["ChorusError", "InfeasibleError", "LaunchError", "SpecError"]
 
 
 class ChorusError(Exception):

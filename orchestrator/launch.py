@@ -131,8 +131,11 @@ def find_tritonserver() -> ServerBinary:
         if not os.access(path, os.X_OK):
             raise LaunchError(f"tritonserver at {path} (from $TRITONSERVER) is not executable")
         backend_dir = next(
-            (d for d in (path.parent.parent / "backends", Path("/opt/tritonserver/backends"))
-             if d.is_dir()),
+            (
+                d
+                for d in (path.parent.parent / "backends", Path("/opt/tritonserver/backends"))
+                if d.is_dir()
+            ),
             None,
         )
         return ServerBinary(path, backend_dir, bundled=False, backends=_backends(backend_dir))
@@ -156,14 +159,17 @@ def find_tritonserver() -> ServerBinary:
 def _backends(backend_dir: Path | None) -> frozenset[str]:
     if backend_dir is None:
         return frozenset()
-    return frozenset(d.name for d in backend_dir.iterdir() if d.is_dir() and d.name != "__pycache__")
+    return frozenset(
+        d.name for d in backend_dir.iterdir() if d.is_dir() and d.name != "__pycache__"
+    )
 
 
 def _bundled_backend_dir(binary: ServerBinary, workdir: Path) -> Path:
     """A backend directory for the bundled server: its Python backend plus this Python's stub."""
     assert binary.backend_dir is not None
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = binary.path.parent.parent / "python_backend_stubs" / version / "triton_python_backend_stub"
+    stubs = binary.path.parent.parent / "python_backend_stubs"
+    stub = stubs / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise LaunchError(
             f"the bundled tritonserver has no Python backend stub for Python {version} "
@@ -217,8 +223,9 @@ class TritonServer:
                 env["LD_LIBRARY_PATH"] = os.pathsep.join(
                     p for p in (str(self.binary.lib_dir), env.get("LD_LIBRARY_PATH")) if p
                 )
-        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent),
-                                                  env.get("PATH")) if p)
+        env["PATH"] = os.pathsep.join(
+            p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p
+        )
         self.grpc_port, self.http_port, self.metrics_port = (free_port(self.host) for _ in "ghm")
         argv = [
             str(self.binary.path),

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 import jinja2
-import model_repository_templates
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
+
+import model_repository_templates
 
 from .errors import ChorusError
 from .spec import Ensemble, Member, validate_name
@@ -129,9 +130,9 @@ def _write(path: Path, data: bytes) -> bool:
 
 
 def _copy(src: Path, dst: Path) -> bool:
-    if dst.is_file() and dst.stat().st_size == src.stat().st_size:
-        if dst.read_bytes() == src.read_bytes():
-            return False
+    same_size = dst.is_file() and dst.stat().st_size == src.stat().st_size
+    if same_size and dst.read_bytes() == src.read_bytes():
+        return False
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.copyfile(src, tmp)

@@ -1,4 +1,4 @@
-"""The ensemble file: what the user writes (pydantic, unknown keys rejected) and what it resolves to.
+"""The ensemble file: what the user writes (pydantic, unknown keys rejected), and what it means.
 
 ``load_ensemble(path)`` reads ``ensemble.yaml``, validates it, reads each member's ONNX file for
 its tensors, checks that the members agree on them, and returns a frozen :class:`Ensemble`.
@@ -34,7 +34,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 CombineRule = Literal["mean", "weighted_mean"]
 
 # ONNX element types Chorus can serve, as Triton names them.
-_ONNX_TO_TRITON = {
+_ONNX_TO_TRITON: dict[int, str] = {
     onnx.TensorProto.FLOAT: "FP32",
     onnx.TensorProto.FLOAT16: "FP16",
     onnx.TensorProto.DOUBLE: "FP64",
@@ -198,8 +198,10 @@ def _resolve(file: Path, spec: EnsembleFile) -> Ensemble:
     for t in outputs:
         if t.dtype not in _FLOAT_TYPES and spec.combine.rule in ("mean", "weighted_mean"):
             raise SpecError(
-                file, "outputs", f"output {t.name!r} is {t.dtype}; rule "
-                f"{spec.combine.rule!r} needs floating-point outputs"
+                file,
+                "outputs",
+                f"output {t.name!r} is {t.dtype}; rule "
+                f"{spec.combine.rule!r} needs floating-point outputs",
             )
 
     members = []
@@ -263,17 +265,28 @@ def _tensor(file: Path, field: str, path: Path, value: onnx.ValueInfoProto) -> T
     dtype = _ONNX_TO_TRITON.get(ttype.elem_type)
     if dtype is None:
         name = onnx.TensorProto.DataType.Name(ttype.elem_type)
-        raise SpecError(file, field, f"tensor {value.name!r} of {path.name} has type {name}, "
-                        "which Chorus cannot serve")
+        raise SpecError(
+            file,
+            field,
+            f"tensor {value.name!r} of {path.name} has type {name}, which Chorus cannot serve",
+        )
     dims = list(ttype.shape.dim)
     if not dims:
-        raise SpecError(file, field, f"tensor {value.name!r} of {path.name} has no batch "
-                        "dimension; export the model with a dynamic first (batch) axis")
+        raise SpecError(
+            file,
+            field,
+            f"tensor {value.name!r} of {path.name} has no batch "
+            "dimension; export the model with a dynamic first (batch) axis",
+        )
     batch = dims[0]
     if batch.HasField("dim_value") and batch.dim_value > 0:
-        raise SpecError(file, field, f"tensor {value.name!r} of {path.name} has a fixed first "
-                        f"dimension of {batch.dim_value}; Chorus batches along the first "
-                        "dimension: export the model with a dynamic batch axis")
+        raise SpecError(
+            file,
+            field,
+            f"tensor {value.name!r} of {path.name} has a fixed first "
+            f"dimension of {batch.dim_value}; Chorus batches along the first "
+            "dimension: export the model with a dynamic batch axis",
+        )
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims[1:])
     return Tensor(value.name, dtype, shape)
 
@@ -293,12 +306,20 @@ def _match(
     known = {t.name for t in ensemble}
     for ens_name in explicit:
         if ens_name not in known:
-            raise SpecError(file, f"{where}.{kind}", f"maps {ens_name!r}, which is not one of "
-                            f"the ensemble's {kind} ({', '.join(sorted(known))})")
+            raise SpecError(
+                file,
+                f"{where}.{kind}",
+                f"maps {ens_name!r}, which is not one of "
+                f"the ensemble's {kind} ({', '.join(sorted(known))})",
+            )
     if kind == "inputs" and len(member) != len(ensemble):
-        raise SpecError(file, where, f"member {member_name!r} has {len(member)} inputs "
-                        f"({', '.join(t.name for t in member)}); the ensemble has "
-                        f"{len(ensemble)} ({', '.join(sorted(known))})")
+        raise SpecError(
+            file,
+            where,
+            f"member {member_name!r} has {len(member)} inputs "
+            f"({', '.join(t.name for t in member)}); the ensemble has "
+            f"{len(ensemble)} ({', '.join(sorted(known))})",
+        )
     pairs = []
     for t in ensemble:
         if t.name in explicit:
@@ -308,22 +329,39 @@ def _match(
         elif len(ensemble) == 1 and len(member) == 1:
             theirs = member[0].name
         else:
-            raise SpecError(file, f"{where}.{kind}", f"member {member_name!r} has no {kind[:-1]} "
-                            f"named {t.name!r}; map it, e.g. {kind}: {{{t.name}: <its name>}}")
+            raise SpecError(
+                file,
+                f"{where}.{kind}",
+                f"member {member_name!r} has no {kind[:-1]} "
+                f"named {t.name!r}; map it, e.g. {kind}: {{{t.name}: <its name>}}",
+            )
         mt = by_name.get(theirs)
         if mt is None:
-            raise SpecError(file, f"{where}.{kind}", f"member {member_name!r} has no {kind[:-1]} "
-                            f"named {theirs!r} (it has {', '.join(by_name)})")
+            raise SpecError(
+                file,
+                f"{where}.{kind}",
+                f"member {member_name!r} has no {kind[:-1]} "
+                f"named {theirs!r} (it has {', '.join(by_name)})",
+            )
         if mt.dtype != t.dtype:
-            raise SpecError(file, f"{where}.{kind}", f"{kind[:-1]} {theirs!r} of member "
-                            f"{member_name!r} is {mt.dtype}, the ensemble's {t.name!r} is {t.dtype}")
+            raise SpecError(
+                file,
+                f"{where}.{kind}",
+                f"{kind[:-1]} {theirs!r} of member "
+                f"{member_name!r} is {mt.dtype}, the ensemble's {t.name!r} "
+                f"is {t.dtype}",
+            )
         if not _shapes_agree(mt.shape, t.shape):
-            raise SpecError(file, f"{where}.{kind}", f"{kind[:-1]} {theirs!r} of member "
-                            f"{member_name!r} has shape {list(mt.shape)} (after the batch "
-                            f"dimension), the ensemble's {t.name!r} has {list(t.shape)}")
+            raise SpecError(
+                file,
+                f"{where}.{kind}",
+                f"{kind[:-1]} {theirs!r} of member "
+                f"{member_name!r} has shape {list(mt.shape)} (after the batch "
+                f"dimension), the ensemble's {t.name!r} has {list(t.shape)}",
+            )
         pairs.append((t.name, theirs))
     return tuple(pairs)
 
 
 def _shapes_agree(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b))
+    return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b, strict=True))

@@ -116,8 +116,17 @@ class Deployment:
             port = self.grpc_port or free_port(self.host)
             self.combiner = ManagedProcess(
                 "combiner",
-                [sys.executable, "-m", "combiner", "--config", str(config_file),
-                 "--host", self.host, "--grpc-port", str(port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "combiner",
+                    "--config",
+                    str(config_file),
+                    "--host",
+                    self.host,
+                    "--grpc-port",
+                    str(port),
+                ],
                 self.workdir / "combiner.log",
                 env=dict(os.environ),
                 stop_signal=signal.SIGTERM,
@@ -130,6 +139,11 @@ class Deployment:
             raise
         self.endpoints = Endpoints(address, self.triton.grpc_url, self.triton.http_url)
         return self.endpoints
+
+    def processes(self) -> list[ManagedProcess]:
+        """The processes started so far: Triton, then the combiner."""
+        started = [self.triton.process if self.triton else None, self.combiner]
+        return [p for p in started if p is not None]
 
     def stop(self) -> None:
         """Stop the combiner, then Triton; safe to call more than once."""
@@ -162,4 +176,3 @@ def _wait_combiner_ready(process: ManagedProcess, address: str, deadline: float)
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-

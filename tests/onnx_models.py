@@ -24,8 +24,10 @@ def linear(
     w = numpy_helper.from_array(rng.normal(size=(in_dim, out_dim)).astype(np.float32), "W")
     b = numpy_helper.from_array(rng.normal(size=(out_dim,)).astype(np.float32), "B")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", [input_name, "W"], ["h"]),
-         helper.make_node("Add", ["h", "B"], [output_name])],
+        [
+            helper.make_node("MatMul", [input_name, "W"], ["h"]),
+            helper.make_node("Add", ["h", "B"], [output_name]),
+        ],
         "linear",
         [helper.make_tensor_value_info(input_name, elem_type, [batch, in_dim])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [batch, out_dim])],

@@ -45,8 +45,8 @@ def member_predictions(
     out = {}
     with grpcclient.InferenceServerClient(triton_url) as client:
         for m in ensemble.members:
-            (_, in_name), = m.input_map
-            (_, out_name), = m.output_map
+            ((_, in_name),) = m.input_map
+            ((_, out_name),) = m.output_map
             parts = []
             for i in range(0, len(x), batch):
                 chunk = np.ascontiguousarray(x[i : i + batch])
@@ -102,15 +102,19 @@ def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None
         with EnsembleClient(endpoints.ensemble) as client:
             client.predict(split.x_test[:1])
             first_answer_s = time.perf_counter() - cold
-            out.print(f"serving {ensemble.name!r} on {endpoints.ensemble}; first answer "
-                      f"{first_answer_s:.1f} s after a cold start")
+            out.print(
+                f"serving {ensemble.name!r} on {endpoints.ensemble}; first answer "
+                f"{first_answer_s:.1f} s after a cold start"
+            )
             probs = predict_all(client, split.x_test, ensemble.max_batch_size)
         members = member_predictions(
             ensemble, endpoints.triton_grpc, split.x_test, ensemble.max_batch_size
         )
         with console.status("measuring throughput..."):
-            loads = [throughput(endpoints.ensemble, split.x_test, b, c, 3.0)
-                     for b, c in ((1, 1), (1, 16), (64, 4))]
+            loads = [
+                throughput(endpoints.ensemble, split.x_test, b, c, 3.0)
+                for b, c in ((1, 1), (1, 16), (64, 4))
+            ]
     finally:
         deployment.stop()
 
@@ -119,15 +123,17 @@ def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None
     table.add_column("accuracy", justify="right")
     for name, logits in members.items():
         table.add_row(name, f"{np.mean(logits.argmax(1) == split.y_test):.4f}")
-    table.add_row(f"[bold]ensemble ({ensemble.rule}"
-                  f"{', softmax' if ensemble.softmax else ''})[/bold]",
-                  f"[bold]{np.mean(probs.argmax(1) == split.y_test):.4f}[/bold]")
+    table.add_row(
+        f"[bold]ensemble ({ensemble.rule}{', softmax' if ensemble.softmax else ''})[/bold]",
+        f"[bold]{np.mean(probs.argmax(1) == split.y_test):.4f}[/bold]",
+    )
     out.print(table)
     perf = Table(title="throughput through the ensemble endpoint (closed loop, 3 s each)")
     for col in ("batch", "concurrency", "samples/s", "requests/s"):
         perf.add_column(col, justify="right")
     for t in loads:
-        perf.add_row(str(t.batch), str(t.concurrency), f"{t.samples_per_s:,.0f}",
-                     f"{t.requests_per_s:,.0f}")
+        perf.add_row(
+            str(t.batch), str(t.concurrency), f"{t.samples_per_s:,.0f}", f"{t.requests_per_s:,.0f}"
+        )
     out.print(perf)
     out.print("stopped Triton and the combiner")

@@ -61,9 +61,13 @@ def _small_cnn() -> object:
     import torch.nn as nn
 
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
     )
 
 
@@ -71,8 +75,12 @@ def _wide_cnn() -> object:
     import torch.nn as nn
 
     return nn.Sequential(
-        nn.Conv2d(1, 96, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Dropout(0.2), nn.Linear(96 * 16, 10),
+        nn.Conv2d(1, 96, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(96 * 16, 10),
     )
 
 
@@ -93,8 +101,9 @@ MEMBERS = (
 )
 
 
-def train_members(out_dir: Path | str = HERE / "models", split: Split | None = None,
-                  epochs: int = 20) -> dict[str, Path]:
+def train_members(
+    out_dir: Path | str = HERE / "models", split: Split | None = None, epochs: int = 20
+) -> dict[str, Path]:
     """Train every member and export it to ``OUT_DIR/<name>.onnx``; returns the paths."""
     import torch
 

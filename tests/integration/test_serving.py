@@ -20,7 +20,7 @@ def direct_combination(ensemble, x: np.ndarray) -> np.ndarray:
     outputs = []
     for m in ensemble.members:
         session = ort.InferenceSession(str(m.path), providers=["CPUExecutionProvider"])
-        (_, in_name), = m.input_map
+        ((_, in_name),) = m.input_map
         outputs.append(session.run(None, {in_name: x})[0])
     stacked = np.stack(outputs)
     if ensemble.softmax:
@@ -59,16 +59,18 @@ def test_a_stock_tritonclient_grpc_call_works(ensemble, endpoints):
         assert stock.is_server_live() and stock.is_server_ready()
         assert stock.is_model_ready("digits")
         meta = stock.get_model_metadata("digits", as_json=True)
-        assert meta["inputs"] == [{"name": "image", "datatype": "FP32",
-                                   "shape": ["-1", "1", "8", "8"]}]
+        assert meta["inputs"] == [
+            {"name": "image", "datatype": "FP32", "shape": ["-1", "1", "8", "8"]}
+        ]
         assert meta["outputs"][0]["name"] == "logits"
         assert stock.get_model_config("digits").config.max_batch_size == 64
         tensor = grpcclient.InferInput("image", [3, 1, 8, 8], "FP32")
         tensor.set_data_from_numpy(x)
         result = stock.infer("digits", [tensor], request_id="r-42")
     assert result.get_response().id == "r-42"
-    np.testing.assert_allclose(result.as_numpy("logits"), direct_combination(ensemble, x),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("logits"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+    )
 
 
 def _infer(endpoints, tensors):
@@ -88,12 +90,15 @@ def _good():
 
 BAD_REQUESTS = {
     "unknown input name": (lambda: [_tensor("pixels", _good())], "unknown input 'pixels'"),
-    "wrong dtype": (lambda: [_tensor("image", _good().astype(np.float64), "FP64")],
-                    "datatype FP64"),
-    "wrong shape": (lambda: [_tensor("image", np.zeros((2, 8, 8), np.float32))],
-                    "shape [2, 8, 8]"),
-    "batch over the maximum": (lambda: [_tensor("image", np.zeros((65, 1, 8, 8), np.float32))],
-                               "exceeds the maximum batch size 64"),
+    "wrong dtype": (
+        lambda: [_tensor("image", _good().astype(np.float64), "FP64")],
+        "datatype FP64",
+    ),
+    "wrong shape": (lambda: [_tensor("image", np.zeros((2, 8, 8), np.float32))], "shape [2, 8, 8]"),
+    "batch over the maximum": (
+        lambda: [_tensor("image", np.zeros((65, 1, 8, 8), np.float32))],
+        "exceeds the maximum batch size 64",
+    ),
     "missing input": (lambda: [], "missing input 'image'"),
 }
 
@@ -121,8 +126,9 @@ def test_client_translates_errors_into_its_own_tree(endpoints):
 
 
 def test_async_client_answers_concurrent_requests_each_with_its_own_answer(ensemble, endpoints):
-    xs = [np.random.default_rng(i).random((i % 5 + 1, 1, 8, 8), dtype=np.float32)
-          for i in range(24)]
+    xs = [
+        np.random.default_rng(i).random((i % 5 + 1, 1, 8, 8), dtype=np.float32) for i in range(24)
+    ]
 
     async def go():
         async with AsyncEnsembleClient(endpoints.ensemble) as c:

@@ -48,14 +48,26 @@ def command_name(pid: int) -> str:
         return "?"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
-                         ids=["SIGINT", "SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"]
+)
 def test_stopping_chorus_up_leaves_no_process_behind(ensemble_file, tmp_path, split, sig):
     port = free_port()
     with subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "up", str(ensemble_file),
-         "--grpc-port", str(port), "--workdir", str(tmp_path / "work")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "up",
+            str(ensemble_file),
+            "--grpc-port",
+            str(port),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     ) as up:
         try:
             assert up.stdout is not None and up.stderr is not None

@@ -26,8 +26,10 @@ GROUPS = {
 def ensemble(tmp_path: Path) -> Ensemble:
     linear(tmp_path / "a.onnx", seed=0)
     linear(tmp_path / "b.onnx", seed=1, output_name="scores")
-    spec = {"name": "toy", "members": [{"name": "a", "path": "a.onnx"},
-                                       {"name": "b", "path": "b.onnx"}]}
+    spec = {
+        "name": "toy",
+        "members": [{"name": "a", "path": "a.onnx"}, {"name": "b", "path": "b.onnx"}],
+    }
     (tmp_path / "ensemble.yaml").write_text(yaml.safe_dump(spec))
     return load_ensemble(tmp_path / "ensemble.yaml")
 
@@ -56,8 +58,12 @@ def test_rendering_twice_gives_identical_bytes_and_touches_nothing(ensemble, tmp
     repo = tmp_path / "repo"
     first = render_repository(ensemble, repo, "python", groups, sizes, 1)
     assert sorted(p.relative_to(repo).as_posix() for p in first) == [
-        "a/1/model.onnx", "a/1/model.py", "a/config.pbtxt",
-        "b/1/model.onnx", "b/1/model.py", "b/config.pbtxt",
+        "a/1/model.onnx",
+        "a/1/model.py",
+        "a/config.pbtxt",
+        "b/1/model.onnx",
+        "b/1/model.py",
+        "b/config.pbtxt",
     ]
     before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
     mtimes = {p: p.stat().st_mtime_ns for p in before}

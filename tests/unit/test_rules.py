@@ -29,7 +29,7 @@ def test_mean_with_softmax_averages_probabilities(stacked):
 
 def test_weighted_mean_uses_normalised_weights(stacked):
     w = [1.0, 2.0, 0.5, 4.0]
-    ref = sum(wi * m for wi, m in zip(w, stacked)) / sum(w)
+    ref = sum(wi * m for wi, m in zip(w, stacked, strict=True)) / sum(w)
     np.testing.assert_allclose(combine(stacked, "weighted_mean", w), ref, rtol=1e-5)
 
 

@@ -22,8 +22,13 @@ def write(tmp_path: Path, spec: dict) -> Path:
 def members(tmp_path: Path) -> dict:
     linear(tmp_path / "a.onnx", seed=0)
     linear(tmp_path / "b.onnx", seed=1, input_name="features", output_name="scores")
-    return {"name": "toy", "members": [{"name": "a", "path": "a.onnx"},
-                                       {"name": "b", "path": "b.onnx", "weight": 2.0}]}
+    return {
+        "name": "toy",
+        "members": [
+            {"name": "a", "path": "a.onnx"},
+            {"name": "b", "path": "b.onnx", "weight": 2.0},
+        ],
+    }
 
 
 def test_tensors_are_inferred_from_the_first_member_and_single_tensors_mapped(tmp_path, members):
@@ -117,8 +122,9 @@ def test_every_problem_in_the_file_is_reported(tmp_path, members):
 
 
 def _chorus(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
