@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 __all__ = ["ChorusError", "InfeasibleError", "LaunchError", "SpecError"]
 
@@ -46,6 +49,30 @@ class SpecError(ChorusError):
 
 def _line(file: str, field: str, problem: str) -> str:
     return f"{file}: {field}: {problem}" if field else f"{file}: {problem}"
+
+
+def from_validation(file: Path, error: ValidationError) -> SpecError:
+    """The SpecError for a pydantic error: every problem, each with its dotted field."""
+    problems = []
+    for err in error.errors():
+        field = _loc(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; see docs for the allowed keys)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ")
+        problems.append((field, msg))
+    (field, msg), *more = problems
+    return SpecError(file, field, msg, more)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 class InfeasibleError(ChorusError):

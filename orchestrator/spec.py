@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import onnx
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import SpecError
+from .errors import SpecError, from_validation
 
 __all__ = [
     "CombineRule",
@@ -155,31 +155,8 @@ def load_ensemble(path: str | Path) -> Ensemble:
     try:
         spec = EnsembleFile.model_validate(raw)
     except ValidationError as e:
-        raise _from_validation(file, e) from None
+        raise from_validation(file, e) from None
     return _resolve(file, spec)
-
-
-def _from_validation(file: Path, error: ValidationError) -> SpecError:
-    problems = []
-    for err in error.errors():
-        field = _loc(err["loc"])
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling; see docs for the allowed keys)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif msg.startswith("Value error, "):
-            msg = msg.removeprefix("Value error, ")
-        problems.append((field, msg))
-    (field, msg), *more = problems
-    return SpecError(file, field, msg, more)
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _resolve(file: Path, spec: EnsembleFile) -> Ensemble:

@@ -1,0 +1,118 @@
+"""The plan: the allocation matrix as the orchestrator hands it on (JSON, a table, configs).
+
+Its JSON (``chorus plan --json``) is the contract of design.md: fields may be added, not renamed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .allocate import Problem, SearchResult
+from .errors import SpecError
+from .hardware import Device
+
+__all__ = ["Plan", "load_plan", "make_plan"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The allocation matrix, the contract between the orchestrator and Triton's configs."""
+
+    ensemble: str
+    devices: tuple[Device, ...]
+    planned_memory_bytes: Mapping[str, int]  # device id -> bytes
+    members: tuple[str, ...]
+    instances: Mapping[str, Mapping[str, int]]  # member -> device id -> count (> 0)
+    max_batch_size: Mapping[str, int]
+    predicted_throughput: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ensemble": self.ensemble,
+            "devices": [
+                {
+                    "id": d.id,
+                    "node": d.node,
+                    "kind": d.kind,
+                    "index": d.index,
+                    "name": d.name,
+                    "memory_bytes": d.memory_bytes,
+                    "planned_memory_bytes": self.planned_memory_bytes.get(d.id, 0),
+                    "speed": d.speed,
+                    "lanes": d.lanes,
+                    "cores": d.cores,
+                }
+                for d in self.devices
+            ],
+            "members": list(self.members),
+            "instances": {m: dict(self.instances[m]) for m in self.members},
+            "max_batch_size": dict(self.max_batch_size),
+            "predicted_throughput": round(self.predicted_throughput, 3),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(d.node for d in self.devices))
+
+
+def make_plan(ensemble: str, p: Problem, result: SearchResult) -> Plan:
+    ids = [d.id for d in p.devices]
+    instances = {
+        m: {ids[d]: int(result.instances[i, d]) for d in range(len(ids)) if result.instances[i, d]}
+        for i, m in enumerate(p.members)
+    }
+    memory = p.memory.transpose(0, 2, 1)[np.arange(len(p.members)), result.batch]  # (M, D)
+    used = np.where(result.instances > 0, result.instances * memory, 0).sum(axis=0)
+    return Plan(
+        ensemble=ensemble,
+        devices=p.devices,
+        planned_memory_bytes={ids[d]: int(used[d]) for d in range(len(ids))},
+        members=p.members,
+        instances=instances,
+        max_batch_size={m: p.batch_sizes[result.batch[i]] for i, m in enumerate(p.members)},
+        predicted_throughput=result.throughput,
+    )
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan written by ``chorus plan -o``."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text())
+        devices = tuple(
+            Device(
+                d["node"],
+                d["kind"],
+                d["index"],
+                d.get("name", d["kind"]),
+                d["memory_bytes"],
+                d["memory_bytes"],
+                cores=d.get("cores", 0),
+                speed=d.get("speed", 1.0),
+                lanes=d.get("lanes", 1),
+            )
+            for d in data["devices"]
+        )
+        return Plan(
+            ensemble=data["ensemble"],
+            devices=devices,
+            planned_memory_bytes={
+                d["id"]: d.get("planned_memory_bytes", 0) for d in data["devices"]
+            },
+            members=tuple(data["members"]),
+            instances={m: dict(v) for m, v in data["instances"].items()},
+            max_batch_size=dict(data["max_batch_size"]),
+            predicted_throughput=float(data["predicted_throughput"]),
+        )
+    except FileNotFoundError:
+        raise SpecError(file, "", "no such file") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SpecError(file, "", f"not a plan written by 'chorus plan' ({e!r})") from e
