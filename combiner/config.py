@@ -29,6 +29,9 @@ class MemberRoute(_Strict):
     weight: float = 1.0
     inputs: dict[str, str] = Field(description="ensemble input name -> member input name")
     outputs: dict[str, str] = Field(description="ensemble output name -> member output name")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="the member's batch limit on Triton; larger requests are split"
+    )
 
 
 class CombinerConfig(_Strict):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,7 +20,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import triton_to_np_dtype
 
 from . import __version__
-from .config import CombinerConfig, TensorInfo
+from .config import CombinerConfig, MemberRoute, TensorInfo
 from .rules import combine
 from .upstream import GRPC_OPTIONS, MemberError, Upstream
 
@@ -225,33 +227,60 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     async def _fan_out(
         self, request_id: str, inputs: _Inputs, wanted: list[str]
     ) -> dict[str, np.ndarray]:
-        calls = []
+        """Call every member at once (in chunks of its max batch size) and combine."""
+        calls: list[Coroutine[Any, Any, service_pb2.ModelInferResponse]] = []
+        spans: list[list[int]] = []  # per member: indices into calls
         for member in self.config.members:
-            req = service_pb2.ModelInferRequest(model_name=member.name, id=request_id)
-            for ens_name, content in inputs.data.items():
-                info = self._inputs[ens_name]
-                req.inputs.add(
-                    name=member.inputs[ens_name], datatype=info.dtype, shape=inputs.shapes[ens_name]
+            step = member.max_batch_size or inputs.batch
+            spans.append([])
+            for start in range(0, inputs.batch, step):
+                stop = min(start + step, inputs.batch)
+                spans[-1].append(len(calls))
+                calls.append(
+                    self.upstream.infer(
+                        self._member_request(member, request_id, inputs, wanted, start, stop)
+                    )
                 )
-                req.raw_input_contents.append(content)
-            for ens_name in wanted:
-                req.outputs.add(name=member.outputs[ens_name])
-            calls.append(self.upstream.infer(req))
         responses = await asyncio.gather(*calls)
         combined = {}
         for ens_name in wanted:
             info = self._outputs[ens_name]
-            stacked = np.stack(
-                [
-                    _output(resp, member.outputs[ens_name], info)
-                    for member, resp in zip(self.config.members, responses, strict=True)
-                ]
+            per_member = []
+            for member, span in zip(self.config.members, spans, strict=True):
+                parts = [_output(responses[i], member.outputs[ens_name], info) for i in span]
+                per_member.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
+            result = combine(
+                np.stack(per_member), self.config.rule, self._weights, self.config.softmax
             )
-            result = combine(stacked, self.config.rule, self._weights, self.config.softmax)
             combined[ens_name] = np.ascontiguousarray(
                 result.astype(triton_to_np_dtype(info.dtype), copy=False)
             )
         return combined
+
+    def _member_request(
+        self,
+        member: MemberRoute,
+        request_id: str,
+        inputs: _Inputs,
+        wanted: list[str],
+        start: int,
+        stop: int,
+    ) -> service_pb2.ModelInferRequest:
+        """The request for rows [start, stop) of the inputs, in the member's tensor names."""
+        req = service_pb2.ModelInferRequest(model_name=member.name, id=request_id)
+        whole = start == 0 and stop == inputs.batch
+        for ens_name, content in inputs.data.items():
+            shape = inputs.shapes[ens_name]
+            req.inputs.add(
+                name=member.inputs[ens_name],
+                datatype=self._inputs[ens_name].dtype,
+                shape=(stop - start, *shape[1:]),
+            )
+            row = len(content) // inputs.batch
+            req.raw_input_contents.append(content if whole else content[start * row : stop * row])
+        for ens_name in wanted:
+            req.outputs.add(name=member.outputs[ens_name])
+        return req
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -13,10 +13,15 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from .errors import ChorusError
-from .spec import load_ensemble
+from .hardware import Device, discover, load_hardware
+from .plan import Plan, load_plan, plan_ensemble
+from .profile import Profile, load_profile, save_profile
+from .render import Backend, describe_changes, pick_backend, render_plan
+from .spec import Ensemble, load_ensemble
 from .up import Deployment
 
 __all__ = ["app", "main"]
@@ -31,6 +36,74 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 EnsembleArg = Annotated[Path, typer.Argument(help="the ensemble file (ensemble.yaml)")]
+HardwareOpt = Annotated[
+    Path | None,
+    typer.Option("--hardware", help="plan for the machine(s) this file describes, not this one"),
+]
+ProfileOpt = Annotated[
+    Path | None,
+    typer.Option("--profile", help="profile file to plan from [default: measure, or the cache]"),
+]
+WorkdirOpt = Annotated[
+    Path | None,
+    typer.Option(help="where repositories, logs and the profile cache go [default: .chorus/NAME]"),
+]
+
+
+def _workdir(ensemble: Ensemble, workdir: Path | None) -> Path:
+    return (workdir or Path(".chorus") / ensemble.name).resolve()
+
+
+def _devices(hardware: Path | None) -> tuple[Device, ...]:
+    return load_hardware(hardware) if hardware else discover()
+
+
+def _profile(ensemble: Ensemble, profile: Path | None, workdir: Path) -> tuple[Profile, Path]:
+    """The given profile; else the cached one if it covers every member; else measure now."""
+    if profile is not None:
+        return load_profile(profile), profile
+    cache = workdir / "profile.json"
+    if cache.is_file():
+        cached = load_profile(cache)
+        if set(cached.members) >= {m.name for m in ensemble.members}:
+            console.print(f"using the cached profile {cache} ('chorus profile' measures again)")
+            return cached, cache
+    from .measure import measure_profile
+
+    console.print("no profile yet: measuring every member on this machine's Triton")
+    measured = measure_profile(ensemble, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_profile(measured, cache)
+    return measured, cache
+
+
+def _plan(ensemble: Ensemble, hardware: Path | None, profile: Path | None, workdir: Path) -> Plan:
+    devices = _devices(hardware)
+    measured, source = _profile(ensemble, profile, workdir)
+    return plan_ensemble(
+        ensemble.name,
+        [m.name for m in ensemble.members],
+        ensemble.max_batch_size,
+        measured,
+        devices,
+        source,
+    )
+
+
+def _plan_table(plan: Plan) -> Table:
+    table = Table(title=f"allocation matrix of {plan.ensemble!r} (instances)")
+    table.add_column("device")
+    for m in plan.members:
+        table.add_column(m, justify="right")
+    table.add_column("planned / total memory", justify="right")
+    for d in plan.devices:
+        counts = [str(plan.instances[m].get(d.id, "")) for m in plan.members]
+        used = plan.planned_memory_bytes.get(d.id, 0)
+        memory = f"{used / 2**30:.2f} / {d.memory_bytes / 2**30:.2f} GiB"
+        table.add_row(f"{d.id} ({d.name})", *counts, memory)
+    table.add_section()
+    table.add_row("batch size", *(str(plan.max_batch_size[m]) for m in plan.members), "")
+    return table
 
 
 @app.command()
@@ -40,18 +113,20 @@ def up(
         "127.0.0.1"
     ),
     grpc_port: Annotated[int, typer.Option(help="gRPC (KServe v2) port of the ensemble")] = 8100,
-    workdir: Annotated[
-        Path | None,
-        typer.Option(help="where the model repository and logs go [default: .chorus/NAME]"),
+    workdir: WorkdirOpt = None,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", help="serve this plan (from 'chorus plan -o')")
     ] = None,
+    profile: ProfileOpt = None,
 ) -> None:
     """Serve the ensemble (Triton + combiner) until Ctrl-C or SIGTERM, then stop both."""
     ensemble = load_ensemble(ensemble_file)
-    workdir = workdir or Path(".chorus") / ensemble.name
+    workdir = _workdir(ensemble, workdir)
+    plan = load_plan(plan_file) if plan_file else _plan(ensemble, None, profile, workdir)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    deployment = Deployment(ensemble, workdir.resolve(), host=host, grpc_port=grpc_port)
+    deployment = Deployment(ensemble, workdir, host=host, grpc_port=grpc_port, plan=plan)
     try:
         with console.status(f"starting Triton and the combiner for {ensemble.name!r}..."):
             endpoints = deployment.start()
@@ -69,6 +144,96 @@ def up(
         console.print("stopping...")
     finally:
         deployment.stop()
+
+
+@app.command()
+def profile(
+    ensemble_file: EnsembleArg,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="[default: WORKDIR/profile.json]")
+    ] = None,
+    workdir: WorkdirOpt = None,
+    seconds: Annotated[float, typer.Option(help="measuring time per batch size")] = 0.3,
+) -> None:
+    """Measure each member on a real Triton: memory per instance, latency per batch size."""
+    from .measure import measure_profile
+
+    ensemble = load_ensemble(ensemble_file)
+    workdir = _workdir(ensemble, workdir)
+    measured = measure_profile(ensemble, workdir, seconds_per_point=seconds)
+    output = output or workdir / "profile.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(measured, output)
+    table = Table(title=f"profile of {ensemble.name!r}: latency (ms) per batch size")
+    table.add_column("member / device")
+    table.add_column("memory (MiB)", justify="right")
+    table.add_column("per sample (KiB)", justify="right")
+    sizes = sorted(
+        {b for cs in measured.members.values() for c in cs.values() for b in c.batch_sizes}
+    )
+    for b in sizes:
+        table.add_column(str(b), justify="right")
+    for member, curves in measured.members.items():
+        for kind, c in curves.items():
+            lat = dict(c.latency_ms)
+            table.add_row(
+                f"{member} / {kind}",
+                f"{c.memory_bytes / 2**20:.1f}",
+                f"{c.memory_per_sample_bytes / 2**10:.1f}",
+                *(f"{lat[b]:.2f}" if b in lat else "" for b in sizes),
+            )
+    Console().print(table)
+    console.print(f"wrote {output}")
+
+
+@app.command()
+def plan(
+    ensemble_file: EnsembleArg,
+    hardware: HardwareOpt = None,
+    profile: ProfileOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="write the plan")] = None,
+    workdir: WorkdirOpt = None,
+) -> None:
+    """Place the members (worst-fit, then greedy): the allocation matrix and its throughput."""
+    ensemble = load_ensemble(ensemble_file, read_models=profile is None)
+    result = _plan(ensemble, hardware, profile, _workdir(ensemble, workdir))
+    if output:
+        output.write_text(result.to_json())
+    if as_json:
+        print(result.to_json(), end="")
+        return
+    out = Console()
+    out.print(_plan_table(result))
+    out.print(f"predicted throughput: {result.predicted_throughput:,.1f} requests/s")
+
+
+@app.command("regenerate-configs")
+def regenerate_configs(
+    ensemble_file: EnsembleArg,
+    repo: Annotated[Path, typer.Option(help="the model repository to rewrite")],
+    hardware: HardwareOpt = None,
+    profile: ProfileOpt = None,
+    workdir: WorkdirOpt = None,
+    backend: Annotated[
+        Backend | None,
+        typer.Option(help="Triton backend to render for [default: what the local server has]"),
+    ] = None,
+) -> None:
+    """Re-detect the hardware, plan again, rewrite the configs; print what changed."""
+    from .launch import find_tritonserver
+
+    ensemble = load_ensemble(ensemble_file)
+    result = _plan(ensemble, hardware, profile, _workdir(ensemble, workdir))
+    changes = describe_changes(repo, result)
+    backend = backend or pick_backend(find_tritonserver().backends)
+    written = render_plan(ensemble, result, repo, backend)
+    for line in changes:
+        print(line)
+    if not written:
+        print(f"{repo}: unchanged")
+    else:
+        print(f"{repo}: {len(written)} file(s) rewritten")
 
 
 @app.command()

@@ -6,18 +6,19 @@ Its JSON (``chorus plan --json``) is the contract of design.md: fields may be ad
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .allocate import Problem, SearchResult
+from .allocate import Problem, SearchResult, greedy, problem
 from .errors import SpecError
 from .hardware import Device
+from .profile import Profile
 
-__all__ = ["Plan", "load_plan", "make_plan"]
+__all__ = ["Plan", "load_plan", "make_plan", "one_instance_each", "plan_ensemble"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,39 @@ class Plan:
 
     def nodes(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(d.node for d in self.devices))
+
+
+def plan_ensemble(
+    ensemble: str,
+    members: Sequence[str],
+    max_batch_size: int,
+    profile: Profile,
+    devices: Sequence[Device],
+    profile_file: str | Path = "profile",
+) -> Plan:
+    """Worst-fit, then greedy: the plan for these members on these devices."""
+    p = problem(members, profile, devices, max_batch_size, profile_file)
+    return make_plan(ensemble, p, greedy(p))
+
+
+def one_instance_each(
+    ensemble: str, members: Sequence[str], devices: Sequence[Device], max_batch_size: int
+) -> Plan:
+    """The plan when nothing was measured: one instance of every member at the ensemble's
+    maximum batch size, GPUs taken round-robin, else the CPU. Its throughput is not predicted
+    (0)."""
+    gpus = [d for d in devices if d.kind == "gpu"]
+    cpus = [d for d in devices if d.kind == "cpu"]
+    targets = gpus or cpus
+    return Plan(
+        ensemble=ensemble,
+        devices=tuple(devices),
+        planned_memory_bytes={},
+        members=tuple(members),
+        instances={m: {targets[i % len(targets)].id: 1} for i, m in enumerate(members)},
+        max_batch_size={m: max_batch_size for m in members},
+        predicted_throughput=0.0,
+    )
 
 
 def make_plan(ensemble: str, p: Problem, result: SearchResult) -> Plan:

@@ -23,9 +23,19 @@ from tritonclient.grpc import model_config_pb2
 import model_repository_templates
 
 from .errors import ChorusError
+from .plan import Plan
 from .spec import Ensemble, Member, validate_name
 
-__all__ = ["Backend", "InstanceGroup", "pick_backend", "render_config", "render_repository"]
+__all__ = [
+    "Backend",
+    "InstanceGroup",
+    "describe_changes",
+    "instance_groups",
+    "pick_backend",
+    "render_config",
+    "render_plan",
+    "render_repository",
+]
 
 Backend = Literal["onnxruntime", "python"]
 
@@ -100,10 +110,13 @@ def render_repository(
     max_batch_size: Mapping[str, int],
     intra_op_threads: int = 0,
 ) -> list[Path]:
-    """Write every member's directory under ``repo``; returns the files whose bytes changed."""
+    """Write the directory of every member that ``groups`` names under ``repo``; returns the
+    files whose bytes changed."""
     changed = []
     repo.mkdir(parents=True, exist_ok=True)
     for member in ensemble.members:
+        if member.name not in groups:
+            continue
         config = render_config(
             member, backend, groups[member.name], max_batch_size[member.name], intra_op_threads
         )
@@ -116,6 +129,53 @@ def render_repository(
             code = _TEMPLATES.get_template("python_model.py.j2").render()
             if _write(root / "1" / "model.py", code.encode()):
                 changed.append(root / "1" / "model.py")
+    return changed
+
+
+def instance_groups(plan: Plan, node: str) -> dict[str, tuple[InstanceGroup, ...]]:
+    """The plan's instances on one node, as Triton instance groups: one group per GPU, one for
+    the CPU. Members with no instance on the node are left out."""
+    devices = {d.id: d for d in plan.devices}
+    out = {}
+    for member in plan.members:
+        groups = []
+        cpu = 0
+        for device_id, count in sorted(plan.instances[member].items()):
+            d = devices[device_id]
+            if d.node != node:
+                continue
+            if d.kind == "gpu":
+                groups.append(InstanceGroup("gpu", count, (d.index,)))
+            else:
+                cpu += count
+        if cpu:
+            groups.append(InstanceGroup("cpu", cpu))
+        if groups:
+            out[member] = tuple(groups)
+    return out
+
+
+def cpu_threads(plan: Plan, node: str) -> int:
+    """onnxruntime threads per CPU instance: the node's CPU lanes shared by its CPU instances."""
+    cpus = [d for d in plan.devices if d.node == node and d.kind == "cpu"]
+    lanes = sum(d.lanes for d in cpus)
+    ids = {d.id for d in cpus}
+    count = sum(c for per in plan.instances.values() for i, c in per.items() if i in ids)
+    return max(1, lanes // max(1, count))
+
+
+def render_plan(ensemble: Ensemble, plan: Plan, repo: Path, backend: Backend) -> list[Path]:
+    """Render the plan: into ``repo`` for a single node, else one ``repo/NODE`` per node holding
+    only that node's instances. Returns the files whose bytes changed."""
+    nodes = plan.nodes()
+    changed = []
+    for node in nodes:
+        target = repo if len(nodes) == 1 else repo / node
+        groups = instance_groups(plan, node)
+        if groups:
+            changed += render_repository(
+                ensemble, target, backend, groups, plan.max_batch_size, cpu_threads(plan, node)
+            )
     return changed
 
 
@@ -138,3 +198,42 @@ def _copy(src: Path, dst: Path) -> bool:
     shutil.copyfile(src, tmp)
     tmp.replace(dst)
     return True
+
+
+def describe_changes(repo: Path, plan: Plan) -> list[str]:
+    """What rendering ``plan`` into ``repo`` would change, member by member, read from the
+    configs already there: new members, instances per device, batch sizes."""
+    nodes = plan.nodes()
+    lines = []
+    for node in nodes:
+        target = repo if len(nodes) == 1 else repo / node
+        where = "" if len(nodes) == 1 else f"[{node}] "
+        for member, groups in instance_groups(plan, node).items():
+            path = target / member / "config.pbtxt"
+            new = _groups_text(groups)
+            if not path.is_file():
+                lines.append(
+                    f"{where}{member}: new, {new}, batch size {plan.max_batch_size[member]}"
+                )
+                continue
+            old = parse_config(path.read_text(), member)
+            old_groups = tuple(
+                InstanceGroup("gpu" if g.kind == g.KIND_GPU else "cpu", g.count, tuple(g.gpus))
+                for g in old.instance_group
+            )
+            if _groups_text(old_groups) != new:
+                lines.append(f"{where}{member}: instances {_groups_text(old_groups)} -> {new}")
+            if old.max_batch_size != plan.max_batch_size[member]:
+                lines.append(
+                    f"{where}{member}: batch size {old.max_batch_size} -> "
+                    f"{plan.max_batch_size[member]}"
+                )
+    return lines
+
+
+def _groups_text(groups: tuple[InstanceGroup, ...]) -> str:
+    parts = []
+    for g in groups:
+        devices = ",".join(f"gpu{i}" for i in g.gpus) if g.kind == "gpu" else "cpu"
+        parts.append(f"{g.count}x {devices}")
+    return " + ".join(parts)

@@ -141,8 +141,12 @@ class Ensemble:
         return next(m for m in self.members if m.name == name)
 
 
-def load_ensemble(path: str | Path) -> Ensemble:
-    """Read, validate and resolve an ensemble file."""
+def load_ensemble(path: str | Path, read_models: bool = True) -> Ensemble:
+    """Read, validate and resolve an ensemble file.
+
+    With ``read_models=False`` (planning from a profile) the member files are not opened and
+    need not exist; tensors are then only those declared in the file.
+    """
     file = Path(path)
     try:
         raw = yaml.safe_load(file.read_text())
@@ -156,10 +160,10 @@ def load_ensemble(path: str | Path) -> Ensemble:
         spec = EnsembleFile.model_validate(raw)
     except ValidationError as e:
         raise from_validation(file, e) from None
-    return _resolve(file, spec)
+    return _resolve(file, spec, read_models)
 
 
-def _resolve(file: Path, spec: EnsembleFile) -> Ensemble:
+def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
     seen: set[str] = set()
     for i, m in enumerate(spec.members):
         if m.name in seen:
@@ -167,6 +171,20 @@ def _resolve(file: Path, spec: EnsembleFile) -> Ensemble:
         seen.add(m.name)
 
     base = file.resolve().parent
+    if not read_models:
+        return Ensemble(
+            name=spec.name,
+            file=file.resolve(),
+            members=tuple(
+                Member(m.name, (base / m.path).resolve(), m.weight, (), (), (), ())
+                for m in spec.members
+            ),
+            inputs=_declared(file, "inputs", spec.inputs),
+            outputs=_declared(file, "outputs", spec.outputs),
+            rule=spec.combine.rule,
+            softmax=spec.combine.softmax,
+            max_batch_size=spec.serving.max_batch_size,
+        )
     read = [_read_onnx(file, i, base / m.path) for i, m in enumerate(spec.members)]
 
     first_in, first_out = read[0]

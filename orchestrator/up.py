@@ -19,12 +19,14 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from combiner.config import CombinerConfig, MemberRoute, TensorInfo
 
+from .errors import ChorusError
 from .hardware import Device, discover
 from .launch import ManagedProcess, ServerBinary, TritonServer, find_tritonserver, free_port
-from .render import InstanceGroup, pick_backend, render_repository
+from .plan import Plan, one_instance_each
+from .render import pick_backend, render_plan
 from .spec import Ensemble, Tensor
 
-__all__ = ["Deployment", "Endpoints", "combiner_config", "one_instance_each"]
+__all__ = ["Deployment", "Endpoints", "combiner_config"]
 
 
 @dataclass(frozen=True)
@@ -34,20 +36,7 @@ class Endpoints:
     triton_http: str
 
 
-def one_instance_each(
-    ensemble: Ensemble, devices: tuple[Device, ...]
-) -> dict[str, tuple[InstanceGroup, ...]]:
-    """The simplest placement: one instance of every member, GPUs round-robin, else the CPU."""
-    gpus = [d for d in devices if d.kind == "gpu"]
-    if not gpus:
-        return {m.name: (InstanceGroup("cpu", 1),) for m in ensemble.members}
-    return {
-        m.name: (InstanceGroup("gpu", 1, (gpus[i % len(gpus)].index,)),)
-        for i, m in enumerate(ensemble.members)
-    }
-
-
-def combiner_config(ensemble: Ensemble, triton_url: str) -> CombinerConfig:
+def combiner_config(ensemble: Ensemble, triton_url: str, plan: Plan) -> CombinerConfig:
     def info(t: Tensor) -> TensorInfo:
         return TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape)
 
@@ -59,7 +48,11 @@ def combiner_config(ensemble: Ensemble, triton_url: str) -> CombinerConfig:
         outputs=tuple(info(t) for t in ensemble.outputs),
         members=tuple(
             MemberRoute(
-                name=m.name, weight=m.weight, inputs=dict(m.input_map), outputs=dict(m.output_map)
+                name=m.name,
+                weight=m.weight,
+                inputs=dict(m.input_map),
+                outputs=dict(m.output_map),
+                max_batch_size=plan.max_batch_size[m.name],
             )
             for m in ensemble.members
         ),
@@ -79,14 +72,20 @@ class Deployment:
         grpc_port: int | None = None,
         binary: ServerBinary | None = None,
         devices: tuple[Device, ...] | None = None,
+        plan: Plan | None = None,
         timeout_s: float = 180.0,
     ) -> None:
+        """Serve ``plan`` (default: one instance of every member, on this host's devices)."""
         self.ensemble = ensemble
         self.workdir = workdir
         self.host = host
         self.grpc_port = grpc_port
         self.binary = binary or find_tritonserver()
-        self.devices = devices if devices is not None else discover()
+        devices = devices if devices is not None else discover()
+        self.plan = plan or one_instance_each(
+            ensemble.name, [m.name for m in ensemble.members], devices, ensemble.max_batch_size
+        )
+        _check_servable(ensemble, self.plan)
         self.timeout_s = timeout_s
         self.triton: TritonServer | None = None
         self.combiner: ManagedProcess | None = None
@@ -95,24 +94,15 @@ class Deployment:
     def start(self) -> Endpoints:
         deadline = time.monotonic() + self.timeout_s
         repo = self.workdir / "repository"
-        groups = one_instance_each(self.ensemble, self.devices)
-        cpu = next(d for d in self.devices if d.kind == "cpu")
-        cpu_instances = sum(g.count for gs in groups.values() for g in gs if g.kind == "cpu")
-        render_repository(
-            self.ensemble,
-            repo,
-            pick_backend(self.binary.backends),
-            groups,
-            {m.name: self.ensemble.max_batch_size for m in self.ensemble.members},
-            intra_op_threads=max(1, cpu.cores // max(1, cpu_instances)),
-        )
+        render_plan(self.ensemble, self.plan, repo, pick_backend(self.binary.backends))
+        (self.workdir / "plan.json").write_text(self.plan.to_json())
         try:
             self.triton = TritonServer(
                 repo, self.workdir, [m.name for m in self.ensemble.members], binary=self.binary
             )
             self.triton.start(timeout=deadline - time.monotonic())
             config_file = self.workdir / "combiner.json"
-            combiner_config(self.ensemble, self.triton.grpc_url).save(config_file)
+            combiner_config(self.ensemble, self.triton.grpc_url, self.plan).save(config_file)
             port = self.grpc_port or free_port(self.host)
             self.combiner = ManagedProcess(
                 "combiner",
@@ -159,6 +149,19 @@ class Deployment:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _check_servable(ensemble: Ensemble, plan: Plan) -> None:
+    if set(plan.members) != {m.name for m in ensemble.members}:
+        raise ChorusError(
+            f"the plan is for members {sorted(plan.members)}, the ensemble has "
+            f"{sorted(m.name for m in ensemble.members)}: plan again"
+        )
+    if len(plan.nodes()) > 1:
+        raise ChorusError(
+            f"the plan spans nodes {', '.join(plan.nodes())}; chorus up serves one node: "
+            "render one repository per node with 'chorus regenerate-configs'"
+        )
 
 
 def _wait_combiner_ready(process: ManagedProcess, address: str, deadline: float) -> None:

@@ -1,0 +1,197 @@
+"""Measure each member on a real Triton: the memory one instance needs, and its latency per
+batch size. What ``chorus profile`` runs; the result is a :class:`~orchestrator.profile.Profile`.
+
+One tritonserver is started with no model loaded; each member is loaded alone (one instance),
+measured at batch sizes 1, 2, 4, ... up to the ensemble's maximum with random inputs, and
+unloaded. Memory is the growth of the server's process tree (the server and its Python backend
+stubs) on the CPU, or of the GPU's used memory (NVML) on a GPU: once when the member is loaded
+(``memory_bytes``) and once after its largest batch (``memory_per_sample_bytes``, per sample).
+On a GPU the member is loaded with a config override placing it there, without a restart.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from google.protobuf import json_format
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from tritonclient.utils import triton_to_np_dtype
+
+from .hardware import Device, discover, gpu_used_bytes
+from .launch import ServerBinary, TritonServer, find_tritonserver
+from .profile import Curve, Profile
+from .render import InstanceGroup, parse_config, pick_backend, render_config, render_repository
+from .spec import Ensemble, Member
+
+__all__ = ["batch_sizes", "measure_profile", "tree_rss_bytes"]
+
+
+def batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to the maximum, which is always included."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    if max_batch_size > 1:
+        sizes.append(max_batch_size)
+    return sizes
+
+
+def tree_rss_bytes(pid: int, marker: str | None = None) -> int:
+    """Resident memory of a process and all its descendants, from /proc; with ``marker``, only
+    of the descendants whose command line contains it (a member's backend stubs)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            if marker is not None and (
+                p == pid
+                or marker not in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+            ):
+                continue
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def measure_profile(
+    ensemble: Ensemble,
+    workdir: Path,
+    devices: tuple[Device, ...] | None = None,
+    seconds_per_point: float = 0.3,
+    binary: ServerBinary | None = None,
+    show_progress: bool = True,
+) -> Profile:
+    """Measure every member on each kind of local device (the first GPU, and the CPU)."""
+    devices = devices if devices is not None else discover()
+    targets = [d for d in devices if d.kind == "gpu"][:1] + [d for d in devices if d.kind == "cpu"]
+    binary = binary or find_tritonserver()
+    backend = pick_backend(binary.backends)
+    sizes = batch_sizes(ensemble.max_batch_size)
+    repo = workdir / "profile-repository"
+    cpu_group = {m.name: (InstanceGroup("cpu", 1),) for m in ensemble.members}
+    render_repository(
+        ensemble,
+        repo,
+        backend,
+        cpu_group,
+        {m.name: ensemble.max_batch_size for m in ensemble.members},
+        intra_op_threads=1,
+    )
+    results: dict[str, dict[str, Curve]] = {m.name: {} for m in ensemble.members}
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with (
+        TritonServer(repo, workdir / "profile", [], binary=binary) as server,
+        grpcclient.InferenceServerClient(server.grpc_url) as client,
+        Progress(*columns, disable=not show_progress, transient=True) as progress,
+    ):
+        task = progress.add_task(
+            "profiling", total=len(targets) * len(ensemble.members) * len(sizes)
+        )
+        for device in targets:
+            assert server.process is not None and server.process.pid is not None
+            for member in ensemble.members:
+                memory = _meter(device, server.process.pid, member.name, backend)
+                override = None
+                if device.kind == "gpu":
+                    text = render_config(
+                        member,
+                        backend,
+                        (InstanceGroup("gpu", 1, (device.index,)),),
+                        ensemble.max_batch_size,
+                        intra_op_threads=0,
+                    )
+                    override = json_format.MessageToJson(parse_config(text, member.name))
+                with _loaded(client, member.name, override, memory) as (before, loaded):
+                    latency = {}
+                    for b in sizes:
+                        progress.update(
+                            task, description=f"{member.name} on {device.kind}, batch {b}"
+                        )
+                        latency[b] = _latency_ms(client, member, b, seconds_per_point)
+                        progress.advance(task)
+                    after = memory()
+                results[member.name][device.kind] = Curve(
+                    memory_bytes=max(0, loaded - before),
+                    memory_per_sample_bytes=max(0, (after - loaded) // sizes[-1]),
+                    latency_ms=tuple(sorted(latency.items())),
+                )
+    return Profile(results)
+
+
+def _meter(device: Device, pid: int, member: str, backend: str) -> Callable[[], int]:
+    """How to read the memory a member's instance holds on this device."""
+    if device.kind == "gpu":
+        return lambda: gpu_used_bytes(device.index)
+    if backend == "python":  # each instance is a stub process of its own
+        marker = f"/{member}/1/model.py"
+        return lambda: tree_rss_bytes(pid, marker)
+    return lambda: tree_rss_bytes(pid)
+
+
+@contextmanager
+def _loaded(
+    client: grpcclient.InferenceServerClient,
+    name: str,
+    override: str | None,
+    memory: Callable[[], int],
+) -> Iterator[tuple[int, int]]:
+    before = memory()
+    client.load_model(name, config=override)
+    try:
+        yield before, _settled(memory)
+    finally:
+        client.unload_model(name)
+        deadline = time.monotonic() + 30
+        while client.is_model_ready(name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the backend stub exits after the model is unloaded
+
+
+def _settled(memory: Callable[[], int]) -> int:
+    time.sleep(0.2)
+    return memory()
+
+
+def _latency_ms(
+    client: grpcclient.InferenceServerClient, member: Member, batch: int, seconds: float
+) -> float:
+    rng = np.random.default_rng(batch)
+    inputs = []
+    for t in member.inputs:
+        shape = [batch, *(d if d > 0 else 1 for d in t.shape)]
+        data = rng.random(shape).astype(triton_to_np_dtype(t.dtype))
+        tensor = grpcclient.InferInput(t.name, shape, t.dtype)
+        tensor.set_data_from_numpy(data)
+        inputs.append(tensor)
+    for _ in range(2):  # warm up
+        client.infer(member.name, inputs)
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(times) < 3 or time.perf_counter() < end:
+        start = time.perf_counter()
+        client.infer(member.name, inputs)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
