@@ -38,17 +38,31 @@ def random_case(rng: np.random.Generator) -> tuple[list[str], Profile, tuple[Dev
     members = ["a", "b", "c"]
     kind2 = rng.choice(["gpu", "cpu"])
     devices = (
-        Device("node0", "gpu", 0, "gpu", int(rng.uniform(8, 24) * GiB),
-               int(rng.uniform(8, 24) * GiB), speed=1.0, lanes=1),
-        Device("node0", kind2, 1 if kind2 == "gpu" else 0, str(kind2),
-               int(rng.uniform(8, 32) * GiB), int(rng.uniform(8, 32) * GiB),
-               speed=float(rng.uniform(0.5, 2.0)), lanes=1 if kind2 == "gpu" else 4,
-               cores=0 if kind2 == "gpu" else 4),
+        Device(
+            "node0",
+            "gpu",
+            0,
+            "gpu",
+            int(rng.uniform(8, 24) * GiB),
+            int(rng.uniform(8, 24) * GiB),
+            speed=1.0,
+            lanes=1,
+        ),
+        Device(
+            "node0",
+            kind2,
+            1 if kind2 == "gpu" else 0,
+            str(kind2),
+            int(rng.uniform(8, 32) * GiB),
+            int(rng.uniform(8, 32) * GiB),
+            speed=float(rng.uniform(0.5, 2.0)),
+            lanes=1 if kind2 == "gpu" else 4,
+            cores=0 if kind2 == "gpu" else 4,
+        ),
     )
-    profile = Profile({
-        m: {"gpu": random_curve(rng, (1, 6)), "cpu": random_curve(rng, (1, 6))}
-        for m in members
-    })
+    profile = Profile(
+        {m: {"gpu": random_curve(rng, (1, 6)), "cpu": random_curve(rng, (1, 6))} for m in members}
+    )
     return members, profile, devices
 
 
@@ -72,8 +86,20 @@ def main() -> None:
         x_s = time.perf_counter() - t0
         # the greedy may add a 4th instance where exhaustive stops at 3: compare fairly
         ratio = g.throughput / x.throughput
-        rows.append((case, devices[1].kind, g.throughput, x.throughput, ratio, g.evaluations,
-                     x.evaluations, g_s, x_s, int(g.instances.max())))
+        rows.append(
+            (
+                case,
+                devices[1].kind,
+                g.throughput,
+                x.throughput,
+                ratio,
+                g.evaluations,
+                x.evaluations,
+                g_s,
+                x_s,
+                int(g.instances.max()),
+            )
+        )
 
     big_members = [f"m{i}" for i in range(12)]
     big_profile = Profile({m: {"gpu": random_curve(rng, (5, 14))} for m in big_members})
@@ -96,8 +122,10 @@ def main() -> None:
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case, kind, gt, xt, ratio, ge, xe, gs, xs, _ in rows:
-        lines.append(f"| {case} | {kind} | {gt:.1f} | {xt:.1f} | {ratio:.3f} | {ge} | {xe} | "
-                     f"{gs:.3f} | {xs:.2f} |")
+        lines.append(
+            f"| {case} | {kind} | {gt:.1f} | {xt:.1f} | {ratio:.3f} | {ge} | {xe} | "
+            f"{gs:.3f} | {xs:.2f} |"
+        )
     lines += [
         "",
         f"greedy/optimum: min {ratios.min():.3f}, mean {ratios.mean():.3f}; "

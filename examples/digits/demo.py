@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,17 +40,19 @@ def predict_all(client: EnsembleClient, x: np.ndarray, batch: int) -> np.ndarray
 
 
 def member_predictions(
-    ensemble: Ensemble, triton_url: str, x: np.ndarray, batch: int
+    ensemble: Ensemble, triton_url: str, x: np.ndarray, batch: Mapping[str, int]
 ) -> dict[str, np.ndarray]:
-    """Each member's raw output for ``x``, asked of Triton directly (bypassing the combiner)."""
+    """Each member's raw output for ``x``, asked of Triton directly (bypassing the combiner),
+    in batches of each member's limit there."""
     out = {}
     with grpcclient.InferenceServerClient(triton_url) as client:
         for m in ensemble.members:
             ((_, in_name),) = m.input_map
             ((_, out_name),) = m.output_map
             parts = []
-            for i in range(0, len(x), batch):
-                chunk = np.ascontiguousarray(x[i : i + batch])
+            step = batch[m.name]
+            for i in range(0, len(x), step):
+                chunk = np.ascontiguousarray(x[i : i + step])
                 tensor = grpcclient.InferInput(in_name, list(chunk.shape), "FP32")
                 tensor.set_data_from_numpy(chunk)
                 parts.append(client.infer(m.name, [tensor]).as_numpy(out_name))
@@ -108,7 +111,7 @@ def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None
             )
             probs = predict_all(client, split.x_test, ensemble.max_batch_size)
         members = member_predictions(
-            ensemble, endpoints.triton_grpc, split.x_test, ensemble.max_batch_size
+            ensemble, endpoints.triton_grpc, split.x_test, deployment.plan.max_batch_size
         )
         with console.status("measuring throughput..."):
             loads = [

@@ -1,14 +1,20 @@
-"""One trained digits ensemble and one running deployment (Triton + combiner) per test run."""
+"""One trained digits ensemble, one measured profile and one running deployment (Triton +
+combiner) per test run."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from examples.digits.train import HERE, Split, load_split, train_members
+from orchestrator.hardware import discover
+from orchestrator.measure import measure_profile
+from orchestrator.plan import Plan, one_instance_each
+from orchestrator.profile import Profile, save_profile
 from orchestrator.spec import Ensemble, load_ensemble
 from orchestrator.up import Deployment, Endpoints
 
@@ -32,10 +38,40 @@ def ensemble(ensemble_file: Path) -> Ensemble:
 
 
 @pytest.fixture(scope="session")
+def profile(tmp_path_factory: pytest.TempPathFactory, ensemble: Ensemble) -> Profile:
+    """Measured on the real bundled Triton, briefly (the numbers are not asserted)."""
+    return measure_profile(
+        ensemble, tmp_path_factory.mktemp("profile"), seconds_per_point=0.02, show_progress=False
+    )
+
+
+@pytest.fixture(scope="session")
+def profile_file(tmp_path_factory: pytest.TempPathFactory, profile: Profile) -> Path:
+    path = tmp_path_factory.mktemp("profile-file") / "profile.json"
+    save_profile(profile, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def served_plan(ensemble: Ensemble) -> Plan:
+    """A plan that exercises the data path: two instances of one member, and members whose
+    batch limit on Triton is below the ensemble's, so the combiner splits large requests."""
+    base = one_instance_each(
+        ensemble.name, [m.name for m in ensemble.members], discover(), ensemble.max_batch_size
+    )
+    (cpu,) = {d for per in base.instances.values() for d in per}
+    return replace(
+        base,
+        instances={**base.instances, "cnn": {cpu: 2}},
+        max_batch_size={**base.max_batch_size, "cnn": 8, "mlp": 5},
+    )
+
+
+@pytest.fixture(scope="session")
 def deployment(
-    tmp_path_factory: pytest.TempPathFactory, ensemble: Ensemble
+    tmp_path_factory: pytest.TempPathFactory, ensemble: Ensemble, served_plan: Plan
 ) -> Iterator[Deployment]:
-    d = Deployment(ensemble, tmp_path_factory.mktemp("deployment"))
+    d = Deployment(ensemble, tmp_path_factory.mktemp("deployment"), plan=served_plan)
     d.start()
     yield d
     d.stop()

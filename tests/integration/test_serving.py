@@ -43,10 +43,14 @@ def test_served_answer_equals_direct_onnxruntime_combination(ensemble, client, b
     np.testing.assert_allclose(served, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
 
 
-def test_ensemble_is_at_least_as_accurate_as_its_best_member(ensemble, endpoints, client, split):
+def test_ensemble_is_at_least_as_accurate_as_its_best_member(
+    ensemble, deployment, endpoints, client, split
+):
     probs = predict_all(client, split.x_test, ensemble.max_batch_size)
     ensemble_acc = np.mean(probs.argmax(1) == split.y_test)
-    members = member_predictions(ensemble, endpoints.triton_grpc, split.x_test, 64)
+    members = member_predictions(
+        ensemble, endpoints.triton_grpc, split.x_test, deployment.plan.max_batch_size
+    )
     accs = {name: np.mean(out.argmax(1) == split.y_test) for name, out in members.items()}
     assert len(accs) == 4
     assert ensemble_acc >= max(accs.values()), (ensemble_acc, accs)

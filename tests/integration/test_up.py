@@ -51,28 +51,33 @@ def command_name(pid: int) -> str:
 @pytest.mark.parametrize(
     "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"]
 )
-def test_stopping_chorus_up_leaves_no_process_behind(ensemble_file, tmp_path, split, sig):
+def test_stopping_chorus_up_leaves_no_process_behind(
+    ensemble_file, profile_file, tmp_path, split, sig
+):
     port = free_port()
-    with subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "up",
-            str(ensemble_file),
-            "--grpc-port",
-            str(port),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as up:
+    argv = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "up",
+        str(ensemble_file),
+        "--profile",
+        str(profile_file),
+        "--grpc-port",
+        str(port),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    log = tmp_path / "stderr.txt"
+    # stderr to a file: a pipe nobody reads could fill up and block chorus
+    with (
+        log.open("w") as errors,
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True) as up,
+    ):
         try:
-            assert up.stdout is not None and up.stderr is not None
+            assert up.stdout is not None
             line = up.stdout.readline()
-            assert f"serving on 127.0.0.1:{port}" in line, (line, up.stderr.read())
+            assert f"serving on 127.0.0.1:{port}" in line, (line, log.read_text())
             with EnsembleClient(f"127.0.0.1:{port}") as client:
                 assert client.predict(split.x_test[:5]).shape == (5, 10)
             tree = descendants(up.pid)
@@ -81,7 +86,7 @@ def test_stopping_chorus_up_leaves_no_process_behind(ensemble_file, tmp_path, sp
 
             up.send_signal(sig)
             code = up.wait(timeout=60)
-            assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 0), up.stderr.read()
+            assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 0), log.read_text()
         finally:
             if up.poll() is None:
                 up.kill()

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from orchestrator.errors import ChorusError
+from orchestrator.plan import Plan
 from orchestrator.render import (
     InstanceGroup,
     parse_config,
@@ -94,3 +95,70 @@ def test_backend_is_onnxruntime_where_the_server_has_it_else_python():
     assert pick_backend({"python"}) == "python"
     with pytest.raises(ChorusError, match="neither"):
         pick_backend({"tensorrt"})
+
+
+def _gpu_plan(ensemble: Ensemble, nodes: tuple[str, ...] = ("node0",)) -> Plan:
+    from orchestrator.hardware import Device
+    from orchestrator.plan import plan_ensemble
+    from orchestrator.profile import Curve, Profile
+
+    gib = 1 << 30
+    devices = [
+        Device(node, "gpu", i, "gpu", 16 * gib, 16 * gib, speed=1.0 + i)
+        for node in nodes
+        for i in range(2)
+    ]
+    curve = Curve(3 * gib, 10**6, ((1, 4.0), (8, 6.0), (32, 15.0)))
+    profile = Profile({m.name: {"gpu": curve} for m in ensemble.members})
+    return plan_ensemble(ensemble.name, [m.name for m in ensemble.members], 32, profile, devices)
+
+
+def test_rendered_gpu_plan_names_exactly_the_planned_gpus_and_counts(ensemble, tmp_path):
+    from orchestrator.render import render_plan
+
+    plan = _gpu_plan(ensemble)
+    render_plan(ensemble, plan, tmp_path / "repo", "onnxruntime")
+    for member in plan.members:
+        config = parse_config((tmp_path / "repo" / member / "config.pbtxt").read_text(), member)
+        rendered = {(g.kind, tuple(g.gpus)): g.count for g in config.instance_group}
+        planned = {(1, (int(d.rsplit("gpu", 1)[1]),)): c for d, c in plan.instances[member].items()}
+        assert rendered == planned  # KIND_GPU = 1
+        assert config.max_batch_size == plan.max_batch_size[member]
+
+
+def test_a_plan_over_two_nodes_renders_one_repository_per_node(ensemble, tmp_path):
+    from orchestrator.render import render_plan
+
+    plan = _gpu_plan(ensemble, nodes=("n0", "n1"))
+    render_plan(ensemble, plan, tmp_path / "repo", "python")
+    for node in ("n0", "n1"):
+        for member in plan.members:
+            here = {d: c for d, c in plan.instances[member].items() if d.startswith(node + "/")}
+            path = tmp_path / "repo" / node / member / "config.pbtxt"
+            assert path.is_file() == bool(here)
+            if here:
+                config = parse_config(path.read_text(), member)
+                assert sum(g.count for g in config.instance_group) == sum(here.values())
+
+
+def test_describe_changes_names_moves_and_batch_sizes_and_is_empty_when_nothing_changed(
+    ensemble, tmp_path
+):
+    from dataclasses import replace
+
+    from orchestrator.render import describe_changes, render_plan
+
+    plan = _gpu_plan(ensemble)
+    repo = tmp_path / "repo"
+    assert all("new" in line for line in describe_changes(repo, plan))
+    render_plan(ensemble, plan, repo, "python")
+    assert describe_changes(repo, plan) == []
+    assert render_plan(ensemble, plan, repo, "python") == []
+    moved = replace(
+        plan,
+        instances={**plan.instances, "a": {"node0/gpu1": 3}},
+        max_batch_size={**plan.max_batch_size, "b": 1},
+    )
+    changes = describe_changes(repo, moved)
+    assert any(line.startswith("a: instances") and line.endswith("-> 3x gpu1") for line in changes)
+    assert any(line.startswith("b: batch size") and line.endswith("-> 1") for line in changes)

@@ -1,0 +1,73 @@
+"""Profiling on the real Triton, and serving what the planner decided."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from combiner.client import EnsembleClient
+from orchestrator.measure import batch_sizes
+from orchestrator.plan import plan_ensemble
+from orchestrator.render import parse_config
+from tests.integration.test_serving import direct_combination
+
+
+def test_profile_measures_every_member_at_every_batch_size(ensemble, profile):
+    assert set(profile.members) == {m.name for m in ensemble.members}
+    for curves in profile.members.values():
+        cpu = curves["cpu"]
+        assert cpu.batch_sizes == tuple(batch_sizes(64)) == (1, 2, 4, 8, 16, 32, 64)
+        assert all(ms > 0 for _, ms in cpu.latency_ms)
+        # a Python-backend instance is a process of its own: tens of MiB at least
+        assert cpu.memory_bytes > 10 * 2**20
+
+
+def test_the_served_plan_splits_requests_over_member_batch_limits(
+    ensemble, deployment, endpoints, served_plan
+):
+    repo = deployment.workdir / "repository"
+    cnn = parse_config((repo / "cnn" / "config.pbtxt").read_text(), "cnn")
+    assert cnn.max_batch_size == 8 and cnn.instance_group[0].count == 2
+    x = np.random.default_rng(5).random((64, 1, 8, 8), dtype=np.float32)
+    with EnsembleClient(endpoints.ensemble) as client:
+        np.testing.assert_allclose(
+            client.predict(x), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+        )
+
+
+def test_plan_cli_from_the_measured_profile_fits_this_machine(
+    ensemble_file, profile_file, profile, ensemble
+):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "plan",
+            str(ensemble_file),
+            "--profile",
+            str(profile_file),
+            "--json",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["members"] == [m.name for m in ensemble.members]
+    (cpu,) = plan["devices"]
+    assert cpu["kind"] == "cpu" and 0 < cpu["planned_memory_bytes"] <= cpu["memory_bytes"]
+    assert plan["predicted_throughput"] > 0
+    direct = plan_ensemble(
+        ensemble.name,
+        plan["members"],
+        64,
+        profile,
+        __import__("orchestrator.hardware").hardware.discover(),
+    )
+    assert direct.instances == plan["instances"]

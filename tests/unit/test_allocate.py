@@ -1,0 +1,303 @@
+"""The planner on synthetic profiles: no server, no GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from orchestrator.allocate import (
+    evaluate,
+    evaluate_moves,
+    exhaustive,
+    greedy,
+    moves,
+    problem,
+    worst_fit,
+)
+from orchestrator.errors import InfeasibleError
+from orchestrator.hardware import Device
+from orchestrator.plan import load_plan, make_plan, plan_ensemble
+from orchestrator.profile import Curve, Profile
+
+GB = 10**9
+SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def gpus(count: int, memory_gb: float = 32, speed: float = 1.0, first: int = 0) -> list[Device]:
+    mem = int(memory_gb * GB)
+    return [Device("node0", "gpu", first + i, "gpu", mem, mem, speed=speed) for i in range(count)]
+
+
+def curve(
+    memory_gb: float, fixed_ms: float = 5.0, per_sample_ms: float = 0.5, per_sample_mb: float = 20
+) -> Curve:
+    return Curve(
+        int(memory_gb * GB),
+        int(per_sample_mb * 1e6),
+        tuple((b, fixed_ms + per_sample_ms * b) for b in SIZES),
+    )
+
+
+def plan_of(
+    members: dict[str, Curve],
+    devices: list[Device],
+    max_batch: int = 64,
+    cpu: dict[str, Curve] | None = None,
+):
+    profile = Profile(
+        {m: {"gpu": c, **({"cpu": cpu[m]} if cpu else {})} for m, c in members.items()}
+    )
+    return plan_ensemble("e", list(members), max_batch, profile, devices)
+
+
+def used_per_device(plan, members):
+    used = {d.id: 0 for d in plan.devices}
+    for m, per in plan.instances.items():
+        for device_id, count in per.items():
+            used[device_id] += count * members[m].memory(plan.max_batch_size[m])
+    return used
+
+
+def test_twelve_heavy_members_fit_onto_four_32gb_gpus_without_oversubscribing():
+    rng = np.random.default_rng(0)
+    members = {
+        f"m{i}": curve(rng.uniform(5, 14), rng.uniform(2, 10), rng.uniform(0.1, 1))
+        for i in range(12)
+    }
+    plan = plan_of(members, gpus(4))
+    assert all(sum(plan.instances[m].values()) >= 1 for m in members)
+    for device in plan.devices:
+        used = used_per_device(plan, members)[device.id]
+        assert used <= device.memory_bytes
+        assert used == plan.planned_memory_bytes[device.id]
+    assert plan.predicted_throughput > 0
+
+
+def test_one_member_onto_sixteen_gpus_runs_everywhere_about_sixteen_times_faster():
+    members = {"big": curve(10)}
+    one = plan_of(members, gpus(1))
+    sixteen = plan_of(members, gpus(16))
+    assert sorted(sixteen.instances["big"]) == sorted(d.id for d in sixteen.devices)
+    assert sixteen.predicted_throughput == pytest.approx(16 * one.predicted_throughput, rel=0.02)
+
+
+def test_faster_devices_carry_more_and_the_heavier_member_gets_the_fastest_gpu():
+    # one instance fits on the fast GPU; the heavy member (4x the latency) belongs there
+    members = {"heavy": curve(10, fixed_ms=20, per_sample_ms=2), "light": curve(10)}
+    devices = [*gpus(1, memory_gb=24, speed=1.0), *gpus(1, memory_gb=12, speed=4.0, first=1)]
+    plan = plan_of(members, devices)
+    assert plan.instances["heavy"].get("node0/gpu1") == 1
+    assert "node0/gpu1" not in plan.instances["light"]
+    p = problem(list(members), Profile({m: {"gpu": c} for m, c in members.items()}), devices, 64)
+    assert plan.predicted_throughput == pytest.approx(exhaustive(p).throughput, rel=1e-6)
+
+
+def test_a_cpu_beside_gpus_is_used_according_to_its_lanes_and_speed():
+    members = {"m": curve(2)}
+    slow_cpu = {"m": curve(2, fixed_ms=50, per_sample_ms=5)}
+    cpu = Device("node0", "cpu", 0, "cpu", 64 * GB, 64 * GB, cores=4, lanes=4)
+    with_cpu = plan_of(members, [*gpus(2, speed=1.0), cpu], cpu=slow_cpu)
+    without = plan_of(members, gpus(2))
+    assert with_cpu.instances["m"].get("node0/cpu0", 0) >= 1
+    assert with_cpu.predicted_throughput > without.predicted_throughput
+    cpu_rate = 64 / (slow_cpu["m"].latency(64) / 1000)
+    assert with_cpu.predicted_throughput <= without.predicted_throughput + 4 * cpu_rate + 1e-6
+
+
+def test_a_member_bigger_than_every_device_is_infeasible_with_the_numbers():
+    members = {"small": curve(4), "huge": curve(40)}
+    with pytest.raises(InfeasibleError) as e:
+        plan_of(members, gpus(2, memory_gb=32))
+    text = str(e.value)
+    assert "'huge'" in text and "37.27 GiB (40020000000 bytes)" in text
+    assert "largest free device memory is 29.80 GiB (32000000000 bytes)" in text
+
+
+def test_planning_is_deterministic():
+    rng = np.random.default_rng(3)
+    members = {f"m{i}": curve(rng.uniform(1, 8), rng.uniform(1, 9)) for i in range(5)}
+    devices = [*gpus(2), *gpus(1, memory_gb=16, speed=2.0, first=2)]
+    assert plan_of(members, devices).to_json() == plan_of(members, devices).to_json()
+
+
+def test_incremental_evaluation_of_moves_equals_full_evaluation():
+    rng = np.random.default_rng(7)
+    members = {f"m{i}": curve(rng.uniform(1, 12), rng.uniform(1, 9)) for i in range(4)}
+    p = problem(
+        list(members),
+        Profile({m: {"gpu": c} for m, c in members.items()}),
+        gpus(3, memory_gb=24),
+        64,
+    )
+    for _ in range(5):
+        n = rng.integers(0, 3, (4, 3))
+        n[:, 0] += n.sum(axis=1) == 0
+        b = rng.integers(0, len(p.batch_sizes), 4)
+        mv = moves(n, b, len(p.batch_sizes))
+        fast = evaluate_moves(p, n, b, mv)
+        each = [mv.apply(k, n, b) for k in range(len(mv))]
+        full = evaluate(p, np.stack([x[0] for x in each]), np.stack([x[1] for x in each]))
+        np.testing.assert_array_equal(fast.feasible, full.feasible)
+        ok = full.feasible
+        np.testing.assert_allclose(fast.throughput[ok], full.throughput[ok], rtol=1e-9)
+        np.testing.assert_array_equal(fast.binding[ok], full.binding[ok])
+
+
+def test_greedy_never_oversubscribes_and_beats_worst_fit_alone():
+    rng = np.random.default_rng(11)
+    for _ in range(10):
+        members = {
+            f"m{i}": curve(
+                rng.uniform(1, 6), rng.uniform(1, 9), rng.uniform(0.05, 1), rng.uniform(1, 50)
+            )
+            for i in range(3)
+        }
+        p = problem(
+            list(members),
+            Profile({m: {"gpu": c} for m, c in members.items()}),
+            gpus(2, memory_gb=rng.uniform(8, 24)),
+            64,
+        )
+        start = worst_fit(p)
+        result = greedy(p)
+        plan = make_plan("e", p, result)
+        for d in plan.devices:
+            assert plan.planned_memory_bytes[d.id] <= d.free_bytes
+        assert result.throughput >= evaluate(p, start[0][None], start[1][None]).throughput[0]
+
+
+def test_plan_json_round_trips_with_the_documented_fields(tmp_path):
+    plan = plan_of({"a": curve(3), "b": curve(5)}, gpus(2))
+    data = plan.to_dict()
+    assert set(data) >= {
+        "ensemble",
+        "devices",
+        "members",
+        "instances",
+        "max_batch_size",
+        "predicted_throughput",
+    }
+    assert set(data["devices"][0]) >= {
+        "id",
+        "node",
+        "kind",
+        "index",
+        "memory_bytes",
+        "planned_memory_bytes",
+    }
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    assert load_plan(tmp_path / "plan.json").to_json() == plan.to_json()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def planning_files(tmp_path):
+    """An ensemble whose member files do not exist, a profile and a 2-node hardware file."""
+    (tmp_path / "ensemble.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "big",
+                "members": [
+                    {"name": "a", "path": "absent/a.onnx"},
+                    {"name": "b", "path": "absent/b.onnx"},
+                ],
+            }
+        )
+    )
+    profile = {
+        "members": {
+            m: {
+                "gpu": {
+                    "memory_bytes": mem,
+                    "memory_per_sample_bytes": 10**6,
+                    "latency_ms": {"1": 5.0, "8": 9.0, "64": 40.0},
+                }
+            }
+            for m, mem in (("a", 5 * GB), ("b", 9 * GB))
+        }
+    }
+    (tmp_path / "profile.json").write_text(__import__("json").dumps(profile))
+    (tmp_path / "hw.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "nodes": [
+                    {"name": "n0", "devices": [{"kind": "gpu", "index": 0, "memory_gb": 16}]},
+                    {
+                        "name": "n1",
+                        "devices": [{"kind": "gpu", "index": 0, "memory_gb": 16, "speed": 2.0}],
+                    },
+                ]
+            }
+        )
+    )
+    return tmp_path
+
+
+def test_plan_cli_prints_json_for_another_machine_without_the_models(planning_files):
+    d = planning_files
+    result = _cli(
+        "plan",
+        str(d / "ensemble.yaml"),
+        "--profile",
+        str(d / "profile.json"),
+        "--hardware",
+        str(d / "hw.yaml"),
+        "--json",
+        "-o",
+        str(d / "plan.json"),
+    )
+    assert result.returncode == 0, result.stderr
+    plan = __import__("json").loads(result.stdout)
+    assert plan["members"] == ["a", "b"]
+    assert {dev["id"] for dev in plan["devices"]} == {"n0/gpu0", "n1/gpu0"}
+    assert all(sum(v.values()) >= 1 for v in plan["instances"].values())
+    assert plan["predicted_throughput"] > 0
+    assert load_plan(d / "plan.json").to_dict() == plan
+
+
+def test_plan_cli_exits_3_when_a_member_fits_nowhere(planning_files):
+    d = planning_files
+    (d / "hw.yaml").write_text(
+        yaml.safe_dump({"nodes": [{"name": "n0", "devices": [{"kind": "gpu", "memory_gb": 8}]}]})
+    )
+    result = _cli(
+        "plan",
+        str(d / "ensemble.yaml"),
+        "--profile",
+        str(d / "profile.json"),
+        "--hardware",
+        str(d / "hw.yaml"),
+    )
+    assert result.returncode == 3, result.stderr
+    assert "'b'" in result.stderr and "8.38 GiB" in result.stderr
+    assert "largest free device memory is 8.00 GiB" in result.stderr.replace("\n", " ")
+
+
+def test_plan_cli_exits_2_on_a_bad_hardware_file(planning_files):
+    d = planning_files
+    (d / "hw.yaml").write_text(
+        yaml.safe_dump({"nodes": [{"name": "n0", "devices": [{"kind": "tpu", "memory_gb": 8}]}]})
+    )
+    result = _cli(
+        "plan",
+        str(d / "ensemble.yaml"),
+        "--profile",
+        str(d / "profile.json"),
+        "--hardware",
+        str(d / "hw.yaml"),
+    )
+    assert result.returncode == 2
+    assert "nodes[0].devices[0].kind" in result.stderr
