@@ -43,6 +43,10 @@ class CombinerConfig(_Strict):
     members: tuple[MemberRoute, ...]
     rule: Literal["mean", "weighted_mean"] = "mean"
     softmax: bool = False
+    fan_out: Literal["concurrent", "sequential"] = Field(
+        "concurrent",
+        description="call the members all at once, or one after another (the paper's baseline)",
+    )
 
     def save(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2) + "\n")

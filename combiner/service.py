@@ -241,7 +241,10 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                         self._member_request(member, request_id, inputs, wanted, start, stop)
                     )
                 )
-        responses = await asyncio.gather(*calls)
+        if self.config.fan_out == "sequential":
+            responses = [await call for call in calls]
+        else:
+            responses = await asyncio.gather(*calls)
         combined = {}
         for ens_name in wanted:
             info = self._outputs[ens_name]

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from .allocate import Problem, SearchResult, greedy, problem
+from .allocate import Problem, SearchResult, evaluate, greedy, problem
 from .errors import SpecError
 from .hardware import Device
 from .profile import Profile
 
-__all__ = ["Plan", "load_plan", "make_plan", "one_instance_each", "plan_ensemble"]
+__all__ = ["Plan", "load_plan", "make_plan", "one_instance_each", "plan_ensemble", "predict"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,15 @@ def plan_ensemble(
     """Worst-fit, then greedy: the plan for these members on these devices."""
     p = problem(members, profile, devices, max_batch_size, profile_file)
     return make_plan(ensemble, p, greedy(p))
+
+
+def predict(plan: Plan, profile: Profile) -> float:
+    """The cost model's throughput for any plan (requests/s); 0 if it does not fit."""
+    p = problem(plan.members, profile, plan.devices, max(plan.max_batch_size.values()))
+    ids = [d.id for d in plan.devices]
+    n = np.array([[plan.instances[m].get(i, 0) for i in ids] for m in plan.members])
+    b = np.array([p.batch_sizes.index(plan.max_batch_size[m]) for m in plan.members])
+    return float(evaluate(p, n[None], b[None]).throughput[0])
 
 
 def one_instance_each(

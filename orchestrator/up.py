@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -36,7 +37,12 @@ class Endpoints:
     triton_http: str
 
 
-def combiner_config(ensemble: Ensemble, triton_url: str, plan: Plan) -> CombinerConfig:
+def combiner_config(
+    ensemble: Ensemble,
+    triton_url: str,
+    plan: Plan,
+    fan_out: Literal["concurrent", "sequential"] = "concurrent",
+) -> CombinerConfig:
     def info(t: Tensor) -> TensorInfo:
         return TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape)
 
@@ -58,6 +64,7 @@ def combiner_config(ensemble: Ensemble, triton_url: str, plan: Plan) -> Combiner
         ),
         rule=ensemble.rule,
         softmax=ensemble.softmax,
+        fan_out=fan_out,
     )
 
 
@@ -74,6 +81,7 @@ class Deployment:
         devices: tuple[Device, ...] | None = None,
         plan: Plan | None = None,
         timeout_s: float = 180.0,
+        fan_out: Literal["concurrent", "sequential"] = "concurrent",
     ) -> None:
         """Serve ``plan`` (default: one instance of every member, on this host's devices)."""
         self.ensemble = ensemble
@@ -87,6 +95,7 @@ class Deployment:
         )
         _check_servable(ensemble, self.plan)
         self.timeout_s = timeout_s
+        self.fan_out: Literal["concurrent", "sequential"] = fan_out
         self.triton: TritonServer | None = None
         self.combiner: ManagedProcess | None = None
         self.endpoints: Endpoints | None = None
@@ -102,7 +111,9 @@ class Deployment:
             )
             self.triton.start(timeout=deadline - time.monotonic())
             config_file = self.workdir / "combiner.json"
-            combiner_config(self.ensemble, self.triton.grpc_url, self.plan).save(config_file)
+            combiner_config(self.ensemble, self.triton.grpc_url, self.plan, self.fan_out).save(
+                config_file
+            )
             port = self.grpc_port or free_port(self.host)
             self.combiner = ManagedProcess(
                 "combiner",
