@@ -237,6 +237,60 @@ def regenerate_configs(
 
 
 @app.command()
+def tune(
+    ensemble_file: EnsembleArg,
+    profile: ProfileOpt = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="[default: WORKDIR/tuned-plan.json]")
+    ] = None,
+    budget: Annotated[int, typer.Option(help="measurements at most")] = 12,
+    seconds: Annotated[float, typer.Option(help="load time per measurement")] = 2.0,
+    batch: Annotated[int, typer.Option(help="rows per client request")] = 16,
+    concurrency: Annotated[int, typer.Option(help="concurrent clients")] = 8,
+    workdir: WorkdirOpt = None,
+) -> None:
+    """The greedy search, measured on the live Triton: each candidate applied and loaded."""
+    from .tune import tune as run_tune
+
+    ensemble = load_ensemble(ensemble_file)
+    workdir = _workdir(ensemble, workdir)
+    measured, source = _profile(ensemble, profile, workdir)
+    names = [m.name for m in ensemble.members]
+    start = plan_ensemble(
+        ensemble.name, names, ensemble.max_batch_size, measured, discover(), source
+    )
+    output = output or workdir / "tuned-plan.json"
+    checkpoint = workdir / "tune-checkpoint.json"
+    try:
+        result = run_tune(
+            ensemble,
+            start,
+            measured,
+            workdir / "tune",
+            checkpoint,
+            output,
+            budget=budget,
+            seconds=seconds,
+            batch=batch,
+            concurrency=concurrency,
+        )
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted: the best plan measured so far is in {output} (history in {checkpoint})"
+        )
+        raise typer.Exit(130) from None
+    table = Table(title="measurements (samples/s)")
+    for col in ("#", "change", "predicted", "measured"):
+        table.add_column(col, justify="left" if col == "change" else "right")
+    for i, (what, predicted, got) in enumerate(result.history):
+        table.add_row(str(i), what, f"{predicted:,.0f}", f"{got:,.0f}")
+    out = Console()
+    out.print(table)
+    out.print(_plan_table(result.plan))
+    out.print(f"best measured: {result.measured:,.0f} samples/s; plan written to {output}")
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the model repository and logs go")] = Path(
         ".chorus/demo"

@@ -16,6 +16,8 @@ from types import TracebackType
 from typing import Literal
 
 import grpc
+import tritonclient.grpc as grpcclient
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from combiner.config import CombinerConfig, MemberRoute, TensorInfo
@@ -24,7 +26,14 @@ from .errors import ChorusError
 from .hardware import Device, discover
 from .launch import ManagedProcess, ServerBinary, TritonServer, find_tritonserver, free_port
 from .plan import Plan, one_instance_each
-from .render import pick_backend, render_plan
+from .render import (
+    cpu_threads,
+    instance_groups,
+    parse_config,
+    pick_backend,
+    render_config,
+    render_plan,
+)
 from .spec import Ensemble, Tensor
 
 __all__ = ["Deployment", "Endpoints", "combiner_config"]
@@ -94,6 +103,8 @@ class Deployment:
             ensemble.name, [m.name for m in ensemble.members], devices, ensemble.max_batch_size
         )
         _check_servable(ensemble, self.plan)
+        self.backend = pick_backend(self.binary.backends)
+        self.port = 0
         self.timeout_s = timeout_s
         self.fan_out: Literal["concurrent", "sequential"] = fan_out
         self.triton: TritonServer | None = None
@@ -103,43 +114,83 @@ class Deployment:
     def start(self) -> Endpoints:
         deadline = time.monotonic() + self.timeout_s
         repo = self.workdir / "repository"
-        render_plan(self.ensemble, self.plan, repo, pick_backend(self.binary.backends))
+        render_plan(self.ensemble, self.plan, repo, self.backend)
         (self.workdir / "plan.json").write_text(self.plan.to_json())
         try:
             self.triton = TritonServer(
                 repo, self.workdir, [m.name for m in self.ensemble.members], binary=self.binary
             )
             self.triton.start(timeout=deadline - time.monotonic())
-            config_file = self.workdir / "combiner.json"
-            combiner_config(self.ensemble, self.triton.grpc_url, self.plan, self.fan_out).save(
-                config_file
-            )
-            port = self.grpc_port or free_port(self.host)
-            self.combiner = ManagedProcess(
-                "combiner",
-                [
-                    sys.executable,
-                    "-m",
-                    "combiner",
-                    "--config",
-                    str(config_file),
-                    "--host",
-                    self.host,
-                    "--grpc-port",
-                    str(port),
-                ],
-                self.workdir / "combiner.log",
-                env=dict(os.environ),
-                stop_signal=signal.SIGTERM,
-            )
-            self.combiner.start()
-            address = f"{self.host}:{port}"
-            _wait_combiner_ready(self.combiner, address, deadline)
+            self.port = self.grpc_port or free_port(self.host)
+            self._start_combiner(deadline)
         except BaseException:
             self.stop()
             raise
-        self.endpoints = Endpoints(address, self.triton.grpc_url, self.triton.http_url)
+        self.endpoints = Endpoints(
+            f"{self.host}:{self.port}", self.triton.grpc_url, self.triton.http_url
+        )
         return self.endpoints
+
+    def apply(self, plan: Plan) -> list[str]:
+        """Serve another plan without restarting Triton: the members whose config changes are
+        loaded again with a config override (explicit model control), the repository is
+        rewritten to match, and the combiner restarts. Returns the members reloaded."""
+        assert self.triton is not None, "start() first"
+        _check_servable(self.ensemble, plan)
+        node = plan.nodes()[0]
+        old_groups = instance_groups(self.plan, self.plan.nodes()[0])
+        new_groups = instance_groups(plan, node)
+        old_threads, new_threads = cpu_threads(self.plan, node), cpu_threads(plan, node)
+        reloaded = []
+        with grpcclient.InferenceServerClient(self.triton.grpc_url) as client:
+            for m in self.ensemble.members:
+                old = render_config(
+                    m,
+                    self.backend,
+                    old_groups[m.name],
+                    self.plan.max_batch_size[m.name],
+                    old_threads,
+                )
+                new = render_config(
+                    m, self.backend, new_groups[m.name], plan.max_batch_size[m.name], new_threads
+                )
+                if new != old:
+                    override = json_format.MessageToJson(parse_config(new, m.name))
+                    client.load_model(m.name, config=override)
+                    reloaded.append(m.name)
+        self.plan = plan
+        render_plan(self.ensemble, plan, self.workdir / "repository", self.backend)
+        (self.workdir / "plan.json").write_text(plan.to_json())
+        if self.combiner is not None:
+            self.combiner.stop()
+        self._start_combiner(time.monotonic() + self.timeout_s)
+        return reloaded
+
+    def _start_combiner(self, deadline: float) -> None:
+        assert self.triton is not None
+        config_file = self.workdir / "combiner.json"
+        config = combiner_config(self.ensemble, self.triton.grpc_url, self.plan, self.fan_out)
+        config.save(config_file)
+        argv = [
+            sys.executable,
+            "-m",
+            "combiner",
+            "--config",
+            str(config_file),
+            "--host",
+            self.host,
+            "--grpc-port",
+            str(self.port),
+        ]
+        self.combiner = ManagedProcess(
+            "combiner",
+            argv,
+            self.workdir / "combiner.log",
+            env=dict(os.environ),
+            stop_signal=signal.SIGTERM,
+        )
+        self.combiner.start()
+        _wait_combiner_ready(self.combiner, f"{self.host}:{self.port}", deadline)
 
     def processes(self) -> list[ManagedProcess]:
         """The processes started so far: Triton, then the combiner."""

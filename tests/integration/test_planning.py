@@ -71,3 +71,37 @@ def test_plan_cli_from_the_measured_profile_fits_this_machine(
         __import__("orchestrator.hardware").hardware.discover(),
     )
     assert direct.instances == plan["instances"]
+
+
+def test_tune_measures_candidates_on_the_live_triton_and_keeps_the_best(
+    ensemble, profile, tmp_path
+):
+    from orchestrator.hardware import discover
+    from orchestrator.plan import load_plan
+    from orchestrator.tune import tune
+
+    start = plan_ensemble(
+        ensemble.name, [m.name for m in ensemble.members], 64, profile, discover()
+    )
+    result = tune(
+        ensemble,
+        start,
+        profile,
+        tmp_path / "work",
+        tmp_path / "checkpoint.json",
+        tmp_path / "plan.json",
+        budget=3,
+        seconds=0.5,
+        show_progress=False,
+    )
+    assert result.measurements == len(result.history) == 3
+    assert result.measured == max(got for _, _, got in result.history) > 0
+    checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert len(checkpoint["measurements"]) == 3
+    assert checkpoint["measurements"][1]["change"] != "unchanged"
+    assert load_plan(tmp_path / "plan.json").to_dict() == result.plan.to_dict()
+    # the candidates were applied to the live server: the repository holds the last one applied
+    final = parse_config(
+        (tmp_path / "work" / "repository" / "cnn" / "config.pbtxt").read_text(), "cnn"
+    )
+    assert final.max_batch_size == result.plan.max_batch_size["cnn"]
