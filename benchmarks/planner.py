@@ -70,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--big-cases", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/planner.md"))
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -102,11 +103,13 @@ def main() -> None:
         )
 
     big_members = [f"m{i}" for i in range(12)]
-    big_profile = Profile({m: {"gpu": random_curve(rng, (5, 14))} for m in big_members})
     big_devices = tuple(Device("node0", "gpu", i, "gpu", 32 * GiB, 32 * GiB) for i in range(16))
-    t0 = time.perf_counter()
-    big = greedy(problem(big_members, big_profile, big_devices, 64))
-    plan_s = time.perf_counter() - t0
+    big_rows = []
+    for _ in range(args.big_cases):
+        big_profile = Profile({m: {"gpu": random_curve(rng, (5, 14))} for m in big_members})
+        t0 = time.perf_counter()
+        big = greedy(problem(big_members, big_profile, big_devices, 64))
+        big_rows.append((time.perf_counter() - t0, big))
 
     ratios = np.array([r[4] for r in rows])
     lines = [
@@ -135,8 +138,19 @@ def main() -> None:
         "",
         "## Planning time, 12 members onto 16 GPUs of 32 GiB",
         "",
-        f"greedy from worst-fit: {plan_s:.3f} s, {big.evaluations} allocations evaluated, "
-        f"{int(big.instances.sum())} instances placed, predicted {big.throughput:.1f} requests/s.",
+        "Random profiles (5-14 GiB per instance); the greedy runs from worst-fit twice (each "
+        "member at its most efficient batch size, then at the smallest, capped at 50,000 "
+        "evaluations).",
+        "",
+        "| profile | planning s | allocations evaluated | instances placed | predicted req/s |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {i} | {s:.3f} | {r.evaluations} | {int(r.instances.sum())} | {r.throughput:.1f} |"
+            for i, (s, r) in enumerate(big_rows)
+        ),
+        "",
+        f"planning time: median {np.median([s for s, _ in big_rows]):.3f} s, "
+        f"max {max(s for s, _ in big_rows):.3f} s (goal: under 1 s).",
         "",
     ]
     text = "\n".join(lines)

@@ -360,13 +360,22 @@ def evaluate_moves(p: Problem, n: np.ndarray, b: np.ndarray, mv: Moves) -> Evalu
     return Evaluation(np.where(feasible, throughput, 0.0), binding, feasible)
 
 
-def greedy(p: Problem, start: tuple[np.ndarray, np.ndarray] | None = None) -> SearchResult:
+def greedy(
+    p: Problem,
+    start: tuple[np.ndarray, np.ndarray] | None = None,
+    restart_evaluations: int = 50_000,
+) -> SearchResult:
     """The greedy search from ``start``, or, by default, from the worst-fit placement twice: at
-    each member's most efficient batch size and at the smallest one; the better result wins."""
+    each member's most efficient batch size, then at the smallest one for at most
+    ``restart_evaluations`` evaluations (the restart pays on small, memory-bound problems and
+    is cut short on large ones); the better result wins."""
     if start is not None:
         return climb(p, start)
     n, b = worst_fit(p)
-    results = [climb(p, (n, b)), climb(p, (n, np.zeros_like(b)))]
+    results = [
+        climb(p, (n, b)),
+        climb(p, (n, np.zeros_like(b)), max_evaluations=restart_evaluations),
+    ]
     best = max(results, key=lambda r: r.throughput)  # the first among equals
     return SearchResult(
         best.instances, best.batch, best.throughput, sum(r.evaluations for r in results)
@@ -378,8 +387,10 @@ def climb(
     start: tuple[np.ndarray, np.ndarray],
     max_steps: int = 10_000,
     lookahead_budget: int = 20_000,
+    max_evaluations: int | None = None,
 ) -> SearchResult:
-    """Hill-climb from ``start`` by the best single move.
+    """Hill-climb from ``start`` by the best single move, until no move helps (or after
+    ``max_evaluations``, keeping the best found).
 
     Where no single move helps, the most promising moves (as many as ``lookahead_budget``
     evaluations allow, 2 to 16) are each followed by their best next move: memory-bound
@@ -391,6 +402,8 @@ def climb(
     best_t, best_bind = float(current.throughput[0]), int(current.binding[0])
     evaluations = 1
     for _ in range(max_steps):
+        if max_evaluations is not None and evaluations >= max_evaluations:
+            break
         mv = moves(n, b, len(p.batch_sizes))
         e = evaluate_moves(p, n, b, mv)
         evaluations += len(mv)

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from .errors import ChorusError
 from .hardware import Device, discover, load_hardware
-from .plan import Plan, load_plan, plan_ensemble
+from .plan import Plan, load_plan, plan_ensemble, plan_table
 from .profile import Profile, load_profile, save_profile
 from .render import Backend, describe_changes, pick_backend, render_plan
 from .spec import Ensemble, load_ensemble
@@ -88,22 +88,6 @@ def _plan(ensemble: Ensemble, hardware: Path | None, profile: Path | None, workd
         devices,
         source,
     )
-
-
-def _plan_table(plan: Plan) -> Table:
-    table = Table(title=f"allocation matrix of {plan.ensemble!r} (instances)")
-    table.add_column("device")
-    for m in plan.members:
-        table.add_column(m, justify="right")
-    table.add_column("planned / total memory", justify="right")
-    for d in plan.devices:
-        counts = [str(plan.instances[m].get(d.id, "")) for m in plan.members]
-        used = plan.planned_memory_bytes.get(d.id, 0)
-        memory = f"{used / 2**30:.2f} / {d.memory_bytes / 2**30:.2f} GiB"
-        table.add_row(f"{d.id} ({d.name})", *counts, memory)
-    table.add_section()
-    table.add_row("batch size", *(str(plan.max_batch_size[m]) for m in plan.members), "")
-    return table
 
 
 @app.command()
@@ -204,7 +188,7 @@ def plan(
         print(result.to_json(), end="")
         return
     out = Console()
-    out.print(_plan_table(result))
+    out.print(plan_table(result))
     out.print(f"predicted throughput: {result.predicted_throughput:,.1f} requests/s")
 
 
@@ -286,7 +270,7 @@ def tune(
         table.add_row(str(i), what, f"{predicted:,.0f}", f"{got:,.0f}")
     out = Console()
     out.print(table)
-    out.print(_plan_table(result.plan))
+    out.print(plan_table(result.plan))
     out.print(f"best measured: {result.measured:,.0f} samples/s; plan written to {output}")
 
 

@@ -12,13 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.table import Table
 
 from .allocate import Problem, SearchResult, evaluate, greedy, problem
 from .errors import SpecError
 from .hardware import Device
 from .profile import Profile
 
-__all__ = ["Plan", "load_plan", "make_plan", "one_instance_each", "plan_ensemble", "predict"]
+__all__ = [
+    "Plan",
+    "load_plan",
+    "make_plan",
+    "one_instance_each",
+    "plan_ensemble",
+    "plan_table",
+    "predict",
+]
 
 
 @dataclass(frozen=True)
@@ -159,3 +168,20 @@ def load_plan(path: str | Path) -> Plan:
         raise SpecError(file, "", "no such file") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise SpecError(file, "", f"not a plan written by 'chorus plan' ({e!r})") from e
+
+
+def plan_table(plan: Plan) -> Table:
+    """The allocation matrix as a table: devices by members, batch sizes, memory."""
+    table = Table(title=f"allocation matrix of {plan.ensemble!r} (instances)")
+    table.add_column("device")
+    for m in plan.members:
+        table.add_column(m, justify="right")
+    table.add_column("planned / total memory", justify="right")
+    for d in plan.devices:
+        counts = [str(plan.instances[m].get(d.id, "")) for m in plan.members]
+        used = plan.planned_memory_bytes.get(d.id, 0)
+        memory = f"{used / 2**30:.2f} / {d.memory_bytes / 2**30:.2f} GiB"
+        table.add_row(f"{d.id} ({d.name})", *counts, memory)
+    table.add_section()
+    table.add_row("batch size", *(str(plan.max_batch_size[m]) for m in plan.members), "")
+    return table

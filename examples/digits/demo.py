@@ -2,15 +2,14 @@
 
 Trains four DNNs (``train.py``), brings them up through the same code as ``chorus up``, sends
 the held-out set through the ensemble's endpoint with the client SDK, and prints each member's
-accuracy (asked of Triton directly), the ensemble's, and the measured throughput.
+accuracy (asked of Triton directly), the ensemble's, and the measured throughput. Before
+serving, each member is profiled on Triton and placed by the planner, as ``chorus up`` does.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +17,18 @@ import tritonclient.grpc as grpcclient
 from rich.console import Console
 from rich.table import Table
 
-from combiner.client import AsyncEnsembleClient, EnsembleClient
+from combiner.client import EnsembleClient
+from orchestrator.bench import ensemble_load
+from orchestrator.hardware import discover
+from orchestrator.measure import measure_profile
+from orchestrator.plan import plan_ensemble, plan_table
+from orchestrator.profile import save_profile
 from orchestrator.spec import Ensemble, load_ensemble
 from orchestrator.up import Deployment
 
 from .train import HERE, Split, load_split, train_members
 
-__all__ = ["Throughput", "member_predictions", "predict_all", "run", "throughput"]
-
-
-@dataclass(frozen=True)
-class Throughput:
-    batch: int
-    concurrency: int
-    samples_per_s: float
-    requests_per_s: float
+__all__ = ["member_predictions", "plan_table", "predict_all", "run"]
 
 
 def predict_all(client: EnsembleClient, x: np.ndarray, batch: int) -> np.ndarray:
@@ -60,32 +56,6 @@ def member_predictions(
     return out
 
 
-def throughput(url: str, x: np.ndarray, batch: int, concurrency: int, seconds: float) -> Throughput:
-    """Closed-loop load: ``concurrency`` clients each sending ``batch`` rows back to back."""
-
-    async def go() -> Throughput:
-        async with AsyncEnsembleClient(url) as client:
-            await client.metadata()
-            requests = 0
-            end = time.perf_counter() + seconds
-
-            async def worker(k: int) -> None:
-                nonlocal requests
-                i = k * batch
-                while time.perf_counter() < end:
-                    start = i % (len(x) - batch + 1)
-                    await client.predict(x[start : start + batch])
-                    requests += 1
-                    i += batch * concurrency
-
-            began = time.perf_counter()
-            await asyncio.gather(*(worker(k) for k in range(concurrency)))
-            elapsed = time.perf_counter() - began
-        return Throughput(batch, concurrency, requests * batch / elapsed, requests / elapsed)
-
-    return asyncio.run(go())
-
-
 def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None:
     console = console or Console(stderr=True)
     out = Console()
@@ -97,9 +67,18 @@ def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None
     out.print(f"trained 4 members in {trained_s:.1f} s; held-out set: {len(split.y_test)} digits")
 
     ensemble = load_ensemble(HERE / "ensemble.yaml")
+    began = time.perf_counter()
+    profile = measure_profile(ensemble, workdir, seconds_per_point=0.1)
+    save_profile(profile, workdir / "profile.json")
+    devices = discover()
+    names = [m.name for m in ensemble.members]
+    plan = plan_ensemble(ensemble.name, names, ensemble.max_batch_size, profile, devices)
+    out.print(f"profiled the members on Triton and planned in {time.perf_counter() - began:.1f} s")
+    out.print(plan_table(plan))
+
     cold = time.perf_counter()
     with console.status("starting Triton and the combiner..."):
-        deployment = Deployment(ensemble, workdir)
+        deployment = Deployment(ensemble, workdir, plan=plan, devices=devices)
         endpoints = deployment.start()
     try:
         with EnsembleClient(endpoints.ensemble) as client:
@@ -111,11 +90,11 @@ def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None
             )
             probs = predict_all(client, split.x_test, ensemble.max_batch_size)
         members = member_predictions(
-            ensemble, endpoints.triton_grpc, split.x_test, deployment.plan.max_batch_size
+            ensemble, endpoints.triton_grpc, split.x_test, plan.max_batch_size
         )
         with console.status("measuring throughput..."):
             loads = [
-                throughput(endpoints.ensemble, split.x_test, b, c, 3.0)
+                ensemble_load(endpoints.ensemble, split.x_test, b, c, 3.0)
                 for b, c in ((1, 1), (1, 16), (64, 4))
             ]
     finally:
@@ -132,11 +111,19 @@ def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None
     )
     out.print(table)
     perf = Table(title="throughput through the ensemble endpoint (closed loop, 3 s each)")
-    for col in ("batch", "concurrency", "samples/s", "requests/s"):
+    for col in ("batch", "concurrency", "samples/s", "p50 ms", "p99 ms"):
         perf.add_column(col, justify="right")
     for t in loads:
         perf.add_row(
-            str(t.batch), str(t.concurrency), f"{t.samples_per_s:,.0f}", f"{t.requests_per_s:,.0f}"
+            str(t.batch),
+            str(t.concurrency),
+            f"{t.samples_per_s:,.0f}",
+            f"{t.p50_ms:.1f}",
+            f"{t.p99_ms:.1f}",
         )
     out.print(perf)
+    out.print(
+        f"the cost model predicted {plan.predicted_throughput:,.0f} samples/s at full "
+        "batches (it does not count the combiner's and the clients' share of the CPU)"
+    )
     out.print("stopped Triton and the combiner")
