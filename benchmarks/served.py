@@ -19,7 +19,6 @@ as a fraction of it.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -106,7 +105,7 @@ def main() -> None:
         "# Served: the digits ensemble under Chorus's plan, the baseline, and the cost model",
         "",
         f"`python -m benchmarks.served --seconds {args.seconds} --batch {args.batch} "
-        f"--concurrency {args.concurrency}` on {platform.node() and 'this machine'}: "
+        f"--concurrency {args.concurrency}` on this machine: "
         f"{devices[-1].cores} CPU cores ({devices[-1].name}), no GPU, the bundled Triton 2.51 "
         "(Python backend running onnxruntime, 1 intra-op thread per instance). Closed loop: "
         f"{args.concurrency} clients, {args.batch} rows per request, {args.seconds} s each, "
