@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import yaml
@@ -22,6 +19,7 @@ from orchestrator.errors import InfeasibleError
 from orchestrator.hardware import Device
 from orchestrator.plan import load_plan, make_plan, plan_ensemble
 from orchestrator.profile import Curve, Profile
+from tests.cli import chorus
 
 GB = 10**9
 SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -193,16 +191,6 @@ def test_plan_json_round_trips_with_the_documented_fields(tmp_path):
     assert load_plan(tmp_path / "plan.json").to_json() == plan.to_json()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 @pytest.fixture
 def planning_files(tmp_path):
     """An ensemble whose member files do not exist, a profile and a 2-node hardware file."""
@@ -248,7 +236,7 @@ def planning_files(tmp_path):
 
 def test_plan_cli_prints_json_for_another_machine_without_the_models(planning_files):
     d = planning_files
-    result = _cli(
+    result = chorus(
         "plan",
         str(d / "ensemble.yaml"),
         "--profile",
@@ -273,7 +261,7 @@ def test_plan_cli_exits_3_when_a_member_fits_nowhere(planning_files):
     (d / "hw.yaml").write_text(
         yaml.safe_dump({"nodes": [{"name": "n0", "devices": [{"kind": "gpu", "memory_gb": 8}]}]})
     )
-    result = _cli(
+    result = chorus(
         "plan",
         str(d / "ensemble.yaml"),
         "--profile",
@@ -291,7 +279,7 @@ def test_plan_cli_exits_2_on_a_bad_hardware_file(planning_files):
     (d / "hw.yaml").write_text(
         yaml.safe_dump({"nodes": [{"name": "n0", "devices": [{"kind": "tpu", "memory_gb": 8}]}]})
     )
-    result = _cli(
+    result = chorus(
         "plan",
         str(d / "ensemble.yaml"),
         "--profile",

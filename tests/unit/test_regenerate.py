@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import yaml
 
+from tests.cli import chorus
 from tests.onnx_models import linear
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def _hardware(path, gpus: int) -> None:
@@ -69,18 +58,18 @@ def test_regenerate_configs_is_idempotent_and_reports_what_moved(tmp_path):
     ]
 
     _hardware(tmp_path / "hw.yaml", gpus=1)
-    first = _cli(*args)
+    first = chorus(*args)
     assert first.returncode == 0, first.stderr
     assert "a: new" in first.stdout and "b: new" in first.stdout
     snapshot = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
 
-    again = _cli(*args)
+    again = chorus(*args)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == f"{repo}: unchanged"
     assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == snapshot
 
     _hardware(tmp_path / "hw.yaml", gpus=4)  # the machine grew: members spread out
-    grown = _cli(*args)
+    grown = chorus(*args)
     assert grown.returncode == 0, grown.stderr
     assert "instances 1x gpu0 ->" in grown.stdout
     assert "file(s) rewritten" in grown.stdout

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +7,7 @@ import yaml
 
 from orchestrator.errors import SpecError
 from orchestrator.spec import load_ensemble
+from tests.cli import chorus
 from tests.onnx_models import linear
 
 
@@ -121,12 +120,6 @@ def test_every_problem_in_the_file_is_reported(tmp_path, members):
     assert "typo" in str(e.value) and "serving.max_batch_size" in str(e.value)
 
 
-def _chorus(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=120
-    )
-
-
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -139,7 +132,7 @@ def _chorus(*args: str) -> subprocess.CompletedProcess[str]:
 )
 def test_cli_exits_2_naming_the_field(tmp_path, members, change, field):
     change(members, tmp_path)
-    result = _chorus("up", str(write(tmp_path, members)), "--workdir", str(tmp_path / "w"))
+    result = chorus("up", str(write(tmp_path, members)), "--workdir", str(tmp_path / "w"))
     assert result.returncode == 2, result.stderr
     assert field in result.stderr
     assert "ensemble.yaml" in result.stderr
