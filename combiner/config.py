@@ -41,12 +41,27 @@ class CombinerConfig(_Strict):
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     members: tuple[MemberRoute, ...]
-    rule: Literal["mean", "weighted_mean"] = "mean"
+    rule: str = Field("mean", description="a rule of combiner.rules, or 'module:function'")
+    rule_path: tuple[str, ...] = Field((), description="folders to import a user rule from")
     softmax: bool = False
+    uncertainty: tuple[Literal["entropy", "mutual_information", "variance", "agreement"], ...] = ()
     fan_out: Literal["concurrent", "sequential"] = Field(
         "concurrent",
         description="call the members all at once, or one after another (the paper's baseline)",
     )
+
+    def uncertainty_outputs(self) -> dict[str, tuple[TensorInfo, str, str]]:
+        """Each uncertainty output: name -> (its tensor, the output it measures, the measure).
+        Served as ``<output>_<measure>``, FP32, the output's shape without its class axis."""
+        return {
+            f"{o.name}_{u}": (
+                TensorInfo(name=f"{o.name}_{u}", dtype="FP32", shape=o.shape[:-1]),
+                o.name,
+                u,
+            )
+            for o in self.outputs
+            for u in self.uncertainty
+        }
 
     def save(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2) + "\n")

@@ -21,7 +21,7 @@ from tritonclient.utils import triton_to_np_dtype
 
 from . import __version__
 from .config import CombinerConfig, MemberRoute, TensorInfo
-from .rules import combine
+from .rules import combine, load_rule, uncertainty
 from .upstream import GRPC_OPTIONS, MemberError, Upstream
 
 __all__ = ["EnsembleService", "RequestError", "serve"]
@@ -65,8 +65,11 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self.upstream = upstream
         self._member_names = [m.name for m in config.members]
         self._inputs = {t.name: t for t in config.inputs}
-        self._outputs = {t.name: t for t in config.outputs}
+        self._derived = config.uncertainty_outputs()  # name -> (info, base output, measure)
+        self._base = {t.name: t for t in config.outputs}  # what the members answer
+        self._outputs = {**self._base, **{n: d[0] for n, d in self._derived.items()}}
         self._weights = [m.weight for m in config.members]
+        self._rule = load_rule(config.rule, config.rule_path)
 
     # -- health and metadata ------------------------------------------------------------------
 
@@ -91,7 +94,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             versions=["1"],
             platform="chorus_ensemble",
             inputs=[_metadata(t) for t in self.config.inputs],
-            outputs=[_metadata(t) for t in self.config.outputs],
+            outputs=[_metadata(t) for t in self._outputs.values()],
         )
 
     async def ModelConfig(self, request, context):
@@ -110,7 +113,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 model_config_pb2.ModelOutput(
                     name=t.name, data_type=_config_dtype(t.dtype), dims=list(t.shape)
                 )
-                for t in self.config.outputs
+                for t in self._outputs.values()
             ],
         )
         return service_pb2.ModelConfigResponse(config=config)
@@ -245,20 +248,37 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             responses = [await call for call in calls]
         else:
             responses = await asyncio.gather(*calls)
-        combined = {}
-        for ens_name in wanted:
-            info = self._outputs[ens_name]
+        stacked = {}
+        for base in self._bases(wanted):
+            info = self._base[base]
             per_member = []
             for member, span in zip(self.config.members, spans, strict=True):
-                parts = [_output(responses[i], member.outputs[ens_name], info) for i in span]
+                parts = [_output(responses[i], member.outputs[base], info) for i in span]
                 per_member.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
-            result = combine(
-                np.stack(per_member), self.config.rule, self._weights, self.config.softmax
-            )
-            combined[ens_name] = np.ascontiguousarray(
+            stacked[base] = np.stack(per_member)
+        answers = {}
+        for name in wanted:
+            if name in self._derived:
+                info, base, measure = self._derived[name]
+                result = uncertainty(stacked[base], measure, self.config.softmax)
+            else:
+                info = self._base[name]
+                result = combine(stacked[name], self._rule, self._weights, self.config.softmax)
+                if result.shape != stacked[name].shape[1:]:
+                    raise MemberError(
+                        "(combination rule)",
+                        grpc.StatusCode.INTERNAL,
+                        f"rule {self.config.rule!r} returned shape {list(result.shape)} for "
+                        f"{name!r}; expected {list(stacked[name].shape[1:])}",
+                    )
+            answers[name] = np.ascontiguousarray(
                 result.astype(triton_to_np_dtype(info.dtype), copy=False)
             )
-        return combined
+        return answers
+
+    def _bases(self, wanted: list[str]) -> list[str]:
+        """The members' outputs needed for these ensemble outputs."""
+        return list(dict.fromkeys(self._derived[n][1] if n in self._derived else n for n in wanted))
 
     def _member_request(
         self,
@@ -281,7 +301,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             )
             row = len(content) // inputs.batch
             req.raw_input_contents.append(content if whole else content[start * row : stop * row])
-        for ens_name in wanted:
+        for ens_name in self._bases(wanted):
             req.outputs.add(name=member.outputs[ens_name])
         return req
 

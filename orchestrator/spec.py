@@ -16,14 +16,16 @@ import onnx
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from combiner.rules import load_rule
+
 from .errors import SpecError, from_validation
 
 __all__ = [
-    "CombineRule",
     "Ensemble",
     "EnsembleFile",
     "Member",
     "Tensor",
+    "Uncertainty",
     "load_ensemble",
     "validate_name",
 ]
@@ -31,7 +33,7 @@ __all__ = [
 # A name becomes a directory of the model repository and a model name on Triton.
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
-CombineRule = Literal["mean", "weighted_mean"]
+Uncertainty = Literal["entropy", "mutual_information", "variance", "agreement"]
 
 # ONNX element types Chorus can serve, as Triton names them.
 _ONNX_TO_TRITON: dict[int, str] = {
@@ -89,8 +91,14 @@ class MemberFile(_Strict):
 
 
 class CombineFile(_Strict):
-    rule: CombineRule = "mean"
+    rule: str = Field(
+        "mean",
+        description="mean | weighted_mean | geometric_mean | median | max | vote | module:function",
+    )
     softmax: bool = Field(False, description="apply softmax to each member's output first")
+    uncertainty: list[Uncertainty] = Field(
+        default_factory=list, description="uncertainty outputs to serve beside each output"
+    )
 
 
 class ServingFile(_Strict):
@@ -133,9 +141,10 @@ class Ensemble:
     members: tuple[Member, ...]
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
-    rule: CombineRule
+    rule: str
     softmax: bool
     max_batch_size: int
+    uncertainty: tuple[str, ...] = ()
 
     def member(self, name: str) -> Member:
         return next(m for m in self.members if m.name == name)
@@ -164,6 +173,10 @@ def load_ensemble(path: str | Path, read_models: bool = True) -> Ensemble:
 
 
 def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
+    try:
+        load_rule(spec.combine.rule, [str(file.resolve().parent)])
+    except ValueError as e:
+        raise SpecError(file, "combine.rule", str(e)) from None
     seen: set[str] = set()
     for i, m in enumerate(spec.members):
         if m.name in seen:
@@ -184,6 +197,7 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
             rule=spec.combine.rule,
             softmax=spec.combine.softmax,
             max_batch_size=spec.serving.max_batch_size,
+            uncertainty=tuple(dict.fromkeys(spec.combine.uncertainty)),
         )
     read = [_read_onnx(file, i, base / m.path) for i, m in enumerate(spec.members)]
 
@@ -191,12 +205,18 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
     inputs = _declared(file, "inputs", spec.inputs) or first_in
     outputs = _declared(file, "outputs", spec.outputs) or first_out
     for t in outputs:
-        if t.dtype not in _FLOAT_TYPES and spec.combine.rule in ("mean", "weighted_mean"):
+        if t.dtype not in _FLOAT_TYPES:
             raise SpecError(
                 file,
                 "outputs",
-                f"output {t.name!r} is {t.dtype}; rule "
-                f"{spec.combine.rule!r} needs floating-point outputs",
+                f"output {t.name!r} is {t.dtype}; combining needs floating-point outputs "
+                "(scores or probabilities)",
+            )
+        if spec.combine.uncertainty and not t.shape:
+            raise SpecError(
+                file,
+                "combine.uncertainty",
+                f"output {t.name!r} has no class axis: uncertainty needs (batch, ..., classes)",
             )
 
     members = []
@@ -223,6 +243,7 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
         rule=spec.combine.rule,
         softmax=spec.combine.softmax,
         max_batch_size=spec.serving.max_batch_size,
+        uncertainty=tuple(dict.fromkeys(spec.combine.uncertainty)),
     )
 
 

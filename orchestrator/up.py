@@ -73,6 +73,8 @@ def combiner_config(
         ),
         rule=ensemble.rule,
         softmax=ensemble.softmax,
+        rule_path=(str(ensemble.file.parent),),
+        uncertainty=ensemble.uncertainty,
         fan_out=fan_out,
     )
 

@@ -137,3 +137,26 @@ def test_cli_exits_2_naming_the_field(tmp_path, members, change, field):
     assert field in result.stderr
     assert "ensemble.yaml" in result.stderr
     assert not (tmp_path / "w").exists()  # nothing was started or written
+
+
+def test_an_unknown_rule_names_the_field_and_the_choices(tmp_path, members):
+    members["combine"] = {"rule": "average"}
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "combine.rule"
+    assert "vote" in str(e.value) and "module:function" in str(e.value)
+
+
+def test_a_user_rule_beside_the_ensemble_file_is_accepted(tmp_path, members):
+    (tmp_path / "toy_rules.py").write_text("def best(stacked, weights):\n    return stacked[0]\n")
+    members["combine"] = {"rule": "toy_rules:best", "uncertainty": ["entropy", "agreement"]}
+    ens = load_ensemble(write(tmp_path, members))
+    assert ens.rule == "toy_rules:best"
+    assert ens.uncertainty == ("entropy", "agreement")
+
+
+def test_an_unknown_uncertainty_measure_is_refused(tmp_path, members):
+    members["combine"] = {"uncertainty": ["entropy", "surprise"]}
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "combine.uncertainty[1]"
