@@ -18,6 +18,7 @@ this edge::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -27,6 +28,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 __all__ = [
+    "Answer",
     "AsyncEnsembleClient",
     "DeadlineExceeded",
     "EnsembleClient",
@@ -88,6 +90,24 @@ def _translate(e: InferenceServerException) -> EnsembleError:
 Inputs = np.ndarray | Mapping[str, np.ndarray]
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The ensemble's outputs, with the members that contributed and why others are missing
+    (a partial answer under a deadline and quorum)."""
+
+    outputs: dict[str, np.ndarray]
+    contributors: tuple[str, ...]
+    missing: str = ""
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing)
+
+    def value(self) -> np.ndarray | dict[str, np.ndarray]:
+        """One output as an array, several as a mapping."""
+        return next(iter(self.outputs.values())) if len(self.outputs) == 1 else self.outputs
+
+
 class _Common:
     def __init__(self, url: str, model: str | None) -> None:
         self.url = url
@@ -115,10 +135,22 @@ class _Common:
         outputs = [module.InferRequestedOutput(t["name"]) for t in meta["outputs"]]
         return inputs, outputs
 
-    def _unpack(self, result: Any) -> np.ndarray | dict[str, np.ndarray]:
+    def _answer(self, result: Any) -> Answer:
         names = [t["name"] for t in self._metadata["outputs"]]
-        arrays = {n: result.as_numpy(n) for n in names}
-        return arrays[names[0]] if len(names) == 1 else arrays
+        params = result.get_response().parameters
+        contributors = (
+            params["chorus_contributors"].string_param if "chorus_contributors" in params else ""
+        )
+        missing = params["chorus_missing"].string_param if "chorus_missing" in params else ""
+        return Answer(
+            {n: result.as_numpy(n) for n in names},
+            tuple(c for c in contributors.split(",") if c),
+            missing,
+        )
+
+    @staticmethod
+    def _parameters(deadline_ms: float | None) -> dict[str, Any] | None:
+        return None if deadline_ms is None else {"deadline_ms": float(deadline_ms)}
 
 
 class EnsembleClient(_Common):
@@ -146,19 +178,30 @@ class EnsembleClient(_Common):
             return False
 
     def predict(
-        self, x: Inputs, timeout_s: float | None = None
+        self, x: Inputs, timeout_s: float | None = None, deadline_ms: float | None = None
     ) -> np.ndarray | dict[str, np.ndarray]:
         """The ensemble's answer for ``x`` (an array, or a mapping name -> array); one output
         comes back as an array, several as a mapping."""
+        return self.infer(x, timeout_s, deadline_ms).value()
+
+    def infer(
+        self, x: Inputs, timeout_s: float | None = None, deadline_ms: float | None = None
+    ) -> Answer:
+        """Like predict, with the contributing members: under a deadline the server may answer
+        with the members that made it, if they meet its quorum."""
         self.metadata()
         inputs, outputs = self._build(x, grpcclient)
         try:
             result = self._client.infer(
-                self.model, inputs, outputs=outputs, client_timeout=timeout_s
+                self.model,
+                inputs,
+                outputs=outputs,
+                client_timeout=timeout_s,
+                parameters=self._parameters(deadline_ms),
             )
         except InferenceServerException as e:
             raise _translate(e) from e
-        return self._unpack(result)
+        return self._answer(result)
 
     def close(self) -> None:
         self._client.close()
@@ -191,17 +234,26 @@ class AsyncEnsembleClient(_Common):
         return dict(self._metadata)
 
     async def predict(
-        self, x: Inputs, timeout_s: float | None = None
+        self, x: Inputs, timeout_s: float | None = None, deadline_ms: float | None = None
     ) -> np.ndarray | dict[str, np.ndarray]:
+        return (await self.infer(x, timeout_s, deadline_ms)).value()
+
+    async def infer(
+        self, x: Inputs, timeout_s: float | None = None, deadline_ms: float | None = None
+    ) -> Answer:
         await self.metadata()
         inputs, outputs = self._build(x, aioclient)
         try:
             result = await self._client.infer(
-                self.model, inputs, outputs=outputs, client_timeout=timeout_s
+                self.model,
+                inputs,
+                outputs=outputs,
+                client_timeout=timeout_s,
+                parameters=self._parameters(deadline_ms),
             )
         except InferenceServerException as e:
             raise _translate(e) from e
-        return self._unpack(result)
+        return self._answer(result)
 
     async def close(self) -> None:
         await self._client.close()

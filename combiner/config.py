@@ -45,6 +45,10 @@ class CombinerConfig(_Strict):
     rule_path: tuple[str, ...] = Field((), description="folders to import a user rule from")
     softmax: bool = False
     uncertainty: tuple[Literal["entropy", "mutual_information", "variance", "agreement"], ...] = ()
+    deadline_ms: float | None = Field(
+        None, gt=0, description="default time to wait for the members; None waits for all"
+    )
+    quorum: int | None = Field(None, ge=1, description="members that must answer; None: all")
     fan_out: Literal["concurrent", "sequential"] = Field(
         "concurrent",
         description="call the members all at once, or one after another (the paper's baseline)",
@@ -62,6 +66,10 @@ class CombinerConfig(_Strict):
             for o in self.outputs
             for u in self.uncertainty
         }
+
+    def quorum_count(self) -> int:
+        """How many members must answer."""
+        return len(self.members) if self.quorum is None else min(self.quorum, len(self.members))
 
     def save(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2) + "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from tritonclient.utils import triton_to_np_dtype
 
 from . import __version__
 from .config import CombinerConfig, MemberRoute, TensorInfo
+from .fanout import fan_out
 from .rules import combine, load_rule, uncertainty
 from .upstream import GRPC_OPTIONS, MemberError, Upstream
 
@@ -70,6 +71,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self._outputs = {**self._base, **{n: d[0] for n, d in self._derived.items()}}
         self._weights = [m.weight for m in config.members]
         self._rule = load_rule(config.rule, config.rule_path)
+        self._quorum = config.quorum_count()
 
     # -- health and metadata ------------------------------------------------------------------
 
@@ -132,7 +134,10 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             await self._check_model(request.model_name, request.model_version, context)
             inputs = self._parse(request)
             wanted = self._requested_outputs(request)
-            outputs = await self._fan_out(request.id, inputs, wanted)
+            deadline = self._deadline(request, context)
+            outputs, contributors, missing = await self._fan_out(
+                request.id, inputs, wanted, deadline
+            )
         except RequestError as e:
             await context.abort(e.code, str(e))
         except MemberError as e:
@@ -146,11 +151,36 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         response = service_pb2.ModelInferResponse(
             model_name=self.config.name, model_version="1", id=request.id
         )
+        response.parameters["chorus_contributors"].string_param = ",".join(contributors)
+        if missing:
+            response.parameters["chorus_missing"].string_param = "; ".join(
+                f"{name} ({reason})" for name, reason in missing.items()
+            )
         for name, array in outputs.items():
             info = self._outputs[name]
             response.outputs.add(name=name, datatype=info.dtype, shape=array.shape)
             response.raw_output_contents.append(array.tobytes())
         return response
+
+    def _deadline(
+        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> float | None:
+        """Seconds to wait for the members: the request's ``deadline_ms`` parameter, else the
+        ensemble's default, and never past the client's own gRPC deadline."""
+        ms: float | None = self.config.deadline_ms
+        if "deadline_ms" in request.parameters:
+            param = request.parameters["deadline_ms"]
+            kind = param.WhichOneof("parameter_choice")
+            if kind not in ("int64_param", "uint64_param", "double_param"):
+                raise _invalid("parameter 'deadline_ms' must be a number of milliseconds")
+            ms = float(getattr(param, kind))
+            if ms <= 0:
+                raise _invalid(f"parameter 'deadline_ms' must be positive, got {ms:g}")
+        seconds = None if ms is None else ms / 1000.0
+        remaining = context.time_remaining()
+        if remaining is not None:
+            seconds = remaining if seconds is None else min(seconds, remaining)
+        return seconds
 
     def _parse(self, request: service_pb2.ModelInferRequest) -> _Inputs:
         expected = ", ".join(self._inputs)
@@ -228,42 +258,57 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         return names
 
     async def _fan_out(
-        self, request_id: str, inputs: _Inputs, wanted: list[str]
-    ) -> dict[str, np.ndarray]:
-        """Call every member at once (in chunks of its max batch size) and combine."""
-        calls: list[Coroutine[Any, Any, service_pb2.ModelInferResponse]] = []
-        spans: list[list[int]] = []  # per member: indices into calls
-        for member in self.config.members:
+        self, request_id: str, inputs: _Inputs, wanted: list[str], deadline: float | None
+    ) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:
+        """Call every member at once (in chunks of its max batch size) within the deadline and
+        combine the answers of those that made it, if they meet the quorum. Returns the
+        outputs, the contributing members and why the others are missing."""
+
+        def calls_of(member: MemberRoute) -> Callable[[], Awaitable[list[Any]]]:
             step = member.max_batch_size or inputs.batch
-            spans.append([])
-            for start in range(0, inputs.batch, step):
-                stop = min(start + step, inputs.batch)
-                spans[-1].append(len(calls))
-                calls.append(
-                    self.upstream.infer(
-                        self._member_request(member, request_id, inputs, wanted, start, stop)
-                    )
+            requests = [
+                self._member_request(
+                    member, request_id, inputs, wanted, start, min(start + step, inputs.batch)
                 )
-        if self.config.fan_out == "sequential":
-            responses = [await call for call in calls]
-        else:
-            responses = await asyncio.gather(*calls)
+                for start in range(0, inputs.batch, step)
+            ]
+            return lambda: asyncio.gather(*(self.upstream.infer(r) for r in requests))
+
+        answers, missing = await fan_out(
+            [(m.name, calls_of(m)) for m in self.config.members],
+            deadline,
+            sequential=self.config.fan_out == "sequential",
+        )
+        members = [m for m in self.config.members if m.name in answers]
+        if len(members) < self._quorum:
+            why = "; ".join(f"{name} ({reason})" for name, reason in missing.items())
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if any(reason.startswith("no answer") for reason in missing.values())
+                else grpc.StatusCode.UNAVAILABLE
+            )
+            raise RequestError(
+                code,
+                f"{len(members)} of {len(self.config.members)} members answered, below the "
+                f"quorum of {self._quorum}; missing: {why}",
+            )
+        weights = [m.weight for m in members]
         stacked = {}
         for base in self._bases(wanted):
             info = self._base[base]
             per_member = []
-            for member, span in zip(self.config.members, spans, strict=True):
-                parts = [_output(responses[i], member.outputs[base], info) for i in span]
+            for member in members:
+                parts = [_output(r, member.outputs[base], info) for r in answers[member.name]]
                 per_member.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
             stacked[base] = np.stack(per_member)
-        answers = {}
+        outputs = {}
         for name in wanted:
             if name in self._derived:
                 info, base, measure = self._derived[name]
                 result = uncertainty(stacked[base], measure, self.config.softmax)
             else:
                 info = self._base[name]
-                result = combine(stacked[name], self._rule, self._weights, self.config.softmax)
+                result = combine(stacked[name], self._rule, weights, self.config.softmax)
                 if result.shape != stacked[name].shape[1:]:
                     raise MemberError(
                         "(combination rule)",
@@ -271,10 +316,10 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                         f"rule {self.config.rule!r} returned shape {list(result.shape)} for "
                         f"{name!r}; expected {list(stacked[name].shape[1:])}",
                     )
-            answers[name] = np.ascontiguousarray(
+            outputs[name] = np.ascontiguousarray(
                 result.astype(triton_to_np_dtype(info.dtype), copy=False)
             )
-        return answers
+        return outputs, [m.name for m in members], missing
 
     def _bases(self, wanted: list[str]) -> list[str]:
         """The members' outputs needed for these ensemble outputs."""

@@ -7,6 +7,7 @@ Every problem raises :class:`SpecError` naming the file, the field and what is w
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,15 @@ from typing import Annotated, Literal
 
 import onnx
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+)
 
 from combiner.rules import load_rule
 
@@ -103,6 +112,12 @@ class CombineFile(_Strict):
 
 class ServingFile(_Strict):
     max_batch_size: int = Field(64, ge=1, le=65536)
+    deadline_ms: float | None = Field(
+        None, gt=0, description="default time to wait for members (per request: deadline_ms)"
+    )
+    quorum: StrictInt | StrictFloat = Field(
+        1.0, description="members that must answer: a fraction in (0, 1] or a count (integer)"
+    )
 
 
 class EnsembleFile(_Strict):
@@ -145,6 +160,8 @@ class Ensemble:
     softmax: bool
     max_batch_size: int
     uncertainty: tuple[str, ...] = ()
+    deadline_ms: float | None = None
+    quorum: int = 1  # members that must answer
 
     def member(self, name: str) -> Member:
         return next(m for m in self.members if m.name == name)
@@ -198,6 +215,8 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
             softmax=spec.combine.softmax,
             max_batch_size=spec.serving.max_batch_size,
             uncertainty=tuple(dict.fromkeys(spec.combine.uncertainty)),
+            deadline_ms=spec.serving.deadline_ms,
+            quorum=_quorum(file, spec),
         )
     read = [_read_onnx(file, i, base / m.path) for i, m in enumerate(spec.members)]
 
@@ -244,7 +263,27 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
         softmax=spec.combine.softmax,
         max_batch_size=spec.serving.max_batch_size,
         uncertainty=tuple(dict.fromkeys(spec.combine.uncertainty)),
+        deadline_ms=spec.serving.deadline_ms,
+        quorum=_quorum(file, spec),
     )
+
+
+def _quorum(file: Path, spec: EnsembleFile) -> int:
+    """The quorum as a count of members."""
+    q, members = spec.serving.quorum, len(spec.members)
+    if isinstance(q, int):
+        if not 1 <= q <= members:
+            raise SpecError(
+                file, "serving.quorum", f"a count of members must be 1 to {members}, got {q}"
+            )
+        return q
+    if not 0 < q <= 1:
+        raise SpecError(
+            file,
+            "serving.quorum",
+            f"a fraction must be in (0, 1], got {q}; write a count as an integer",
+        )
+    return max(1, math.ceil(q * members - 1e-9))
 
 
 def _declared(file: Path, field: str, tensors: list[TensorFile] | None) -> tuple[Tensor, ...]:

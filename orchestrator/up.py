@@ -75,6 +75,8 @@ def combiner_config(
         softmax=ensemble.softmax,
         rule_path=(str(ensemble.file.parent),),
         uncertainty=ensemble.uncertainty,
+        deadline_ms=ensemble.deadline_ms,
+        quorum=ensemble.quorum,
         fan_out=fan_out,
     )
 

@@ -160,3 +160,18 @@ def test_an_unknown_uncertainty_measure_is_refused(tmp_path, members):
     with pytest.raises(SpecError) as e:
         load_ensemble(write(tmp_path, members))
     assert e.value.field == "combine.uncertainty[1]"
+
+
+@pytest.mark.parametrize(("quorum", "count"), [(1.0, 2), (0.5, 1), (0.51, 2), (1, 1), (2, 2)])
+def test_quorum_is_a_fraction_or_an_integer_count(tmp_path, members, quorum, count):
+    members["serving"] = {"quorum": quorum, "deadline_ms": 250}
+    ens = load_ensemble(write(tmp_path, members))
+    assert ens.quorum == count and ens.deadline_ms == 250
+
+
+@pytest.mark.parametrize("quorum", [3, 0, 1.5, 0.0])
+def test_an_impossible_quorum_names_the_field(tmp_path, members, quorum):
+    members["serving"] = {"quorum": quorum}
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "serving.quorum"
