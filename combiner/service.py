@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import triton_to_np_dtype
 
-from . import __version__
+from . import __version__, metrics
 from .config import CombinerConfig, MemberRoute, TensorInfo
 from .fanout import fan_out
 from .rules import combine, load_rule, uncertainty
@@ -130,24 +131,44 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     # -- inference ------------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
+        began = time.perf_counter()
+        metrics.IN_FLIGHT.inc()
+        code = grpc.StatusCode.OK
         try:
-            await self._check_model(request.model_name, request.model_version, context)
-            inputs = self._parse(request)
-            wanted = self._requested_outputs(request)
-            deadline = self._deadline(request, context)
-            outputs, contributors, missing = await self._fan_out(
-                request.id, inputs, wanted, deadline
-            )
+            return await self._infer(request, context)
         except RequestError as e:
+            code = e.code
             await context.abort(e.code, str(e))
         except MemberError as e:
             code = (
                 grpc.StatusCode.UNAVAILABLE
                 if e.code == grpc.StatusCode.UNAVAILABLE
-                else (grpc.StatusCode.INTERNAL)
+                else grpc.StatusCode.INTERNAL
             )
             log.warning("%s", e)
             await context.abort(code, str(e))
+        except Exception:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            metrics.IN_FLIGHT.dec()
+            metrics.REQUESTS.labels(code.name).inc()
+            metrics.LATENCY.observe(time.perf_counter() - began)
+
+    async def _infer(
+        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.ModelInferResponse:
+        if not self._is_ours(request.model_name, request.model_version):
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                self._not_found(request.model_name, request.model_version),
+            )
+        inputs = self._parse(request)
+        wanted = self._requested_outputs(request)
+        deadline = self._deadline(request, context)
+        outputs, contributors, missing = await self._fan_out(request.id, inputs, wanted, deadline)
+        if missing:
+            metrics.PARTIAL.inc()
         response = service_pb2.ModelInferResponse(
             model_name=self.config.name, model_version="1", id=request.id
         )
@@ -272,7 +293,14 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 )
                 for start in range(0, inputs.batch, step)
             ]
-            return lambda: asyncio.gather(*(self.upstream.infer(r) for r in requests))
+
+            async def call() -> list[Any]:
+                began = time.perf_counter()
+                answers = await asyncio.gather(*(self.upstream.infer(r) for r in requests))
+                metrics.MEMBER_LATENCY.labels(member.name).observe(time.perf_counter() - began)
+                return answers
+
+            return call
 
         answers, missing = await fan_out(
             [(m.name, calls_of(m)) for m in self.config.members],
@@ -360,11 +388,11 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     ) -> None:
         """Abort the call with NOT_FOUND unless it names this ensemble."""
         if not self._is_ours(name, version):
-            shown = f"{name!r}" + (f" version {version!r}" if version else "")
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown model {shown}; this endpoint serves {self.config.name!r} (version 1)",
-            )
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._not_found(name, version))
+
+    def _not_found(self, name: str, version: str) -> str:
+        shown = f"{name!r}" + (f" version {version!r}" if version else "")
+        return f"unknown model {shown}; this endpoint serves {self.config.name!r} (version 1)"
 
     async def _ready(self) -> bool:
         return await self.upstream.models_ready(self._member_names)
@@ -414,11 +442,16 @@ def _config_dtype(dtype: str) -> int:
 
 
 async def serve(
-    config: CombinerConfig, host: str, port: int, stop: asyncio.Event | None = None
+    config: CombinerConfig,
+    host: str,
+    port: int,
+    stop: asyncio.Event | None = None,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve the ensemble on ``host:port`` until ``stop`` is set (or forever)."""
+    """Serve the ensemble on ``host:port`` until ``stop`` is set (or forever); with
+    ``reuse_port``, other workers may listen on the same port."""
     upstream = Upstream(config.triton_url)
-    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", int(reuse_port))])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         EnsembleService(config, upstream), server
     )

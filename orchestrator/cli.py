@@ -97,6 +97,10 @@ def up(
         "127.0.0.1"
     ),
     grpc_port: Annotated[int, typer.Option(help="gRPC (KServe v2) port of the ensemble")] = 8100,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics of the combiner")
+    ] = 8102,
+    workers: Annotated[int, typer.Option(min=1, help="combiner processes sharing the port")] = 1,
     workdir: WorkdirOpt = None,
     plan_file: Annotated[
         Path | None, typer.Option("--plan", help="serve this plan (from 'chorus plan -o')")
@@ -110,7 +114,15 @@ def up(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    deployment = Deployment(ensemble, workdir, host=host, grpc_port=grpc_port, plan=plan)
+    deployment = Deployment(
+        ensemble,
+        workdir,
+        host=host,
+        grpc_port=grpc_port,
+        plan=plan,
+        workers=workers,
+        metrics_port=metrics_port,
+    )
     try:
         with console.status(f"starting Triton and the combiner for {ensemble.name!r}..."):
             endpoints = deployment.start()
@@ -118,7 +130,8 @@ def up(
             f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
             f"{endpoints.ensemble} (gRPC, KServe v2)\n"
             f"Triton (members) on {endpoints.triton_grpc}; logs in {workdir}\n"
-            "Ctrl-C to stop",
+            + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
+            + "Ctrl-C to stop",
             flush=True,
         )
         while not stop.wait(0.5):

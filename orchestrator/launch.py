@@ -13,7 +13,6 @@ PATH so that the stub imports the same numpy and onnxruntime as Chorus.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from combiner.workers import die_with_parent
+
 from .errors import LaunchError
 
 __all__ = [
@@ -37,12 +38,6 @@ __all__ = [
     "find_tritonserver",
     "free_port",
 ]
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -80,7 +75,7 @@ class ManagedProcess:
                     stderr=subprocess.STDOUT,
                     env=self.env,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             except OSError as e:
                 raise LaunchError(f"cannot start {self.name} ({self.argv[0]}): {e}") from e

@@ -95,6 +95,8 @@ class Deployment:
         plan: Plan | None = None,
         timeout_s: float = 180.0,
         fan_out: Literal["concurrent", "sequential"] = "concurrent",
+        workers: int = 1,
+        metrics_port: int | None = None,
     ) -> None:
         """Serve ``plan`` (default: one instance of every member, on this host's devices)."""
         self.ensemble = ensemble
@@ -111,6 +113,8 @@ class Deployment:
         self.port = 0
         self.timeout_s = timeout_s
         self.fan_out: Literal["concurrent", "sequential"] = fan_out
+        self.workers = workers
+        self.metrics_port = metrics_port
         self.triton: TritonServer | None = None
         self.combiner: ManagedProcess | None = None
         self.endpoints: Endpoints | None = None
@@ -185,7 +189,11 @@ class Deployment:
             self.host,
             "--grpc-port",
             str(self.port),
+            "--workers",
+            str(self.workers),
         ]
+        if self.metrics_port is not None:
+            argv += ["--metrics-port", str(self.metrics_port)]
         self.combiner = ManagedProcess(
             "combiner",
             argv,

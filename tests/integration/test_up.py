@@ -65,6 +65,8 @@ def test_stopping_chorus_up_leaves_no_process_behind(
         str(profile_file),
         "--grpc-port",
         str(port),
+        "--metrics-port",
+        str(free_port()),
         "--workdir",
         str(tmp_path / "work"),
     ]

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the combiner. Every worker process writes its own; the supervising
+process (``python -m combiner``) serves them summed over workers (prometheus_client's
+multiprocess mode, through PROMETHEUS_MULTIPROC_DIR)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["IN_FLIGHT", "LATENCY", "MEMBER_LATENCY", "PARTIAL", "REQUESTS"]
+
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+REQUESTS = Counter("chorus_requests", "Inference requests answered, by gRPC status code", ["code"])
+LATENCY = Histogram(
+    "chorus_request_latency_seconds",
+    "End-to-end latency of inference requests",
+    buckets=_BUCKETS,
+)
+MEMBER_LATENCY = Histogram(
+    "chorus_member_latency_seconds",
+    "Latency of calls to each member on Triton",
+    ["member"],
+    buckets=_BUCKETS,
+)
+PARTIAL = Counter(
+    "chorus_partial_answers", "Answers combined from fewer than all members (deadline, errors)"
+)
+IN_FLIGHT = Gauge(
+    "chorus_requests_in_flight", "Inference requests being served", multiprocess_mode="livesum"
+)

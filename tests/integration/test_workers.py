@@ -1,0 +1,63 @@
+"""Several combiner workers on one port, and their metrics summed on the metrics port."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+
+from combiner.client import EnsembleClient, InvalidRequest
+from orchestrator.launch import free_port
+from orchestrator.up import Deployment
+from tests.integration.test_up import command_name, descendants
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if labels else "") + r" (\S+)"
+    match = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
+    assert match, f"no sample {name}{{{wanted}}} in:\n{text}"
+    return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def two_workers(ensemble, served_plan, tmp_path_factory):
+    port = free_port()
+    deployment = Deployment(
+        ensemble, tmp_path_factory.mktemp("workers"), plan=served_plan, workers=2, metrics_port=port
+    )
+    with deployment as endpoints:
+        yield deployment, endpoints, f"http://127.0.0.1:{port}/metrics"
+
+
+def test_two_workers_share_the_port_and_answer_every_connection(two_workers, split):
+    deployment, endpoints, _ = two_workers
+    assert deployment.combiner is not None and deployment.combiner.pid is not None
+    workers = [
+        p for p in descendants(deployment.combiner.pid) if "combiner.worker" in command_name(p)
+    ]
+    assert len(workers) == 2
+    for i in range(8):  # a new connection each time: the kernel spreads them over workers
+        with EnsembleClient(endpoints.ensemble) as client:
+            assert client.predict(split.x_test[i : i + 3]).shape == (3, 10)
+
+
+def test_metrics_count_requests_by_code_and_time_each_member(two_workers, ensemble, split):
+    _, endpoints, url = two_workers
+    before = urllib.request.urlopen(url, timeout=5).read().decode()
+    ok_before = metric(before, "chorus_requests_total", code="OK")
+    with EnsembleClient(endpoints.ensemble) as client:
+        for i in range(5):
+            client.predict(split.x_test[i : i + 1])
+        with pytest.raises(InvalidRequest):
+            client.predict(np.zeros((1, 1, 8, 8), dtype=np.float64))
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert metric(text, "chorus_requests_total", code="OK") == ok_before + 5
+    assert metric(text, "chorus_requests_total", code="INVALID_ARGUMENT") >= 1
+    assert metric(text, "chorus_request_latency_seconds_count") >= ok_before + 6
+    for m in ensemble.members:
+        assert metric(text, "chorus_member_latency_seconds_count", member=m.name) >= 5
+    assert metric(text, "chorus_requests_in_flight") == 0
