@@ -49,6 +49,12 @@ class CombinerConfig(_Strict):
         None, gt=0, description="default time to wait for the members; None waits for all"
     )
     quorum: int | None = Field(None, ge=1, description="members that must answer; None: all")
+    batching: bool = Field(
+        True, description="gather concurrent requests into one batch before the fan-out"
+    )
+    max_in_flight: int = Field(
+        4, ge=1, description="batches out to the members at once; more requests wait and join"
+    )
     fan_out: Literal["concurrent", "sequential"] = Field(
         "concurrent",
         description="call the members all at once, or one after another (the paper's baseline)",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["IN_FLIGHT", "LATENCY", "MEMBER_LATENCY", "PARTIAL", "REQUESTS"]
+__all__ = ["BATCHED", "IN_FLIGHT", "LATENCY", "MEMBER_LATENCY", "PARTIAL", "REQUESTS"]
 
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -27,4 +27,9 @@ PARTIAL = Counter(
 )
 IN_FLIGHT = Gauge(
     "chorus_requests_in_flight", "Inference requests being served", multiprocess_mode="livesum"
+)
+BATCHED = Histogram(
+    "chorus_batched_requests",
+    "Client requests gathered into each batch sent to the members",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,6 +20,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import triton_to_np_dtype
 
 from . import __version__, metrics
+from .batching import Batcher, Rows
 from .config import CombinerConfig, MemberRoute, TensorInfo
 from .fanout import fan_out
 from .rules import combine, load_rule, uncertainty
@@ -54,13 +54,6 @@ class RequestError(Exception):
         super().__init__(message)
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    batch: int
-    data: dict[str, bytes]  # ensemble input name -> raw bytes, row-major
-    shapes: dict[str, tuple[int, ...]]  # with the batch dimension
-
-
 class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     def __init__(self, config: CombinerConfig, upstream: Upstream) -> None:
         self.config = config
@@ -73,6 +66,19 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self._weights = [m.weight for m in config.members]
         self._rule = load_rule(config.rule, config.rule_path)
         self._quorum = config.quorum_count()
+        self._batcher = (
+            Batcher(
+                lambda rows, wanted, deadline: self._fan_out("", rows, wanted, deadline),
+                config.max_batch_size,
+                config.max_in_flight,
+            )
+            if config.batching
+            else None
+        )
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
 
     # -- health and metadata ------------------------------------------------------------------
 
@@ -166,7 +172,12 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         inputs = self._parse(request)
         wanted = self._requested_outputs(request)
         deadline = self._deadline(request, context)
-        outputs, contributors, missing = await self._fan_out(request.id, inputs, wanted, deadline)
+        if self._batcher is not None:
+            outputs, contributors, missing = await self._batcher.submit(inputs, wanted, deadline)
+        else:
+            outputs, contributors, missing = await self._fan_out(
+                request.id, inputs, wanted, deadline
+            )
         if missing:
             metrics.PARTIAL.inc()
         response = service_pb2.ModelInferResponse(
@@ -203,7 +214,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             seconds = remaining if seconds is None else min(seconds, remaining)
         return seconds
 
-    def _parse(self, request: service_pb2.ModelInferRequest) -> _Inputs:
+    def _parse(self, request: service_pb2.ModelInferRequest) -> Rows:
         expected = ", ".join(self._inputs)
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
@@ -259,7 +270,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 f"missing input {', '.join(map(repr, missing))}; this ensemble takes: {expected}"
             )
         assert batch is not None
-        return _Inputs(batch, data, shapes)
+        return Rows(batch, data, shapes)
 
     def _requested_outputs(self, request: service_pb2.ModelInferRequest) -> list[str]:
         if not request.outputs:
@@ -279,7 +290,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         return names
 
     async def _fan_out(
-        self, request_id: str, inputs: _Inputs, wanted: list[str], deadline: float | None
+        self, request_id: str, inputs: Rows, wanted: list[str], deadline: float | None
     ) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:
         """Call every member at once (in chunks of its max batch size) within the deadline and
         combine the answers of those that made it, if they meet the quorum. Returns the
@@ -357,7 +368,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self,
         member: MemberRoute,
         request_id: str,
-        inputs: _Inputs,
+        inputs: Rows,
         wanted: list[str],
         start: int,
         stop: int,
@@ -452,9 +463,8 @@ async def serve(
     ``reuse_port``, other workers may listen on the same port."""
     upstream = Upstream(config.triton_url)
     server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", int(reuse_port))])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        EnsembleService(config, upstream), server
-    )
+    service = EnsembleService(config, upstream)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     address = f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")
@@ -467,4 +477,5 @@ async def serve(
             await stop.wait()
     finally:
         await server.stop(grace=2.0)
+        await service.close()
         await upstream.close()

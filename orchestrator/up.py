@@ -97,6 +97,7 @@ class Deployment:
         fan_out: Literal["concurrent", "sequential"] = "concurrent",
         workers: int = 1,
         metrics_port: int | None = None,
+        batching: bool = True,
     ) -> None:
         """Serve ``plan`` (default: one instance of every member, on this host's devices)."""
         self.ensemble = ensemble
@@ -114,6 +115,7 @@ class Deployment:
         self.timeout_s = timeout_s
         self.fan_out: Literal["concurrent", "sequential"] = fan_out
         self.workers = workers
+        self.batching = batching
         self.metrics_port = metrics_port
         self.triton: TritonServer | None = None
         self.combiner: ManagedProcess | None = None
@@ -178,6 +180,7 @@ class Deployment:
         assert self.triton is not None
         config_file = self.workdir / "combiner.json"
         config = combiner_config(self.ensemble, self.triton.grpc_url, self.plan, self.fan_out)
+        config = config.model_copy(update={"batching": self.batching})
         config.save(config_file)
         argv = [
             sys.executable,

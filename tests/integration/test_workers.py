@@ -61,3 +61,37 @@ def test_metrics_count_requests_by_code_and_time_each_member(two_workers, ensemb
     for m in ensemble.members:
         assert metric(text, "chorus_member_latency_seconds_count", member=m.name) >= 5
     assert metric(text, "chorus_requests_in_flight") == 0
+
+
+def test_sixty_four_concurrent_requests_each_get_their_own_answer_in_shared_batches(
+    two_workers, ensemble
+):
+    import asyncio
+
+    from combiner.client import AsyncEnsembleClient
+    from tests.integration.test_serving import direct_combination
+
+    _, endpoints, url = two_workers
+    xs = [
+        np.random.default_rng(100 + i).random((i % 3 + 1, 1, 8, 8), dtype=np.float32)
+        for i in range(64)
+    ]
+
+    async def go():
+        async with AsyncEnsembleClient(endpoints.ensemble) as client:
+            await client.metadata()
+            return await asyncio.gather(*(client.predict(x) for x in xs))
+
+    before = urllib.request.urlopen(url, timeout=5).read().decode()
+    answers = asyncio.run(go())
+    for x, answer in zip(xs, answers, strict=True):
+        np.testing.assert_allclose(answer, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    requests = metric(text, "chorus_batched_requests_sum") - metric(
+        before, "chorus_batched_requests_sum"
+    )
+    batches = metric(text, "chorus_batched_requests_count") - metric(
+        before, "chorus_batched_requests_count"
+    )
+    assert requests == 64
+    assert batches < 64  # requests shared batches

@@ -1,0 +1,154 @@
+"""The batching stage: concurrent requests gathered into one batch before the fan-out.
+
+Requests wait in a queue only while the members are busy: at most ``max_in_flight`` batches
+are out at once, and the next batch takes every compatible request queued meanwhile (same
+requested outputs and shapes after the batch dimension, up to ``max_rows`` rows). A request
+that finds a free slot and an empty queue goes straight to the members, in its own task: an
+idle combiner adds no delay and no hop; under load, batches grow with the load. Each member
+then sees one call per batch instead of one per request, and the answers are split back per
+request by their rows.
+
+A request's deadline runs from its arrival: a batch is given the earliest deadline among its
+requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import metrics
+
+__all__ = ["Batcher", "Rows"]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A request's (or a batch's) inputs: raw row-major bytes per input, and their shapes."""
+
+    batch: int
+    data: dict[str, bytes]
+    shapes: dict[str, tuple[int, ...]]  # with the batch dimension
+
+    def key(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Requests with equal keys can share a batch."""
+        return tuple((name, shape[1:]) for name, shape in sorted(self.shapes.items()))
+
+    @staticmethod
+    def join(parts: list[Rows]) -> Rows:
+        if len(parts) == 1:
+            return parts[0]
+        batch = sum(p.batch for p in parts)
+        first = parts[0]
+        return Rows(
+            batch,
+            {n: b"".join(p.data[n] for p in parts) for n in first.data},
+            {n: (batch, *s[1:]) for n, s in first.shapes.items()},
+        )
+
+
+Result = tuple[dict[str, np.ndarray], list[str], dict[str, str]]  # outputs, contributors, missing
+Run = Callable[[Rows, list[str], float | None], Awaitable[Result]]
+
+
+@dataclass
+class _Waiting:
+    rows: Rows
+    wanted: tuple[str, ...]
+    deadline_at: float | None
+    answer: asyncio.Future[Result] = field(repr=False)
+
+
+class Batcher:
+    def __init__(self, run: Run, max_rows: int, max_in_flight: int = 2) -> None:
+        self._run = run
+        self._max_rows = max_rows
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._queue: deque[_Waiting] = deque()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def submit(self, rows: Rows, wanted: list[str], deadline: float | None) -> Result:
+        """The answer to one request, computed in whatever batch it joins."""
+        if not self._queue and not self._slots.locked():
+            # idle: no one to batch with, so no hop through the dispatcher
+            await self._slots.acquire()
+            try:
+                return await self._run(rows, wanted, deadline)
+            finally:
+                metrics.BATCHED.observe(1)
+                self._slots.release()
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._dispatch_forever())
+        now = time.monotonic()
+        waiting = _Waiting(
+            rows,
+            tuple(wanted),
+            None if deadline is None else now + deadline,
+            asyncio.get_running_loop().create_future(),
+        )
+        self._queue.append(waiting)
+        self._wake.set()
+        return await waiting.answer
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._running) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            await self._slots.acquire()  # while every slot is busy, the queue fills up
+            batch = self._take()
+            task = asyncio.create_task(self._dispatch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _take(self) -> list[_Waiting]:
+        """The first queued request and every compatible one behind it, up to max_rows."""
+        first = self._queue.popleft()
+        batch, rows, key = [first], first.rows.batch, (first.wanted, first.rows.key())
+        kept: deque[_Waiting] = deque()
+        while self._queue:
+            w = self._queue.popleft()
+            if (w.wanted, w.rows.key()) == key and rows + w.rows.batch <= self._max_rows:
+                batch.append(w)
+                rows += w.rows.batch
+            else:
+                kept.append(w)
+        self._queue = kept
+        return batch
+
+    async def _dispatch(self, batch: list[_Waiting]) -> None:
+        metrics.BATCHED.observe(len(batch))
+        try:
+            deadlines = [w.deadline_at for w in batch if w.deadline_at is not None]
+            deadline = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            try:
+                outputs, contributors, missing = await self._run(
+                    Rows.join([w.rows for w in batch]), list(batch[0].wanted), deadline
+                )
+            except Exception as e:  # every request of the batch gets the same error
+                for w in batch:
+                    if not w.answer.done():
+                        w.answer.set_exception(e)
+                return
+            start = 0
+            for w in batch:
+                stop = start + w.rows.batch
+                part = {name: array[start:stop] for name, array in outputs.items()}
+                if not w.answer.done():
+                    w.answer.set_result((part, contributors, missing))
+                start = stop
+        finally:
+            self._slots.release()
