@@ -49,6 +49,9 @@ class CombinerConfig(_Strict):
         None, gt=0, description="default time to wait for the members; None waits for all"
     )
     quorum: int | None = Field(None, ge=1, description="members that must answer; None: all")
+    shared_memory: bool = Field(
+        False, description="Triton shares this host: write each input once into shared memory"
+    )
     batching: bool = Field(
         True, description="gather concurrent requests into one batch before the fan-out"
     )

@@ -24,6 +24,7 @@ from .batching import Batcher, Rows
 from .config import CombinerConfig, MemberRoute, TensorInfo
 from .fanout import fan_out
 from .rules import combine, load_rule, uncertainty
+from .shm import ShmPool, reclaim_stale
 from .upstream import GRPC_OPTIONS, MemberError, Upstream
 
 __all__ = ["EnsembleService", "RequestError", "serve"]
@@ -66,6 +67,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self._weights = [m.weight for m in config.members]
         self._rule = load_rule(config.rule, config.rule_path)
         self._quorum = config.quorum_count()
+        self._shm: ShmPool | None = None
         self._batcher = (
             Batcher(
                 lambda rows, wanted, deadline: self._fan_out("", rows, wanted, deadline),
@@ -76,9 +78,17 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             else None
         )
 
+    async def start(self) -> None:
+        """Reclaim what stopped processes left in shared memory; make this one's pool."""
+        if self.config.shared_memory:
+            await reclaim_stale(self.upstream)
+            self._shm = ShmPool(self.upstream)
+
     async def close(self) -> None:
         if self._batcher is not None:
             await self._batcher.close()
+        if self._shm is not None:
+            await self._shm.close()
 
     # -- health and metadata ------------------------------------------------------------------
 
@@ -296,11 +306,24 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         combine the answers of those that made it, if they meet the quorum. Returns the
         outputs, the contributing members and why the others are missing."""
 
+        region = await self._shm.acquire(sum(map(len, inputs.data.values()))) if self._shm else None
+        placed = None
+        if region is not None:
+            names = list(inputs.data)
+            offsets = region.write([inputs.data[n] for n in names])
+            placed = (region.name, dict(zip(names, offsets, strict=True)))
+
         def calls_of(member: MemberRoute) -> Callable[[], Awaitable[list[Any]]]:
             step = member.max_batch_size or inputs.batch
             requests = [
                 self._member_request(
-                    member, request_id, inputs, wanted, start, min(start + step, inputs.batch)
+                    member,
+                    request_id,
+                    inputs,
+                    wanted,
+                    start,
+                    min(start + step, inputs.batch),
+                    placed,
                 )
                 for start in range(0, inputs.batch, step)
             ]
@@ -313,11 +336,15 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
 
             return call
 
-        answers, missing = await fan_out(
-            [(m.name, calls_of(m)) for m in self.config.members],
-            deadline,
-            sequential=self.config.fan_out == "sequential",
-        )
+        try:
+            answers, missing = await fan_out(
+                [(m.name, calls_of(m)) for m in self.config.members],
+                deadline,
+                sequential=self.config.fan_out == "sequential",
+            )
+        finally:
+            if region is not None and self._shm is not None:
+                self._shm.release(region)
         members = [m for m in self.config.members if m.name in answers]
         if len(members) < self._quorum:
             why = "; ".join(f"{name} ({reason})" for name, reason in missing.items())
@@ -372,19 +399,32 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         wanted: list[str],
         start: int,
         stop: int,
+        region: tuple[str, dict[str, int]] | None = None,
     ) -> service_pb2.ModelInferRequest:
-        """The request for rows [start, stop) of the inputs, in the member's tensor names."""
+        """The request for rows [start, stop) of the inputs, in the member's tensor names: the
+        bytes in the request, or, with ``region`` (name, offset per input), a pointer to them
+        in shared memory."""
         req = service_pb2.ModelInferRequest(model_name=member.name, id=request_id)
         whole = start == 0 and stop == inputs.batch
         for ens_name, content in inputs.data.items():
             shape = inputs.shapes[ens_name]
-            req.inputs.add(
+            tensor = req.inputs.add(
                 name=member.inputs[ens_name],
                 datatype=self._inputs[ens_name].dtype,
                 shape=(stop - start, *shape[1:]),
             )
             row = len(content) // inputs.batch
-            req.raw_input_contents.append(content if whole else content[start * row : stop * row])
+            if region is not None:
+                name, offsets = region
+                tensor.parameters["shared_memory_region"].string_param = name
+                tensor.parameters["shared_memory_offset"].int64_param = (
+                    offsets[ens_name] + start * row
+                )
+                tensor.parameters["shared_memory_byte_size"].int64_param = (stop - start) * row
+            else:
+                req.raw_input_contents.append(
+                    content if whole else content[start * row : stop * row]
+                )
         for ens_name in self._bases(wanted):
             req.outputs.add(name=member.outputs[ens_name])
         return req
@@ -464,6 +504,7 @@ async def serve(
     upstream = Upstream(config.triton_url)
     server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", int(reuse_port))])
     service = EnsembleService(config, upstream)
+    await service.start()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     address = f"{host}:{port}"
     if server.add_insecure_port(address) == 0:

@@ -62,5 +62,21 @@ class Upstream:
             return False
         return all(r.ready for r in replies)
 
+    async def register_shm(self, name: str, key: str, byte_size: int) -> None:
+        await self._stub.SystemSharedMemoryRegister(
+            service_pb2.SystemSharedMemoryRegisterRequest(name=name, key=key, byte_size=byte_size)
+        )
+
+    async def unregister_shm(self, name: str) -> None:
+        await self._stub.SystemSharedMemoryUnregister(
+            service_pb2.SystemSharedMemoryUnregisterRequest(name=name)
+        )
+
+    async def shm_status(self) -> service_pb2.SystemSharedMemoryStatusResponse:
+        response: service_pb2.SystemSharedMemoryStatusResponse = (
+            await self._stub.SystemSharedMemoryStatus(service_pb2.SystemSharedMemoryStatusRequest())
+        )
+        return response
+
     async def close(self) -> None:
         await self._channel.close()

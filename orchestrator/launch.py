@@ -13,6 +13,7 @@ PATH so that the stub imports the same numpy and onnxruntime as Chorus.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -238,6 +239,8 @@ class TritonServer:
         ]
         if backend_dir is not None:
             argv.append(f"--backend-directory={backend_dir}")
+        if _accepts(str(self.binary.path), "--allow-client-shm", tuple(sorted(env.items()))):
+            argv.append("--allow-client-shm=true")  # Triton >= 2.69 refuses client shm without
         self.process = ManagedProcess("tritonserver", argv, self.workdir / "tritonserver.log", env)
         self.process.start()
         try:
@@ -275,6 +278,23 @@ class TritonServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@functools.lru_cache(maxsize=8)
+def _accepts(binary: str, flag: str, env: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this tritonserver knows a command-line flag (read from its --help)."""
+    try:
+        result = subprocess.run(
+            [binary, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(env),
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return flag in result.stdout + result.stderr
 
 
 def _http_ok(url: str) -> bool:

@@ -180,7 +180,8 @@ class Deployment:
         assert self.triton is not None
         config_file = self.workdir / "combiner.json"
         config = combiner_config(self.ensemble, self.triton.grpc_url, self.plan, self.fan_out)
-        config = config.model_copy(update={"batching": self.batching})
+        local = self.triton.host in ("127.0.0.1", "localhost", "::1")
+        config = config.model_copy(update={"batching": self.batching, "shared_memory": local})
         config.save(config_file)
         argv = [
             sys.executable,

@@ -1,0 +1,123 @@
+"""One copy of the input: system shared-memory regions registered with a Triton on this host.
+
+Each batch's input bytes are written once into a region of a pool, and every member's request
+points at them (offset and size) instead of carrying them. Regions are reused across batches
+and a larger one is made when a batch does not fit. They are named ``chorus_<pid>_<n>`` (the
+POSIX key is ``/chorus_<pid>_<n>``), so that those of a process that died without cleaning up
+(``kill -9``) can be told apart: :func:`reclaim_stale` unregisters them from Triton and unlinks
+them at the next start. A clean stop unregisters and unlinks every region of the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.utils.shared_memory as shm
+from tritonclient.grpc import service_pb2
+
+from .upstream import Upstream
+
+__all__ = ["Region", "ShmPool", "reclaim_stale"]
+
+log = logging.getLogger("chorus.combiner.shm")
+_PREFIX = "chorus_"
+_NAME = re.compile(r"^chorus_(\d+)_\d+$")
+_MIN_SIZE = 1 << 16
+
+
+@dataclass
+class Region:
+    name: str
+    size: int
+    handle: shm.SharedMemoryRegion
+
+    def write(self, chunks: list[bytes]) -> list[int]:
+        """Write the chunks one after another from offset 0; returns their offsets."""
+        offsets, offset = [], 0
+        arrays = []
+        for chunk in chunks:
+            offsets.append(offset)
+            arrays.append(np.frombuffer(chunk, dtype=np.uint8))
+            offset += len(chunk)
+        shm.set_shared_memory_region(self.handle, arrays)
+        return offsets
+
+
+class ShmPool:
+    """Regions of this process, registered with Triton, lent out one batch at a time."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._upstream = upstream
+        self._free: list[Region] = []
+        self._all: list[Region] = []
+        self._count = 0
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, size: int) -> Region:
+        async with self._lock:
+            fitting = [r for r in self._free if r.size >= size]
+            if fitting:
+                region = min(fitting, key=lambda r: r.size)
+                self._free.remove(region)
+                return region
+            region_size = max(_MIN_SIZE, 1 << (size - 1).bit_length())
+            name = f"{_PREFIX}{os.getpid()}_{self._count}"
+            self._count += 1
+            handle = shm.create_shared_memory_region(name, "/" + name, region_size)
+            region = Region(name, region_size, handle)
+            try:
+                await self._upstream.register_shm(name, "/" + name, region_size)
+            except BaseException:
+                shm.destroy_shared_memory_region(handle)
+                raise
+            self._all.append(region)
+            return region
+
+    def release(self, region: Region) -> None:
+        self._free.append(region)
+
+    async def close(self) -> None:
+        """Unregister every region from Triton and unlink it."""
+        for region in self._all:
+            try:
+                await self._upstream.unregister_shm(region.name)
+            except Exception as e:  # Triton may be gone already: still unlink
+                log.warning("could not unregister %s from Triton: %s", region.name, e)
+            shm.destroy_shared_memory_region(region.handle)
+        self._all.clear()
+        self._free.clear()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def reclaim_stale(upstream: Upstream, shm_dir: Path = Path("/dev/shm")) -> list[str]:
+    """Unregister from Triton and unlink the regions of Chorus processes that are gone."""
+    reclaimed = []
+    status: service_pb2.SystemSharedMemoryStatusResponse = await upstream.shm_status()
+    for name in status.regions:
+        match = _NAME.match(name)
+        if match and not _alive(int(match.group(1))):
+            await upstream.unregister_shm(name)
+            reclaimed.append(name)
+    for path in shm_dir.glob(f"{_PREFIX}*"):
+        match = _NAME.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            if path.name not in reclaimed:
+                reclaimed.append(path.name)
+    if reclaimed:
+        log.info("reclaimed shared memory left by stopped processes: %s", ", ".join(reclaimed))
+    return reclaimed

@@ -1,0 +1,128 @@
+"""The batching stage's queueing, driven step by step: its seam is the coroutine it calls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from combiner.batching import Batcher, Rows
+
+
+def rows(values: list[float], width: int = 2) -> Rows:
+    data = np.array([[v] * width for v in values], dtype=np.float32)
+    return Rows(len(values), {"x": data.tobytes()}, {"x": data.shape})
+
+
+class Members:
+    """Stands for the fan-out: answers x * 10, holding each batch until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.gate = asyncio.Event()
+
+    async def run(self, batch: Rows, wanted: list[str], deadline: float | None):
+        self.batches.append(batch.batch)
+        await self.gate.wait()
+        x = np.frombuffer(batch.data["x"], dtype=np.float32).reshape(batch.shapes["x"])
+        return {"y": x * 10}, ["a"], {}
+
+
+def test_requests_arriving_while_the_members_are_busy_share_one_batch():
+    async def go():
+        members = Members()
+        batcher = Batcher(members.run, max_rows=64, max_in_flight=1)
+        first = asyncio.create_task(batcher.submit(rows([1.0]), ["y"], None))
+        await asyncio.sleep(0)  # the first goes straight through and holds the only slot
+        others = [
+            asyncio.create_task(batcher.submit(rows([float(i), i + 0.5]), ["y"], None))
+            for i in range(2, 6)
+        ]
+        await asyncio.sleep(0.01)
+        members.gate.set()
+        answers = await asyncio.gather(first, *others)
+        await batcher.close()
+        return members.batches, answers
+
+    batches, answers = asyncio.run(go())
+    assert batches == [1, 8]  # the lone request, then the four that queued, joined
+    np.testing.assert_allclose(answers[0][0]["y"], [[10.0, 10.0]])
+    for i, (outputs, contributors, missing) in zip(range(2, 6), answers[1:], strict=True):
+        np.testing.assert_allclose(outputs["y"], [[i * 10] * 2, [(i + 0.5) * 10] * 2])
+        assert contributors == ["a"] and missing == {}
+
+
+def test_incompatible_or_oversized_requests_wait_for_their_own_batch():
+    async def go():
+        members = Members()
+        batcher = Batcher(members.run, max_rows=4, max_in_flight=1)
+        tasks = [asyncio.create_task(batcher.submit(rows([0.0]), ["y"], None))]
+        await asyncio.sleep(0)
+        tasks += [
+            asyncio.create_task(batcher.submit(rows([1.0, 2.0, 3.0]), ["y"], None)),
+            asyncio.create_task(batcher.submit(rows([4.0], width=3), ["y"], None)),  # other shape
+            asyncio.create_task(batcher.submit(rows([5.0, 6.0]), ["y"], None)),  # over 4 rows
+            asyncio.create_task(batcher.submit(rows([7.0]), ["y"], None)),
+        ]
+        await asyncio.sleep(0.01)
+        members.gate.set()
+        answers = await asyncio.gather(*tasks)
+        await batcher.close()
+        return members.batches, answers
+
+    batches, answers = asyncio.run(go())
+    assert batches == [1, 4, 1, 2]  # [0]; [1,2,3]+[7]; [4] alone (width 3); [5,6]
+    assert answers[2][0]["y"].shape == (1, 3)
+    np.testing.assert_allclose(answers[4][0]["y"], [[70.0, 70.0]])
+
+
+def test_an_error_reaches_every_request_of_the_batch():
+    async def go():
+        gate = asyncio.Event()
+
+        async def failing(batch, wanted, deadline):
+            await gate.wait()
+            raise RuntimeError("members down")
+
+        batcher = Batcher(failing, max_rows=64, max_in_flight=1)
+        tasks = [
+            asyncio.create_task(batcher.submit(rows([float(i)]), ["y"], None)) for i in range(3)
+        ]
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(go())
+    assert all(isinstance(r, RuntimeError) and "members down" in str(r) for r in results)
+
+
+@pytest.mark.parametrize("deadline", [None, 5.0])
+def test_a_batch_gets_the_earliest_deadline_of_its_requests(deadline):
+    async def go():
+        seen = []
+        gate = asyncio.Event()
+
+        async def run(batch, wanted, d):
+            seen.append(d)
+            await gate.wait()
+            return {"y": np.zeros(batch.shapes["x"], np.float32)}, ["a"], {}
+
+        batcher = Batcher(run, max_rows=64, max_in_flight=1)
+        first = asyncio.create_task(batcher.submit(rows([0.0]), ["y"], None))
+        await asyncio.sleep(0)
+        late = [
+            asyncio.create_task(batcher.submit(rows([1.0]), ["y"], deadline)),
+            asyncio.create_task(batcher.submit(rows([2.0]), ["y"], 60.0)),
+        ]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, *late)
+        await batcher.close()
+        return seen
+
+    seen = asyncio.run(go())
+    assert seen[0] is None
+    assert seen[1] <= (deadline if deadline is not None else 60.0)
