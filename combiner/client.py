@@ -17,7 +17,9 @@ this edge::
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -113,6 +115,7 @@ class _Common:
         self.url = url
         self.model = model
         self._metadata: Any = None
+        self._max_batch = 1
 
     def _build(self, x: Inputs, module: Any) -> tuple[list[Any], list[Any]]:
         meta = self._metadata
@@ -152,6 +155,23 @@ class _Common:
     def _parameters(deadline_ms: float | None) -> dict[str, Any] | None:
         return None if deadline_ms is None else {"deadline_ms": float(deadline_ms)}
 
+    def _split(self, x: Inputs, chunk: int | None) -> list[Inputs]:
+        """``x`` in pieces of at most ``chunk`` rows (default: the ensemble's max batch)."""
+        size = chunk or self._max_batch
+        rows = len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
+        if isinstance(x, Mapping):
+            return [{n: a[i : i + size] for n, a in x.items()} for i in range(0, rows, size)]
+        return [x[i : i + size] for i in range(0, rows, size)]
+
+    @staticmethod
+    def _join(
+        parts: list[np.ndarray | dict[str, np.ndarray]],
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        first = parts[0]
+        if isinstance(first, dict):
+            return {n: np.concatenate([p[n] for p in parts]) for n in first}  # type: ignore[index]
+        return np.concatenate(parts)  # type: ignore[arg-type]
+
 
 class EnsembleClient(_Common):
     """Blocking client. ``model`` defaults to the one ensemble the endpoint serves."""
@@ -167,9 +187,27 @@ class EnsembleClient(_Common):
                     index = self._client.get_model_repository_index(as_json=True)
                     self.model = index["models"][0]["name"]
                 self._metadata = self._client.get_model_metadata(self.model, as_json=True)
+                config = self._client.get_model_config(self.model, as_json=True)["config"]
+                self._max_batch = int(config.get("max_batch_size", 1)) or 1
             except InferenceServerException as e:
                 raise _translate(e) from e
         return dict(self._metadata)
+
+    def predict_all(
+        self,
+        x: Inputs,
+        chunk: int | None = None,
+        concurrency: int = 8,
+        timeout_s: float | None = None,
+        deadline_ms: float | None = None,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """``predict`` for any number of rows: split into chunks of the ensemble's max batch
+        size (or ``chunk``), up to ``concurrency`` in flight together, answers in order."""
+        self.metadata()
+        parts = self._split(x, chunk)
+        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(parts)))) as pool:
+            answers = list(pool.map(lambda p: self.predict(p, timeout_s, deadline_ms), parts))
+        return self._join(answers)
 
     def ready(self) -> bool:
         try:
@@ -229,9 +267,29 @@ class AsyncEnsembleClient(_Common):
                     index = await self._client.get_model_repository_index(as_json=True)
                     self.model = index["models"][0]["name"]
                 self._metadata = await self._client.get_model_metadata(self.model, as_json=True)
+                config = (await self._client.get_model_config(self.model, as_json=True))["config"]
+                self._max_batch = int(config.get("max_batch_size", 1)) or 1
             except InferenceServerException as e:
                 raise _translate(e) from e
         return dict(self._metadata)
+
+    async def predict_all(
+        self,
+        x: Inputs,
+        chunk: int | None = None,
+        concurrency: int = 8,
+        timeout_s: float | None = None,
+        deadline_ms: float | None = None,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """The asyncio twin of :meth:`EnsembleClient.predict_all`."""
+        await self.metadata()
+        limit = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(part: Inputs) -> np.ndarray | dict[str, np.ndarray]:
+            async with limit:
+                return await self.predict(part, timeout_s, deadline_ms)
+
+        return self._join(list(await asyncio.gather(*(one(p) for p in self._split(x, chunk)))))
 
     async def predict(
         self, x: Inputs, timeout_s: float | None = None, deadline_ms: float | None = None

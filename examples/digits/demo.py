@@ -28,11 +28,7 @@ from orchestrator.up import Deployment
 
 from .train import HERE, Split, load_split, train_members
 
-__all__ = ["member_predictions", "plan_table", "predict_all", "run"]
-
-
-def predict_all(client: EnsembleClient, x: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([client.predict(x[i : i + batch]) for i in range(0, len(x), batch)])
+__all__ = ["member_predictions", "run"]
 
 
 def member_predictions(
@@ -88,7 +84,8 @@ def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None
                 f"serving {ensemble.name!r} on {endpoints.ensemble}; first answer "
                 f"{first_answer_s:.1f} s after a cold start"
             )
-            probs = predict_all(client, split.x_test, ensemble.max_batch_size)
+            probs = client.predict_all(split.x_test)
+            assert isinstance(probs, np.ndarray)  # one output
         members = member_predictions(
             ensemble, endpoints.triton_grpc, split.x_test, plan.max_batch_size
         )

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from combiner.client import AsyncEnsembleClient, EnsembleClient, InvalidRequest, ModelNotFound
 from combiner.rules import softmax
-from examples.digits.demo import member_predictions, predict_all
+from examples.digits.demo import member_predictions
 
 
 def direct_combination(ensemble, x: np.ndarray) -> np.ndarray:
@@ -46,7 +46,7 @@ def test_served_answer_equals_direct_onnxruntime_combination(ensemble, client, b
 def test_ensemble_is_at_least_as_accurate_as_its_best_member(
     ensemble, deployment, endpoints, client, split
 ):
-    probs = predict_all(client, split.x_test, ensemble.max_batch_size)
+    probs = client.predict_all(split.x_test)
     ensemble_acc = np.mean(probs.argmax(1) == split.y_test)
     members = member_predictions(
         ensemble, endpoints.triton_grpc, split.x_test, deployment.plan.max_batch_size
@@ -149,3 +149,21 @@ def test_rendered_repository_holds_every_member_for_the_python_backend(ensemble,
         config = (repo / m.name / "config.pbtxt").read_text()
         assert 'backend: "python"' in config
         assert (repo / m.name / "1" / "model.onnx").read_bytes() == m.path.read_bytes()
+
+
+def test_predict_all_splits_any_number_of_rows_into_max_batches_in_order(
+    ensemble, endpoints, split
+):
+    x = split.x_test[:300]  # more than the maximum batch of 64
+    expected = direct_combination(ensemble, x)
+    with EnsembleClient(endpoints.ensemble) as client:
+        np.testing.assert_allclose(client.predict_all(x), expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            client.predict_all(x, chunk=7, concurrency=3), expected, rtol=1e-4, atol=1e-6
+        )
+
+    async def go():
+        async with AsyncEnsembleClient(endpoints.ensemble) as client:
+            return await client.predict_all(x)
+
+    np.testing.assert_allclose(asyncio.run(go()), expected, rtol=1e-4, atol=1e-6)
