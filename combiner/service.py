@@ -1,4 +1,4 @@
-"""The ensemble's KServe v2 gRPC endpoint.
+"""The ensemble's KServe v2 gRPC endpoint (requests are checked by :mod:`combiner.request`).
 
 Per request: validate it against the ensemble's tensors (a bad one gets INVALID_ARGUMENT naming
 the problem, and touches no member), forward the input bytes to every member on Triton at once,
@@ -23,6 +23,7 @@ from . import __version__, metrics
 from .batching import Batcher, Rows
 from .config import CombinerConfig, MemberRoute, TensorInfo
 from .fanout import fan_out
+from .request import RequestError, RequestReader
 from .rules import combine, load_rule, uncertainty
 from .shm import ShmPool, reclaim_stale
 from .upstream import GRPC_OPTIONS, MemberError, Upstream
@@ -30,29 +31,6 @@ from .upstream import GRPC_OPTIONS, MemberError, Upstream
 __all__ = ["EnsembleService", "RequestError", "serve"]
 
 log = logging.getLogger("chorus.combiner")
-
-# Where a request may carry a tensor's values without raw_input_contents.
-_TYPED_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
-
-
-class RequestError(Exception):
-    """A request the endpoint refuses; carries the gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        self.code = code
-        super().__init__(message)
 
 
 class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -64,10 +42,10 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self._derived = config.uncertainty_outputs()  # name -> (info, base output, measure)
         self._base = {t.name: t for t in config.outputs}  # what the members answer
         self._outputs = {**self._base, **{n: d[0] for n, d in self._derived.items()}}
-        self._weights = [m.weight for m in config.members]
         self._rule = load_rule(config.rule, config.rule_path)
         self._quorum = config.quorum_count()
         self._shm: ShmPool | None = None
+        self._reader = RequestReader(config, self._outputs)
         self._batcher = (
             Batcher(
                 lambda rows, wanted, deadline: self._fan_out("", rows, wanted, deadline),
@@ -179,9 +157,9 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 grpc.StatusCode.NOT_FOUND,
                 self._not_found(request.model_name, request.model_version),
             )
-        inputs = self._parse(request)
-        wanted = self._requested_outputs(request)
-        deadline = self._deadline(request, context)
+        inputs = self._reader.parse(request)
+        wanted = self._reader.requested_outputs(request)
+        deadline = self._reader.deadline(request, context)
         if self._batcher is not None:
             outputs, contributors, missing = await self._batcher.submit(inputs, wanted, deadline)
         else:
@@ -203,101 +181,6 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             response.outputs.add(name=name, datatype=info.dtype, shape=array.shape)
             response.raw_output_contents.append(array.tobytes())
         return response
-
-    def _deadline(
-        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> float | None:
-        """Seconds to wait for the members: the request's ``deadline_ms`` parameter, else the
-        ensemble's default, and never past the client's own gRPC deadline."""
-        ms: float | None = self.config.deadline_ms
-        if "deadline_ms" in request.parameters:
-            param = request.parameters["deadline_ms"]
-            kind = param.WhichOneof("parameter_choice")
-            if kind not in ("int64_param", "uint64_param", "double_param"):
-                raise _invalid("parameter 'deadline_ms' must be a number of milliseconds")
-            ms = float(getattr(param, kind))
-            if ms <= 0:
-                raise _invalid(f"parameter 'deadline_ms' must be positive, got {ms:g}")
-        seconds = None if ms is None else ms / 1000.0
-        remaining = context.time_remaining()
-        if remaining is not None:
-            seconds = remaining if seconds is None else min(seconds, remaining)
-        return seconds
-
-    def _parse(self, request: service_pb2.ModelInferRequest) -> Rows:
-        expected = ", ".join(self._inputs)
-        raw = list(request.raw_input_contents)
-        if raw and len(raw) != len(request.inputs):
-            raise _invalid(
-                f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents"
-            )
-        data: dict[str, bytes] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        batch = None
-        for i, tensor in enumerate(request.inputs):
-            info = self._inputs.get(tensor.name)
-            if info is None:
-                raise _invalid(f"unknown input {tensor.name!r}; this ensemble takes: {expected}")
-            if tensor.name in data:
-                raise _invalid(f"input {tensor.name!r} is given twice")
-            if "shared_memory_region" in tensor.parameters:
-                raise _invalid(
-                    f"input {tensor.name!r} is in shared memory; this endpoint takes inputs "
-                    "in the request only"
-                )
-            if tensor.datatype != info.dtype:
-                raise _invalid(
-                    f"input {tensor.name!r} has datatype {tensor.datatype}; "
-                    f"the ensemble expects {info.dtype}"
-                )
-            shape = tuple(tensor.shape)
-            if not _shape_fits(shape, info):
-                want = [-1, *info.shape]
-                raise _invalid(
-                    f"input {tensor.name!r} has shape {list(shape)}; the ensemble expects "
-                    f"{want} (first dimension: batch)"
-                )
-            if shape[0] > self.config.max_batch_size:
-                raise _invalid(
-                    f"batch size {shape[0]} of input {tensor.name!r} exceeds the maximum "
-                    f"batch size {self.config.max_batch_size}; split the batch"
-                )
-            if batch is not None and shape[0] != batch:
-                raise _invalid(f"inputs disagree on the batch size ({batch} and {shape[0]})")
-            batch = shape[0]
-            content = raw[i] if raw else _typed_bytes(tensor, info)
-            need = int(np.prod(shape)) * np.dtype(triton_to_np_dtype(info.dtype)).itemsize
-            if len(content) != need:
-                raise _invalid(
-                    f"input {tensor.name!r} carries {len(content)} bytes; shape {list(shape)} "
-                    f"of {info.dtype} needs {need}"
-                )
-            data[tensor.name] = content
-            shapes[tensor.name] = shape
-        missing = [n for n in self._inputs if n not in data]
-        if missing:
-            raise _invalid(
-                f"missing input {', '.join(map(repr, missing))}; this ensemble takes: {expected}"
-            )
-        assert batch is not None
-        return Rows(batch, data, shapes)
-
-    def _requested_outputs(self, request: service_pb2.ModelInferRequest) -> list[str]:
-        if not request.outputs:
-            return list(self._outputs)
-        names = []
-        for out in request.outputs:
-            if out.name not in self._outputs:
-                raise _invalid(
-                    f"unknown output {out.name!r}; this ensemble gives: {', '.join(self._outputs)}"
-                )
-            if "shared_memory_region" in out.parameters:
-                raise _invalid(
-                    f"output {out.name!r} asks for shared memory; this endpoint "
-                    "returns outputs in the response only"
-                )
-            names.append(out.name)
-        return names
 
     async def _fan_out(
         self, request_id: str, inputs: Rows, wanted: list[str], deadline: float | None
@@ -447,29 +330,6 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
 
     async def _ready(self) -> bool:
         return await self.upstream.models_ready(self._member_names)
-
-
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def _shape_fits(shape: tuple[int, ...], info: TensorInfo) -> bool:
-    return (
-        len(shape) == 1 + len(info.shape)
-        and shape[0] >= 1
-        and all(
-            d >= 0 and (want == -1 or d == want)
-            for d, want in zip(shape[1:], info.shape, strict=True)
-        )
-    )
-
-
-def _typed_bytes(tensor: service_pb2.ModelInferRequest.InferInputTensor, info: TensorInfo) -> bytes:
-    field = _TYPED_FIELD.get(info.dtype)
-    if field is None:
-        raise _invalid(f"input {tensor.name!r} of {info.dtype} must be sent as raw bytes")
-    values = getattr(tensor.contents, field)
-    return np.asarray(values, dtype=triton_to_np_dtype(info.dtype)).tobytes()
 
 
 def _output(response: service_pb2.ModelInferResponse, name: str, info: TensorInfo) -> np.ndarray:
