@@ -201,25 +201,35 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
         seen.add(m.name)
 
     base = file.resolve().parent
-    if not read_models:
-        return Ensemble(
-            name=spec.name,
-            file=file.resolve(),
-            members=tuple(
-                Member(m.name, (base / m.path).resolve(), m.weight, (), (), (), ())
-                for m in spec.members
-            ),
-            inputs=_declared(file, "inputs", spec.inputs),
-            outputs=_declared(file, "outputs", spec.outputs),
-            rule=spec.combine.rule,
-            softmax=spec.combine.softmax,
-            max_batch_size=spec.serving.max_batch_size,
-            uncertainty=tuple(dict.fromkeys(spec.combine.uncertainty)),
-            deadline_ms=spec.serving.deadline_ms,
-            quorum=_quorum(file, spec),
+    if read_models:
+        members, inputs, outputs = _read_members(file, spec, base)
+    else:  # planning from a profile: names and declared tensors only
+        members = tuple(
+            Member(m.name, (base / m.path).resolve(), m.weight, (), (), (), ())
+            for m in spec.members
         )
-    read = [_read_onnx(file, i, base / m.path) for i, m in enumerate(spec.members)]
+        inputs = _declared(file, "inputs", spec.inputs)
+        outputs = _declared(file, "outputs", spec.outputs)
+    return Ensemble(
+        name=spec.name,
+        file=file.resolve(),
+        members=members,
+        inputs=inputs,
+        outputs=outputs,
+        rule=spec.combine.rule,
+        softmax=spec.combine.softmax,
+        max_batch_size=spec.serving.max_batch_size,
+        uncertainty=tuple(dict.fromkeys(spec.combine.uncertainty)),
+        deadline_ms=spec.serving.deadline_ms,
+        quorum=_quorum(file, spec),
+    )
 
+
+def _read_members(
+    file: Path, spec: EnsembleFile, base: Path
+) -> tuple[tuple[Member, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The members with their ONNX tensors, and the ensemble's tensors, checked to agree."""
+    read = [_read_onnx(file, i, base / m.path) for i, m in enumerate(spec.members)]
     first_in, first_out = read[0]
     inputs = _declared(file, "inputs", spec.inputs) or first_in
     outputs = _declared(file, "outputs", spec.outputs) or first_out
@@ -237,7 +247,6 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
                 "combine.uncertainty",
                 f"output {t.name!r} has no class axis: uncertainty needs (batch, ..., classes)",
             )
-
     members = []
     for i, (m, (m_in, m_out)) in enumerate(zip(spec.members, read, strict=True)):
         in_map = _match(file, f"members[{i}]", "inputs", inputs, m_in, m.inputs, m.name)
@@ -253,19 +262,7 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
                 output_map=out_map,
             )
         )
-    return Ensemble(
-        name=spec.name,
-        file=file.resolve(),
-        members=tuple(members),
-        inputs=inputs,
-        outputs=outputs,
-        rule=spec.combine.rule,
-        softmax=spec.combine.softmax,
-        max_batch_size=spec.serving.max_batch_size,
-        uncertainty=tuple(dict.fromkeys(spec.combine.uncertainty)),
-        deadline_ms=spec.serving.deadline_ms,
-        quorum=_quorum(file, spec),
-    )
+    return tuple(members), inputs, outputs
 
 
 def _quorum(file: Path, spec: EnsembleFile) -> int:
