@@ -58,6 +58,13 @@ class CombinerConfig(_Strict):
     max_in_flight: int = Field(
         4, ge=1, description="batches out to the members at once; more requests wait and join"
     )
+    fanout_model: str | None = Field(
+        None,
+        description="a Triton ensemble returning every member's outputs (<member>__<output>): "
+        "one call instead of one per member, used when no deadline or quorum needs per-member "
+        "calls",
+    )
+    fanout_max_batch_size: int | None = Field(None, ge=1)
     fan_out: Literal["concurrent", "sequential"] = Field(
         "concurrent",
         description="call the members all at once, or one after another (the paper's baseline)",

@@ -46,6 +46,16 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self._quorum = config.quorum_count()
         self._shm: ShmPool | None = None
         self._reader = RequestReader(config, self._outputs)
+        self._fanout = (
+            MemberRoute(
+                name=config.fanout_model,
+                inputs={t.name: t.name for t in config.inputs},
+                outputs={},
+                max_batch_size=config.fanout_max_batch_size,
+            )
+            if config.fanout_model
+            else None
+        )
         self._batcher = (
             Batcher(
                 lambda rows, wanted, deadline: self._fan_out("", rows, wanted, deadline),
@@ -196,7 +206,9 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             offsets = region.write([inputs.data[n] for n in names])
             placed = (region.name, dict(zip(names, offsets, strict=True)))
 
-        def calls_of(member: MemberRoute) -> Callable[[], Awaitable[list[Any]]]:
+        def calls_of(
+            member: MemberRoute, output_names: list[str] | None = None
+        ) -> Callable[[], Awaitable[list[Any]]]:
             step = member.max_batch_size or inputs.batch
             requests = [
                 self._member_request(
@@ -207,6 +219,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                     start,
                     min(start + step, inputs.batch),
                     placed,
+                    output_names,
                 )
                 for start in range(0, inputs.batch, step)
             ]
@@ -219,12 +232,30 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
 
             return call
 
+        one_call = (
+            self._fanout is not None
+            and deadline is None
+            and (self._quorum == len(self.config.members) and self.config.fan_out == "concurrent")
+        )
         try:
-            answers, missing = await fan_out(
-                [(m.name, calls_of(m)) for m in self.config.members],
-                deadline,
-                sequential=self.config.fan_out == "sequential",
-            )
+            if one_call:  # every member must answer anyway: let Triton fan out in one call
+                assert self._fanout is not None
+                names = [
+                    self._fanout_output(m, b)
+                    for m in self.config.members
+                    for b in self._bases(wanted)
+                ]
+                got, failed = await fan_out(
+                    [(self._fanout.name, calls_of(self._fanout, names))], None
+                )
+                answers = {m.name: got[self._fanout.name] for m in self.config.members if got}
+                missing = {m.name: failed[self._fanout.name] for m in self.config.members if failed}
+            else:
+                answers, missing = await fan_out(
+                    [(m.name, calls_of(m)) for m in self.config.members],
+                    deadline,
+                    sequential=self.config.fan_out == "sequential",
+                )
         finally:
             if region is not None and self._shm is not None:
                 self._shm.release(region)
@@ -247,7 +278,8 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             info = self._base[base]
             per_member = []
             for member in members:
-                parts = [_output(r, member.outputs[base], info) for r in answers[member.name]]
+                name = self._fanout_output(member, base) if one_call else member.outputs[base]
+                parts = [_output(r, name, info) for r in answers[member.name]]
                 per_member.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
             stacked[base] = np.stack(per_member)
         outputs = {}
@@ -270,6 +302,10 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             )
         return outputs, [m.name for m in members], missing
 
+    @staticmethod
+    def _fanout_output(member: MemberRoute, base: str) -> str:
+        return f"{member.name}__{base}"
+
     def _bases(self, wanted: list[str]) -> list[str]:
         """The members' outputs needed for these ensemble outputs."""
         return list(dict.fromkeys(self._derived[n][1] if n in self._derived else n for n in wanted))
@@ -283,6 +319,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         start: int,
         stop: int,
         region: tuple[str, dict[str, int]] | None = None,
+        output_names: list[str] | None = None,
     ) -> service_pb2.ModelInferRequest:
         """The request for rows [start, stop) of the inputs, in the member's tensor names: the
         bytes in the request, or, with ``region`` (name, offset per input), a pointer to them
@@ -308,8 +345,8 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 req.raw_input_contents.append(
                     content if whole else content[start * row : stop * row]
                 )
-        for ens_name in self._bases(wanted):
-            req.outputs.add(name=member.outputs[ens_name])
+        for name in output_names or [member.outputs[b] for b in self._bases(wanted)]:
+            req.outputs.add(name=name)
         return req
 
     # -- helpers --------------------------------------------------------------------------------

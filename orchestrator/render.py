@@ -30,9 +30,11 @@ __all__ = [
     "Backend",
     "InstanceGroup",
     "describe_changes",
+    "fanout_name",
     "instance_groups",
     "pick_backend",
     "render_config",
+    "render_fanout",
     "render_plan",
     "render_repository",
 ]
@@ -165,8 +167,9 @@ def cpu_threads(plan: Plan, node: str) -> int:
 
 
 def render_plan(ensemble: Ensemble, plan: Plan, repo: Path, backend: Backend) -> list[Path]:
-    """Render the plan: into ``repo`` for a single node, else one ``repo/NODE`` per node holding
-    only that node's instances. Returns the files whose bytes changed."""
+    """Render the plan: into ``repo`` for a single node, with the fan-out model beside the
+    members; else one ``repo/NODE`` per node holding only that node's instances. Returns the
+    files whose bytes changed."""
     nodes = plan.nodes()
     changed = []
     for node in nodes:
@@ -176,7 +179,33 @@ def render_plan(ensemble: Ensemble, plan: Plan, repo: Path, backend: Backend) ->
             changed += render_repository(
                 ensemble, target, backend, groups, plan.max_batch_size, cpu_threads(plan, node)
             )
+    if len(nodes) == 1 and ensemble.outputs:
+        name = fanout_name(ensemble)
+        text = render_fanout(ensemble, min(plan.max_batch_size.values()))
+        if _write(repo / name / "config.pbtxt", text.encode()):
+            changed.append(repo / name / "config.pbtxt")
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
     return changed
+
+
+def fanout_name(ensemble: Ensemble) -> str:
+    """The fan-out model's name on Triton."""
+    return validate_name(f"{ensemble.name}__fanout")
+
+
+def render_fanout(ensemble: Ensemble, max_batch_size: int) -> str:
+    """A Triton ensemble that sends the input to every member and returns all their outputs
+    (``<member>__<output>``), checked against Triton's schema."""
+    name = fanout_name(ensemble)
+    text = _TEMPLATES.get_template("fanout.pbtxt.j2").render(
+        name=name,
+        max_batch_size=max_batch_size,
+        inputs=ensemble.inputs,
+        outputs=ensemble.outputs,
+        members=ensemble.members,
+    )
+    parse_config(text, name)
+    return text
 
 
 def _write(path: Path, data: bytes) -> bool:

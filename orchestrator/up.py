@@ -28,6 +28,7 @@ from .launch import ManagedProcess, ServerBinary, TritonServer, find_tritonserve
 from .plan import Plan, one_instance_each
 from .render import (
     cpu_threads,
+    fanout_name,
     instance_groups,
     parse_config,
     pick_backend,
@@ -127,9 +128,10 @@ class Deployment:
         render_plan(self.ensemble, self.plan, repo, self.backend)
         (self.workdir / "plan.json").write_text(self.plan.to_json())
         try:
-            self.triton = TritonServer(
-                repo, self.workdir, [m.name for m in self.ensemble.members], binary=self.binary
-            )
+            models = [m.name for m in self.ensemble.members]
+            if (repo / fanout_name(self.ensemble)).is_dir():
+                models.append(fanout_name(self.ensemble))  # after its members
+            self.triton = TritonServer(repo, self.workdir, models, binary=self.binary)
             self.triton.start(timeout=deadline - time.monotonic())
             self.port = self.grpc_port or free_port(self.host)
             self._start_combiner(deadline)
@@ -169,8 +171,12 @@ class Deployment:
                     client.load_model(m.name, config=override)
                     reloaded.append(m.name)
         self.plan = plan
-        render_plan(self.ensemble, plan, self.workdir / "repository", self.backend)
+        repo = self.workdir / "repository"
+        render_plan(self.ensemble, plan, repo, self.backend)
         (self.workdir / "plan.json").write_text(plan.to_json())
+        if (repo / fanout_name(self.ensemble)).is_dir():  # its batch limit follows the members'
+            with grpcclient.InferenceServerClient(self.triton.grpc_url) as client:
+                client.load_model(fanout_name(self.ensemble))
         if self.combiner is not None:
             self.combiner.stop()
         self._start_combiner(time.monotonic() + self.timeout_s)
@@ -181,7 +187,11 @@ class Deployment:
         config_file = self.workdir / "combiner.json"
         config = combiner_config(self.ensemble, self.triton.grpc_url, self.plan, self.fan_out)
         local = self.triton.host in ("127.0.0.1", "localhost", "::1")
-        config = config.model_copy(update={"batching": self.batching, "shared_memory": local})
+        update: dict[str, object] = {"batching": self.batching, "shared_memory": local}
+        if (self.workdir / "repository" / fanout_name(self.ensemble)).is_dir():
+            update["fanout_model"] = fanout_name(self.ensemble)
+            update["fanout_max_batch_size"] = min(self.plan.max_batch_size.values())
+        config = config.model_copy(update=update)
         config.save(config_file)
         argv = [
             sys.executable,

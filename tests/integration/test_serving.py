@@ -167,3 +167,29 @@ def test_predict_all_splits_any_number_of_rows_into_max_batches_in_order(
             return await client.predict_all(x)
 
     np.testing.assert_allclose(asyncio.run(go()), expected, rtol=1e-4, atol=1e-6)
+
+
+def _inference_count(triton_url: str, model: str) -> int:
+    with grpcclient.InferenceServerClient(triton_url) as triton:
+        stats = triton.get_inference_statistics(model, as_json=True)
+    return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+
+def test_without_a_deadline_one_call_to_the_fanout_model_serves_every_member(
+    ensemble, endpoints, split
+):
+    fanout = f"{ensemble.name}__fanout"
+    before = _inference_count(endpoints.triton_grpc, fanout)
+    member_before = _inference_count(endpoints.triton_grpc, "mlp")
+    x = split.x_test[:4]
+    with EnsembleClient(endpoints.ensemble) as client:
+        answer = client.infer(x)
+        np.testing.assert_allclose(
+            answer.outputs["logits"], direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+        )
+        assert answer.contributors == tuple(m.name for m in ensemble.members)
+        assert _inference_count(endpoints.triton_grpc, fanout) == before + 1
+        # a deadline needs per-member calls, to answer with the members that make it
+        client.infer(x, deadline_ms=10_000)
+        assert _inference_count(endpoints.triton_grpc, fanout) == before + 1
+    assert _inference_count(endpoints.triton_grpc, "mlp") == member_before + 2

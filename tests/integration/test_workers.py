@@ -50,16 +50,19 @@ def test_metrics_count_requests_by_code_and_time_each_member(two_workers, ensemb
     before = urllib.request.urlopen(url, timeout=5).read().decode()
     ok_before = metric(before, "chorus_requests_total", code="OK")
     with EnsembleClient(endpoints.ensemble) as client:
-        for i in range(5):
-            client.predict(split.x_test[i : i + 1])
+        for i in range(5):  # with a deadline: one call per member, each timed
+            client.predict(split.x_test[i : i + 1], deadline_ms=60_000)
+        client.predict(split.x_test[:1])  # without: one call to the fan-out model
         with pytest.raises(InvalidRequest):
             client.predict(np.zeros((1, 1, 8, 8), dtype=np.float64))
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    assert metric(text, "chorus_requests_total", code="OK") == ok_before + 5
+    assert metric(text, "chorus_requests_total", code="OK") == ok_before + 6
     assert metric(text, "chorus_requests_total", code="INVALID_ARGUMENT") >= 1
-    assert metric(text, "chorus_request_latency_seconds_count") >= ok_before + 6
+    assert metric(text, "chorus_request_latency_seconds_count") >= ok_before + 7
     for m in ensemble.members:
         assert metric(text, "chorus_member_latency_seconds_count", member=m.name) >= 5
+    fanout = f"{ensemble.name}__fanout"
+    assert metric(text, "chorus_member_latency_seconds_count", member=fanout) >= 1
     assert metric(text, "chorus_requests_in_flight") == 0
 
 
