@@ -18,7 +18,7 @@ LATENCY = Histogram(
 )
 MEMBER_LATENCY = Histogram(
     "chorus_member_latency_seconds",
-    "Latency of calls to each member on Triton",
+    "Latency of calls on Triton: per member, or of the fan-out model that calls them all",
     ["member"],
     buckets=_BUCKETS,
 )
