@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -29,11 +30,25 @@ __all__ = ["Batcher", "Rows"]
 
 @dataclass(frozen=True)
 class Rows:
-    """A request's (or a batch's) inputs: raw row-major bytes per input, and their shapes."""
+    """A request's (or a batch's) inputs: per input, the row-major bytes of each request in
+    order (joined only if someone asks for ``data``), and the shapes."""
 
     batch: int
-    data: dict[str, bytes]
+    pieces: dict[str, tuple[bytes, ...]]
     shapes: dict[str, tuple[int, ...]]  # with the batch dimension
+
+    @classmethod
+    def of(cls, batch: int, data: dict[str, bytes], shapes: dict[str, tuple[int, ...]]) -> Rows:
+        """One request's inputs."""
+        return cls(batch, {n: (b,) for n, b in data.items()}, shapes)
+
+    @cached_property
+    def data(self) -> dict[str, bytes]:
+        """Each input's bytes in one piece (a copy only for a batch of several requests)."""
+        return {n: p[0] if len(p) == 1 else b"".join(p) for n, p in self.pieces.items()}
+
+    def nbytes(self, name: str) -> int:
+        return sum(map(len, self.pieces[name]))
 
     def key(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """Requests with equal keys can share a batch."""
@@ -41,13 +56,14 @@ class Rows:
 
     @staticmethod
     def join(parts: list[Rows]) -> Rows:
+        """The requests as one batch; their bytes are not copied here."""
         if len(parts) == 1:
             return parts[0]
         batch = sum(p.batch for p in parts)
         first = parts[0]
         return Rows(
             batch,
-            {n: b"".join(p.data[n] for p in parts) for n in first.data},
+            {n: tuple(piece for p in parts for piece in p.pieces[n]) for n in first.pieces},
             {n: (batch, *s[1:]) for n, s in first.shapes.items()},
         )
 

@@ -124,7 +124,7 @@ class RequestReader:
                 f"missing input {', '.join(map(repr, missing))}; this ensemble takes: {expected}"
             )
         assert batch is not None
-        return Rows(batch, data, shapes)
+        return Rows.of(batch, data, shapes)
 
     def requested_outputs(self, request: service_pb2.ModelInferRequest) -> list[str]:
         if not request.outputs:

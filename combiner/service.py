@@ -199,11 +199,12 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         combine the answers of those that made it, if they meet the quorum. Returns the
         outputs, the contributing members and why the others are missing."""
 
-        region = await self._shm.acquire(sum(map(len, inputs.data.values()))) if self._shm else None
+        names = list(inputs.pieces)
+        size = sum(inputs.nbytes(n) for n in names)
+        region = await self._shm.acquire(size) if self._shm else None
         placed = None
-        if region is not None:
-            names = list(inputs.data)
-            offsets = region.write([inputs.data[n] for n in names])
+        if region is not None:  # the batch's bytes go straight from the requests to the region
+            offsets = region.write([inputs.pieces[n] for n in names])
             placed = (region.name, dict(zip(names, offsets, strict=True)))
 
         def calls_of(
@@ -326,14 +327,14 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         in shared memory."""
         req = service_pb2.ModelInferRequest(model_name=member.name, id=request_id)
         whole = start == 0 and stop == inputs.batch
-        for ens_name, content in inputs.data.items():
+        for ens_name in inputs.pieces:
             shape = inputs.shapes[ens_name]
             tensor = req.inputs.add(
                 name=member.inputs[ens_name],
                 datatype=self._inputs[ens_name].dtype,
                 shape=(stop - start, *shape[1:]),
             )
-            row = len(content) // inputs.batch
+            row = inputs.nbytes(ens_name) // inputs.batch
             if region is not None:
                 name, offsets = region
                 tensor.parameters["shared_memory_region"].string_param = name
@@ -342,6 +343,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 )
                 tensor.parameters["shared_memory_byte_size"].int64_param = (stop - start) * row
             else:
+                content = inputs.data[ens_name]
                 req.raw_input_contents.append(
                     content if whole else content[start * row : stop * row]
                 )

@@ -37,14 +37,16 @@ class Region:
     size: int
     handle: shm.SharedMemoryRegion
 
-    def write(self, chunks: list[bytes]) -> list[int]:
-        """Write the chunks one after another from offset 0; returns their offsets."""
+    def write(self, tensors: list[tuple[bytes, ...]]) -> list[int]:
+        """Write each tensor (given in pieces, e.g. one per batched request) one after another
+        from offset 0, each byte once; returns the offset of each tensor."""
         offsets, offset = [], 0
         arrays = []
-        for chunk in chunks:
+        for pieces in tensors:
             offsets.append(offset)
-            arrays.append(np.frombuffer(chunk, dtype=np.uint8))
-            offset += len(chunk)
+            for piece in pieces:
+                arrays.append(np.frombuffer(piece, dtype=np.uint8))
+                offset += len(piece)
         shm.set_shared_memory_region(self.handle, arrays)
         return offsets
 

@@ -12,7 +12,7 @@ from combiner.batching import Batcher, Rows
 
 def rows(values: list[float], width: int = 2) -> Rows:
     data = np.array([[v] * width for v in values], dtype=np.float32)
-    return Rows(len(values), {"x": data.tobytes()}, {"x": data.shape})
+    return Rows.of(len(values), {"x": data.tobytes()}, {"x": data.shape})
 
 
 class Members:
