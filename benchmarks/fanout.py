@@ -14,6 +14,7 @@ import asyncio
 import tempfile
 from pathlib import Path
 
+from benchmarks.report import publish
 from combiner.client import AsyncEnsembleClient
 from examples.digits.train import HERE, load_split, train_members
 from orchestrator.bench import Load, closed_loop
@@ -76,9 +77,7 @@ def main() -> None:
             f"batch {b}, concurrency {c}: fan-out / per-member = "
             f"{fan.samples_per_s / per_member.samples_per_s:.2f}x"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

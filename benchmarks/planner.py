@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import publish
 from orchestrator.allocate import exhaustive, greedy, problem
 from orchestrator.hardware import Device
 from orchestrator.profile import Curve, Profile
@@ -153,10 +154,7 @@ def main() -> None:
         f"max {max(s for s, _ in big_rows):.3f} s (goal: under 1 s).",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks.report import publish
 from examples.digits.train import HERE, load_split, train_members
 from orchestrator.bench import Load, ensemble_load, member_load
 from orchestrator.hardware import discover
@@ -136,10 +137,7 @@ def main() -> None:
         f"the plan reaches **{plan_load / limit:.0%}** of it.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

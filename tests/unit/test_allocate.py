@@ -234,19 +234,22 @@ def planning_files(tmp_path):
     return tmp_path
 
 
-def test_plan_cli_prints_json_for_another_machine_without_the_models(planning_files):
-    d = planning_files
-    result = chorus(
+def plan_cli(d, *more: str):
+    """`chorus plan` on the fixture's files."""
+    return chorus(
         "plan",
         str(d / "ensemble.yaml"),
         "--profile",
         str(d / "profile.json"),
         "--hardware",
         str(d / "hw.yaml"),
-        "--json",
-        "-o",
-        str(d / "plan.json"),
+        *more,
     )
+
+
+def test_plan_cli_prints_json_for_another_machine_without_the_models(planning_files):
+    d = planning_files
+    result = plan_cli(d, "--json", "-o", str(d / "plan.json"))
     assert result.returncode == 0, result.stderr
     plan = __import__("json").loads(result.stdout)
     assert plan["members"] == ["a", "b"]
@@ -261,14 +264,7 @@ def test_plan_cli_exits_3_when_a_member_fits_nowhere(planning_files):
     (d / "hw.yaml").write_text(
         yaml.safe_dump({"nodes": [{"name": "n0", "devices": [{"kind": "gpu", "memory_gb": 8}]}]})
     )
-    result = chorus(
-        "plan",
-        str(d / "ensemble.yaml"),
-        "--profile",
-        str(d / "profile.json"),
-        "--hardware",
-        str(d / "hw.yaml"),
-    )
+    result = plan_cli(d)
     assert result.returncode == 3, result.stderr
     assert "'b'" in result.stderr and "8.38 GiB" in result.stderr
     assert "largest free device memory is 8.00 GiB" in result.stderr.replace("\n", " ")
@@ -279,13 +275,6 @@ def test_plan_cli_exits_2_on_a_bad_hardware_file(planning_files):
     (d / "hw.yaml").write_text(
         yaml.safe_dump({"nodes": [{"name": "n0", "devices": [{"kind": "tpu", "memory_gb": 8}]}]})
     )
-    result = chorus(
-        "plan",
-        str(d / "ensemble.yaml"),
-        "--profile",
-        str(d / "profile.json"),
-        "--hardware",
-        str(d / "hw.yaml"),
-    )
+    result = plan_cli(d)
     assert result.returncode == 2
     assert "nodes[0].devices[0].kind" in result.stderr
