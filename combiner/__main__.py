@@ -1,9 +1,9 @@
 """Run the combiner: ``python -m combiner --config combiner.json [--host H] [--grpc-port P]
-[--workers N] [--metrics-port M]``.
+[--http-port P] [--workers N] [--metrics-port M]``.
 
-Starts N worker processes sharing the gRPC port (SO_REUSEPORT: the kernel spreads connections
-over them), serves their summed Prometheus metrics on the metrics port, and stops them all on
-SIGINT or SIGTERM. If a worker dies, the others are stopped and the exit code is 1.
+Starts N worker processes sharing the gRPC (and HTTP) port (SO_REUSEPORT: the kernel spreads
+connections over them), serves their summed Prometheus metrics on the metrics port, and stops
+them all on SIGINT or SIGTERM. If a worker dies, the others are stopped and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -26,17 +26,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, required=True, help="combiner.json to serve")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--grpc-port", type=int, default=8100)
+    parser.add_argument("--http-port", type=int, default=None, help="also serve HTTP/REST")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     raise SystemExit(
-        supervise(args.config, args.host, args.grpc_port, args.workers, args.metrics_port)
+        supervise(
+            args.config, args.host, args.grpc_port, args.workers, args.metrics_port, args.http_port
+        )
     )
 
 
-def supervise(config: Path, host: str, port: int, workers: int, metrics_port: int | None) -> int:
+def supervise(
+    config: Path,
+    host: str,
+    port: int,
+    workers: int,
+    metrics_port: int | None,
+    http_port: int | None = None,
+) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="chorus-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     argv = [
@@ -50,6 +60,8 @@ def supervise(config: Path, host: str, port: int, workers: int, metrics_port: in
         "--grpc-port",
         str(port),
     ]
+    if http_port is not None:
+        argv += ["--http-port", str(http_port)]
     if workers > 1:
         argv.append("--reuse-port")
     stop = threading.Event()

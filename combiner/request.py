@@ -49,10 +49,10 @@ class RequestReader:
         self._outputs = outputs
 
     def deadline(
-        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.ModelInferRequest, remaining: float | None = None
     ) -> float | None:
         """Seconds to wait for the members: the request's ``deadline_ms`` parameter, else the
-        ensemble's default, and never past the client's own gRPC deadline."""
+        ensemble's default, and never past ``remaining``, the client's own deadline."""
         ms: float | None = self.config.deadline_ms
         if "deadline_ms" in request.parameters:
             param = request.parameters["deadline_ms"]
@@ -63,7 +63,6 @@ class RequestReader:
             if ms <= 0:
                 raise _invalid(f"parameter 'deadline_ms' must be positive, got {ms:g}")
         seconds = None if ms is None else ms / 1000.0
-        remaining = context.time_remaining()
         if remaining is not None:
             seconds = remaining if seconds is None else min(seconds, remaining)
         return seconds

@@ -41,11 +41,11 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self._inputs = {t.name: t for t in config.inputs}
         self._derived = config.uncertainty_outputs()  # name -> (info, base output, measure)
         self._base = {t.name: t for t in config.outputs}  # what the members answer
-        self._outputs = {**self._base, **{n: d[0] for n, d in self._derived.items()}}
+        self.outputs = {**self._base, **{n: d[0] for n, d in self._derived.items()}}
         self._rule = load_rule(config.rule, config.rule_path)
         self._quorum = config.quorum_count()
         self._shm: ShmPool | None = None
-        self._reader = RequestReader(config, self._outputs)
+        self._reader = RequestReader(config, self.outputs)
         self._fanout = (
             MemberRoute(
                 name=config.fanout_model,
@@ -84,12 +84,12 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return service_pb2.ServerReadyResponse(ready=await self._ready())
+        return service_pb2.ServerReadyResponse(ready=await self.ready())
 
     async def ModelReady(self, request, context):
-        if not self._is_ours(request.name, request.version):
+        if not self.is_ours(request.name, request.version):
             return service_pb2.ModelReadyResponse(ready=False)
-        return service_pb2.ModelReadyResponse(ready=await self._ready())
+        return service_pb2.ModelReadyResponse(ready=await self.ready())
 
     async def ServerMetadata(self, request, context):
         return service_pb2.ServerMetadataResponse(name="chorus", version=__version__)
@@ -101,7 +101,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             versions=["1"],
             platform="chorus_ensemble",
             inputs=[_metadata(t) for t in self.config.inputs],
-            outputs=[_metadata(t) for t in self._outputs.values()],
+            outputs=[_metadata(t) for t in self.outputs.values()],
         )
 
     async def ModelConfig(self, request, context):
@@ -120,13 +120,13 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 model_config_pb2.ModelOutput(
                     name=t.name, data_type=_config_dtype(t.dtype), dims=list(t.shape)
                 )
-                for t in self._outputs.values()
+                for t in self.outputs.values()
             ],
         )
         return service_pb2.ModelConfigResponse(config=config)
 
     async def RepositoryIndex(self, request, context):
-        state = "READY" if await self._ready() else "UNAVAILABLE"
+        state = "READY" if await self.ready() else "UNAVAILABLE"
         model = service_pb2.RepositoryIndexResponse.ModelIndex(
             name=self.config.name, version="1", state=state
         )
@@ -135,14 +135,25 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     # -- inference ------------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
+        try:
+            return await self.infer(request, context.time_remaining())
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+
+    async def infer(
+        self, request: service_pb2.ModelInferRequest, remaining: float | None = None
+    ) -> service_pb2.ModelInferResponse:
+        """Answer one request; shared by the gRPC and HTTP endpoints. ``remaining``: seconds
+        the client still waits, if it said. Every refusal or failure is a RequestError
+        carrying the status to answer with."""
         began = time.perf_counter()
         metrics.IN_FLIGHT.inc()
         code = grpc.StatusCode.OK
         try:
-            return await self._infer(request, context)
+            return await self._infer(request, remaining)
         except RequestError as e:
             code = e.code
-            await context.abort(e.code, str(e))
+            raise
         except MemberError as e:
             code = (
                 grpc.StatusCode.UNAVAILABLE
@@ -150,7 +161,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 else grpc.StatusCode.INTERNAL
             )
             log.warning("%s", e)
-            await context.abort(code, str(e))
+            raise RequestError(code, str(e)) from e
         except Exception:
             code = grpc.StatusCode.UNKNOWN
             raise
@@ -160,16 +171,16 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             metrics.LATENCY.observe(time.perf_counter() - began)
 
     async def _infer(
-        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.ModelInferRequest, remaining: float | None
     ) -> service_pb2.ModelInferResponse:
-        if not self._is_ours(request.model_name, request.model_version):
+        if not self.is_ours(request.model_name, request.model_version):
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND,
-                self._not_found(request.model_name, request.model_version),
+                self.not_found(request.model_name, request.model_version),
             )
         inputs = self._reader.parse(request)
         wanted = self._reader.requested_outputs(request)
-        deadline = self._reader.deadline(request, context)
+        deadline = self._reader.deadline(request, remaining)
         if self._batcher is not None:
             outputs, contributors, missing = await self._batcher.submit(inputs, wanted, deadline)
         else:
@@ -187,7 +198,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 f"{name} ({reason})" for name, reason in missing.items()
             )
         for name, array in outputs.items():
-            info = self._outputs[name]
+            info = self.outputs[name]
             response.outputs.add(name=name, datatype=info.dtype, shape=array.shape)
             response.raw_output_contents.append(array.tobytes())
         return response
@@ -353,21 +364,21 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _is_ours(self, name: str, version: str) -> bool:
+    def is_ours(self, name: str, version: str) -> bool:
         return name == self.config.name and version in ("", "1")
 
     async def _check_model(
         self, name: str, version: str, context: grpc.aio.ServicerContext
     ) -> None:
         """Abort the call with NOT_FOUND unless it names this ensemble."""
-        if not self._is_ours(name, version):
-            await context.abort(grpc.StatusCode.NOT_FOUND, self._not_found(name, version))
+        if not self.is_ours(name, version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, self.not_found(name, version))
 
-    def _not_found(self, name: str, version: str) -> str:
+    def not_found(self, name: str, version: str) -> str:
         shown = f"{name!r}" + (f" version {version!r}" if version else "")
         return f"unknown model {shown}; this endpoint serves {self.config.name!r} (version 1)"
 
-    async def _ready(self) -> bool:
+    async def ready(self) -> bool:
         return await self.upstream.models_ready(self._member_names)
 
 
@@ -397,9 +408,15 @@ async def serve(
     port: int,
     stop: asyncio.Event | None = None,
     reuse_port: bool = False,
+    http_port: int | None = None,
 ) -> None:
-    """Serve the ensemble on ``host:port`` until ``stop`` is set (or forever); with
-    ``reuse_port``, other workers may listen on the same port."""
+    """Serve the ensemble over gRPC on ``host:port`` and, with ``http_port``, over HTTP/REST,
+    until ``stop`` is set (or forever); with ``reuse_port``, other workers may listen on the
+    same ports."""
+    from aiohttp import web
+
+    from .http import make_app
+
     upstream = Upstream(config.triton_url)
     server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", int(reuse_port))])
     service = EnsembleService(config, upstream)
@@ -408,14 +425,25 @@ async def serve(
     address = f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")
-    await server.start()
-    log.info("serving ensemble %r on %s (Triton at %s)", config.name, address, config.triton_url)
+    runner = web.AppRunner(make_app(service), access_log=None)
+    await runner.setup()
     try:
+        await server.start()
+        if http_port is not None:
+            await web.TCPSite(runner, host, http_port, reuse_port=reuse_port or None).start()
+        log.info(
+            "serving ensemble %r on %s%s (Triton at %s)",
+            config.name,
+            address,
+            f" and http://{host}:{http_port}" if http_port is not None else "",
+            config.triton_url,
+        )
         if stop is None:
             await server.wait_for_termination()
         else:
             await stop.wait()
     finally:
+        await runner.cleanup()
         await server.stop(grace=2.0)
         await service.close()
         await upstream.close()

@@ -97,6 +97,9 @@ def up(
         "127.0.0.1"
     ),
     grpc_port: Annotated[int, typer.Option(help="gRPC (KServe v2) port of the ensemble")] = 8100,
+    http_port: Annotated[
+        int | None, typer.Option(help="HTTP/REST (KServe v2) port of the ensemble")
+    ] = 8101,
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus /metrics of the combiner")
     ] = 8102,
@@ -119,6 +122,7 @@ def up(
         workdir,
         host=host,
         grpc_port=grpc_port,
+        http_port=http_port,
         plan=plan,
         workers=workers,
         metrics_port=metrics_port,
@@ -128,7 +132,13 @@ def up(
             endpoints = deployment.start()
         print(
             f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
-            f"{endpoints.ensemble} (gRPC, KServe v2)\n"
+            f"{endpoints.ensemble} (gRPC, KServe v2)"
+            + (
+                f" and http://{endpoints.ensemble_http} (HTTP/REST)"
+                if endpoints.ensemble_http
+                else ""
+            )
+            + "\n"
             f"Triton (members) on {endpoints.triton_grpc}; logs in {workdir}\n"
             + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
             + "Ctrl-C to stop",

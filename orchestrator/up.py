@@ -45,6 +45,7 @@ class Endpoints:
     ensemble: str  # host:port of the combiner's gRPC endpoint (the ensemble)
     triton_grpc: str  # host:port of Triton's gRPC endpoint (the members)
     triton_http: str
+    ensemble_http: str | None = None  # host:port of its HTTP/REST endpoint, if served
 
 
 def combiner_config(
@@ -91,6 +92,7 @@ class Deployment:
         workdir: Path,
         host: str = "127.0.0.1",
         grpc_port: int | None = None,
+        http_port: int | None = None,
         binary: ServerBinary | None = None,
         devices: tuple[Device, ...] | None = None,
         plan: Plan | None = None,
@@ -105,6 +107,7 @@ class Deployment:
         self.workdir = workdir
         self.host = host
         self.grpc_port = grpc_port
+        self.http_port = http_port
         self.binary = binary or find_tritonserver()
         devices = devices if devices is not None else discover()
         self.plan = plan or one_instance_each(
@@ -134,12 +137,17 @@ class Deployment:
             self.triton = TritonServer(repo, self.workdir, models, binary=self.binary)
             self.triton.start(timeout=deadline - time.monotonic())
             self.port = self.grpc_port or free_port(self.host)
+            if self.http_port == 0:
+                self.http_port = free_port(self.host)
             self._start_combiner(deadline)
         except BaseException:
             self.stop()
             raise
         self.endpoints = Endpoints(
-            f"{self.host}:{self.port}", self.triton.grpc_url, self.triton.http_url
+            f"{self.host}:{self.port}",
+            self.triton.grpc_url,
+            self.triton.http_url,
+            f"{self.host}:{self.http_port}" if self.http_port is not None else None,
         )
         return self.endpoints
 
@@ -206,6 +214,8 @@ class Deployment:
             "--workers",
             str(self.workers),
         ]
+        if self.http_port is not None:
+            argv += ["--http-port", str(self.http_port)]
         if self.metrics_port is not None:
             argv += ["--metrics-port", str(self.metrics_port)]
         self.combiner = ManagedProcess(

@@ -27,7 +27,12 @@ def metric(text: str, name: str, **labels: str) -> float:
 def two_workers(ensemble, served_plan, tmp_path_factory):
     port = free_port()
     deployment = Deployment(
-        ensemble, tmp_path_factory.mktemp("workers"), plan=served_plan, workers=2, metrics_port=port
+        ensemble,
+        tmp_path_factory.mktemp("workers"),
+        plan=served_plan,
+        workers=2,
+        metrics_port=port,
+        http_port=0,
     )
     with deployment as endpoints:
         yield deployment, endpoints, f"http://127.0.0.1:{port}/metrics"
@@ -43,6 +48,24 @@ def test_two_workers_share_the_port_and_answer_every_connection(two_workers, spl
     for i in range(8):  # a new connection each time: the kernel spreads them over workers
         with EnsembleClient(endpoints.ensemble) as client:
             assert client.predict(split.x_test[i : i + 3]).shape == (3, 10)
+
+
+def test_both_workers_serve_http_on_the_shared_port_and_count_it(two_workers, split):
+    import tritonclient.http as httpclient
+
+    _, endpoints, url = two_workers
+    before = metric(
+        urllib.request.urlopen(url, timeout=5).read().decode(), "chorus_requests_total", code="OK"
+    )
+    for i in range(6):  # a new connection each time
+        client = httpclient.InferenceServerClient(endpoints.ensemble_http)
+        x = np.ascontiguousarray(split.x_test[i : i + 2])
+        tensor = httpclient.InferInput("image", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        assert client.infer("digits", [tensor]).as_numpy("logits").shape == (2, 10)
+        client.close()
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert metric(text, "chorus_requests_total", code="OK") == before + 6
 
 
 def test_metrics_count_requests_by_code_and_time_each_member(two_workers, ensemble, split):

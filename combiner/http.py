@@ -1,0 +1,306 @@
+"""The ensemble's KServe v2 HTTP/REST endpoint, beside the gRPC one, with the same semantics.
+
+Every route is a translation: an inference request (JSON, or JSON followed by binary tensors
+with the ``Inference-Header-Content-Length`` header: the binary tensor extension) becomes the
+same ``ModelInferRequest`` the gRPC endpoint takes and goes through the same
+:meth:`EnsembleService.infer`; its answer is written back as JSON, each output in the body's
+binary part when the client asked (``binary_data``, as ``tritonclient.http`` does by default).
+Errors are ``{"error": "..."}`` with the HTTP status of the gRPC code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+import numpy as np
+from aiohttp import web
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import triton_to_np_dtype
+
+from . import __version__
+from .config import TensorInfo
+from .request import RequestError
+from .service import EnsembleService
+
+__all__ = ["make_app"]
+
+_HEADER_LENGTH = "Inference-Header-Content-Length"
+_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+_SERVICE = web.AppKey("service", EnsembleService)
+
+
+def make_app(service: EnsembleService) -> web.Application:
+    app = web.Application(client_max_size=2**31 - 1)
+    app[_SERVICE] = service
+    model = "/v2/models/{model}"
+    versioned = "/v2/models/{model}/versions/{version}"
+    app.router.add_get("/v2/health/live", _live)
+    app.router.add_get("/v2/health/ready", _ready)
+    app.router.add_get("/v2", _server_metadata)
+    app.router.add_post("/v2/repository/index", _repository_index)
+    for base in (model, versioned):
+        app.router.add_get(base, _model_metadata)
+        app.router.add_get(base + "/ready", _model_ready)
+        app.router.add_get(base + "/config", _model_config)
+        app.router.add_post(base + "/infer", _infer)
+    return app
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _refusal(e: RequestError) -> web.Response:
+    return _error(_STATUS.get(e.code, 500), str(e))
+
+
+def _names(request: web.Request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
+def _check_model(request: web.Request) -> web.Response | None:
+    service = request.app[_SERVICE]
+    name, version = _names(request)
+    if service.is_ours(name, version):
+        return None
+    return _error(404, service.not_found(name, version))
+
+
+async def _live(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def _ready(request: web.Request) -> web.Response:
+    return web.Response(status=200 if await request.app[_SERVICE].ready() else 400)
+
+
+async def _server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"name": "chorus", "version": __version__, "extensions": ["binary_tensor_data"]}
+    )
+
+
+async def _repository_index(request: web.Request) -> web.Response:
+    service = request.app[_SERVICE]
+    state = "READY" if await service.ready() else "UNAVAILABLE"
+    return web.json_response([{"name": service.config.name, "version": "1", "state": state}])
+
+
+async def _model_ready(request: web.Request) -> web.Response:
+    service = request.app[_SERVICE]
+    ok = service.is_ours(*_names(request)) and await service.ready()
+    return web.Response(status=200 if ok else 400)
+
+
+async def _model_metadata(request: web.Request) -> web.Response:
+    if (refused := _check_model(request)) is not None:
+        return refused
+    service = request.app[_SERVICE]
+
+    def tensor(t: TensorInfo) -> dict[str, Any]:
+        return {"name": t.name, "datatype": t.dtype, "shape": [-1, *t.shape]}
+
+    return web.json_response(
+        {
+            "name": service.config.name,
+            "versions": ["1"],
+            "platform": "chorus_ensemble",
+            "inputs": [tensor(t) for t in service.config.inputs],
+            "outputs": [tensor(t) for t in service.outputs.values()],
+        }
+    )
+
+
+async def _model_config(request: web.Request) -> web.Response:
+    if (refused := _check_model(request)) is not None:
+        return refused
+    service = request.app[_SERVICE]
+
+    def tensor(t: TensorInfo) -> dict[str, Any]:
+        return {"name": t.name, "data_type": f"TYPE_{t.dtype}", "dims": list(t.shape)}
+
+    return web.json_response(
+        {
+            "name": service.config.name,
+            "platform": "chorus_ensemble",
+            "max_batch_size": service.config.max_batch_size,
+            "input": [tensor(t) for t in service.config.inputs],
+            "output": [tensor(t) for t in service.outputs.values()],
+        }
+    )
+
+
+async def _infer(request: web.Request) -> web.StreamResponse:
+    service = request.app[_SERVICE]
+    name, version = _names(request)
+    try:
+        body = await request.read()
+        proto, binary_outputs = _to_proto(body, request.headers.get(_HEADER_LENGTH), name, version)
+        answer = await service.infer(proto)
+    except RequestError as e:
+        return _refusal(e)
+    response = _from_proto(answer, binary_outputs)
+    if "Accept-Encoding" in request.headers:
+        response.enable_compression()
+    return response
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _to_proto(
+    body: bytes, header_length: str | None, model: str, version: str
+) -> tuple[service_pb2.ModelInferRequest, set[str] | bool]:
+    """The gRPC request an HTTP one stands for, and which outputs go back as binary (a set of
+    names, or True/False for every output when the request names none)."""
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise _invalid(
+                f"header {_HEADER_LENGTH} must be an integer, got {header_length!r}"
+            ) from None
+        if not 0 <= length <= len(body):
+            raise _invalid(
+                f"header {_HEADER_LENGTH} is {length} but the body has {len(body)} bytes"
+            )
+        header, binary = body[:length], body[length:]
+    try:
+        doc = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _invalid(f"the request is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise _invalid("the request must be a JSON object with 'inputs'")
+    proto = service_pb2.ModelInferRequest(
+        model_name=model, model_version=version, id=str(doc.get("id", ""))
+    )
+    params = doc.get("parameters") or {}
+    _set_parameters(proto.parameters, params, "the request")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list):
+        raise _invalid("the request has no 'inputs' list")
+    offset = 0
+    for i, item in enumerate(inputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _invalid(f"input {i} must be an object with a 'name'")
+        name = item["name"]
+        datatype = item.get("datatype")
+        shape = item.get("shape")
+        if not isinstance(datatype, str):
+            raise _invalid(f"input {name!r} has no 'datatype'")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise _invalid(f"input {name!r} needs 'shape', a list of integers")
+        tensor = proto.inputs.add(name=name, datatype=datatype, shape=shape)
+        item_params = item.get("parameters") or {}
+        size = item_params.get("binary_data_size")
+        _set_parameters(
+            tensor.parameters,
+            {k: v for k, v in item_params.items() if k != "binary_data_size"},
+            f"input {name!r}",
+        )
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise _invalid(
+                    f"input {name!r}: binary_data_size {size!r} runs past the "
+                    f"{len(binary)} bytes of binary data"
+                )
+            proto.raw_input_contents.append(binary[offset : offset + size])
+            offset += size
+        elif "data" in item:
+            proto.raw_input_contents.append(_json_bytes(name, datatype, item["data"]))
+        elif "shared_memory_region" in item_params:
+            proto.raw_input_contents.append(b"")  # refused, by name, by the request reader
+        else:
+            raise _invalid(f"input {name!r} has neither 'data' nor binary_data_size")
+    if offset != len(binary):
+        raise _invalid(
+            f"the request carries {len(binary)} bytes of binary data but its inputs use {offset}"
+        )
+    default_binary = params.get("binary_data_output", False) is True
+    outputs = doc.get("outputs")
+    if not outputs:
+        return proto, default_binary
+    if not isinstance(outputs, list):
+        raise _invalid("'outputs' must be a list")
+    binary_outputs = set()
+    for i, item in enumerate(outputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _invalid(f"output {i} must be an object with a 'name'")
+        out_params = dict(item.get("parameters") or {})
+        if out_params.pop("binary_data", default_binary) is True:
+            binary_outputs.add(item["name"])
+        out = proto.outputs.add(name=item["name"])
+        _set_parameters(out.parameters, out_params, f"output {item['name']!r}")
+    return proto, binary_outputs
+
+
+def _set_parameters(target: Any, params: object, where: str) -> None:
+    if not isinstance(params, dict):
+        raise _invalid(f"'parameters' of {where} must be an object")
+    for key, value in params.items():
+        if isinstance(value, bool):
+            target[key].bool_param = value
+        elif isinstance(value, int):
+            target[key].int64_param = value
+        elif isinstance(value, float):
+            target[key].double_param = value
+        elif isinstance(value, str):
+            target[key].string_param = value
+        else:
+            raise _invalid(f"parameter {key!r} of {where} must be a number, string or bool")
+
+
+def _json_bytes(name: str, datatype: str, data: object) -> bytes:
+    """The raw bytes of a tensor given as JSON values (flattened row-major, or nested)."""
+    dtype = triton_to_np_dtype(datatype)
+    if dtype is None or dtype is np.object_:
+        return b""  # the request reader names the datatype it expected
+    try:
+        return np.asarray(data, dtype=dtype).tobytes()
+    except (TypeError, ValueError) as e:
+        raise _invalid(f"input {name!r}: 'data' is not a list of {datatype} values ({e})") from None
+
+
+def _from_proto(
+    answer: service_pb2.ModelInferResponse, binary_outputs: set[str] | bool
+) -> web.Response:
+    doc: dict[str, Any] = {"model_name": answer.model_name, "model_version": answer.model_version}
+    if answer.id:
+        doc["id"] = answer.id
+    doc["parameters"] = {k: v.string_param for k, v in answer.parameters.items()}
+    parts = []
+    outputs = []
+    for out, raw in zip(answer.outputs, answer.raw_output_contents, strict=True):
+        tensor: dict[str, Any] = {
+            "name": out.name,
+            "datatype": out.datatype,
+            "shape": list(out.shape),
+        }
+        binary = binary_outputs if isinstance(binary_outputs, bool) else out.name in binary_outputs
+        if binary:
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            parts.append(raw)
+        else:
+            tensor["data"] = np.frombuffer(raw, dtype=triton_to_np_dtype(out.datatype)).tolist()
+        outputs.append(tensor)
+    doc["outputs"] = outputs
+    header = json.dumps(doc).encode()
+    if not parts:
+        return web.Response(body=header, content_type="application/json")
+    return web.Response(
+        body=b"".join([header, *parts]),
+        content_type="application/octet-stream",
+        headers={_HEADER_LENGTH: str(len(header))},
+    )

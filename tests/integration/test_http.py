@@ -1,0 +1,190 @@
+"""The ensemble's HTTP/REST endpoint: a stock tritonclient.http gets what gRPC gives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import tritonclient.http.aio as aiohttpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.integration.test_serving import direct_combination
+
+
+@pytest.fixture
+def http(endpoints):
+    assert endpoints.ensemble_http is not None
+    client = httpclient.InferenceServerClient(endpoints.ensemble_http)
+    yield client
+    client.close()
+
+
+def _input(array, binary=True, name="image", dtype="FP32"):
+    t = httpclient.InferInput(name, list(array.shape), dtype)
+    t.set_data_from_numpy(array, binary_data=binary)
+    return t
+
+
+def test_health_metadata_and_config_read_like_tritons(http):
+    assert http.is_server_live() and http.is_server_ready()
+    assert http.is_model_ready("digits")
+    assert not http.is_model_ready("nope")
+    meta = http.get_model_metadata("digits")
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert [o["name"] for o in meta["outputs"]] == ["logits"]
+    assert http.get_model_config("digits")["max_batch_size"] == 64
+    assert http.get_model_repository_index() == [
+        {"name": "digits", "version": "1", "state": "READY"}
+    ]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_answers_like_the_direct_combination(ensemble, http, binary):
+    x = np.random.default_rng(5).random((6, 1, 8, 8), dtype=np.float32)
+    result = http.infer(
+        "digits",
+        [_input(x, binary)],
+        outputs=[httpclient.InferRequestedOutput("logits", binary_data=binary)],
+        request_id="h-7",
+    )
+    np.testing.assert_allclose(
+        result.as_numpy("logits"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+    )
+    response = result.get_response()
+    assert response["id"] == "h-7"
+    assert response["parameters"]["chorus_contributors"] == ",".join(
+        m.name for m in ensemble.members
+    )
+    # the binary tensor extension was used exactly when asked for
+    assert ("data" in response["outputs"][0]) is not binary
+
+
+def test_compressed_requests_and_responses(ensemble, http):
+    x = np.random.default_rng(6).random((3, 1, 8, 8), dtype=np.float32)
+    result = http.infer(
+        "digits",
+        [_input(x)],
+        request_compression_algorithm="gzip",
+        response_compression_algorithm="deflate",
+    )
+    np.testing.assert_allclose(
+        result.as_numpy("logits"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_deadline_parameter_is_read_and_checked(ensemble, http):
+    x = np.random.default_rng(7).random((2, 1, 8, 8), dtype=np.float32)
+    result = http.infer("digits", [_input(x)], parameters={"deadline_ms": 10_000})
+    np.testing.assert_allclose(
+        result.as_numpy("logits"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+    )
+    with pytest.raises(InferenceServerException) as e:
+        http.infer("digits", [_input(x)], parameters={"deadline_ms": -5})
+    assert e.value.status() == "400"
+    assert "'deadline_ms' must be positive" in e.value.message()
+
+
+BAD = {
+    "unknown input": (
+        lambda: [_input(np.zeros((2, 1, 8, 8), np.float32), name="pixels")],
+        "unknown input 'pixels'",
+    ),
+    "wrong shape": (lambda: [_input(np.zeros((2, 8, 8), np.float32))], "shape [2, 8, 8]"),
+    "wrong dtype": (
+        lambda: [_input(np.zeros((2, 1, 8, 8)), dtype="FP64")],
+        "datatype FP64",
+    ),
+}
+
+
+@pytest.mark.parametrize(("make", "expected"), BAD.values(), ids=BAD.keys())
+def test_bad_request_gets_400_naming_the_problem_then_serving_goes_on(http, make, expected):
+    with pytest.raises(InferenceServerException) as e:
+        http.infer("digits", make())
+    assert e.value.status() == "400"
+    assert expected in e.value.message()
+    good = http.infer("digits", [_input(np.zeros((2, 1, 8, 8), np.float32))])
+    assert good.as_numpy("logits").shape == (2, 10)
+
+
+def _post(endpoints, path, body: bytes, headers=None):
+    request = urllib.request.Request(
+        f"http://{endpoints.ensemble_http}{path}", data=body, headers=headers or {}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+MALFORMED = {
+    "not json": (b"{inputs", {}, "not valid JSON"),
+    "no inputs": (b"{}", {}, "no 'inputs' list"),
+    "binary size past the body": (
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "FP32",
+                        "shape": [1, 1, 8, 8],
+                        "parameters": {"binary_data_size": 256},
+                    }
+                ]
+            }
+        ).encode()
+        + b"\0" * 10,
+        "header",
+        "binary_data_size 256 runs past the 10 bytes",
+    ),
+    "data of the wrong type": (
+        json.dumps(
+            {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ["a"]}]}
+        ).encode(),
+        {},
+        "'data' is not a list of FP32 values",
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "headers", "expected"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_bodies_are_refused_by_name(endpoints, body, headers, expected):
+    if headers == "header":
+        headers = {"Inference-Header-Content-Length": str(len(body) - 10)}
+    status, text = _post(endpoints, "/v2/models/digits/infer", body, headers)
+    assert status == 400
+    assert expected in json.loads(text)["error"]
+
+
+def test_unknown_model_is_404(endpoints):
+    status, text = _post(endpoints, "/v2/models/nope/infer", b'{"inputs": []}')
+    assert status == 404
+    assert "unknown model 'nope'" in json.loads(text)["error"]
+
+
+def test_concurrent_distinct_requests_each_get_their_own_answer(ensemble, endpoints):
+    xs = [
+        np.random.default_rng(100 + i).random((i % 3 + 1, 1, 8, 8), np.float32) for i in range(64)
+    ]
+
+    async def go():
+        client = aiohttpclient.InferenceServerClient(endpoints.ensemble_http, conn_limit=64)
+        try:
+
+            async def one(x):
+                t = aiohttpclient.InferInput("image", list(x.shape), "FP32")
+                t.set_data_from_numpy(x)
+                return (await client.infer("digits", [t])).as_numpy("logits")
+
+            return await asyncio.gather(*(one(x) for x in xs))
+        finally:
+            await client.close()
+
+    for x, answer in zip(xs, asyncio.run(go()), strict=True):
+        np.testing.assert_allclose(answer, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
