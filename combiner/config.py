@@ -56,7 +56,10 @@ class CombinerConfig(_Strict):
         True, description="gather concurrent requests into one batch before the fan-out"
     )
     max_in_flight: int = Field(
-        4, ge=1, description="batches out to the members at once; more requests wait and join"
+        1,
+        ge=1,
+        description="batches out to the members at once; more requests wait and join the next "
+        "(the orchestrator sets the instance count of the scarcest member)",
     )
     fanout_model: str | None = Field(
         None,

@@ -8,6 +8,8 @@ unknown output, a bad deadline).
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
@@ -46,6 +48,9 @@ class RequestReader:
     def __init__(self, config: CombinerConfig, outputs: dict[str, TensorInfo]) -> None:
         self.config = config
         self._inputs = {t.name: t for t in config.inputs}
+        self._itemsize = {
+            t.name: np.dtype(triton_to_np_dtype(t.dtype)).itemsize for t in config.inputs
+        }
         self._outputs = outputs
 
     def deadline(
@@ -109,7 +114,7 @@ class RequestReader:
                 raise _invalid(f"inputs disagree on the batch size ({batch} and {shape[0]})")
             batch = shape[0]
             content = raw[i] if raw else _typed_bytes(tensor, info)
-            need = int(np.prod(shape)) * np.dtype(triton_to_np_dtype(info.dtype)).itemsize
+            need = math.prod(shape) * self._itemsize[tensor.name]
             if len(content) != need:
                 raise _invalid(
                     f"input {tensor.name!r} carries {len(content)} bytes; shape {list(shape)} "

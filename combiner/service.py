@@ -238,7 +238,10 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
 
             async def call() -> list[Any]:
                 began = time.perf_counter()
-                answers = await asyncio.gather(*(self.upstream.infer(r) for r in requests))
+                if len(requests) == 1:
+                    answers = [await self.upstream.infer(requests[0])]
+                else:
+                    answers = await asyncio.gather(*(self.upstream.infer(r) for r in requests))
                 metrics.MEMBER_LATENCY.labels(member.name).observe(time.perf_counter() - began)
                 return answers
 
@@ -257,11 +260,12 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                     for m in self.config.members
                     for b in self._bases(wanted)
                 ]
-                got, failed = await fan_out(
-                    [(self._fanout.name, calls_of(self._fanout, names))], None
-                )
-                answers = {m.name: got[self._fanout.name] for m in self.config.members if got}
-                missing = {m.name: failed[self._fanout.name] for m in self.config.members if failed}
+                answers, missing = {}, {}
+                try:  # nothing to wait for but this one call: no task, no timer
+                    got = await calls_of(self._fanout, names)()
+                    answers = {m.name: got for m in self.config.members}
+                except MemberError as e:
+                    missing = {m.name: f"{e.code.name}: {e.details}" for m in self.config.members}
             else:
                 answers, missing = await fan_out(
                     [(m.name, calls_of(m)) for m in self.config.members],

@@ -80,6 +80,9 @@ def combiner_config(
         deadline_ms=ensemble.deadline_ms,
         quorum=ensemble.quorum,
         fan_out=fan_out,
+        # a batch per instance of the scarcest member keeps every instance busy; more batches
+        # out at once would only queue on Triton, split into smaller batches
+        max_in_flight=max(1, min(sum(plan.instances[m.name].values()) for m in ensemble.members)),
     )
 
 
@@ -101,8 +104,13 @@ class Deployment:
         workers: int = 1,
         metrics_port: int | None = None,
         batching: bool = True,
+        shared_memory: bool | None = None,
+        combiner_options: dict[str, object] | None = None,
     ) -> None:
-        """Serve ``plan`` (default: one instance of every member, on this host's devices)."""
+        """Serve ``plan`` (default: one instance of every member, on this host's devices).
+        ``grpc_port`` None picks a free port; ``http_port`` None serves no HTTP, 0 a free port;
+        ``shared_memory`` None writes inputs to shared memory when Triton is on this host;
+        ``combiner_options`` overrides fields of the combiner's config (``CombinerConfig``)."""
         self.ensemble = ensemble
         self.workdir = workdir
         self.host = host
@@ -120,6 +128,8 @@ class Deployment:
         self.fan_out: Literal["concurrent", "sequential"] = fan_out
         self.workers = workers
         self.batching = batching
+        self.shared_memory = shared_memory  # None: when Triton is on this host
+        self.combiner_options = dict(combiner_options or {})
         self.metrics_port = metrics_port
         self.triton: TritonServer | None = None
         self.combiner: ManagedProcess | None = None
@@ -195,11 +205,14 @@ class Deployment:
         config_file = self.workdir / "combiner.json"
         config = combiner_config(self.ensemble, self.triton.grpc_url, self.plan, self.fan_out)
         local = self.triton.host in ("127.0.0.1", "localhost", "::1")
-        update: dict[str, object] = {"batching": self.batching, "shared_memory": local}
+        shared = local if self.shared_memory is None else self.shared_memory and local
+        update: dict[str, object] = {"batching": self.batching, "shared_memory": shared}
         if (self.workdir / "repository" / fanout_name(self.ensemble)).is_dir():
             update["fanout_model"] = fanout_name(self.ensemble)
             update["fanout_max_batch_size"] = min(self.plan.max_batch_size.values())
-        config = config.model_copy(update=update)
+        config = CombinerConfig.model_validate(
+            {**config.model_dump(), **update, **self.combiner_options}
+        )
         config.save(config_file)
         argv = [
             sys.executable,
