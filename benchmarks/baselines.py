@@ -1,0 +1,429 @@
+"""Chorus against what a Triton user would otherwise build, on the same members, the same
+Triton and the same instance configs, under the same closed-loop client load:
+
+- **Chorus**: the combiner's endpoint (batching stage, one call to the fan-out model, shared
+  memory, numpy combine);
+- **native ensemble**: ``platform: "ensemble"`` mapping the input to every member, then a
+  Python-backend step that combines (softmax, mean; dynamic batching, vectorised);
+- **async BLS**: one Python-backend model that fans out to the members with ``async_exec``
+  for each batch the dynamic batcher hands it, and combines.
+
+Then the combiner's own cost (a one-member ensemble through Chorus vs the member called directly
+on Triton) and one copy of the input in shared memory vs tensors in the request for a large
+input (3x224x224 FP32), in combiner CPU time per request and throughput.
+
+    python -m benchmarks.baselines [--seconds 3]
+
+Every client is the same: prebuilt KServe v2 gRPC requests on one asyncio channel, batch 1,
+distinct rows; only the model name and port change. It runs on the same cores as the servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import tritonclient.grpc as grpcclient
+from onnx import TensorProto, helper, numpy_helper
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from benchmarks.report import publish
+from examples.digits.train import HERE, load_split, train_members
+from orchestrator.bench import Load, closed_loop
+from orchestrator.spec import Ensemble, load_ensemble
+from orchestrator.up import Deployment
+
+CONCURRENCY = (1, 8, 64)
+
+COMBINE_PY = """
+import json
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def combine(stacked):
+    e = np.exp(stacked - stacked.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).mean(0).astype(np.float32)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.inputs = [t["name"] for t in config["input"]]
+
+    def execute(self, requests):
+        parts = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs]
+                 for r in requests]
+        sizes = [len(p[0]) for p in parts]
+        stacked = np.stack([np.concatenate([p[i] for p in parts]) for i in range(len(self.inputs))])
+        out = combine(stacked)
+        responses, start = [], 0
+        for n in sizes:
+            tensor = pb_utils.Tensor("logits", out[start:start + n])
+            responses.append(pb_utils.InferenceResponse([tensor]))
+            start += n
+        return responses
+"""
+
+BLS_PY = """
+import asyncio
+import json
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def combine(stacked):
+    e = np.exp(stacked - stacked.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).mean(0).astype(np.float32)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.members = json.loads(config["parameters"]["members"]["string_value"])
+
+    async def execute(self, requests):
+        xs = [pb_utils.get_input_tensor_by_name(r, "image").as_numpy() for r in requests]
+        sizes = [len(x) for x in xs]
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        calls = [
+            pb_utils.InferenceRequest(
+                model_name=name,
+                requested_output_names=[output],
+                inputs=[pb_utils.Tensor(input_name, x)],
+            ).async_exec()
+            for name, input_name, output in self.members
+        ]
+        answers = await asyncio.gather(*calls)
+        outs = []
+        for (name, _, output), answer in zip(self.members, answers):
+            if answer.has_error():
+                error = pb_utils.TritonError(f"{name}: {answer.error().message()}")
+                return [pb_utils.InferenceResponse(error=error) for _ in requests]
+            outs.append(pb_utils.get_output_tensor_by_name(answer, output).as_numpy())
+        out = combine(np.stack(outs))
+        responses, start = [], 0
+        for n in sizes:
+            tensor = pb_utils.Tensor("logits", out[start:start + n])
+            responses.append(pb_utils.InferenceResponse([tensor]))
+            start += n
+        return responses
+"""
+
+
+def _io(name: str, dims: list[int]) -> str:
+    return f'{{ name: "{name}" data_type: TYPE_FP32 dims: [ {", ".join(map(str, dims))} ] }}'
+
+
+def add_baselines(ensemble: Ensemble, repo: Path, triton_url: str, max_batch: int) -> None:
+    """Write the native ensemble (+ its combine step) and the BLS model next to the members
+    in the served repository, and load them on its Triton."""
+    (image,) = ensemble.inputs
+    (logits,) = ensemble.outputs
+    members = [
+        (m.name, dict(m.input_map)[image.name], dict(m.output_map)[logits.name])
+        for m in ensemble.members
+    ]
+    in_dims, out_dims = list(image.shape), list(logits.shape)
+    batching = "dynamic_batching { }\ninstance_group [ { count: 1 kind: KIND_CPU } ]\n"
+
+    def write(name: str, config: str, model: str | None = None) -> None:
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
+        (repo / name / "config.pbtxt").write_text(config)
+        if model is not None:
+            (repo / name / "1" / "model.py").write_text(model)
+
+    write(
+        "native_combine",
+        f'name: "native_combine"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+        f"input [ {', '.join(_io(f'm{i}', out_dims) for i in range(len(members)))} ]\n"
+        f"output [ {_io('logits', out_dims)} ]\n{batching}",
+        COMBINE_PY,
+    )
+    steps = [
+        f'{{ model_name: "{name}" model_version: -1 input_map {{ key: "{inp}" value: "image" }} '
+        f'output_map {{ key: "{out}" value: "m{i}" }} }}'
+        for i, (name, inp, out) in enumerate(members)
+    ]
+    steps.append(
+        '{ model_name: "native_combine" model_version: -1 '
+        + " ".join(f'input_map {{ key: "m{i}" value: "m{i}" }}' for i in range(len(members)))
+        + ' output_map { key: "logits" value: "logits" } }'
+    )
+    write(
+        "native",
+        f'name: "native"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
+        f"input [ {_io('image', in_dims)} ]\noutput [ {_io('logits', out_dims)} ]\n"
+        f"ensemble_scheduling {{ step [ {', '.join(steps)} ] }}\n",
+    )
+    members_json = json.dumps(json.dumps(members))
+    write(
+        "bls",
+        f'name: "bls"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+        f"input [ {_io('image', in_dims)} ]\noutput [ {_io('logits', out_dims)} ]\n"
+        f'parameters {{ key: "members" value: {{ string_value: {members_json} }} }}\n'
+        f"{batching}",
+        BLS_PY,
+    )
+    with grpcclient.InferenceServerClient(triton_url) as client:
+        for name in ("native_combine", "native", "bls"):
+            client.load_model(name)
+
+
+def requests_for(model: str, input_name: str, x: np.ndarray, count: int = 256) -> list:
+    """Prebuilt batch-1 requests on distinct rows, so the client costs the same everywhere."""
+    out = []
+    for i in range(min(count, len(x))):
+        row = np.ascontiguousarray(x[i : i + 1])
+        req = service_pb2.ModelInferRequest(model_name=model)
+        req.inputs.add(name=input_name, datatype="FP32", shape=row.shape)
+        req.raw_input_contents.append(row.tobytes())
+        out.append(req)
+    return out
+
+
+def load(url: str, requests: list, concurrency: int, seconds: float) -> Load:
+    async def go() -> Load:
+        channel = grpc.aio.insecure_channel(
+            url, options=[("grpc.max_send_message_length", 2**31 - 1)]
+        )
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        index = np.arange(len(requests), dtype=np.float32)[:, None]
+        try:
+            return await closed_loop(
+                lambda rows: stub.ModelInfer(requests[int(rows[0, 0])]),
+                index,
+                1,
+                concurrency,
+                seconds,
+            )
+        finally:
+            await channel.close()
+
+    return asyncio.run(go())
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def descendants(pid: int) -> list[int]:
+    found = [pid]
+    for p in found:
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except FileNotFoundError:
+            children = []
+        found.extend(int(c) for c in children)
+    return found
+
+
+@contextmanager
+def served(ensemble: Ensemble, prefix: str, **options: object) -> Iterator[Deployment]:
+    d = Deployment(ensemble, Path(tempfile.mkdtemp(prefix=prefix)), **options)  # type: ignore[arg-type]
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def row(label: str, c: int, r: Load) -> str:
+    return f"| {label} | {c} | {r.samples_per_s:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |"
+
+
+def compare(ensemble: Ensemble, x: np.ndarray, seconds: float) -> list[str]:
+    lines = []
+    with served(ensemble, "chorus-baselines-") as d:
+        assert d.endpoints is not None
+        triton = d.endpoints.triton_grpc
+        add_baselines(ensemble, d.workdir / "repository", triton, ensemble.max_batch_size)
+        variants: list[tuple[str, str, Callable[[], list]]] = [
+            ("Chorus", d.endpoints.ensemble, lambda: requests_for(ensemble.name, "image", x)),
+            ("native ensemble", triton, lambda: requests_for("native", "image", x)),
+            ("async BLS", triton, lambda: requests_for("bls", "image", x)),
+        ]
+        results: dict[tuple[str, int], Load] = {}
+        for c in CONCURRENCY:
+            for label, url, make in variants:
+                r = load(url, make(), c, seconds)
+                results[label, c] = r
+                print(
+                    f"{label} c{c}: {r.samples_per_s:,.0f}/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}",
+                    flush=True,
+                )
+    lines += [
+        "| endpoint | concurrency | requests/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|",
+        *(row(label, c, results[label, c]) for c in CONCURRENCY for label, _, _ in variants),
+        "",
+    ]
+    for c in CONCURRENCY:
+        ours, native, bls = (results[v[0], c] for v in variants)
+        ratio = ours.samples_per_s / native.samples_per_s
+        lines.append(
+            f"- concurrency {c}: Chorus / native = {ratio:.2f}x "
+            f"throughput, p99 {ours.p99_ms:.2f} vs {native.p99_ms:.2f} ms, p50 "
+            f"{ours.p50_ms - native.p50_ms:+.2f} ms; Chorus / BLS = "
+            f"{ours.samples_per_s / bls.samples_per_s:.2f}x"
+        )
+    return lines
+
+
+def own_cost(ensemble: Ensemble, x: np.ndarray, seconds: float, root: Path) -> list[str]:
+    member = next(m for m in ensemble.members if m.name == "cnn")
+    one_file = root / "one.yaml"
+    one_file.write_text(
+        f"name: one\nmembers:\n  - {{name: cnn, path: {member.path}}}\n"
+        "combine: {rule: mean, softmax: true}\nserving: {max_batch_size: 64}\n"
+    )
+    one = load_ensemble(one_file)
+    ((_, member_input),) = member.input_map
+    results = {}
+    with served(one, "chorus-own-cost-") as d:
+        assert d.endpoints is not None
+        for c in CONCURRENCY:
+            results["member on Triton", c] = load(
+                d.endpoints.triton_grpc, requests_for("cnn", member_input, x), c, seconds
+            )
+            results["through Chorus", c] = load(
+                d.endpoints.ensemble, requests_for("one", "image", x), c, seconds
+            )
+    lines = [
+        "| path | concurrency | requests/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            row(label, c, results[label, c])
+            for c in CONCURRENCY
+            for label in ("member on Triton", "through Chorus")
+        ),
+        "",
+    ]
+    for c in CONCURRENCY:
+        direct, ours = results["member on Triton", c], results["through Chorus", c]
+        lines.append(
+            f"- concurrency {c}: Chorus adds {ours.p50_ms - direct.p50_ms:+.2f} ms at the median; "
+            f"throughput {ours.samples_per_s / direct.samples_per_s:.2f}x the member's"
+        )
+    return lines
+
+
+def big_members(root: Path, count: int = 4) -> Ensemble:
+    """Members taking 3x224x224 images whose work is small (average pool, then linear), so
+    moving the input is what costs."""
+    for k in range(count):
+        rng = np.random.default_rng(k)
+        w = numpy_helper.from_array(rng.normal(size=(3, 10)).astype(np.float32), "W")
+        graph = helper.make_graph(
+            [
+                helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+                helper.make_node("Flatten", ["pooled"], ["flat"]),
+                helper.make_node("MatMul", ["flat", "W"], ["logits"]),
+            ],
+            "big",
+            [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+            initializer=[w],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        onnx.save(model, str(root / f"big{k}.onnx"))
+    members = "".join(f"  - {{name: big{k}, path: big{k}.onnx}}\n" for k in range(count))
+    (root / "big.yaml").write_text(
+        f"name: big\nmembers:\n{members}combine: {{rule: mean}}\nserving: {{max_batch_size: 8}}\n"
+    )
+    return load_ensemble(root / "big.yaml")
+
+
+def shared_memory(seconds: float, root: Path) -> list[str]:
+    big = big_members(root)
+    x = np.random.default_rng(0).random((64, 3, 224, 224), dtype=np.float32)
+    results = {}
+    for label, shm in (("in the request", False), ("shared memory", True)):
+        with served(big, "chorus-shm-", shared_memory=shm) as d:
+            assert d.endpoints is not None and d.combiner is not None and d.triton is not None
+            combiner = descendants(d.combiner.pid or 0)
+            triton = descendants(d.triton.process.pid or 0)
+            for c in (1, 8):
+                requests = requests_for("big", "image", x, 64)
+                load(d.endpoints.ensemble, requests, c, 0.5)  # warm up
+                before = cpu_seconds(combiner), cpu_seconds(triton)
+                r = load(d.endpoints.ensemble, requests, c, seconds)
+                after = cpu_seconds(combiner), cpu_seconds(triton)
+                n = max(r.requests, 1)
+                results[label, c] = (r, (after[0] - before[0]) / n, (after[1] - before[1]) / n)
+                print(f"{label} c{c}: {r.samples_per_s:,.0f}/s", flush=True)
+    lines = [
+        "| input | concurrency | requests/s | p50 ms | p99 ms "
+        "| combiner CPU ms/request | Triton CPU ms/request |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in (1, 8):
+        for label in ("in the request", "shared memory"):
+            r, ours, theirs = results[label, c]
+            lines.append(f"{row(label, c, r)} {ours * 1000:.2f} | {theirs * 1000:.2f} |")
+    lines.append("")
+    for c in (1, 8):
+        band, shm = results["in the request", c], results["shared memory", c]
+        lines.append(
+            f"- concurrency {c}: shared memory / in the request = "
+            f"{shm[0].samples_per_s / band[0].samples_per_s:.2f}x throughput, combiner CPU per "
+            f"request {shm[1] / band[1]:.2f}x"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/baselines.md"))
+    args = parser.parse_args()
+    split = load_split()
+    if not (HERE / "models" / "mlp.onnx").is_file():
+        train_members(HERE / "models", split)
+    ensemble = load_ensemble(HERE / "ensemble.yaml")
+    root = Path(tempfile.mkdtemp(prefix="chorus-bench-"))
+    x = split.x_test
+    lines = [
+        "# Chorus vs Triton's native ensemble and an async BLS model",
+        "",
+        f"`python -m benchmarks.baselines --seconds {args.seconds}` on {os.cpu_count()} CPU "
+        "cores, the bundled Triton (Python backend running each member's ONNX file), one "
+        "instance of each member. Client: batch-1 requests on distinct rows, closed loop, "
+        "prebuilt protobufs on one gRPC channel, the same for every endpoint.",
+        "",
+        "## The digits ensemble (4 members, softmax + mean)",
+        "",
+        *compare(ensemble, x, args.seconds),
+        "",
+        "## The combiner's own cost: a one-member ensemble vs the member directly",
+        "",
+        *own_cost(ensemble, x, args.seconds, root),
+        "",
+        "## One copy of the input: 3x224x224 FP32 (588 KiB a request), 4 members",
+        "",
+        *shared_memory(args.seconds, root),
+        "",
+    ]
+    publish(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
