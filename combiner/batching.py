@@ -34,18 +34,24 @@ class Rows:
     order (joined only if someone asks for ``data``), and the shapes."""
 
     batch: int
-    pieces: dict[str, tuple[bytes, ...]]
+    pieces: dict[str, tuple[bytes | memoryview, ...]]  # a memoryview: a client's shared memory
     shapes: dict[str, tuple[int, ...]]  # with the batch dimension
 
     @classmethod
-    def of(cls, batch: int, data: dict[str, bytes], shapes: dict[str, tuple[int, ...]]) -> Rows:
+    def of(
+        cls, batch: int, data: dict[str, bytes | memoryview], shapes: dict[str, tuple[int, ...]]
+    ) -> Rows:
         """One request's inputs."""
         return cls(batch, {n: (b,) for n, b in data.items()}, shapes)
 
     @cached_property
     def data(self) -> dict[str, bytes]:
-        """Each input's bytes in one piece (a copy only for a batch of several requests)."""
-        return {n: p[0] if len(p) == 1 else b"".join(p) for n, p in self.pieces.items()}
+        """Each input's bytes in one piece (a copy only for a batch of several requests, or
+        from a client's shared memory)."""
+        return {
+            n: p[0] if len(p) == 1 and isinstance(p[0], bytes) else b"".join(p)
+            for n, p in self.pieces.items()
+        }
 
     def nbytes(self, name: str) -> int:
         return sum(map(len, self.pieces[name]))

@@ -4,7 +4,11 @@
     with EnsembleClient("127.0.0.1:8100") as client:
         probabilities = client.predict(images)
 
-``AsyncEnsembleClient`` is the asyncio twin. Errors are one small tree, translated from gRPC's at
+``AsyncEnsembleClient`` is the asyncio twin. On the combiner's host, ``shared_memory=True``
+puts each call's input and output in a system shared-memory region of the client's (one per
+call in flight, reused, unlinked on ``close``) instead of in the request and response.
+
+Errors are one small tree, translated from gRPC's at
 this edge::
 
     EnsembleError
@@ -18,6 +22,11 @@ this edge::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import math
+import os
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +36,8 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 __all__ = [
     "Answer",
@@ -110,43 +120,134 @@ class Answer:
         return next(iter(self.outputs.values())) if len(self.outputs) == 1 else self.outputs
 
 
+_REGION_NAMES = itertools.count()
+
+
+@dataclass
+class _Region:
+    name: str
+    size: int
+    handle: Any
+    outputs: dict[str, tuple[int, tuple[int, ...], str]]  # name -> offset, shape, datatype
+
+    @classmethod
+    def create(cls, size: int) -> _Region:
+        name = f"chorus_client_{os.getpid()}_{next(_REGION_NAMES)}"
+        size = max(1 << 16, 1 << (size - 1).bit_length())
+        return cls(name, size, shm.create_shared_memory_region(name, "/" + name, size), {})
+
+    def destroy(self) -> None:
+        shm.destroy_shared_memory_region(self.handle)
+
+
+class _Regions:
+    """The client's shared-memory regions: one per call in flight, reused."""
+
+    def __init__(self) -> None:
+        self.free: list[_Region] = []
+        self.every: list[_Region] = []
+        self.lock = threading.Lock()
+
+    def take(self, size: int) -> _Region | None:
+        with self.lock:
+            fitting = [r for r in self.free if r.size >= size]
+            if not fitting:
+                return None
+            region = min(fitting, key=lambda r: r.size)
+            self.free.remove(region)
+            return region
+
+    def add(self, region: _Region) -> None:
+        with self.lock:
+            self.every.append(region)
+
+    def give_back(self, region: _Region) -> None:
+        region.outputs = {}
+        with self.lock:
+            self.free.append(region)
+
+
 class _Common:
-    def __init__(self, url: str, model: str | None) -> None:
+    def __init__(self, url: str, model: str | None, shared_memory: bool) -> None:
         self.url = url
         self.model = model
         self._metadata: Any = None
         self._max_batch = 1
+        self._regions = _Regions() if shared_memory else None
+
+    def _arrays(self, x: Inputs) -> dict[str, np.ndarray]:
+        names = [t["name"] for t in self._metadata["inputs"]]
+        if isinstance(x, Mapping):
+            return {n: np.ascontiguousarray(a) for n, a in x.items()}
+        if len(names) == 1:
+            return {names[0]: np.ascontiguousarray(x)}
+        raise InvalidRequest(
+            f"ensemble {self.model!r} takes several inputs ({names}); "
+            "pass a mapping of name to array"
+        )
+
+    def _shm_size(self, arrays: dict[str, np.ndarray]) -> int:
+        rows = len(next(iter(arrays.values())))
+        size = sum(_aligned(a.nbytes) for a in arrays.values())
+        for t in self._metadata["outputs"]:
+            dims = [int(d) for d in t["shape"][1:]]
+            if all(d >= 0 for d in dims):
+                item = np.dtype(triton_to_np_dtype(t["datatype"])).itemsize
+                size += _aligned(rows * math.prod(dims) * item)
+        return size
+
+    def _build_shm(
+        self, arrays: dict[str, np.ndarray], region: _Region, module: Any
+    ) -> tuple[list[Any], list[Any]]:
+        """Inputs written into ``region``, and outputs asked there (those of known size)."""
+        inputs, outputs, offset = [], [], 0
+        for name, array in arrays.items():
+            shm.set_shared_memory_region(region.handle, [array], offset=offset)
+            tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_shared_memory(region.name, array.nbytes, offset)
+            inputs.append(tensor)
+            offset += _aligned(array.nbytes)
+        rows = len(next(iter(arrays.values())))
+        for t in self._metadata["outputs"]:
+            requested = module.InferRequestedOutput(t["name"])
+            dims = [int(d) for d in t["shape"][1:]]
+            if all(d >= 0 for d in dims):
+                shape = (rows, *dims)
+                size = math.prod(shape) * np.dtype(triton_to_np_dtype(t["datatype"])).itemsize
+                requested.set_shared_memory(region.name, size, offset)
+                region.outputs[t["name"]] = (offset, shape, t["datatype"])
+                offset += _aligned(size)
+            outputs.append(requested)
+        return inputs, outputs
 
     def _build(self, x: Inputs, module: Any) -> tuple[list[Any], list[Any]]:
-        meta = self._metadata
-        names = [t["name"] for t in meta["inputs"]]
-        if isinstance(x, Mapping):
-            arrays = dict(x)
-        elif len(names) == 1:
-            arrays = {names[0]: x}
-        else:
-            raise InvalidRequest(
-                f"ensemble {self.model!r} takes several inputs ({names}); "
-                "pass a mapping of name to array"
-            )
         inputs = []
-        for name, array in arrays.items():
-            array = np.ascontiguousarray(array)
+        for name, array in self._arrays(x).items():
             tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
-        outputs = [module.InferRequestedOutput(t["name"]) for t in meta["outputs"]]
+        outputs = [module.InferRequestedOutput(t["name"]) for t in self._metadata["outputs"]]
         return inputs, outputs
 
-    def _answer(self, result: Any) -> Answer:
+    def _answer(self, result: Any, region: _Region | None = None) -> Answer:
         names = [t["name"] for t in self._metadata["outputs"]]
+        placed = region.outputs if region is not None else {}
         params = result.get_response().parameters
         contributors = (
             params["chorus_contributors"].string_param if "chorus_contributors" in params else ""
         )
         missing = params["chorus_missing"].string_param if "chorus_missing" in params else ""
         return Answer(
-            {n: result.as_numpy(n) for n in names},
+            {
+                n: np.array(  # a copy: the region serves the next call
+                    shm.get_contents_as_numpy(
+                        region.handle, triton_to_np_dtype(placed[n][2]), placed[n][1], placed[n][0]
+                    )
+                )
+                if n in placed and region is not None
+                else result.as_numpy(n)
+                for n in names
+            },
             tuple(c for c in contributors.split(",") if c),
             missing,
         )
@@ -173,11 +274,16 @@ class _Common:
         return np.concatenate(parts)  # type: ignore[arg-type]
 
 
-class EnsembleClient(_Common):
-    """Blocking client. ``model`` defaults to the one ensemble the endpoint serves."""
+def _aligned(size: int) -> int:
+    return (size + 63) // 64 * 64
 
-    def __init__(self, url: str, model: str | None = None) -> None:
-        super().__init__(url, model)
+
+class EnsembleClient(_Common):
+    """Blocking client. ``model`` defaults to the one ensemble the endpoint serves;
+    ``shared_memory``: inputs and outputs through shared memory (same host only)."""
+
+    def __init__(self, url: str, model: str | None = None, shared_memory: bool = False) -> None:
+        super().__init__(url, model, shared_memory)
         self._client = grpcclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
 
     def metadata(self) -> dict[str, Any]:
@@ -228,8 +334,14 @@ class EnsembleClient(_Common):
         """Like predict, with the contributing members: under a deadline the server may answer
         with the members that made it, if they meet its quorum."""
         self.metadata()
-        inputs, outputs = self._build(x, grpcclient)
+        region = None
         try:
+            if self._regions is None:
+                inputs, outputs = self._build(x, grpcclient)
+            else:
+                arrays = self._arrays(x)
+                region = self._region(self._shm_size(arrays))
+                inputs, outputs = self._build_shm(arrays, region, grpcclient)
             result = self._client.infer(
                 self.model,
                 inputs,
@@ -237,11 +349,37 @@ class EnsembleClient(_Common):
                 client_timeout=timeout_s,
                 parameters=self._parameters(deadline_ms),
             )
+            return self._answer(result, region)
         except InferenceServerException as e:
             raise _translate(e) from e
-        return self._answer(result)
+        finally:
+            if region is not None and self._regions is not None:
+                self._regions.give_back(region)
+
+    def _region(self, size: int) -> _Region:
+        assert self._regions is not None
+        region = self._regions.take(size)
+        if region is None:
+            region = _Region.create(size)
+            try:
+                self._client.register_system_shared_memory(
+                    region.name, "/" + region.name, region.size
+                )
+            except BaseException:
+                region.destroy()
+                raise
+            self._regions.add(region)
+        return region
 
     def close(self) -> None:
+        """Unregister and unlink the client's shared memory, then close the channel."""
+        if self._regions is not None:
+            for region in self._regions.every:
+                # if the endpoint is gone, its mapping went with it
+                with contextlib.suppress(InferenceServerException):
+                    self._client.unregister_system_shared_memory(region.name)
+                region.destroy()
+            self._regions = _Regions()
         self._client.close()
 
     def __enter__(self) -> EnsembleClient:
@@ -256,8 +394,8 @@ class EnsembleClient(_Common):
 class AsyncEnsembleClient(_Common):
     """The asyncio twin of :class:`EnsembleClient`."""
 
-    def __init__(self, url: str, model: str | None = None) -> None:
-        super().__init__(url, model)
+    def __init__(self, url: str, model: str | None = None, shared_memory: bool = False) -> None:
+        super().__init__(url, model, shared_memory)
         self._client = aioclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
 
     async def metadata(self) -> dict[str, Any]:
@@ -300,8 +438,14 @@ class AsyncEnsembleClient(_Common):
         self, x: Inputs, timeout_s: float | None = None, deadline_ms: float | None = None
     ) -> Answer:
         await self.metadata()
-        inputs, outputs = self._build(x, aioclient)
+        region = None
         try:
+            if self._regions is None:
+                inputs, outputs = self._build(x, aioclient)
+            else:
+                arrays = self._arrays(x)
+                region = await self._region(self._shm_size(arrays))
+                inputs, outputs = self._build_shm(arrays, region, aioclient)
             result = await self._client.infer(
                 self.model,
                 inputs,
@@ -309,11 +453,37 @@ class AsyncEnsembleClient(_Common):
                 client_timeout=timeout_s,
                 parameters=self._parameters(deadline_ms),
             )
+            return self._answer(result, region)
         except InferenceServerException as e:
             raise _translate(e) from e
-        return self._answer(result)
+        finally:
+            if region is not None and self._regions is not None:
+                self._regions.give_back(region)
+
+    async def _region(self, size: int) -> _Region:
+        assert self._regions is not None
+        region = self._regions.take(size)
+        if region is None:
+            region = _Region.create(size)
+            try:
+                await self._client.register_system_shared_memory(
+                    region.name, "/" + region.name, region.size
+                )
+            except BaseException:
+                region.destroy()
+                raise
+            self._regions.add(region)
+        return region
 
     async def close(self) -> None:
+        """Unregister and unlink the client's shared memory, then close the channel."""
+        if self._regions is not None:
+            for region in self._regions.every:
+                # if the endpoint is gone, its mapping went with it
+                with contextlib.suppress(InferenceServerException):
+                    await self._client.unregister_system_shared_memory(region.name)
+                region.destroy()
+            self._regions = _Regions()
         await self._client.close()
 
     async def __aenter__(self) -> AsyncEnsembleClient:

@@ -21,7 +21,7 @@ from tritonclient.utils import triton_to_np_dtype
 
 from . import __version__
 from .config import TensorInfo
-from .request import RequestError
+from .errors import RequestError
 from .service import EnsembleService
 
 __all__ = ["make_app"]
@@ -45,6 +45,12 @@ def make_app(service: EnsembleService) -> web.Application:
     app.router.add_get("/v2/health/ready", _ready)
     app.router.add_get("/v2", _server_metadata)
     app.router.add_post("/v2/repository/index", _repository_index)
+    shm = "/v2/systemsharedmemory"
+    app.router.add_get(shm + "/status", _shm_status)
+    app.router.add_get(shm + "/region/{region}/status", _shm_status)
+    app.router.add_post(shm + "/region/{region}/register", _shm_register)
+    app.router.add_post(shm + "/unregister", _shm_unregister)
+    app.router.add_post(shm + "/region/{region}/unregister", _shm_unregister)
     for base in (model, versioned):
         app.router.add_get(base, _model_metadata)
         app.router.add_get(base + "/ready", _model_ready)
@@ -91,6 +97,42 @@ async def _repository_index(request: web.Request) -> web.Response:
     service = request.app[_SERVICE]
     state = "READY" if await service.ready() else "UNAVAILABLE"
     return web.json_response([{"name": service.config.name, "version": "1", "state": state}])
+
+
+async def _shm_register(request: web.Request) -> web.Response:
+    try:
+        doc = json.loads(await request.read() or b"{}")
+        if not isinstance(doc, dict) or not isinstance(doc.get("key"), str):
+            raise _invalid("register needs a JSON object with 'key', 'offset' and 'byte_size'")
+        offset, size = doc.get("offset", 0), doc.get("byte_size")
+        if not isinstance(offset, int) or not isinstance(size, int):
+            raise _invalid("'offset' and 'byte_size' must be integers")
+        request.app[_SERVICE].regions.register(
+            request.match_info["region"], doc["key"], offset, size
+        )
+    except json.JSONDecodeError as e:
+        return _error(400, f"the request is not valid JSON: {e}")
+    except RequestError as e:
+        return _refusal(e)
+    return web.Response(status=200)
+
+
+async def _shm_unregister(request: web.Request) -> web.Response:
+    request.app[_SERVICE].regions.unregister(request.match_info.get("region"))
+    return web.Response(status=200)
+
+
+async def _shm_status(request: web.Request) -> web.Response:
+    try:
+        found = request.app[_SERVICE].regions.status(request.match_info.get("region"))
+    except RequestError as e:
+        return _refusal(e)
+    return web.json_response(
+        [
+            {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+            for r in found
+        ]
+    )
 
 
 async def _model_ready(request: web.Request) -> web.Response:
@@ -221,7 +263,7 @@ def _to_proto(
         elif "data" in item:
             proto.raw_input_contents.append(_json_bytes(name, datatype, item["data"]))
         elif "shared_memory_region" in item_params:
-            proto.raw_input_contents.append(b"")  # refused, by name, by the request reader
+            pass  # read in place by the request reader
         else:
             raise _invalid(f"input {name!r} has neither 'data' nor binary_data_size")
     if offset != len(binary):
@@ -289,7 +331,13 @@ def _from_proto(
             "shape": list(out.shape),
         }
         binary = binary_outputs if isinstance(binary_outputs, bool) else out.name in binary_outputs
-        if binary:
+        if "shared_memory_region" in out.parameters:  # written to the client's region
+            tensor["parameters"] = {
+                "shared_memory_region": out.parameters["shared_memory_region"].string_param,
+                "shared_memory_offset": out.parameters["shared_memory_offset"].int64_param,
+                "shared_memory_byte_size": out.parameters["shared_memory_byte_size"].int64_param,
+            }
+        elif binary:
             tensor["parameters"] = {"binary_data_size": len(raw)}
             parts.append(raw)
         else:

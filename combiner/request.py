@@ -9,6 +9,7 @@ unknown output, a bad deadline).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import grpc
 import numpy as np
@@ -17,6 +18,8 @@ from tritonclient.utils import triton_to_np_dtype
 
 from .batching import Rows
 from .config import CombinerConfig, TensorInfo
+from .errors import RequestError
+from .shm import ClientRegion, ClientRegions
 
 __all__ = ["RequestError", "RequestReader"]
 
@@ -36,17 +39,15 @@ _TYPED_FIELD = {
 }
 
 
-class RequestError(Exception):
-    """A request the endpoint refuses; carries the gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        self.code = code
-        super().__init__(message)
-
-
 class RequestReader:
-    def __init__(self, config: CombinerConfig, outputs: dict[str, TensorInfo]) -> None:
+    def __init__(
+        self,
+        config: CombinerConfig,
+        outputs: dict[str, TensorInfo],
+        regions: ClientRegions | None = None,
+    ) -> None:
         self.config = config
+        self.regions = regions or ClientRegions()
         self._inputs = {t.name: t for t in config.inputs}
         self._itemsize = {
             t.name: np.dtype(triton_to_np_dtype(t.dtype)).itemsize for t in config.inputs
@@ -75,24 +76,22 @@ class RequestReader:
     def parse(self, request: service_pb2.ModelInferRequest) -> Rows:
         expected = ", ".join(self._inputs)
         raw = list(request.raw_input_contents)
-        if raw and len(raw) != len(request.inputs):
+        in_band = [t for t in request.inputs if "shared_memory_region" not in t.parameters]
+        if raw and len(raw) != len(in_band):
             raise _invalid(
-                f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents"
+                f"the request has {len(in_band)} inputs outside shared memory but {len(raw)} "
+                "raw_input_contents"
             )
-        data: dict[str, bytes] = {}
+        data: dict[str, bytes | memoryview] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         batch = None
-        for i, tensor in enumerate(request.inputs):
+        next_raw = 0
+        for tensor in request.inputs:
             info = self._inputs.get(tensor.name)
             if info is None:
                 raise _invalid(f"unknown input {tensor.name!r}; this ensemble takes: {expected}")
             if tensor.name in data:
                 raise _invalid(f"input {tensor.name!r} is given twice")
-            if "shared_memory_region" in tensor.parameters:
-                raise _invalid(
-                    f"input {tensor.name!r} is in shared memory; this endpoint takes inputs "
-                    "in the request only"
-                )
             if tensor.datatype != info.dtype:
                 raise _invalid(
                     f"input {tensor.name!r} has datatype {tensor.datatype}; "
@@ -113,8 +112,19 @@ class RequestReader:
             if batch is not None and shape[0] != batch:
                 raise _invalid(f"inputs disagree on the batch size ({batch} and {shape[0]})")
             batch = shape[0]
-            content = raw[i] if raw else _typed_bytes(tensor, info)
             need = math.prod(shape) * self._itemsize[tensor.name]
+            content: bytes | memoryview
+            if "shared_memory_region" in tensor.parameters:
+                region, offset, size = _placement(tensor.parameters, f"input {tensor.name!r}")
+                if size is not None and size != need:
+                    raise _invalid(
+                        f"input {tensor.name!r}: shared_memory_byte_size is {size}; shape "
+                        f"{list(shape)} of {info.dtype} needs {need}"
+                    )
+                content = self.regions.get(region).view(offset, need, f"input {tensor.name!r}")
+            else:
+                content = raw[next_raw] if raw else _typed_bytes(tensor, info)
+                next_raw += 1
             if len(content) != need:
                 raise _invalid(
                     f"input {tensor.name!r} carries {len(content)} bytes; shape {list(shape)} "
@@ -130,22 +140,48 @@ class RequestReader:
         assert batch is not None
         return Rows.of(batch, data, shapes)
 
-    def requested_outputs(self, request: service_pb2.ModelInferRequest) -> list[str]:
+    def requested_outputs(
+        self, request: service_pb2.ModelInferRequest
+    ) -> tuple[list[str], dict[str, tuple[ClientRegion, int, int]]]:
+        """The outputs asked for (all, if none is named), and where in shared memory those
+        asked there go: name -> (region, offset, byte size available)."""
         if not request.outputs:
-            return list(self._outputs)
+            return list(self._outputs), {}
         names = []
+        placed = {}
         for out in request.outputs:
             if out.name not in self._outputs:
                 raise _invalid(
                     f"unknown output {out.name!r}; this ensemble gives: {', '.join(self._outputs)}"
                 )
             if "shared_memory_region" in out.parameters:
-                raise _invalid(
-                    f"output {out.name!r} asks for shared memory; this endpoint "
-                    "returns outputs in the response only"
-                )
+                what = f"output {out.name!r}"
+                region_name, offset, size = _placement(out.parameters, what)
+                region = self.regions.get(region_name)
+                if size is None:
+                    size = region.byte_size - offset
+                region.view(offset, size, what)  # it fits the region
+                placed[out.name] = (region, offset, size)
             names.append(out.name)
-        return names
+        return names, placed
+
+
+def _placement(params: Any, what: str) -> tuple[str, int, int | None]:
+    """(region, offset, byte size or None) from a tensor's shared_memory_* parameters."""
+    region = params["shared_memory_region"].string_param
+    offset = size = None
+    for key in ("shared_memory_offset", "shared_memory_byte_size"):
+        if key in params:
+            param = params[key]
+            kind = param.WhichOneof("parameter_choice")
+            if kind not in ("int64_param", "uint64_param"):
+                raise _invalid(f"{what}: parameter {key!r} must be an integer")
+            value = int(getattr(param, kind))
+            if key == "shared_memory_offset":
+                offset = value
+            else:
+                size = value
+    return region, offset or 0, size
 
 
 def _invalid(message: str) -> RequestError:

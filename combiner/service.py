@@ -22,10 +22,11 @@ from tritonclient.utils import triton_to_np_dtype
 from . import __version__, metrics
 from .batching import Batcher, Rows
 from .config import CombinerConfig, MemberRoute, TensorInfo
+from .errors import RequestError
 from .fanout import fan_out
-from .request import RequestError, RequestReader
+from .request import RequestReader
 from .rules import combine, load_rule, uncertainty
-from .shm import ShmPool, reclaim_stale
+from .shm import ClientRegions, ShmPool, reclaim_stale
 from .upstream import GRPC_OPTIONS, MemberError, Upstream
 
 __all__ = ["EnsembleService", "RequestError", "serve"]
@@ -45,7 +46,8 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self._rule = load_rule(config.rule, config.rule_path)
         self._quorum = config.quorum_count()
         self._shm: ShmPool | None = None
-        self._reader = RequestReader(config, self.outputs)
+        self.regions = ClientRegions()
+        self._reader = RequestReader(config, self.outputs, self.regions)
         self._fanout = (
             MemberRoute(
                 name=config.fanout_model,
@@ -77,6 +79,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             await self._batcher.close()
         if self._shm is not None:
             await self._shm.close()
+        self.regions.unregister()
 
     # -- health and metadata ------------------------------------------------------------------
 
@@ -124,6 +127,33 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             ],
         )
         return service_pb2.ModelConfigResponse(config=config)
+
+    # -- system shared memory (KServe extension): a co-located client's own regions -----------
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        try:
+            self.regions.register(request.name, request.key, request.offset, request.byte_size)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        return service_pb2.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.regions.unregister(request.name or None)
+        return service_pb2.SystemSharedMemoryUnregisterResponse()
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        try:
+            found = self.regions.status(request.name or None)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        response = service_pb2.SystemSharedMemoryStatusResponse()
+        for r in found:
+            response.regions[r.name].CopyFrom(
+                service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                )
+            )
+        return response
 
     async def RepositoryIndex(self, request, context):
         state = "READY" if await self.ready() else "UNAVAILABLE"
@@ -179,7 +209,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 self.not_found(request.model_name, request.model_version),
             )
         inputs = self._reader.parse(request)
-        wanted = self._reader.requested_outputs(request)
+        wanted, placed = self._reader.requested_outputs(request)
         deadline = self._reader.deadline(request, remaining)
         if self._batcher is not None:
             outputs, contributors, missing = await self._batcher.submit(inputs, wanted, deadline)
@@ -199,8 +229,22 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             )
         for name, array in outputs.items():
             info = self.outputs[name]
-            response.outputs.add(name=name, datatype=info.dtype, shape=array.shape)
-            response.raw_output_contents.append(array.tobytes())
+            out = response.outputs.add(name=name, datatype=info.dtype, shape=array.shape)
+            if name in placed:  # into the client's shared memory, not the response
+                region, offset, size = placed[name]
+                if array.nbytes > size:
+                    raise RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"output {name!r} needs {array.nbytes} bytes; shared-memory region "
+                        f"{region.name!r} offers {size} at offset {offset}",
+                    )
+                region.view(offset, array.nbytes, f"output {name!r}")[:] = array.tobytes()
+                out.parameters["shared_memory_region"].string_param = region.name
+                out.parameters["shared_memory_offset"].int64_param = offset
+                out.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+                response.raw_output_contents.append(b"")
+            else:
+                response.raw_output_contents.append(array.tobytes())
         return response
 
     async def _fan_out(

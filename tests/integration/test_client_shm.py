@@ -1,0 +1,132 @@
+"""A co-located client's inputs and outputs in its own shared memory, through the SDK and
+through stock tritonclient (gRPC and HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
+
+from combiner.client import AsyncEnsembleClient, EnsembleClient
+from tests.integration.test_serving import direct_combination
+
+SHM = Path("/dev/shm")
+
+
+def combiner_regions(url: str) -> set[str]:
+    with grpcclient.InferenceServerClient(url) as client:
+        status = client.get_system_shared_memory_status(as_json=True)
+    return set(status.get("regions", {}))
+
+
+def test_sdk_shared_memory_answers_and_cleans_up(ensemble, endpoints, split):
+    x = split.x_test[:300]
+    expected = direct_combination(ensemble, x)
+    client = EnsembleClient(endpoints.ensemble, shared_memory=True)
+    answer = client.infer(x[:17])
+    np.testing.assert_allclose(answer.outputs["logits"], expected[:17], rtol=1e-4, atol=1e-6)
+    # max-batch chunks in flight together, each in its own region
+    np.testing.assert_allclose(
+        client.predict_all(x, chunk=20, concurrency=4), expected, rtol=1e-4, atol=1e-6
+    )
+    names = combiner_regions(endpoints.ensemble)
+    assert names and all(n.startswith("chorus_client_") for n in names)
+    assert names <= {p.name for p in SHM.glob("chorus_client_*")}
+    client.close()
+    assert not combiner_regions(endpoints.ensemble) & names
+    assert not {p.name for p in SHM.glob("chorus_client_*")} & names
+
+
+def test_async_sdk_shared_memory_keeps_concurrent_requests_apart(ensemble, endpoints):
+    xs = [
+        np.random.default_rng(500 + i).random((i % 4 + 1, 1, 8, 8), np.float32) for i in range(64)
+    ]
+
+    async def go():
+        async with AsyncEnsembleClient(endpoints.ensemble, shared_memory=True) as client:
+            return await asyncio.gather(*(client.predict(x) for x in xs))
+
+    for x, answer in zip(xs, asyncio.run(go()), strict=True):
+        np.testing.assert_allclose(answer, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def region():
+    name = "test_stock_region"
+    handle = shm.create_shared_memory_region(name, "/" + name, 4096)
+    yield name, handle
+    shm.destroy_shared_memory_region(handle)
+
+
+def test_stock_grpc_client_with_input_and_output_in_shared_memory(ensemble, endpoints, region):
+    name, handle = region
+    x = np.random.default_rng(9).random((3, 1, 8, 8), np.float32)
+    shm.set_shared_memory_region(handle, [x])
+    with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
+        client.register_system_shared_memory(name, "/" + name, 4096)
+        try:
+            tensor = grpcclient.InferInput("image", [3, 1, 8, 8], "FP32")
+            tensor.set_shared_memory(name, x.nbytes)
+            out = grpcclient.InferRequestedOutput("logits")
+            out.set_shared_memory(name, 3 * 10 * 4, offset=1024)
+            client.infer("digits", [tensor], outputs=[out])
+            got = shm.get_contents_as_numpy(handle, np.float32, (3, 10), offset=1024)
+            np.testing.assert_allclose(got, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
+
+            small = grpcclient.InferRequestedOutput("logits")
+            small.set_shared_memory(name, 16, offset=1024)
+            with pytest.raises(InferenceServerException, match="needs 120 bytes"):
+                client.infer("digits", [tensor], outputs=[small])
+        finally:
+            client.unregister_system_shared_memory(name)
+        with pytest.raises(InferenceServerException, match="unknown shared-memory region"):
+            client.infer("digits", [tensor])
+
+
+def test_stock_http_client_with_shared_memory(ensemble, endpoints, region):
+    name, handle = region
+    x = np.random.default_rng(10).random((2, 1, 8, 8), np.float32)
+    shm.set_shared_memory_region(handle, [x])
+    client = httpclient.InferenceServerClient(endpoints.ensemble_http)
+    client.register_system_shared_memory(name, "/" + name, 4096)
+    try:
+        assert [r["name"] for r in client.get_system_shared_memory_status()] == [name]
+        tensor = httpclient.InferInput("image", [2, 1, 8, 8], "FP32")
+        tensor.set_shared_memory(name, x.nbytes)
+        out = httpclient.InferRequestedOutput("logits")
+        out.set_shared_memory(name, 2 * 10 * 4, offset=2048)
+        client.infer("digits", [tensor], outputs=[out])
+        got = shm.get_contents_as_numpy(handle, np.float32, (2, 10), offset=2048)
+        np.testing.assert_allclose(got, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
+    finally:
+        client.unregister_system_shared_memory(name)
+        client.close()
+
+
+def test_bad_registrations_are_refused_by_name(endpoints, region):
+    name, _ = region
+    with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
+        with pytest.raises(InferenceServerException, match="no shared-memory region with key"):
+            client.register_system_shared_memory("ghost", "/chorus_no_such_key", 64)
+        with pytest.raises(InferenceServerException, match="exceed the 4096 bytes"):
+            client.register_system_shared_memory(name, "/" + name, 8192)
+        client.register_system_shared_memory(name, "/" + name, 4096)
+        try:
+            with pytest.raises(InferenceServerException, match="already registered"):
+                client.register_system_shared_memory(name, "/" + name, 4096)
+            tensor = grpcclient.InferInput("image", [100, 1, 8, 8], "FP32")
+            tensor.set_shared_memory(name, 100 * 64 * 4)
+            with pytest.raises(InferenceServerException, match="exceeds the maximum batch"):
+                client.infer("digits", [tensor])
+            tensor = grpcclient.InferInput("image", [20, 1, 8, 8], "FP32")
+            tensor.set_shared_memory(name, 20 * 64 * 4)
+            with pytest.raises(InferenceServerException, match="do not fit shared-memory region"):
+                client.infer("digits", [tensor])
+        finally:
+            client.unregister_system_shared_memory(name)
