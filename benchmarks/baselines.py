@@ -41,6 +41,7 @@ from examples.digits.train import HERE, load_split, train_members
 from orchestrator.bench import Load, closed_loop
 from orchestrator.spec import Ensemble, load_ensemble
 from orchestrator.up import Deployment
+from tests.onnx_models import linear
 
 CONCURRENCY = (1, 8, 64)
 
@@ -179,11 +180,14 @@ def add_baselines(ensemble: Ensemble, repo: Path, triton_url: str, max_batch: in
             client.load_model(name)
 
 
-def requests_for(model: str, input_name: str, x: np.ndarray, count: int = 256) -> list:
-    """Prebuilt batch-1 requests on distinct rows, so the client costs the same everywhere."""
+def requests_for(
+    model: str, input_name: str, x: np.ndarray, count: int = 256, batch: int = 1
+) -> list:
+    """Prebuilt requests of ``batch`` rows on distinct rows, so the client costs the same
+    everywhere."""
     out = []
-    for i in range(min(count, len(x))):
-        row = np.ascontiguousarray(x[i : i + 1])
+    for i in range(min(count, len(x) - batch + 1)):
+        row = np.ascontiguousarray(x[i : i + batch])
         req = service_pb2.ModelInferRequest(model_name=model)
         req.inputs.add(name=input_name, datatype="FP32", shape=row.shape)
         req.raw_input_contents.append(row.tobytes())
@@ -390,6 +394,49 @@ def shared_memory(seconds: float, root: Path) -> list[str]:
     return lines
 
 
+def output_memory(seconds: float, root: Path) -> list[str]:
+    """Wide outputs (4 members x 4096 FP32 a row, batch 16: 1 MiB a batch) back from Triton
+    in the response vs through shared memory."""
+    for k in range(4):
+        linear(root / f"wide{k}.onnx", in_dim=64, out_dim=4096, seed=k)
+    members = "".join(f"  - {{name: wide{k}, path: wide{k}.onnx}}\n" for k in range(4))
+    (root / "wide.yaml").write_text(
+        f"name: wide\nmembers:\n{members}combine: {{rule: mean}}\nserving: {{max_batch_size: 16}}\n"
+    )
+    wide = load_ensemble(root / "wide.yaml")
+    x = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
+    results = {}
+    for label, least in (("in the response", None), ("shared memory", 0)):
+        options = {"output_shared_memory_min_bytes": least}
+        with served(wide, "chorus-outputs-", combiner_options=options) as d:
+            assert d.endpoints is not None and d.combiner is not None
+            combiner = descendants(d.combiner.pid or 0)
+            requests = requests_for("wide", "x", x, 64, batch=16)
+            for c in (1, 4):
+                load(d.endpoints.ensemble, requests, c, 0.5)  # warm up
+                before = cpu_seconds(combiner)
+                r = load(d.endpoints.ensemble, requests, c, seconds)
+                results[label, c] = (r, (cpu_seconds(combiner) - before) / max(r.requests, 1))
+                print(f"outputs {label} c{c}: {r.samples_per_s:,.0f}/s", flush=True)
+    lines = [
+        "| member outputs | concurrency | requests/s | p50 ms | p99 ms | combiner CPU ms/request |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in (1, 4):
+        for label in ("in the response", "shared memory"):
+            r, cpu = results[label, c]
+            lines.append(f"{row(label, c, r)} {cpu * 1000:.2f} |")
+    lines.append("")
+    for c in (1, 4):
+        band, shm = results["in the response", c], results["shared memory", c]
+        lines.append(
+            f"- concurrency {c}: shared memory / in the response = "
+            f"{shm[0].samples_per_s / band[0].samples_per_s:.2f}x throughput, combiner CPU per "
+            f"request {shm[1] / band[1]:.2f}x"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -420,6 +467,10 @@ def main() -> None:
         "## One copy of the input: 3x224x224 FP32 (588 KiB a request), 4 members",
         "",
         *shared_memory(args.seconds, root),
+        "",
+        "## Member outputs: 4 x 4096 FP32 a row, batch-16 requests (1 MiB a batch)",
+        "",
+        *output_memory(args.seconds, root),
         "",
     ]
     publish(lines, args.out)

@@ -52,6 +52,12 @@ class CombinerConfig(_Strict):
     shared_memory: bool = Field(
         False, description="Triton shares this host: write each input once into shared memory"
     )
+    output_shared_memory_min_bytes: int | None = Field(
+        1 << 16,
+        ge=0,
+        description="with shared_memory: member outputs of at least this many bytes a batch "
+        "come back through it too (None: never); only where every member must answer",
+    )
     batching: bool = Field(
         True, description="gather concurrent requests into one batch before the fan-out"
     )

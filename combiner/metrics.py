@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["BATCHED", "IN_FLIGHT", "LATENCY", "MEMBER_LATENCY", "PARTIAL", "REQUESTS"]
+__all__ = [
+    "BATCHED",
+    "IN_FLIGHT",
+    "LATENCY",
+    "MEMBER_LATENCY",
+    "PARTIAL",
+    "REQUESTS",
+    "SHARED_BYTES",
+]
 
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -32,4 +40,9 @@ BATCHED = Histogram(
     "chorus_batched_requests",
     "Client requests gathered into each batch sent to the members",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+SHARED_BYTES = Counter(
+    "chorus_shared_memory_bytes",
+    "Bytes of member inputs and outputs passed to Triton through shared memory, not gRPC",
+    ["direction"],
 )

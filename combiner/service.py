@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -26,7 +28,7 @@ from .errors import RequestError
 from .fanout import fan_out
 from .request import RequestReader
 from .rules import combine, load_rule, uncertainty
-from .shm import ClientRegions, ShmPool, reclaim_stale
+from .shm import ClientRegions, Region, ShmPool, reclaim_stale
 from .upstream import GRPC_OPTIONS, MemberError, Upstream
 
 __all__ = ["EnsembleService", "RequestError", "serve"]
@@ -254,14 +256,53 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         combine the answers of those that made it, if they meet the quorum. Returns the
         outputs, the contributing members and why the others are missing."""
 
-        names = list(inputs.pieces)
-        size = sum(inputs.nbytes(n) for n in names)
-        region = await self._shm.acquire(size) if self._shm else None
-        placed = None
-        if region is not None:  # the batch's bytes go straight from the requests to the region
+        one_call = (
+            self._fanout is not None
+            and deadline is None
+            and (self._quorum == len(self.config.members) and self.config.fan_out == "concurrent")
+        )
+        region = None
+        placed: _Placed | None = None
+        if self._shm is not None:
+            names = list(inputs.pieces)
+            size = sum(inputs.nbytes(n) for n in names)
+            # outputs too, where that pays; only on the one-call path, where every call has
+            # ended before the region is reused (a call given up at a deadline may still write)
+            out_rows = self._output_rows(wanted) if one_call else None
+            out_size = inputs.batch * sum(out_rows.values()) if out_rows else 0
+            least = self.config.output_shared_memory_min_bytes
+            if least is None or out_size < least:
+                out_rows, out_size = None, 0
+            region = await self._shm.acquire(_aligned(size) + out_size)
+            # the batch's bytes go straight from the requests to the region
             offsets = region.write([inputs.pieces[n] for n in names])
-            placed = (region.name, dict(zip(names, offsets, strict=True)))
+            outs = {}
+            at = _aligned(size)
+            for name, row in (out_rows or {}).items():
+                outs[name] = (at, row)
+                at += inputs.batch * row
+            placed = _Placed(region.name, dict(zip(names, offsets, strict=True)), outs)
+            metrics.SHARED_BYTES.labels("input").inc(size)
+            if out_size:
+                metrics.SHARED_BYTES.labels("output").inc(out_size)
+        try:
+            return await self._call_and_combine(
+                request_id, inputs, wanted, deadline, one_call, placed, region
+            )
+        finally:
+            if region is not None and self._shm is not None:
+                self._shm.release(region)
 
+    async def _call_and_combine(
+        self,
+        request_id: str,
+        inputs: Rows,
+        wanted: list[str],
+        deadline: float | None,
+        one_call: bool,
+        placed: _Placed | None,
+        region: Region | None,
+    ) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:
         def calls_of(
             member: MemberRoute, output_names: list[str] | None = None
         ) -> Callable[[], Awaitable[list[Any]]]:
@@ -291,34 +332,23 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
 
             return call
 
-        one_call = (
-            self._fanout is not None
-            and deadline is None
-            and (self._quorum == len(self.config.members) and self.config.fan_out == "concurrent")
-        )
-        try:
-            if one_call:  # every member must answer anyway: let Triton fan out in one call
-                assert self._fanout is not None
-                names = [
-                    self._fanout_output(m, b)
-                    for m in self.config.members
-                    for b in self._bases(wanted)
-                ]
-                answers, missing = {}, {}
-                try:  # nothing to wait for but this one call: no task, no timer
-                    got = await calls_of(self._fanout, names)()
-                    answers = {m.name: got for m in self.config.members}
-                except MemberError as e:
-                    missing = {m.name: f"{e.code.name}: {e.details}" for m in self.config.members}
-            else:
-                answers, missing = await fan_out(
-                    [(m.name, calls_of(m)) for m in self.config.members],
-                    deadline,
-                    sequential=self.config.fan_out == "sequential",
-                )
-        finally:
-            if region is not None and self._shm is not None:
-                self._shm.release(region)
+        if one_call:  # every member must answer anyway: let Triton fan out in one call
+            assert self._fanout is not None
+            names = [
+                self._fanout_output(m, b) for m in self.config.members for b in self._bases(wanted)
+            ]
+            answers, missing = {}, {}
+            try:  # nothing to wait for but this one call: no task, no timer
+                got = await calls_of(self._fanout, names)()
+                answers = {m.name: got for m in self.config.members}
+            except MemberError as e:
+                missing = {m.name: f"{e.code.name}: {e.details}" for m in self.config.members}
+        else:
+            answers, missing = await fan_out(
+                [(m.name, calls_of(m)) for m in self.config.members],
+                deadline,
+                sequential=self.config.fan_out == "sequential",
+            )
         members = [m for m in self.config.members if m.name in answers]
         if len(members) < self._quorum:
             why = "; ".join(f"{name} ({reason})" for name, reason in missing.items())
@@ -336,12 +366,17 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         stacked = {}
         for base in self._bases(wanted):
             info = self._base[base]
+            dtype = triton_to_np_dtype(info.dtype)
             per_member = []
             for member in members:
                 name = self._fanout_output(member, base) if one_call else member.outputs[base]
+                if placed is not None and region is not None and name in placed.outputs:
+                    offset, _ = placed.outputs[name]
+                    per_member.append(region.read(offset, dtype, (inputs.batch, *info.shape)))
+                    continue
                 parts = [_output(r, name, info) for r in answers[member.name]]
                 per_member.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
-            stacked[base] = np.stack(per_member)
+            stacked[base] = np.stack(per_member)  # a copy: the region can be reused after
         outputs = {}
         for name in wanted:
             if name in self._derived:
@@ -362,6 +397,19 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             )
         return outputs, [m.name for m in members], missing
 
+    def _output_rows(self, wanted: list[str]) -> dict[str, int] | None:
+        """Bytes per row of each fan-out model output these ensemble outputs need; None if
+        a shape is variable."""
+        rows = {}
+        for base in self._bases(wanted):
+            info = self._base[base]
+            if any(d < 0 for d in info.shape):
+                return None
+            row = math.prod(info.shape) * np.dtype(triton_to_np_dtype(info.dtype)).itemsize
+            for m in self.config.members:
+                rows[self._fanout_output(m, base)] = row
+        return rows
+
     @staticmethod
     def _fanout_output(member: MemberRoute, base: str) -> str:
         return f"{member.name}__{base}"
@@ -378,12 +426,12 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         wanted: list[str],
         start: int,
         stop: int,
-        region: tuple[str, dict[str, int]] | None = None,
+        placed: _Placed | None = None,
         output_names: list[str] | None = None,
     ) -> service_pb2.ModelInferRequest:
         """The request for rows [start, stop) of the inputs, in the member's tensor names: the
-        bytes in the request, or, with ``region`` (name, offset per input), a pointer to them
-        in shared memory."""
+        bytes in the request, or, when ``placed`` in shared memory, pointers to them there
+        (and to where its outputs go, for those placed too)."""
         req = service_pb2.ModelInferRequest(model_name=member.name, id=request_id)
         whole = start == 0 and stop == inputs.batch
         for ens_name in inputs.pieces:
@@ -394,20 +442,18 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 shape=(stop - start, *shape[1:]),
             )
             row = inputs.nbytes(ens_name) // inputs.batch
-            if region is not None:
-                name, offsets = region
-                tensor.parameters["shared_memory_region"].string_param = name
-                tensor.parameters["shared_memory_offset"].int64_param = (
-                    offsets[ens_name] + start * row
-                )
-                tensor.parameters["shared_memory_byte_size"].int64_param = (stop - start) * row
+            if placed is not None:
+                _point(tensor.parameters, placed.region, placed.inputs[ens_name], row, start, stop)
             else:
                 content = inputs.data[ens_name]
                 req.raw_input_contents.append(
                     content if whole else content[start * row : stop * row]
                 )
         for name in output_names or [member.outputs[b] for b in self._bases(wanted)]:
-            req.outputs.add(name=name)
+            out = req.outputs.add(name=name)
+            if placed is not None and name in placed.outputs:
+                offset, row = placed.outputs[name]
+                _point(out.parameters, placed.region, offset, row, start, stop)
         return req
 
     # -- helpers --------------------------------------------------------------------------------
@@ -428,6 +474,27 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
 
     async def ready(self) -> bool:
         return await self.upstream.models_ready(self._member_names)
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """Where a batch lives in a shared-memory region: each input's offset, and each output
+    placed there as (offset, bytes per row)."""
+
+    region: str
+    inputs: dict[str, int]
+    outputs: dict[str, tuple[int, int]]
+
+
+def _point(params: Any, region: str, offset: int, row: int, start: int, stop: int) -> None:
+    """Point a tensor at rows [start, stop) of a block at ``offset`` in ``region``."""
+    params["shared_memory_region"].string_param = region
+    params["shared_memory_offset"].int64_param = offset + start * row
+    params["shared_memory_byte_size"].int64_param = (stop - start) * row
+
+
+def _aligned(size: int) -> int:
+    return (size + 63) // 64 * 64
 
 
 def _output(response: service_pb2.ModelInferResponse, name: str, info: TensorInfo) -> np.ndarray:

@@ -57,6 +57,11 @@ class Region:
         shm.set_shared_memory_region(self.handle, arrays)
         return offsets
 
+    def read(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A view of what a member wrote at ``offset``; valid until the region is reused."""
+        array: np.ndarray = shm.get_contents_as_numpy(self.handle, dtype, shape, offset)
+        return array
+
 
 class ShmPool:
     """Regions of this process, registered with Triton, lent out one batch at a time."""
