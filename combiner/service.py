@@ -377,6 +377,17 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 parts = [_output(r, name, info) for r in answers[member.name]]
                 per_member.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
             stacked[base] = np.stack(per_member)  # a copy: the region can be reused after
+        if sum(a.nbytes for a in stacked.values()) >= _OFFLOAD_BYTES:
+            # large: numpy releases the GIL, so the loop keeps serving while a thread combines
+            outputs = await asyncio.to_thread(self._combine, stacked, wanted, weights)
+        else:
+            outputs = self._combine(stacked, wanted, weights)
+        return outputs, [m.name for m in members], missing
+
+    def _combine(
+        self, stacked: dict[str, np.ndarray], wanted: list[str], weights: list[float]
+    ) -> dict[str, np.ndarray]:
+        """The wanted ensemble outputs from the members' stacked outputs."""
         outputs = {}
         for name in wanted:
             if name in self._derived:
@@ -395,7 +406,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             outputs[name] = np.ascontiguousarray(
                 result.astype(triton_to_np_dtype(info.dtype), copy=False)
             )
-        return outputs, [m.name for m in members], missing
+        return outputs
 
     def _output_rows(self, wanted: list[str]) -> dict[str, int] | None:
         """Bytes per row of each fan-out model output these ensemble outputs need; None if
@@ -484,6 +495,10 @@ class _Placed:
     region: str
     inputs: dict[str, int]
     outputs: dict[str, tuple[int, int]]
+
+
+# Stacked member outputs from this size up are combined in a worker thread.
+_OFFLOAD_BYTES = 1 << 18
 
 
 def _point(params: Any, region: str, offset: int, row: int, start: int, stop: int) -> None:
