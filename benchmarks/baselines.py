@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -239,6 +240,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+T = TypeVar("T")
+
+
+def interleaved(
+    cases: dict[str, Callable[[], T]], rounds: int, speed: Callable[[T], float]
+) -> dict[str, T]:
+    """Run every case once a round, rotating the order, and keep each case's median round by
+    ``speed``: this machine's speed drifts, and cases measured side by side drift together."""
+    got: dict[str, list[T]] = {label: [] for label in cases}
+    labels = list(cases)
+    for r in range(rounds):
+        k = r % len(labels)
+        for label in labels[k:] + labels[:k]:
+            got[label].append(cases[label]())
+    return {label: sorted(runs, key=speed)[len(runs) // 2] for label, runs in got.items()}
+
+
+def _speed(result: Load | tuple) -> float:
+    load = result[0] if isinstance(result, tuple) else result
+    return float(load.samples_per_s)
+
+
 @contextmanager
 def served(ensemble: Ensemble, prefix: str, **options: object) -> Iterator[Deployment]:
     d = Deployment(ensemble, Path(tempfile.mkdtemp(prefix=prefix)), **options)  # type: ignore[arg-type]
@@ -253,34 +276,34 @@ def row(label: str, c: int, r: Load) -> str:
     return f"| {label} | {c} | {r.samples_per_s:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |"
 
 
-def compare(ensemble: Ensemble, x: np.ndarray, seconds: float) -> list[str]:
+def compare(ensemble: Ensemble, x: np.ndarray, seconds: float, rounds: int) -> list[str]:
     lines = []
     with served(ensemble, "chorus-baselines-") as d:
         assert d.endpoints is not None
         triton = d.endpoints.triton_grpc
         add_baselines(ensemble, d.workdir / "repository", triton, ensemble.max_batch_size)
-        variants: list[tuple[str, str, Callable[[], list]]] = [
-            ("Chorus", d.endpoints.ensemble, lambda: requests_for(ensemble.name, "image", x)),
-            ("native ensemble", triton, lambda: requests_for("native", "image", x)),
-            ("async BLS", triton, lambda: requests_for("bls", "image", x)),
-        ]
+        variants = {
+            "Chorus": (d.endpoints.ensemble, requests_for(ensemble.name, "image", x)),
+            "native ensemble": (triton, requests_for("native", "image", x)),
+            "async BLS": (triton, requests_for("bls", "image", x)),
+        }
         results: dict[tuple[str, int], Load] = {}
         for c in CONCURRENCY:
-            for label, url, make in variants:
-                r = load(url, make(), c, seconds)
+            cases = {
+                label: (lambda url=url, reqs=reqs, c=c: load(url, reqs, c, seconds))
+                for label, (url, reqs) in variants.items()
+            }
+            for label, r in interleaved(cases, rounds, _speed).items():
                 results[label, c] = r
-                print(
-                    f"{label} c{c}: {r.samples_per_s:,.0f}/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}",
-                    flush=True,
-                )
+                print(f"{label} c{c}: {r.samples_per_s:,.0f}/s p50 {r.p50_ms:.2f}", flush=True)
     lines += [
         "| endpoint | concurrency | requests/s | p50 ms | p99 ms |",
         "|---|---:|---:|---:|---:|",
-        *(row(label, c, results[label, c]) for c in CONCURRENCY for label, _, _ in variants),
+        *(row(label, c, results[label, c]) for c in CONCURRENCY for label in variants),
         "",
     ]
     for c in CONCURRENCY:
-        ours, native, bls = (results[v[0], c] for v in variants)
+        ours, native, bls = (results[label, c] for label in variants)
         ratio = ours.samples_per_s / native.samples_per_s
         lines.append(
             f"- concurrency {c}: Chorus / native = {ratio:.2f}x "
@@ -291,7 +314,9 @@ def compare(ensemble: Ensemble, x: np.ndarray, seconds: float) -> list[str]:
     return lines
 
 
-def own_cost(ensemble: Ensemble, x: np.ndarray, seconds: float, root: Path) -> list[str]:
+def own_cost(
+    ensemble: Ensemble, x: np.ndarray, seconds: float, rounds: int, root: Path
+) -> list[str]:
     member = next(m for m in ensemble.members if m.name == "cnn")
     one_file = root / "one.yaml"
     one_file.write_text(
@@ -303,13 +328,15 @@ def own_cost(ensemble: Ensemble, x: np.ndarray, seconds: float, root: Path) -> l
     results = {}
     with served(one, "chorus-own-cost-") as d:
         assert d.endpoints is not None
+        direct = requests_for("cnn", member_input, x)
+        ours = requests_for("one", "image", x)
         for c in CONCURRENCY:
-            results["member on Triton", c] = load(
-                d.endpoints.triton_grpc, requests_for("cnn", member_input, x), c, seconds
-            )
-            results["through Chorus", c] = load(
-                d.endpoints.ensemble, requests_for("one", "image", x), c, seconds
-            )
+            cases = {
+                "member on Triton": lambda c=c: load(d.endpoints.triton_grpc, direct, c, seconds),
+                "through Chorus": lambda c=c: load(d.endpoints.ensemble, ours, c, seconds),
+            }
+            for label, r in interleaved(cases, rounds, _speed).items():
+                results[label, c] = r
     lines = [
         "| path | concurrency | requests/s | p50 ms | p99 ms |",
         "|---|---:|---:|---:|---:|",
@@ -356,24 +383,35 @@ def big_members(root: Path, count: int = 4) -> Ensemble:
     return load_ensemble(root / "big.yaml")
 
 
-def shared_memory(seconds: float, root: Path) -> list[str]:
+def _cpu_load(d: Deployment, requests: list, c: int, seconds: float) -> tuple[Load, float, float]:
+    """A load on the ensemble, with the combiner's and Triton's CPU seconds per request."""
+    assert d.endpoints is not None and d.combiner is not None and d.triton is not None
+    combiner = descendants(d.combiner.pid or 0)
+    triton = descendants(d.triton.process.pid or 0)
+    before = cpu_seconds(combiner), cpu_seconds(triton)
+    r = load(d.endpoints.ensemble, requests, c, seconds)
+    after = cpu_seconds(combiner), cpu_seconds(triton)
+    n = max(r.requests, 1)
+    return r, (after[0] - before[0]) / n, (after[1] - before[1]) / n
+
+
+def shared_memory(seconds: float, rounds: int, root: Path) -> list[str]:
     big = big_members(root)
     x = np.random.default_rng(0).random((64, 3, 224, 224), dtype=np.float32)
+    requests = requests_for("big", "image", x, 64)
     results = {}
-    for label, shm in (("in the request", False), ("shared memory", True)):
-        with served(big, "chorus-shm-", shared_memory=shm) as d:
-            assert d.endpoints is not None and d.combiner is not None and d.triton is not None
-            combiner = descendants(d.combiner.pid or 0)
-            triton = descendants(d.triton.process.pid or 0)
-            for c in (1, 8):
-                requests = requests_for("big", "image", x, 64)
-                load(d.endpoints.ensemble, requests, c, 0.5)  # warm up
-                before = cpu_seconds(combiner), cpu_seconds(triton)
-                r = load(d.endpoints.ensemble, requests, c, seconds)
-                after = cpu_seconds(combiner), cpu_seconds(triton)
-                n = max(r.requests, 1)
-                results[label, c] = (r, (after[0] - before[0]) / n, (after[1] - before[1]) / n)
-                print(f"{label} c{c}: {r.samples_per_s:,.0f}/s", flush=True)
+    with (
+        served(big, "chorus-shm-off-", shared_memory=False) as off,
+        served(big, "chorus-shm-on-", shared_memory=True) as on,
+    ):
+        for c in (1, 8):
+            cases = {
+                "in the request": lambda c=c: _cpu_load(off, requests, c, seconds),
+                "shared memory": lambda c=c: _cpu_load(on, requests, c, seconds),
+            }
+            for label, got in interleaved(cases, rounds, _speed).items():
+                results[label, c] = got
+                print(f"{label} c{c}: {got[0].samples_per_s:,.0f}/s", flush=True)
     lines = [
         "| input | concurrency | requests/s | p50 ms | p99 ms "
         "| combiner CPU ms/request | Triton CPU ms/request |",
@@ -394,7 +432,7 @@ def shared_memory(seconds: float, root: Path) -> list[str]:
     return lines
 
 
-def output_memory(seconds: float, root: Path) -> list[str]:
+def output_memory(seconds: float, rounds: int, root: Path) -> list[str]:
     """Wide outputs (4 members x 4096 FP32 a row, batch 16: 1 MiB a batch) back from Triton
     in the response vs through shared memory."""
     for k in range(4):
@@ -405,26 +443,31 @@ def output_memory(seconds: float, root: Path) -> list[str]:
     )
     wide = load_ensemble(root / "wide.yaml")
     x = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
+    requests = requests_for("wide", "x", x, 64, batch=16)
     results = {}
-    for label, least in (("in the response", None), ("shared memory", 0)):
-        options = {"output_shared_memory_min_bytes": least}
-        with served(wide, "chorus-outputs-", combiner_options=options) as d:
-            assert d.endpoints is not None and d.combiner is not None
-            combiner = descendants(d.combiner.pid or 0)
-            requests = requests_for("wide", "x", x, 64, batch=16)
-            for c in (1, 4):
-                load(d.endpoints.ensemble, requests, c, 0.5)  # warm up
-                before = cpu_seconds(combiner)
-                r = load(d.endpoints.ensemble, requests, c, seconds)
-                results[label, c] = (r, (cpu_seconds(combiner) - before) / max(r.requests, 1))
-                print(f"outputs {label} c{c}: {r.samples_per_s:,.0f}/s", flush=True)
+    with (
+        served(
+            wide, "chorus-out-off-", combiner_options={"output_shared_memory_min_bytes": None}
+        ) as off,
+        served(
+            wide, "chorus-out-on-", combiner_options={"output_shared_memory_min_bytes": 0}
+        ) as on,
+    ):
+        for c in (1, 4):
+            cases = {
+                "in the response": lambda c=c: _cpu_load(off, requests, c, seconds),
+                "shared memory": lambda c=c: _cpu_load(on, requests, c, seconds),
+            }
+            for label, got in interleaved(cases, rounds, _speed).items():
+                results[label, c] = got
+                print(f"outputs {label} c{c}: {got[0].samples_per_s:,.0f}/s", flush=True)
     lines = [
         "| member outputs | concurrency | requests/s | p50 ms | p99 ms | combiner CPU ms/request |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for c in (1, 4):
         for label in ("in the response", "shared memory"):
-            r, cpu = results[label, c]
+            r, cpu, _ = results[label, c]
             lines.append(f"{row(label, c, r)} {cpu * 1000:.2f} |")
     lines.append("")
     for c in (1, 4):
@@ -439,7 +482,8 @@ def output_memory(seconds: float, root: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved; the median is kept")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/baselines.md"))
     args = parser.parse_args()
     split = load_split()
@@ -451,26 +495,29 @@ def main() -> None:
     lines = [
         "# Chorus vs Triton's native ensemble and an async BLS model",
         "",
-        f"`python -m benchmarks.baselines --seconds {args.seconds}` on {os.cpu_count()} CPU "
+        f"`python -m benchmarks.baselines --seconds {args.seconds} --rounds {args.rounds}` on "
+        f"{os.cpu_count()} CPU "
         "cores, the bundled Triton (Python backend running each member's ONNX file), one "
         "instance of each member. Client: batch-1 requests on distinct rows, closed loop, "
-        "prebuilt protobufs on one gRPC channel, the same for every endpoint.",
+        "prebuilt protobufs on one gRPC channel, the same for every endpoint. Each row is the "
+        "median of its interleaved rounds (cases of a table run in turn, in rotating order), "
+        "since this shared machine's speed drifts by up to 1.5x between minutes.",
         "",
         "## The digits ensemble (4 members, softmax + mean)",
         "",
-        *compare(ensemble, x, args.seconds),
+        *compare(ensemble, x, args.seconds, args.rounds),
         "",
         "## The combiner's own cost: a one-member ensemble vs the member directly",
         "",
-        *own_cost(ensemble, x, args.seconds, root),
+        *own_cost(ensemble, x, args.seconds, args.rounds, root),
         "",
         "## One copy of the input: 3x224x224 FP32 (588 KiB a request), 4 members",
         "",
-        *shared_memory(args.seconds, root),
+        *shared_memory(args.seconds, args.rounds, root),
         "",
         "## Member outputs: 4 x 4096 FP32 a row, batch-16 requests (1 MiB a batch)",
         "",
-        *output_memory(args.seconds, root),
+        *output_memory(args.seconds, args.rounds, root),
         "",
     ]
     publish(lines, args.out)
