@@ -4,9 +4,13 @@ Requests wait in a queue only while the members are busy: at most ``max_in_fligh
 are out at once, and the next batch takes every compatible request queued meanwhile (same
 requested outputs and shapes after the batch dimension, up to ``max_rows`` rows). A request
 that finds a free slot and an empty queue goes straight to the members, in its own task: an
-idle combiner adds no delay and no hop; under load, batches grow with the load. Each member
-then sees one call per batch instead of one per request, and the answers are split back per
-request by their rows.
+idle combiner adds no delay and no hop. Under load, a freed slot lets the next batch fill: up
+to twice the size of the last one (the requests it answered tend to come back), while arrivals
+keep coming (a pause of twice their recent mean interval, at most ``max_gap_s``, ends it), for
+``max_fill_s`` at most. So batches grow with the load and shrink when it falls; this pays when
+a batch's round trip to the members is short next to the time the combiner takes to read the
+requests that would fill it. Each member then sees one call per batch instead of one per
+request, and the answers are split back per request by their rows.
 
 A request's deadline runs from its arrival: a batch is given the earliest deadline among its
 requests.
@@ -15,6 +19,7 @@ requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -87,9 +92,21 @@ class _Waiting:
 
 
 class Batcher:
-    def __init__(self, run: Run, max_rows: int, max_in_flight: int = 2) -> None:
+    def __init__(
+        self,
+        run: Run,
+        max_rows: int,
+        max_in_flight: int = 2,
+        max_fill_s: float = 0.0,
+        max_gap_s: float = 0.002,
+    ) -> None:
         self._run = run
         self._max_rows = max_rows
+        self._max_fill_s = max_fill_s
+        self._max_gap_s = max_gap_s
+        self._target = 1  # requests in the last batch
+        self._last_arrival = 0.0
+        self._interval = max_gap_s  # running mean of the time between queued arrivals
         self._slots = asyncio.Semaphore(max_in_flight)
         self._queue: deque[_Waiting] = deque()
         self._wake = asyncio.Event()
@@ -109,6 +126,9 @@ class Batcher:
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._dispatch_forever())
         now = time.monotonic()
+        since = min(now - self._last_arrival, self._max_gap_s)
+        self._interval = 0.9 * self._interval + 0.1 * since
+        self._last_arrival = now
         waiting = _Waiting(
             rows,
             tuple(wanted),
@@ -131,10 +151,28 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
             await self._slots.acquire()  # while every slot is busy, the queue fills up
+            if self._max_fill_s > 0:
+                await self._fill()
             batch = self._take()
+            self._target = len(batch)
             task = asyncio.create_task(self._dispatch(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    async def _fill(self) -> None:
+        """Let the batch fill while requests keep arriving (see the module's docstring)."""
+        gap = min(max(2 * self._interval, 0.0001), self._max_gap_s)
+        until = time.monotonic() + self._max_fill_s
+        while (
+            len(self._queue) < 2 * self._target
+            and sum(w.rows.batch for w in self._queue) < self._max_rows
+        ):
+            now = time.monotonic()
+            if now - self._last_arrival >= gap or now >= until:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), gap)
 
     def _take(self) -> list[_Waiting]:
         """The first queued request and every compatible one behind it, up to max_rows."""

@@ -61,6 +61,12 @@ class CombinerConfig(_Strict):
     batching: bool = Field(
         True, description="gather concurrent requests into one batch before the fan-out"
     )
+    batch_fill_ms: float = Field(
+        5.0,
+        ge=0,
+        description="under load, how long a freed batch slot may wait for more requests to "
+        "join while they keep arriving (0: never; an idle combiner never waits)",
+    )
     max_in_flight: int = Field(
         1,
         ge=1,

@@ -65,6 +65,7 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 lambda rows, wanted, deadline: self._fan_out("", rows, wanted, deadline),
                 config.max_batch_size,
                 config.max_in_flight,
+                config.batch_fill_ms / 1000.0,
             )
             if config.batching
             else None

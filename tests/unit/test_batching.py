@@ -126,3 +126,56 @@ def test_a_batch_gets_the_earliest_deadline_of_its_requests(deadline):
     seen = asyncio.run(go())
     assert seen[0] is None
     assert seen[1] <= (deadline if deadline is not None else 60.0)
+
+
+@pytest.mark.parametrize("fill", [True, False], ids=["fill", "no-fill"])
+def test_under_load_a_freed_slot_waits_for_the_batch_to_fill_while_requests_arrive(fill):
+    """With a fill time, a request queued behind a busy slot waits for the requests arriving
+    after it, up to twice the last batch; without, it leaves alone when the slot frees."""
+
+    async def go():
+        members = Members()
+        batcher = Batcher(
+            members.run,
+            max_rows=64,
+            max_in_flight=1,
+            max_fill_s=60.0 if fill else 0.0,
+            max_gap_s=60.0,
+        )
+
+        async def submit(v):
+            return await batcher.submit(rows([v]), ["y"], None)
+
+        async def steps(n=5):
+            for _ in range(n):
+                await asyncio.sleep(0)
+
+        first = asyncio.create_task(submit(1.0))  # straight through; holds the slot
+        await steps()
+        pair = [asyncio.create_task(submit(v)) for v in (2.0, 3.0)]
+        await steps()
+        members.gate.set()
+        await asyncio.gather(first, *pair)  # batches: [1], [2, 3]: the last had 2 requests
+        members.gate.clear()
+        busy = asyncio.create_task(submit(4.0))  # straight through again
+        await steps()
+        alone = asyncio.create_task(submit(5.0))  # queued behind the busy slot
+        await steps()
+        members.gate.set()  # the slot frees; then three more requests arrive, one by one
+        await steps()
+        members.gate.clear()
+        later = []
+        for v in (6.0, 7.0, 8.0):
+            later.append(asyncio.create_task(submit(v)))
+            await steps()
+        members.gate.set()
+        answers = await asyncio.gather(busy, alone, *later)
+        await batcher.close()
+        return members.batches, answers
+
+    batches, answers = asyncio.run(go())
+    # with the fill, 5.0 waits for 6.0, 7.0 and 8.0 (twice the last batch: 4 requests);
+    # without, 5.0 leaves alone, 6.0 finds the combiner idle, and 7.0 and 8.0 queue behind it
+    assert batches == ([1, 2, 1, 4] if fill else [1, 2, 1, 1, 1, 2])
+    for v, (outputs, _, _) in zip((4.0, 5.0, 6.0, 7.0, 8.0), answers, strict=True):
+        np.testing.assert_allclose(outputs["y"], [[v * 10] * 2])
