@@ -1,0 +1,217 @@
+"""Where the CPU goes per request: the combiner, Triton (with its backend stubs) and the client,
+for Chorus and Triton's native ensemble on the digits ensemble; and the floor, a grpc.aio
+server on uvloop that answers every ModelInfer at once with a canned response.
+
+    python -m benchmarks.profile_combiner [--seconds 3] [--rounds 3]
+
+CPU seconds are read from /proc for each process tree around each load; the client is this
+process. With py-spy installed (``pip install py-spy``), ``--py-spy`` also samples the combiner
+worker under load at concurrency 64 and lists where its own time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import uvloop
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from benchmarks.baselines import (
+    add_baselines,
+    cpu_seconds,
+    descendants,
+    interleaved,
+    load,
+    requests_for,
+    served,
+)
+from benchmarks.report import publish
+from examples.digits.train import HERE, load_split, train_members
+from orchestrator.launch import free_port
+from orchestrator.spec import load_ensemble
+
+
+class _Canned(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    async def ModelInfer(self, request, context):
+        response = service_pb2.ModelInferResponse(model_name="digits", id=request.id)
+        response.outputs.add(name="logits", datatype="FP32", shape=[1, 10])
+        response.raw_output_contents.append(bytes(40))
+        return response
+
+
+def _serve_canned(port: int) -> None:
+    async def go() -> None:
+        server = grpc.aio.server()
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Canned(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.run(go())
+
+
+def _client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(url: str, requests: list, c: int, seconds: float, groups: dict[str, list[int]]):
+    """A load, with CPU ms per request of each process group and of the client."""
+    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    client_before = _client_cpu()
+    r = load(url, requests, c, seconds)
+    n = max(r.requests, 1)
+    cpu = {name: (cpu_seconds(pids) - before[name]) / n * 1000 for name, pids in groups.items()}
+    cpu["client"] = (_client_cpu() - client_before) / n * 1000
+    return r, cpu
+
+
+def floor(x: np.ndarray, seconds: float) -> list[str]:
+    port = free_port()
+    server = mp.get_context("spawn").Process(target=_serve_canned, args=(port,), daemon=True)
+    server.start()
+    time.sleep(1.5)
+    try:
+        requests = requests_for("digits", "image", x)
+        lines = [
+            "| concurrency | requests/s | server CPU ms/request | client CPU ms/request |",
+            "|---:|---:|---:|---:|",
+        ]
+        for c in (1, 8, 64):
+            load(f"127.0.0.1:{port}", requests, c, 0.5)
+            r, cpu = measured(
+                f"127.0.0.1:{port}", requests, c, seconds, {"server": [server.pid or 0]}
+            )
+            lines.append(
+                f"| {c} | {r.samples_per_s:,.0f} | {cpu['server']:.2f} | {cpu['client']:.2f} |"
+            )
+        return lines
+    finally:
+        server.terminate()
+
+
+def split(x: np.ndarray, seconds: float, rounds: int, py_spy: bool) -> list[str]:
+    ensemble = load_ensemble(HERE / "ensemble.yaml")
+    lines = [
+        "| endpoint | concurrency | requests/s | combiner | Triton | client | total |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    spy_lines: list[str] = []
+    with served(ensemble, "chorus-profile-") as d:
+        assert d.endpoints is not None and d.combiner is not None and d.triton is not None
+        add_baselines(ensemble, d.workdir / "repository", d.endpoints.triton_grpc, 64)
+        groups = {
+            "combiner": descendants(d.combiner.pid or 0),
+            "triton": descendants(d.triton.process.pid or 0),
+        }
+        ours = requests_for(ensemble.name, "image", x)
+        native = requests_for("native", "image", x)
+        for c in (8, 64):
+            cases = {
+                "Chorus": lambda c=c: measured(d.endpoints.ensemble, ours, c, seconds, groups),
+                "native ensemble": lambda c=c: measured(
+                    d.endpoints.triton_grpc, native, c, seconds, groups
+                ),
+            }
+            for label, (r, cpu) in interleaved(cases, rounds, lambda t: t[0].samples_per_s).items():
+                total = cpu["combiner"] + cpu["triton"] + cpu["client"]
+                lines.append(
+                    f"| {label} | {c} | {r.samples_per_s:,.0f} | {cpu['combiner']:.2f} | "
+                    f"{cpu['triton']:.2f} | {cpu['client']:.2f} | {total:.2f} |"
+                )
+        if py_spy:
+            spy_lines = sample(groups["combiner"][-1], d.endpoints.ensemble, ours, seconds)
+    return [*lines, "", *spy_lines]
+
+
+def sample(worker: int, url: str, requests: list, seconds: float) -> list[str]:
+    """py-spy's view of the combiner worker at concurrency 64: share of samples by frame."""
+    out = Path(tempfile.mkdtemp()) / "spy.txt"
+    spy = subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "-p",
+            str(worker),
+            "-d",
+            str(int(seconds)),
+            "-f",
+            "raw",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    load(url, requests, 64, seconds + 1)
+    spy.wait()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, n = line.rsplit(" ", 1)
+        total += int(n)
+        for frame in set(stack.split(";")):
+            inclusive[frame.split(" (")[0]] += int(n)
+    wanted = [
+        "Thread.run",
+        "EnsembleService.ModelInfer",
+        "EnsembleService._fan_out",
+        "Batcher._dispatch",
+        "RequestReader.parse",
+        "Upstream.infer",
+        "EnsembleService._combine",
+    ]
+    return [
+        f"py-spy, combiner worker at concurrency 64 ({total} samples; `Thread.run` is grpc.aio's "
+        "poller thread, the rest of the samples are the event loop inside grpc and uvloop):",
+        "",
+        *(f"- {name}: {inclusive[name] / max(total, 1):.0%}" for name in wanted),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--py-spy", action="store_true", help="sample the combiner with py-spy")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/combiner_profile.md"))
+    args = parser.parse_args()
+    if args.py_spy and shutil.which("py-spy") is None:
+        parser.error("--py-spy needs py-spy on PATH (pip install py-spy)")
+    data = load_split()
+    if not (HERE / "models" / "mlp.onnx").is_file():
+        train_members(HERE / "models", data)
+    x = data.x_test
+    lines = [
+        "# Where the CPU goes, per request",
+        "",
+        f"`python -m benchmarks.profile_combiner --seconds {args.seconds} --rounds {args.rounds}"
+        + (" --py-spy" if args.py_spy else "")
+        + "`: CPU milliseconds per request of each process tree, batch-1 requests, closed loop "
+        "(the client is the benchmark process). Rows of a concurrency are interleaved rounds; "
+        "the median round is kept.",
+        "",
+        "## The digits ensemble: Chorus vs Triton's native ensemble",
+        "",
+        *split(x, args.seconds, args.rounds, args.py_spy),
+        "",
+        "## The floor: a grpc.aio server (uvloop) answering at once",
+        "",
+        *floor(x, args.seconds),
+        "",
+    ]
+    publish(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
