@@ -1,7 +1,8 @@
 """The batching stage: concurrent requests gathered into one batch before the fan-out.
 
 Requests wait in a queue only while the members are busy: at most ``max_in_flight`` batches
-are out at once, and the next batch takes every compatible request queued meanwhile (same
+are out at once (one more if it is full already: waiting could not grow it, and it keeps the
+members fed), and the next batch takes every compatible request queued meanwhile (same
 requested outputs and shapes after the batch dimension, up to ``max_rows`` rows). A request
 that finds a free slot and an empty queue goes straight to the members, in its own task: an
 idle combiner adds no delay and no hop. Under load, a freed slot lets the next batch fill: up
@@ -107,7 +108,8 @@ class Batcher:
         self._target = 1  # requests in the last batch
         self._last_arrival = 0.0
         self._interval = max_gap_s  # running mean of the time between queued arrivals
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._limit = max_in_flight
+        self._in_flight = 0
         self._queue: deque[_Waiting] = deque()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -115,14 +117,14 @@ class Batcher:
 
     async def submit(self, rows: Rows, wanted: list[str], deadline: float | None) -> Result:
         """The answer to one request, computed in whatever batch it joins."""
-        if not self._queue and not self._slots.locked():
+        if not self._queue and self._in_flight < self._limit:
             # idle: no one to batch with, so no hop through the dispatcher
-            await self._slots.acquire()
+            self._in_flight += 1
             try:
                 return await self._run(rows, wanted, deadline)
             finally:
                 metrics.BATCHED.observe(1)
-                self._slots.release()
+                self._release()
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._dispatch_forever())
         now = time.monotonic()
@@ -147,17 +149,27 @@ class Batcher:
 
     async def _dispatch_forever(self) -> None:
         while True:
-            while not self._queue:
+            while not (self._queue and self._may_go()):  # meanwhile, the queue fills up
                 self._wake.clear()
                 await self._wake.wait()
-            await self._slots.acquire()  # while every slot is busy, the queue fills up
             if self._max_fill_s > 0:
                 await self._fill()
             batch = self._take()
             self._target = len(batch)
+            self._in_flight += 1
             task = asyncio.create_task(self._dispatch(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _may_go(self) -> bool:
+        """Whether the next batch may go out: while fewer than ``max_in_flight`` are out, or,
+        when it is full already (waiting cannot grow it), beside them as one more."""
+        full = sum(w.rows.batch for w in self._queue) >= self._max_rows
+        return self._in_flight < self._limit + (1 if full else 0)
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self._wake.set()
 
     async def _fill(self) -> None:
         """Let the batch fill while requests keep arriving (see the module's docstring)."""
@@ -211,4 +223,4 @@ class Batcher:
                     w.answer.set_result((part, contributors, missing))
                 start = stop
         finally:
-            self._slots.release()
+            self._release()

@@ -179,3 +179,36 @@ def test_under_load_a_freed_slot_waits_for_the_batch_to_fill_while_requests_arri
     assert batches == ([1, 2, 1, 4] if fill else [1, 2, 1, 1, 1, 2])
     for v, (outputs, _, _) in zip((4.0, 5.0, 6.0, 7.0, 8.0), answers, strict=True):
         np.testing.assert_allclose(outputs["y"], [[v * 10] * 2])
+
+
+def test_a_full_batch_goes_out_beside_the_busy_one_but_no_further():
+    async def go():
+        members = Members()
+        batcher = Batcher(members.run, max_rows=2, max_in_flight=1)
+
+        async def steps(n=5):
+            for _ in range(n):
+                await asyncio.sleep(0)
+
+        def submit(values):
+            return asyncio.create_task(batcher.submit(rows(values), ["y"], None))
+
+        tasks = [submit([1.0, 2.0])]  # full, and the combiner is idle: straight through
+        await steps()
+        tasks.append(submit([3.0, 4.0]))  # full: waiting cannot grow it, so it goes out too
+        await steps()
+        tasks += [submit([5.0]), submit([6.0, 7.0])]  # one not full, one full: both wait
+        await steps()
+        out_while_busy = list(members.batches)
+        members.gate.set()
+        answers = await asyncio.gather(*tasks)
+        await batcher.close()
+        return out_while_busy, members.batches, answers
+
+    out_while_busy, batches, answers = asyncio.run(go())
+    assert out_while_busy == [2, 2]
+    assert batches == [2, 2, 1, 2]
+    for values, (outputs, _, _) in zip(
+        ([1.0, 2.0], [3.0, 4.0], [5.0], [6.0, 7.0]), answers, strict=True
+    ):
+        np.testing.assert_allclose(outputs["y"], [[v * 10] * 2 for v in values])
