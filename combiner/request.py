@@ -3,7 +3,8 @@
 :class:`RequestReader` checks a request before any member is called: a bad one raises
 :class:`RequestError` with INVALID_ARGUMENT and a message naming the problem (unknown, missing
 or repeated input, wrong datatype or shape, batch over the maximum, data of the wrong size,
-unknown output, a bad deadline).
+unknown output, a bad deadline, a shared-memory region unknown or too small). An input in a
+client's registered shared-memory region is read there in place.
 """
 
 from __future__ import annotations
