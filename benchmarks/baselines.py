@@ -398,36 +398,56 @@ def _cpu_load(d: Deployment, requests: list, c: int, seconds: float) -> tuple[Lo
 def shared_memory(seconds: float, rounds: int, root: Path) -> list[str]:
     big = big_members(root)
     x = np.random.default_rng(0).random((64, 3, 224, 224), dtype=np.float32)
-    requests = requests_for("big", "image", x, 64)
-    results = {}
     with (
         served(big, "chorus-shm-off-", shared_memory=False) as off,
         served(big, "chorus-shm-on-", shared_memory=True) as on,
     ):
-        for c in (1, 8):
-            cases = {
-                "in the request": lambda c=c: _cpu_load(off, requests, c, seconds),
-                "shared memory": lambda c=c: _cpu_load(on, requests, c, seconds),
-            }
-            for label, got in interleaved(cases, rounds, _speed).items():
-                results[label, c] = got
-                print(f"{label} c{c}: {got[0].samples_per_s:,.0f}/s", flush=True)
+        return side_by_side(
+            "input",
+            {"in the request": off, "shared memory": on},
+            requests_for("big", "image", x, 64),
+            (1, 8),
+            seconds,
+            rounds,
+        )
+
+
+def side_by_side(
+    what: str,
+    deployments: dict[str, Deployment],
+    requests: list,
+    concurrencies: tuple[int, ...],
+    seconds: float,
+    rounds: int,
+) -> list[str]:
+    """Two deployments of one ensemble under the same load, interleaved: throughput, latency
+    and CPU per request of the combiner and of Triton; then the second's ratios to the first."""
+    results = {}
+    for c in concurrencies:
+        cases = {
+            label: lambda d=d, c=c: _cpu_load(d, requests, c, seconds)
+            for label, d in deployments.items()
+        }
+        for label, got in interleaved(cases, rounds, _speed).items():
+            results[label, c] = got
+            print(f"{what}, {label}, c{c}: {got[0].samples_per_s:,.0f}/s", flush=True)
     lines = [
-        "| input | concurrency | requests/s | p50 ms | p99 ms "
+        f"| {what} | concurrency | requests/s | p50 ms | p99 ms "
         "| combiner CPU ms/request | Triton CPU ms/request |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for c in (1, 8):
-        for label in ("in the request", "shared memory"):
+    for c in concurrencies:
+        for label in deployments:
             r, ours, theirs = results[label, c]
             lines.append(f"{row(label, c, r)} {ours * 1000:.2f} | {theirs * 1000:.2f} |")
     lines.append("")
-    for c in (1, 8):
-        band, shm = results["in the request", c], results["shared memory", c]
+    base, other = deployments
+    for c in concurrencies:
+        first, second = results[base, c], results[other, c]
         lines.append(
-            f"- concurrency {c}: shared memory / in the request = "
-            f"{shm[0].samples_per_s / band[0].samples_per_s:.2f}x throughput, combiner CPU per "
-            f"request {shm[1] / band[1]:.2f}x"
+            f"- concurrency {c}: {other} / {base} = "
+            f"{second[0].samples_per_s / first[0].samples_per_s:.2f}x throughput, combiner CPU "
+            f"per request {second[1] / first[1]:.2f}x"
         )
     return lines
 
@@ -443,8 +463,6 @@ def output_memory(seconds: float, rounds: int, root: Path) -> list[str]:
     )
     wide = load_ensemble(root / "wide.yaml")
     x = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
-    requests = requests_for("wide", "x", x, 64, batch=16)
-    results = {}
     with (
         served(
             wide, "chorus-out-off-", combiner_options={"output_shared_memory_min_bytes": None}
@@ -453,31 +471,14 @@ def output_memory(seconds: float, rounds: int, root: Path) -> list[str]:
             wide, "chorus-out-on-", combiner_options={"output_shared_memory_min_bytes": 0}
         ) as on,
     ):
-        for c in (1, 4):
-            cases = {
-                "in the response": lambda c=c: _cpu_load(off, requests, c, seconds),
-                "shared memory": lambda c=c: _cpu_load(on, requests, c, seconds),
-            }
-            for label, got in interleaved(cases, rounds, _speed).items():
-                results[label, c] = got
-                print(f"outputs {label} c{c}: {got[0].samples_per_s:,.0f}/s", flush=True)
-    lines = [
-        "| member outputs | concurrency | requests/s | p50 ms | p99 ms | combiner CPU ms/request |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for c in (1, 4):
-        for label in ("in the response", "shared memory"):
-            r, cpu, _ = results[label, c]
-            lines.append(f"{row(label, c, r)} {cpu * 1000:.2f} |")
-    lines.append("")
-    for c in (1, 4):
-        band, shm = results["in the response", c], results["shared memory", c]
-        lines.append(
-            f"- concurrency {c}: shared memory / in the response = "
-            f"{shm[0].samples_per_s / band[0].samples_per_s:.2f}x throughput, combiner CPU per "
-            f"request {shm[1] / band[1]:.2f}x"
+        return side_by_side(
+            "member outputs",
+            {"in the response": off, "shared memory": on},
+            requests_for("wide", "x", x, 64, batch=16),
+            (1, 4),
+            seconds,
+            rounds,
         )
-    return lines
 
 
 def main() -> None:
