@@ -22,7 +22,7 @@ from tritonclient.utils import triton_to_np_dtype
 from . import __version__
 from .config import TensorInfo
 from .errors import RequestError
-from .service import EnsembleService
+from .service import EXTENSIONS, EnsembleService
 
 __all__ = ["make_app"]
 
@@ -89,7 +89,11 @@ async def _ready(request: web.Request) -> web.Response:
 
 async def _server_metadata(request: web.Request) -> web.Response:
     return web.json_response(
-        {"name": "chorus", "version": __version__, "extensions": ["binary_tensor_data"]}
+        {
+            "name": "chorus",
+            "version": __version__,
+            "extensions": list(EXTENSIONS),
+        }
     )
 
 

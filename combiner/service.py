@@ -35,6 +35,9 @@ __all__ = ["EnsembleService", "RequestError", "serve"]
 
 log = logging.getLogger("chorus.combiner")
 
+# KServe/Triton protocol extensions both endpoints implement
+EXTENSIONS = ("binary_tensor_data", "system_shared_memory")
+
 
 class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     def __init__(self, config: CombinerConfig, upstream: Upstream) -> None:
@@ -98,7 +101,9 @@ class EnsembleService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         return service_pb2.ModelReadyResponse(ready=await self.ready())
 
     async def ServerMetadata(self, request, context):
-        return service_pb2.ServerMetadataResponse(name="chorus", version=__version__)
+        return service_pb2.ServerMetadataResponse(
+            name="chorus", version=__version__, extensions=list(EXTENSIONS)
+        )
 
     async def ModelMetadata(self, request, context):
         await self._check_model(request.name, request.version, context)

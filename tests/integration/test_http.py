@@ -32,6 +32,9 @@ def _input(array, binary=True, name="image", dtype="FP32"):
 
 def test_health_metadata_and_config_read_like_tritons(http):
     assert http.is_server_live() and http.is_server_ready()
+    assert {"binary_tensor_data", "system_shared_memory"} <= set(
+        http.get_server_metadata()["extensions"]
+    )
     assert http.is_model_ready("digits")
     assert not http.is_model_ready("nope")
     meta = http.get_model_metadata("digits")
