@@ -46,7 +46,10 @@ from tests.onnx_models import linear
 
 CONCURRENCY = (1, 8, 64)
 
-COMBINE_PY = """
+# What both baselines' Python models share: the rule (softmax, mean) and the answers split
+# back per request of the batch the dynamic batcher handed them.
+_COMMON_PY = """
+import asyncio
 import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -56,6 +59,19 @@ def combine(stacked):
     e = np.exp(stacked - stacked.max(-1, keepdims=True))
     return (e / e.sum(-1, keepdims=True)).mean(0).astype(np.float32)
 
+
+def respond(out, sizes):
+    responses, start = [], 0
+    for n in sizes:
+        tensor = pb_utils.Tensor("logits", out[start:start + n])
+        responses.append(pb_utils.InferenceResponse([tensor]))
+        start += n
+    return responses
+"""
+
+COMBINE_PY = (
+    _COMMON_PY
+    + """
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -67,26 +83,13 @@ class TritonPythonModel:
                  for r in requests]
         sizes = [len(p[0]) for p in parts]
         stacked = np.stack([np.concatenate([p[i] for p in parts]) for i in range(len(self.inputs))])
-        out = combine(stacked)
-        responses, start = [], 0
-        for n in sizes:
-            tensor = pb_utils.Tensor("logits", out[start:start + n])
-            responses.append(pb_utils.InferenceResponse([tensor]))
-            start += n
-        return responses
+        return respond(combine(stacked), sizes)
 """
+)
 
-BLS_PY = """
-import asyncio
-import json
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-def combine(stacked):
-    e = np.exp(stacked - stacked.max(-1, keepdims=True))
-    return (e / e.sum(-1, keepdims=True)).mean(0).astype(np.float32)
-
+BLS_PY = (
+    _COMMON_PY
+    + """
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -112,14 +115,9 @@ class TritonPythonModel:
                 error = pb_utils.TritonError(f"{name}: {answer.error().message()}")
                 return [pb_utils.InferenceResponse(error=error) for _ in requests]
             outs.append(pb_utils.get_output_tensor_by_name(answer, output).as_numpy())
-        out = combine(np.stack(outs))
-        responses, start = [], 0
-        for n in sizes:
-            tensor = pb_utils.Tensor("logits", out[start:start + n])
-            responses.append(pb_utils.InferenceResponse([tensor]))
-            start += n
-        return responses
+        return respond(combine(np.stack(outs)), sizes)
 """
+)
 
 
 def _io(name: str, dims: list[int]) -> str:
