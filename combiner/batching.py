@@ -4,8 +4,8 @@ Requests wait in a queue only while the members are busy: at most ``max_in_fligh
 are out at once (one more if it is full already: waiting could not grow it, and it keeps the
 members fed), and the next batch takes every compatible request queued meanwhile (same
 requested outputs and shapes after the batch dimension, up to ``max_rows`` rows). A request
-that finds a free slot and an empty queue goes straight to the members, in its own task: an
-idle combiner adds no delay and no hop. Under load, a freed slot lets the next batch fill: up
+that finds a free slot and an empty queue goes straight to the members: an idle combiner adds
+no delay and no hop. Under load, a freed slot lets the next batch fill: up
 to twice the size of the last one (the requests it answered tend to come back), while arrivals
 keep coming (a pause of twice their recent mean interval, at most ``max_gap_s``, ends it), for
 ``max_fill_s`` at most. So batches grow with the load and shrink when it falls; this pays when
@@ -13,25 +13,31 @@ a batch's round trip to the members is short next to the time the combiner takes
 requests that would fill it. Each member then sees one call per batch instead of one per
 request, and the answers are split back per request by their rows.
 
-A request's deadline runs from its arrival: a batch is given the earliest deadline among its
-requests.
+The stage hands each request the batch it joined (a :class:`Flight`: the batch's calls on
+Triton, started by the prediction stage) and its rows in it; the request then waits for the
+answers itself, until its own deadline. A batch never carries a deadline: one request's deadline
+cannot cut short its neighbours'. A request still queued at its deadline leaves the queue on its
+own, with DEADLINE_EXCEEDED. A batch slot frees when its flight is settled: every member
+answered, failed or ran past the member timeout, or every request of the batch stopped waiting
+for it. So neither a hung member nor a slow one under tight deadlines can wedge the batcher.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Generic, Protocol, TypeVar
 
-import numpy as np
+import grpc
 
 from . import metrics
+from .errors import RequestError
 
-__all__ = ["Batcher", "Rows"]
+__all__ = ["Batcher", "Flight", "Placement", "Rows"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,10 @@ class Rows:
 
     @classmethod
     def of(
-        cls, batch: int, data: dict[str, bytes | memoryview], shapes: dict[str, tuple[int, ...]]
+        cls,
+        batch: int,
+        data: Mapping[str, bytes | memoryview],
+        shapes: dict[str, tuple[int, ...]],
     ) -> Rows:
         """One request's inputs."""
         return cls(batch, {n: (b,) for n, b in data.items()}, shapes)
@@ -80,28 +89,48 @@ class Rows:
         )
 
 
-Result = tuple[dict[str, np.ndarray], list[str], dict[str, str]]  # outputs, contributors, missing
-Run = Callable[[Rows, list[str], float | None], Awaitable[Result]]
+class Flight(Protocol):
+    """A batch on its way through the members. ``settled`` is done when it no longer needs
+    its slot; ``expect`` says how many requests wait for it (each calls its ``leave``)."""
+
+    @property
+    def settled(self) -> asyncio.Future[None]: ...
+
+    def expect(self, requests: int) -> None: ...
 
 
-@dataclass
-class _Waiting:
+F = TypeVar("F", bound=Flight)
+# start(batch, wanted outputs, whether some request of it has a deadline) -> the batch's flight
+Start = Callable[[Rows, tuple[str, ...], bool], F]
+
+
+@dataclass(frozen=True)
+class Placement(Generic[F]):
+    """Where a request went: its batch's flight, and its rows there [start, stop)."""
+
+    flight: F
+    start: int
+    stop: int
+
+
+@dataclass(eq=False)
+class _Waiting(Generic[F]):
     rows: Rows
     wanted: tuple[str, ...]
-    deadline_at: float | None
-    answer: asyncio.Future[Result] = field(repr=False)
+    deadline_at: float | None  # loop time
+    placed: asyncio.Future[Placement[F]] = field(repr=False)
 
 
-class Batcher:
+class Batcher(Generic[F]):
     def __init__(
         self,
-        run: Run,
+        start: Start[F],
         max_rows: int,
         max_in_flight: int = 2,
         max_fill_s: float = 0.0,
         max_gap_s: float = 0.002,
     ) -> None:
-        self._run = run
+        self._start = start
         self._max_rows = max_rows
         self._max_fill_s = max_fill_s
         self._max_gap_s = max_gap_s
@@ -110,42 +139,62 @@ class Batcher:
         self._interval = max_gap_s  # running mean of the time between queued arrivals
         self._limit = max_in_flight
         self._in_flight = 0
-        self._queue: deque[_Waiting] = deque()
+        self._queue: deque[_Waiting[F]] = deque()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
 
-    async def submit(self, rows: Rows, wanted: list[str], deadline: float | None) -> Result:
-        """The answer to one request, computed in whatever batch it joins."""
+    async def submit(
+        self, rows: Rows, wanted: tuple[str, ...], deadline_at: float | None
+    ) -> Placement[F]:
+        """Put one request in a batch (at once when the combiner is idle); ``deadline_at`` is
+        the loop time after which it stops waiting in the queue."""
+        loop = asyncio.get_running_loop()
         if not self._queue and self._in_flight < self._limit:
             # idle: no one to batch with, so no hop through the dispatcher
-            self._in_flight += 1
-            try:
-                return await self._run(rows, wanted, deadline)
-            finally:
-                metrics.BATCHED.observe(1)
-                self._release()
+            metrics.BATCHED.observe(1)
+            flight = self._launch(rows, wanted, deadline_at is not None, 1)
+            return Placement(flight, 0, rows.batch)
         if self._loop_task is None:
-            self._loop_task = asyncio.create_task(self._dispatch_forever())
-        now = time.monotonic()
+            self._loop_task = loop.create_task(self._dispatch_forever())
+        now = loop.time()
         since = min(now - self._last_arrival, self._max_gap_s)
         self._interval = 0.9 * self._interval + 0.1 * since
         self._last_arrival = now
-        waiting = _Waiting(
-            rows,
-            tuple(wanted),
-            None if deadline is None else now + deadline,
-            asyncio.get_running_loop().create_future(),
-        )
+        waiting = _Waiting(rows, wanted, deadline_at, loop.create_future())
         self._queue.append(waiting)
         self._wake.set()
-        return await waiting.answer
+        try:
+            async with asyncio.timeout_at(deadline_at):
+                return await waiting.placed
+        except TimeoutError:
+            raise RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no member answered in time: the request was still queued behind "
+                f"{self._in_flight} batch(es) at its deadline",
+            ) from None
+        finally:
+            if not waiting.placed.done():  # gave up (deadline, or the client went away):
+                waiting.placed.cancel()  # the dispatcher drops it
 
     async def close(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._running) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Stop the dispatcher; a request still queued gets UNAVAILABLE."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for w in self._queue:
+            if not w.placed.done():
+                w.placed.set_exception(
+                    RequestError(grpc.StatusCode.UNAVAILABLE, "the endpoint is stopping")
+                )
+        self._queue.clear()
+
+    def _launch(self, rows: Rows, wanted: tuple[str, ...], has_deadline: bool, requests: int) -> F:
+        flight = self._start(rows, wanted, has_deadline)
+        flight.expect(requests)
+        self._in_flight += 1
+        flight.settled.add_done_callback(self._release)
+        return flight
 
     async def _dispatch_forever(self) -> None:
         while True:
@@ -155,44 +204,60 @@ class Batcher:
             if self._max_fill_s > 0:
                 await self._fill()
             batch = self._take()
+            if not batch:
+                continue
             self._target = len(batch)
-            self._in_flight += 1
-            task = asyncio.create_task(self._dispatch(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            metrics.BATCHED.observe(len(batch))
+            flight = self._launch(
+                Rows.join([w.rows for w in batch]),
+                batch[0].wanted,
+                any(w.deadline_at is not None for w in batch),
+                len(batch),
+            )
+            start = 0
+            for w in batch:
+                w.placed.set_result(Placement(flight, start, start + w.rows.batch))
+                start += w.rows.batch
 
     def _may_go(self) -> bool:
         """Whether the next batch may go out: while fewer than ``max_in_flight`` are out, or,
         when it is full already (waiting cannot grow it), beside them as one more."""
-        full = sum(w.rows.batch for w in self._queue) >= self._max_rows
+        full = self._queued_rows() >= self._max_rows
         return self._in_flight < self._limit + (1 if full else 0)
 
-    def _release(self) -> None:
+    def _queued_rows(self) -> int:
+        return sum(w.rows.batch for w in self._queue if not w.placed.done())
+
+    def _release(self, _: object = None) -> None:
         self._in_flight -= 1
         self._wake.set()
 
     async def _fill(self) -> None:
         """Let the batch fill while requests keep arriving (see the module's docstring)."""
+        loop = asyncio.get_running_loop()
         gap = min(max(2 * self._interval, 0.0001), self._max_gap_s)
-        until = time.monotonic() + self._max_fill_s
-        while (
-            len(self._queue) < 2 * self._target
-            and sum(w.rows.batch for w in self._queue) < self._max_rows
-        ):
-            now = time.monotonic()
+        until = loop.time() + self._max_fill_s
+        while len(self._queue) < 2 * self._target and self._queued_rows() < self._max_rows:
+            now = loop.time()
             if now - self._last_arrival >= gap or now >= until:
                 return
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), gap)
+                async with asyncio.timeout(gap):
+                    await self._wake.wait()
 
-    def _take(self) -> list[_Waiting]:
-        """The first queued request and every compatible one behind it, up to max_rows."""
-        first = self._queue.popleft()
+    def _take(self) -> list[_Waiting[F]]:
+        """The first queued request and every compatible one behind it, up to max_rows;
+        requests that gave up are dropped."""
+        live = deque(w for w in self._queue if not w.placed.done())
+        if not live:
+            self._queue = live
+            return []
+        first = live.popleft()
         batch, rows, key = [first], first.rows.batch, (first.wanted, first.rows.key())
-        kept: deque[_Waiting] = deque()
-        while self._queue:
-            w = self._queue.popleft()
+        kept: deque[_Waiting[F]] = deque()
+        while live:
+            w = live.popleft()
             if (w.wanted, w.rows.key()) == key and rows + w.rows.batch <= self._max_rows:
                 batch.append(w)
                 rows += w.rows.batch
@@ -200,27 +265,3 @@ class Batcher:
                 kept.append(w)
         self._queue = kept
         return batch
-
-    async def _dispatch(self, batch: list[_Waiting]) -> None:
-        metrics.BATCHED.observe(len(batch))
-        try:
-            deadlines = [w.deadline_at for w in batch if w.deadline_at is not None]
-            deadline = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            try:
-                outputs, contributors, missing = await self._run(
-                    Rows.join([w.rows for w in batch]), list(batch[0].wanted), deadline
-                )
-            except Exception as e:  # every request of the batch gets the same error
-                for w in batch:
-                    if not w.answer.done():
-                        w.answer.set_exception(e)
-                return
-            start = 0
-            for w in batch:
-                stop = start + w.rows.batch
-                part = {name: array[start:stop] for name, array in outputs.items()}
-                if not w.answer.done():
-                    w.answer.set_result((part, contributors, missing))
-                start = stop
-        finally:
-            self._release()

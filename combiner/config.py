@@ -6,16 +6,23 @@ ensemble's tensors, its members as Triton knows them, the combination rule and w
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from tritonclient.utils import triton_to_np_dtype
 
 __all__ = ["CombinerConfig", "MemberRoute", "TensorInfo"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+_HEADER_ROOM = 1 << 16
+_VARIABLE_LIMIT = 64 << 20
 
 
 class TensorInfo(_Strict):
@@ -48,6 +55,19 @@ class CombinerConfig(_Strict):
     deadline_ms: float | None = Field(
         None, gt=0, description="default time to wait for the members; None waits for all"
     )
+    member_timeout_ms: float = Field(
+        30_000.0,
+        gt=0,
+        description="how long a batch waits for a member before counting it missing; its call "
+        "is left to finish on Triton (never cancelled) and its answer dropped",
+    )
+    max_late_batches: int = Field(
+        16,
+        ge=1,
+        description="batches one member may still be running after everyone stopped waiting "
+        "for them (their requests' deadlines, or the member timeout); beyond this the member "
+        "is not called (it counts as missing) until some of them end",
+    )
     quorum: int | None = Field(None, ge=1, description="members that must answer; None: all")
     shared_memory: bool = Field(
         False, description="Triton shares this host: write each input once into shared memory"
@@ -57,6 +77,34 @@ class CombinerConfig(_Strict):
         ge=0,
         description="with shared_memory: member outputs of at least this many bytes a batch "
         "come back through it too (None: never); only where every member must answer",
+    )
+    triton_key_file: str | None = Field(
+        None, description="file holding the key to Triton's restricted APIs (only Chorus has it)"
+    )
+    max_request_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="largest request accepted, before and after decompression (None: what "
+        "max_batch_size rows of the inputs need, plus room for headers; 64 MiB if a dimension "
+        "is variable)",
+    )
+    client_shared_memory: bool = Field(
+        False, description="let clients on this host register their own shared-memory regions"
+    )
+    client_shm_max_regions: int = Field(
+        64, ge=1, description="shared-memory regions one connection may register"
+    )
+    client_shm_max_bytes: int = Field(
+        1 << 32, ge=1, description="bytes of shared memory one connection may register"
+    )
+    client_shm_max_total: int = Field(
+        1024, ge=1, description="shared-memory regions one combiner process holds at most"
+    )
+    max_requests_in_flight: int = Field(
+        1024, ge=1, description="requests one worker serves at once; more get RESOURCE_EXHAUSTED"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"
     )
     batching: bool = Field(
         True, description="gather concurrent requests into one batch before the fan-out"
@@ -97,6 +145,33 @@ class CombinerConfig(_Strict):
             for o in self.outputs
             for u in self.uncertainty
         }
+
+    def bases(self, wanted: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        """The members' outputs needed for these ensemble outputs (an uncertainty output
+        needs the output it measures)."""
+        derived = self.uncertainty_outputs()
+        return tuple(dict.fromkeys(derived[n][1] if n in derived else n for n in wanted))
+
+    def input_bytes(self) -> int | None:
+        """Bytes of max_batch_size rows of every input; None if a dimension is variable."""
+        total = 0
+        for t in self.inputs:
+            if any(d < 0 for d in t.shape):
+                return None
+            itemsize = np.dtype(triton_to_np_dtype(t.dtype)).itemsize
+            total += self.max_batch_size * math.prod(t.shape) * itemsize
+        return total
+
+    def request_limit(self) -> int:
+        """The largest request body accepted (gRPC message; HTTP body, decompressed), with
+        room for headers and for tensors written as JSON text (up to 32 bytes a value)."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        data = self.input_bytes()
+        if data is None:
+            return _VARIABLE_LIMIT
+        elements = sum(self.max_batch_size * math.prod(t.shape) for t in self.inputs)
+        return max(data, 32 * elements) + _HEADER_ROOM
 
     def quorum_count(self) -> int:
         """How many members must answer."""

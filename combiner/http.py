@@ -5,13 +5,18 @@ with the ``Inference-Header-Content-Length`` header: the binary tensor extension
 same ``ModelInferRequest`` the gRPC endpoint takes and goes through the same
 :meth:`EnsembleService.infer`; its answer is written back as JSON, each output in the body's
 binary part when the client asked (``binary_data``, as ``tritonclient.http`` does by default).
-Errors are ``{"error": "..."}`` with the HTTP status of the gRPC code.
+Bodies are read within the ensemble's request limit, and inflated within it too
+(:mod:`combiner.body`). Every error, the server's own (an unknown route, a wrong method, a body
+too large) included, is ``{"error": "..."}`` with the HTTP status of its gRPC code.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeGuard
 
 import grpc
 import numpy as np
@@ -20,25 +25,39 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import triton_to_np_dtype
 
 from . import __version__
+from .auth import Credentials
+from .body import BodyError, read_body
 from .config import TensorInfo
 from .errors import RequestError
-from .service import EXTENSIONS, EnsembleService
+from .service import EnsembleService
 
 __all__ = ["make_app"]
 
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 _STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 _SERVICE = web.AppKey("service", EnsembleService)
+_CREDENTIALS = web.AppKey("credentials", Credentials)
+_INT64 = (-(2**63), 2**63 - 1)
+log = logging.getLogger("chorus.combiner")
 
 
-def make_app(service: EnsembleService) -> web.Application:
-    app = web.Application(client_max_size=2**31 - 1)
+def make_app(service: EnsembleService, credentials: Credentials | None = None) -> web.Application:
+    """The HTTP/REST app; serve it with ``auto_decompress=False`` (bodies are inflated here,
+    within the limit)."""
+    app = web.Application(
+        client_max_size=service.config.request_limit(), middlewares=[_errors, _authorized]
+    )
     app[_SERVICE] = service
+    app[_CREDENTIALS] = credentials or Credentials()
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     app.router.add_get("/v2/health/live", _live)
@@ -63,6 +82,46 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer in the protocol: aiohttp's own errors, and any bug, as JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _error(e.status, e.text or e.reason)
+    except RequestError as e:
+        return _refusal(e)
+    except BodyError as e:
+        return _error(e.status, str(e))
+    except Exception as e:
+        log.exception("HTTP request %s %s failed unexpectedly", request.method, request.path)
+        return _error(500, f"internal error: {type(e).__name__}")
+
+
+@web.middleware
+async def _authorized(request: web.Request, handler: Handler) -> web.StreamResponse:
+    health = request.path.startswith("/v2/health/") or request.path.endswith("/ready")
+    if health or request.app[_CREDENTIALS].allows(request.headers.get("Authorization")):
+        return await handler(request)
+    response = _error(401, "this endpoint needs 'Authorization: Bearer <token>'")
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def _peer(request: web.Request) -> str:
+    """The connection, named as gRPC names its peers (``ipv4:host:port``)."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return "unknown"
+    host, port = peer[0], peer[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+
 def _refusal(e: RequestError) -> web.Response:
     return _error(_STATUS.get(e.code, 500), str(e))
 
@@ -84,7 +143,7 @@ async def _live(request: web.Request) -> web.Response:
 
 
 async def _ready(request: web.Request) -> web.Response:
-    return web.Response(status=200 if await request.app[_SERVICE].ready() else 400)
+    return web.Response(status=200 if request.app[_SERVICE].ready() else 400)
 
 
 async def _server_metadata(request: web.Request) -> web.Response:
@@ -92,45 +151,41 @@ async def _server_metadata(request: web.Request) -> web.Response:
         {
             "name": "chorus",
             "version": __version__,
-            "extensions": list(EXTENSIONS),
+            "extensions": request.app[_SERVICE].extensions(),
         }
     )
 
 
 async def _repository_index(request: web.Request) -> web.Response:
     service = request.app[_SERVICE]
-    state = "READY" if await service.ready() else "UNAVAILABLE"
+    state = "READY" if service.ready() else "UNAVAILABLE"
     return web.json_response([{"name": service.config.name, "version": "1", "state": state}])
 
 
 async def _shm_register(request: web.Request) -> web.Response:
+    body = await read_body(request, _CONTROL_LIMIT)
     try:
-        doc = json.loads(await request.read() or b"{}")
-        if not isinstance(doc, dict) or not isinstance(doc.get("key"), str):
-            raise _invalid("register needs a JSON object with 'key', 'offset' and 'byte_size'")
-        offset, size = doc.get("offset", 0), doc.get("byte_size")
-        if not isinstance(offset, int) or not isinstance(size, int):
-            raise _invalid("'offset' and 'byte_size' must be integers")
-        request.app[_SERVICE].regions.register(
-            request.match_info["region"], doc["key"], offset, size
-        )
-    except json.JSONDecodeError as e:
-        return _error(400, f"the request is not valid JSON: {e}")
-    except RequestError as e:
-        return _refusal(e)
+        doc = json.loads(body or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _invalid(f"the request is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("key"), str):
+        raise _invalid("register needs a JSON object with 'key', 'offset' and 'byte_size'")
+    offset, size = doc.get("offset", 0), doc.get("byte_size")
+    if not _is_int(offset) or not _is_int(size):
+        raise _invalid("'offset' and 'byte_size' must be 64-bit integers")
+    request.app[_SERVICE].regions.register(
+        _peer(request), request.match_info["region"], doc["key"], offset, size
+    )
     return web.Response(status=200)
 
 
 async def _shm_unregister(request: web.Request) -> web.Response:
-    request.app[_SERVICE].regions.unregister(request.match_info.get("region"))
+    request.app[_SERVICE].regions.unregister(_peer(request), request.match_info.get("region"))
     return web.Response(status=200)
 
 
 async def _shm_status(request: web.Request) -> web.Response:
-    try:
-        found = request.app[_SERVICE].regions.status(request.match_info.get("region"))
-    except RequestError as e:
-        return _refusal(e)
+    found = request.app[_SERVICE].regions.status(_peer(request), request.match_info.get("region"))
     return web.json_response(
         [
             {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
@@ -141,7 +196,7 @@ async def _shm_status(request: web.Request) -> web.Response:
 
 async def _model_ready(request: web.Request) -> web.Response:
     service = request.app[_SERVICE]
-    ok = service.is_ours(*_names(request)) and await service.ready()
+    ok = service.is_ours(*_names(request)) and service.ready()
     return web.Response(status=200 if ok else 400)
 
 
@@ -186,12 +241,9 @@ async def _model_config(request: web.Request) -> web.Response:
 async def _infer(request: web.Request) -> web.StreamResponse:
     service = request.app[_SERVICE]
     name, version = _names(request)
-    try:
-        body = await request.read()
-        proto, binary_outputs = _to_proto(body, request.headers.get(_HEADER_LENGTH), name, version)
-        answer = await service.infer(proto)
-    except RequestError as e:
-        return _refusal(e)
+    body = await read_body(request, service.config.request_limit())
+    proto, binary_outputs = _to_proto(body, request.headers.get(_HEADER_LENGTH), name, version)
+    answer = await service.infer(proto, peer=_peer(request))
     response = _from_proto(answer, binary_outputs)
     if "Accept-Encoding" in request.headers:
         response.enable_compression()
@@ -200,6 +252,17 @@ async def _infer(request: web.Request) -> web.StreamResponse:
 
 def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    """Whether a JSON value is an integer that fits 64 bits."""
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and _INT64[0] <= value <= _INT64[1]
+    )
+
+
+# a shared-memory registration is a small JSON object
+_CONTROL_LIMIT = 1 << 16
 
 
 def _to_proto(
@@ -223,14 +286,24 @@ def _to_proto(
         header, binary = body[:length], body[length:]
     try:
         doc = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _invalid(f"the request is not valid JSON: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _invalid(f"the request is not valid JSON: {type(e).__name__}: {e}") from None
     if not isinstance(doc, dict):
         raise _invalid("the request must be a JSON object with 'inputs'")
-    proto = service_pb2.ModelInferRequest(
-        model_name=model, model_version=version, id=str(doc.get("id", ""))
-    )
-    params = doc.get("parameters") or {}
+    try:
+        return _build(doc, binary, model, version)
+    except (ValueError, TypeError, OverflowError) as e:  # protobuf refused a value
+        raise _invalid(f"the request holds a value the protocol cannot carry ({e})") from None
+
+
+def _build(
+    doc: dict[str, Any], binary: bytes, model: str, version: str
+) -> tuple[service_pb2.ModelInferRequest, set[str] | bool]:
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, str):
+        raise _invalid("'id' must be a string")
+    proto = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    params = _object(doc.get("parameters"), "the request")
     _set_parameters(proto.parameters, params, "the request")
     inputs = doc.get("inputs")
     if not isinstance(inputs, list):
@@ -244,20 +317,14 @@ def _to_proto(
         shape = item.get("shape")
         if not isinstance(datatype, str):
             raise _invalid(f"input {name!r} has no 'datatype'")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in shape
-        ):
-            raise _invalid(f"input {name!r} needs 'shape', a list of integers")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise _invalid(f"input {name!r} needs 'shape', a list of 64-bit integers")
         tensor = proto.inputs.add(name=name, datatype=datatype, shape=shape)
-        item_params = item.get("parameters") or {}
-        size = item_params.get("binary_data_size")
-        _set_parameters(
-            tensor.parameters,
-            {k: v for k, v in item_params.items() if k != "binary_data_size"},
-            f"input {name!r}",
-        )
+        item_params = dict(_object(item.get("parameters"), f"input {name!r}"))
+        size = item_params.pop("binary_data_size", None)
+        _set_parameters(tensor.parameters, item_params, f"input {name!r}")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not _is_int(size) or size < 0 or offset + size > len(binary):
                 raise _invalid(
                     f"input {name!r}: binary_data_size {size!r} runs past the "
                     f"{len(binary)} bytes of binary data"
@@ -265,9 +332,9 @@ def _to_proto(
             proto.raw_input_contents.append(binary[offset : offset + size])
             offset += size
         elif "data" in item:
-            proto.raw_input_contents.append(_json_bytes(name, datatype, item["data"]))
+            proto.raw_input_contents.append(_json_bytes(name, datatype, shape, item["data"]))
         elif "shared_memory_region" in item_params:
-            pass  # read in place by the request reader
+            pass  # read by the request reader
         else:
             raise _invalid(f"input {name!r} has neither 'data' nor binary_data_size")
     if offset != len(binary):
@@ -284,7 +351,7 @@ def _to_proto(
     for i, item in enumerate(outputs):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise _invalid(f"output {i} must be an object with a 'name'")
-        out_params = dict(item.get("parameters") or {})
+        out_params = dict(_object(item.get("parameters"), f"output {item['name']!r}"))
         if out_params.pop("binary_data", default_binary) is True:
             binary_outputs.add(item["name"])
         out = proto.outputs.add(name=item["name"])
@@ -292,13 +359,22 @@ def _to_proto(
     return proto, binary_outputs
 
 
-def _set_parameters(target: Any, params: object, where: str) -> None:
-    if not isinstance(params, dict):
+def _object(value: object, where: str) -> dict[str, Any]:
+    """A 'parameters' value: an object, or absent."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
         raise _invalid(f"'parameters' of {where} must be an object")
+    return value
+
+
+def _set_parameters(target: Any, params: dict[str, Any], where: str) -> None:
     for key, value in params.items():
         if isinstance(value, bool):
             target[key].bool_param = value
         elif isinstance(value, int):
+            if not _is_int(value):
+                raise _invalid(f"parameter {key!r} of {where} does not fit 64 bits")
             target[key].int64_param = value
         elif isinstance(value, float):
             target[key].double_param = value
@@ -308,15 +384,48 @@ def _set_parameters(target: Any, params: object, where: str) -> None:
             raise _invalid(f"parameter {key!r} of {where} must be a number, string or bool")
 
 
-def _json_bytes(name: str, datatype: str, data: object) -> bytes:
-    """The raw bytes of a tensor given as JSON values (flattened row-major, or nested)."""
+def _json_bytes(name: str, datatype: str, shape: list[int], data: object) -> bytes:
+    """The raw bytes of a tensor given as JSON values (flattened row-major, or nested); its
+    values are counted against its shape before any array is built."""
     dtype = triton_to_np_dtype(datatype)
-    if dtype is None or dtype is np.object_:
-        return b""  # the request reader names the datatype it expected
+    if dtype is None or dtype is np.object_ or any(d < 0 for d in shape):
+        return b""  # the request reader names the datatype or shape it expected
+    expected = math.prod(shape)
+    values = _flatten(data, expected, name)
+    if len(values) != expected:
+        raise _invalid(
+            f"input {name!r}: 'data' has {len(values)} values; shape {shape} needs {expected}"
+        )
     try:
-        return np.asarray(data, dtype=dtype).tobytes()
-    except (TypeError, ValueError) as e:
+        with np.errstate(over="ignore"):  # a float too large for FP16/FP32 is inf, as in numpy
+            return np.asarray(values, dtype=dtype).tobytes()
+    except (TypeError, ValueError, OverflowError) as e:
         raise _invalid(f"input {name!r}: 'data' is not a list of {datatype} values ({e})") from None
+
+
+def _flatten(data: object, most: int, name: str) -> list[int | float]:
+    """The numbers of a nested list, row-major; refused as soon as there are more than
+    ``most``, or something else than a number or a list."""
+    values: list[int | float] = []
+    stack = [iter([data])]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        elif isinstance(item, int | float):
+            values.append(item)
+            if len(values) > most:
+                raise _invalid(
+                    f"input {name!r}: 'data' has more than the {most} values its shape needs"
+                )
+        else:
+            raise _invalid(f"input {name!r}: 'data' must hold numbers, found {type(item).__name__}")
+    return values
+
+
+_END = object()
 
 
 def _from_proto(

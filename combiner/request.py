@@ -4,7 +4,7 @@
 :class:`RequestError` with INVALID_ARGUMENT and a message naming the problem (unknown, missing
 or repeated input, wrong datatype or shape, batch over the maximum, data of the wrong size,
 unknown output, a bad deadline, a shared-memory region unknown or too small). An input in a
-client's registered shared-memory region is read there in place.
+client's registered shared-memory region (:mod:`combiner.client_shm`) is copied out of it here.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import triton_to_np_dtype
 
 from .batching import Rows
+from .client_shm import ClientRegion, ClientRegions
 from .config import CombinerConfig, TensorInfo
 from .errors import RequestError
-from .shm import ClientRegion, ClientRegions
 
 __all__ = ["RequestError", "RequestReader"]
+
+# A deadline longer than a day is a day (and never a timer past what the loop can schedule).
+_LONGEST_DEADLINE_MS = 86_400_000.0
 
 # Where a request may carry a tensor's values without raw_input_contents.
 _TYPED_FIELD = {
@@ -48,7 +51,7 @@ class RequestReader:
         regions: ClientRegions | None = None,
     ) -> None:
         self.config = config
-        self.regions = regions or ClientRegions()
+        self.regions = regions if regions is not None else ClientRegions(enabled=False)
         self._inputs = {t.name: t for t in config.inputs}
         self._itemsize = {
             t.name: np.dtype(triton_to_np_dtype(t.dtype)).itemsize for t in config.inputs
@@ -67,14 +70,19 @@ class RequestReader:
             if kind not in ("int64_param", "uint64_param", "double_param"):
                 raise _invalid("parameter 'deadline_ms' must be a number of milliseconds")
             ms = float(getattr(param, kind))
-            if ms <= 0:
-                raise _invalid(f"parameter 'deadline_ms' must be positive, got {ms:g}")
-        seconds = None if ms is None else ms / 1000.0
+            if not math.isfinite(ms) or ms <= 0:
+                raise _invalid(
+                    f"parameter 'deadline_ms' must be a positive, finite number of "
+                    f"milliseconds, got {ms!r}"
+                )
+        seconds = None if ms is None else min(ms, _LONGEST_DEADLINE_MS) / 1000.0
         if remaining is not None:
             seconds = remaining if seconds is None else min(seconds, remaining)
         return seconds
 
-    def parse(self, request: service_pb2.ModelInferRequest) -> Rows:
+    def parse(self, request: service_pb2.ModelInferRequest, peer: str = "") -> Rows:
+        """The request's inputs; ``peer``: the connection whose shared-memory regions it may
+        name."""
         expected = ", ".join(self._inputs)
         raw = list(request.raw_input_contents)
         in_band = [t for t in request.inputs if "shared_memory_region" not in t.parameters]
@@ -83,7 +91,7 @@ class RequestReader:
                 f"the request has {len(in_band)} inputs outside shared memory but {len(raw)} "
                 "raw_input_contents"
             )
-        data: dict[str, bytes | memoryview] = {}
+        data: dict[str, bytes] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         batch = None
         next_raw = 0
@@ -114,7 +122,7 @@ class RequestReader:
                 raise _invalid(f"inputs disagree on the batch size ({batch} and {shape[0]})")
             batch = shape[0]
             need = math.prod(shape) * self._itemsize[tensor.name]
-            content: bytes | memoryview
+            content: bytes
             if "shared_memory_region" in tensor.parameters:
                 region, offset, size = _placement(tensor.parameters, f"input {tensor.name!r}")
                 if size is not None and size != need:
@@ -122,7 +130,9 @@ class RequestReader:
                         f"input {tensor.name!r}: shared_memory_byte_size is {size}; shape "
                         f"{list(shape)} of {info.dtype} needs {need}"
                     )
-                content = self.regions.get(region).view(offset, need, f"input {tensor.name!r}")
+                content = self.regions.get(peer, region).read(
+                    offset, need, f"input {tensor.name!r}"
+                )
             else:
                 content = raw[next_raw] if raw else _typed_bytes(tensor, info)
                 next_raw += 1
@@ -142,7 +152,7 @@ class RequestReader:
         return Rows.of(batch, data, shapes)
 
     def requested_outputs(
-        self, request: service_pb2.ModelInferRequest
+        self, request: service_pb2.ModelInferRequest, peer: str = ""
     ) -> tuple[list[str], dict[str, tuple[ClientRegion, int, int]]]:
         """The outputs asked for (all, if none is named), and where in shared memory those
         asked there go: name -> (region, offset, byte size available)."""
@@ -155,13 +165,15 @@ class RequestReader:
                 raise _invalid(
                     f"unknown output {out.name!r}; this ensemble gives: {', '.join(self._outputs)}"
                 )
+            if out.name in names:
+                raise _invalid(f"output {out.name!r} is asked for twice")
             if "shared_memory_region" in out.parameters:
                 what = f"output {out.name!r}"
                 region_name, offset, size = _placement(out.parameters, what)
-                region = self.regions.get(region_name)
+                region = self.regions.get(peer, region_name)
                 if size is None:
                     size = region.byte_size - offset
-                region.view(offset, size, what)  # it fits the region
+                region.check(offset, size, what)
                 placed[out.name] = (region, offset, size)
             names.append(out.name)
         return names, placed

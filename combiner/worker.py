@@ -1,9 +1,12 @@
-"""One combiner worker: serves the ensemble until SIGINT or SIGTERM.
+"""One combiner worker: serves the ensemble until SIGINT or SIGTERM, then drains.
 
     python -m combiner.worker --config combiner.json [--host H] [--grpc-port P]
                               [--http-port P] [--reuse-port]
+                              [--token-file F] [--tls-cert F --tls-key F]
 
-Normally started by ``python -m combiner``, which runs several and serves their metrics.
+Normally started by ``python -m combiner``, which runs several, restarts any that dies, and
+serves their metrics. The first signal stops accepting and answers what is in flight (up to the
+config's ``drain_timeout_s``); a second one exits at once.
 """
 
 from __future__ import annotations
@@ -11,37 +14,66 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 
 import uvloop
 
+from .auth import Credentials
 from .config import CombinerConfig
-from .service import serve
+from .server import Listen, serve
+
+
+def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the endpoints, shared with ``python -m combiner``."""
+    parser.add_argument("--config", type=Path, required=True, help="combiner.json to serve")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--grpc-port", type=int, default=8100)
+    parser.add_argument("--http-port", type=int, default=None, help="also serve HTTP/REST")
+    parser.add_argument(
+        "--token-file", type=Path, help="require 'Authorization: Bearer <its first line>'"
+    )
+    parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="... and this private key (PEM)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m combiner.worker", description=__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="combiner.json to serve")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--grpc-port", type=int, default=8100)
-    parser.add_argument("--http-port", type=int, default=None, help="also serve HTTP/REST")
+    add_endpoint_arguments(parser)
     parser.add_argument("--reuse-port", action="store_true", help="share the port (SO_REUSEPORT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_quiet_gone_clients)
     config = CombinerConfig.load(args.config)
+    try:
+        credentials = Credentials.load(args.token_file, args.tls_cert, args.tls_key)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    listen = Listen(args.host, args.grpc_port, args.http_port, args.reuse_port, credentials)
     # uvloop: measured 15-20% less CPU per request than asyncio's loop under grpc.aio
-    uvloop.run(_run(config, args.host, args.grpc_port, args.http_port, args.reuse_port))
+    uvloop.run(_run(config, listen))
 
 
-async def _run(
-    config: CombinerConfig, host: str, port: int, http_port: int | None, reuse_port: bool
-) -> None:
+def _quiet_gone_clients(record: logging.LogRecord) -> bool:
+    """Drop grpc's report of an answer that could not be sent because its client had just
+    gone (its deadline passed as the answer was sent): a race inside grpc.aio, harmless, and
+    under a storm of short client timeouts it would fill the log with tracebacks."""
+    return not str(record.msg).startswith("ExecuteBatchError raised in core")
+
+
+async def _run(config: CombinerConfig, listen: Listen) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            os._exit(1)  # asked twice: no more draining
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(config, host, port, stop, reuse_port=reuse_port, http_port=http_port)
+        loop.add_signal_handler(sig, on_signal)
+    await serve(config, listen, stop)
 
 
 if __name__ == "__main__":

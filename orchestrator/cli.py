@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .errors import ChorusError
+from .errors import ChorusError, SpecError
 from .hardware import Device, discover, load_hardware
 from .plan import Plan, load_plan, plan_ensemble, plan_table
 from .profile import Profile, load_profile, save_profile
@@ -109,9 +109,29 @@ def up(
         Path | None, typer.Option("--plan", help="serve this plan (from 'chorus plan -o')")
     ] = None,
     profile: ProfileOpt = None,
+    allow_client_shm: Annotated[
+        bool,
+        typer.Option(help="let clients on this host register their own shared-memory regions"),
+    ] = False,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="require 'Authorization: Bearer <the file's first line>'"),
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="serve TLS with this certificate")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="... and this private key")] = None,
+    drain_timeout: Annotated[
+        float, typer.Option(min=0, help="on stop, seconds to answer the requests in flight")
+    ] = 30.0,
 ) -> None:
-    """Serve the ensemble (Triton + combiner) until Ctrl-C or SIGTERM, then stop both."""
+    """Serve the ensemble (Triton + combiner) until Ctrl-C or SIGTERM, then stop both.
+
+    Triton or the combiner that dies is restarted (the ensemble answers UNAVAILABLE
+    meanwhile); only a crash loop (5 restarts in a minute) ends the command, with exit code 1.
+    """
     ensemble = load_ensemble(ensemble_file)
+    _check_files(token_file=token_file, tls_cert=tls_cert, tls_key=tls_key)
+    if (tls_cert is None) != (tls_key is None):
+        raise SpecError("--tls-cert/--tls-key", "", "TLS needs both a certificate and a key")
     workdir = _workdir(ensemble, workdir)
     plan = load_plan(plan_file) if plan_file else _plan(ensemble, None, profile, workdir)
     stop = threading.Event()
@@ -126,31 +146,41 @@ def up(
         plan=plan,
         workers=workers,
         metrics_port=metrics_port,
+        allow_client_shm=allow_client_shm,
+        token_file=token_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        drain_timeout_s=drain_timeout,
     )
     try:
         with console.status(f"starting Triton and the combiner for {ensemble.name!r}..."):
             endpoints = deployment.start()
+        scheme = "https" if tls_cert else "http"
         print(
             f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
             f"{endpoints.ensemble} (gRPC, KServe v2)"
             + (
-                f" and http://{endpoints.ensemble_http} (HTTP/REST)"
+                f" and {scheme}://{endpoints.ensemble_http} (HTTP/REST)"
                 if endpoints.ensemble_http
                 else ""
             )
             + "\n"
-            f"Triton (members) on {endpoints.triton_grpc}; logs in {workdir}\n"
+            f"Triton (members) on {endpoints.triton_grpc}, its APIs behind a key only Chorus "
+            f"holds; logs in {workdir}\n"
             + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
             + "Ctrl-C to stop",
             flush=True,
         )
-        while not stop.wait(0.5):
-            for process in deployment.processes():
-                if process is not None and (code := process.exited()) is not None:
-                    raise process.failure(f"exited unexpectedly with code {code}")
-        console.print("stopping...")
+        deployment.supervise(stop, lambda line: console.print(line))
+        console.print(f"stopping: answering the requests in flight (up to {drain_timeout:g} s)...")
     finally:
         deployment.stop()
+
+
+def _check_files(**paths: Path | None) -> None:
+    for option, path in paths.items():
+        if path is not None and not path.is_file():
+            raise SpecError(path, "", f"no such file (given as --{option.replace('_', '-')})")
 
 
 @app.command()
@@ -212,7 +242,7 @@ def plan(
         return
     out = Console()
     out.print(plan_table(result))
-    out.print(f"predicted throughput: {result.predicted_throughput:,.1f} requests/s")
+    out.print(f"predicted throughput: {result.predicted_throughput:,.1f} samples/s")
 
 
 @app.command("regenerate-configs")

@@ -5,6 +5,11 @@ them in order) with ``PR_SET_PDEATHSIG`` (so it dies with Chorus even if Chorus 
 output kept in a log file whose tail goes into every error. Stopping is SIGINT (SIGTERM for the
 combiner), a timeout, then SIGKILL.
 
+Triton is launched with every API but health (inference included) behind a per-run key that only
+Chorus holds (``--grpc-restricted-protocol``, ``--http-restricted-api``): no other local process
+can load or unload a model, or infer (and, with the bundled 2.51, crash it by cancelling a call:
+server issues #7368, #8034). ``TritonServer.grpc_headers`` opens them for Chorus's own calls.
+
 ``tritonserver`` is found in $TRITONSERVER, then on PATH, then in the nvidia-pytriton wheel. The
 bundled one needs a backend directory holding the Python backend and the stub built for this
 interpreter, the wheel's libraries on LD_LIBRARY_PATH, and this interpreter's ``bin`` first on
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,17 +34,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from combiner.upstream import KEY_HEADER, key_metadata
 from combiner.workers import die_with_parent
 
 from .errors import LaunchError
 
 __all__ = [
+    "RESTRICTED",
     "ManagedProcess",
     "ServerBinary",
     "TritonServer",
     "find_tritonserver",
     "free_port",
 ]
+
+
+# Triton's API groups behind the key: everything but health (server/model live and ready)
+RESTRICTED = (
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -180,7 +201,9 @@ def _bundled_backend_dir(binary: ServerBinary, workdir: Path) -> Path:
 
 
 class TritonServer:
-    """tritonserver on a model repository, with explicit model control, on its own ports."""
+    """tritonserver on a model repository, with explicit model control, on its own ports, its
+    APIs but health behind a key of its own (``restricted=False`` opens them to anyone on
+    this host, for measuring Triton alone)."""
 
     def __init__(
         self,
@@ -190,6 +213,7 @@ class TritonServer:
         host: str = "127.0.0.1",
         binary: ServerBinary | None = None,
         extra_args: Sequence[str] = (),
+        restricted: bool = True,
     ) -> None:
         self.repo = repo
         self.workdir = workdir
@@ -197,6 +221,7 @@ class TritonServer:
         self.host = host
         self.binary = binary or find_tritonserver()
         self.extra_args = list(extra_args)
+        self.key = secrets.token_urlsafe(32) if restricted else None
         self.grpc_port = self.http_port = self.metrics_port = 0
         self.process: ManagedProcess | None = None
 
@@ -208,8 +233,23 @@ class TritonServer:
     def http_url(self) -> str:
         return f"{self.host}:{self.http_port}"
 
+    @property
+    def grpc_headers(self) -> dict[str, str]:
+        """Headers that open the restricted gRPC APIs (tritonclient's ``headers=``)."""
+        return dict(key_metadata(self.key))
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        return {} if self.key is None else {KEY_HEADER: self.key}
+
     def start(self, timeout: float = 120.0) -> None:
-        """Start the server and wait until it and every model are ready, within ``timeout``."""
+        """Start the server on free ports and wait until it and every model are ready."""
+        self.grpc_port, self.http_port, self.metrics_port = (free_port(self.host) for _ in "ghm")
+        self.restart(timeout)
+
+    def restart(self, timeout: float = 120.0) -> None:
+        """Start the server (again) on the ports it had, with the same key; wait until it and
+        every model are ready, within ``timeout``."""
         deadline = time.monotonic() + timeout
         env = dict(os.environ)
         backend_dir = self.binary.backend_dir
@@ -222,7 +262,6 @@ class TritonServer:
         env["PATH"] = os.pathsep.join(
             p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p
         )
-        self.grpc_port, self.http_port, self.metrics_port = (free_port(self.host) for _ in "ghm")
         argv = [
             str(self.binary.path),
             f"--model-repository={self.repo}",
@@ -237,6 +276,12 @@ class TritonServer:
             "--exit-timeout-secs=10",
             *self.extra_args,
         ]
+        if self.key is not None:
+            apis = ",".join(RESTRICTED)
+            argv += [
+                f"--grpc-restricted-protocol={apis}:{KEY_HEADER}={self.key}",
+                f"--http-restricted-api={apis}:{KEY_HEADER}={self.key}",
+            ]
         if backend_dir is not None:
             argv.append(f"--backend-directory={backend_dir}")
         if _accepts(str(self.binary.path), "--allow-client-shm", tuple(sorted(env.items()))):

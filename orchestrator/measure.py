@@ -124,13 +124,14 @@ def measure_profile(
                         intra_op_threads=0,
                     )
                     override = json_format.MessageToJson(parse_config(text, member.name))
-                with _loaded(client, member.name, override, memory) as (before, loaded):
+                headers = server.grpc_headers
+                with _loaded(client, member.name, override, memory, headers) as (before, loaded):
                     latency = {}
                     for b in sizes:
                         progress.update(
                             task, description=f"{member.name} on {device.kind}, batch {b}"
                         )
-                        latency[b] = _latency_ms(client, member, b, seconds_per_point)
+                        latency[b] = _latency_ms(client, member, b, seconds_per_point, headers)
                         progress.advance(task)
                     after = memory()
                 results[member.name][device.kind] = Curve(
@@ -157,13 +158,14 @@ def _loaded(
     name: str,
     override: str | None,
     memory: Callable[[], int],
+    headers: dict[str, str],
 ) -> Iterator[tuple[int, int]]:
     before = memory()
-    client.load_model(name, config=override)
+    client.load_model(name, config=override, headers=headers)
     try:
         yield before, _settled(memory)
     finally:
-        client.unload_model(name)
+        client.unload_model(name, headers=headers)
         deadline = time.monotonic() + 30
         while client.is_model_ready(name) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -176,7 +178,11 @@ def _settled(memory: Callable[[], int]) -> int:
 
 
 def _latency_ms(
-    client: grpcclient.InferenceServerClient, member: Member, batch: int, seconds: float
+    client: grpcclient.InferenceServerClient,
+    member: Member,
+    batch: int,
+    seconds: float,
+    headers: dict[str, str],
 ) -> float:
     rng = np.random.default_rng(batch)
     inputs = []
@@ -187,11 +193,11 @@ def _latency_ms(
         tensor.set_data_from_numpy(data)
         inputs.append(tensor)
     for _ in range(2):  # warm up
-        client.infer(member.name, inputs)
+        client.infer(member.name, inputs, headers=headers)
     times: list[float] = []
     end = time.perf_counter() + seconds
     while len(times) < 3 or time.perf_counter() < end:
         start = time.perf_counter()
-        client.infer(member.name, inputs)
+        client.infer(member.name, inputs, headers=headers)
         times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)

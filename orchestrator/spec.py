@@ -76,7 +76,7 @@ Name = Annotated[str, AfterValidator(validate_name)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TensorFile(_Strict):
@@ -114,6 +114,12 @@ class ServingFile(_Strict):
     max_batch_size: int = Field(64, ge=1, le=65536)
     deadline_ms: float | None = Field(
         None, gt=0, description="default time to wait for members (per request: deadline_ms)"
+    )
+    member_timeout_ms: float = Field(
+        30_000,
+        gt=0,
+        description="how long a batch waits for a member before counting it missing (its "
+        "call is left to finish on Triton, its answer dropped)",
     )
     quorum: StrictInt | StrictFloat = Field(
         1.0, description="members that must answer: a fraction in (0, 1] or a count (integer)"
@@ -162,6 +168,7 @@ class Ensemble:
     uncertainty: tuple[str, ...] = ()
     deadline_ms: float | None = None
     quorum: int = 1  # members that must answer
+    member_timeout_ms: float = 30_000.0
 
     def member(self, name: str) -> Member:
         return next(m for m in self.members if m.name == name)
@@ -222,6 +229,7 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
         uncertainty=tuple(dict.fromkeys(spec.combine.uncertainty)),
         deadline_ms=spec.serving.deadline_ms,
         quorum=_quorum(file, spec),
+        member_timeout_ms=spec.serving.member_timeout_ms,
     )
 
 

@@ -1,28 +1,33 @@
 """Bring an ensemble up: render its repository, launch Triton, launch the combiner, wait ready.
 
 :class:`Deployment` is what ``chorus up`` and ``chorus demo`` run: a context manager that
-leaves nothing running when it exits, whatever happened.
+leaves nothing running when it exits, whatever happened. :meth:`Deployment.supervise` keeps it
+up: Triton or the combiner that dies is restarted (with backoff), the ensemble answering
+UNAVAILABLE meanwhile; only a crash loop ends it. Stopping drains: the combiner answers what it
+accepted, then Triton stops.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-import grpc
 import tritonclient.grpc as grpcclient
 from google.protobuf import json_format
-from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from combiner.config import CombinerConfig, MemberRoute, TensorInfo
+from combiner.workers import Restarts
 
-from .errors import ChorusError
+from .errors import ChorusError, LaunchError
 from .hardware import Device, discover
 from .launch import ManagedProcess, ServerBinary, TritonServer, find_tritonserver, free_port
 from .plan import Plan, one_instance_each
@@ -46,6 +51,8 @@ class Endpoints:
     triton_grpc: str  # host:port of Triton's gRPC endpoint (the members)
     triton_http: str
     ensemble_http: str | None = None  # host:port of its HTTP/REST endpoint, if served
+    # opens Triton's restricted gRPC APIs (tritonclient's headers=); only Chorus has it
+    triton_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def combiner_config(
@@ -78,6 +85,7 @@ def combiner_config(
         rule_path=(str(ensemble.file.parent),),
         uncertainty=ensemble.uncertainty,
         deadline_ms=ensemble.deadline_ms,
+        member_timeout_ms=ensemble.member_timeout_ms,
         quorum=ensemble.quorum,
         fan_out=fan_out,
         # a batch per instance of the scarcest member keeps every instance busy; more batches
@@ -106,11 +114,19 @@ class Deployment:
         batching: bool = True,
         shared_memory: bool | None = None,
         combiner_options: dict[str, object] | None = None,
+        allow_client_shm: bool = False,
+        token_file: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        drain_timeout_s: float = 30.0,
     ) -> None:
         """Serve ``plan`` (default: one instance of every member, on this host's devices).
         ``grpc_port`` None picks a free port; ``http_port`` None serves no HTTP, 0 a free port;
         ``shared_memory`` None writes inputs to shared memory when Triton is on this host;
-        ``combiner_options`` overrides fields of the combiner's config (``CombinerConfig``)."""
+        ``combiner_options`` overrides fields of the combiner's config (``CombinerConfig``);
+        ``allow_client_shm`` lets clients on this host register their own shared memory;
+        ``token_file``, ``tls_cert`` and ``tls_key`` protect the ensemble's endpoints;
+        ``drain_timeout_s`` bounds how long stopping waits for requests in flight."""
         self.ensemble = ensemble
         self.workdir = workdir
         self.host = host
@@ -130,6 +146,11 @@ class Deployment:
         self.batching = batching
         self.shared_memory = shared_memory  # None: when Triton is on this host
         self.combiner_options = dict(combiner_options or {})
+        self.allow_client_shm = allow_client_shm
+        self.token_file = token_file
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        self.drain_timeout_s = drain_timeout_s
         self.metrics_port = metrics_port
         self.triton: TritonServer | None = None
         self.combiner: ManagedProcess | None = None
@@ -145,6 +166,7 @@ class Deployment:
             if (repo / fanout_name(self.ensemble)).is_dir():
                 models.append(fanout_name(self.ensemble))  # after its members
             self.triton = TritonServer(repo, self.workdir, models, binary=self.binary)
+            self._write_key(self.triton.key)
             self.triton.start(timeout=deadline - time.monotonic())
             self.port = self.grpc_port or free_port(self.host)
             if self.http_port == 0:
@@ -158,8 +180,53 @@ class Deployment:
             self.triton.grpc_url,
             self.triton.http_url,
             f"{self.host}:{self.http_port}" if self.http_port is not None else None,
+            self.triton.grpc_headers,
         )
         return self.endpoints
+
+    def _write_key(self, key: str | None) -> None:
+        """The key to Triton's restricted APIs, for the combiner: readable by this user only."""
+        path = self.workdir / "triton.key"
+        path.unlink(missing_ok=True)
+        if key is None:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(key + "\n")
+
+    def supervise(self, stop: threading.Event, say: Callable[[str], None] = print) -> None:
+        """Keep Triton and the combiner running until ``stop`` is set. Either that dies is
+        restarted, at once and then with a growing delay: Triton on the same ports with the
+        same key and members (the combiner answers UNAVAILABLE meanwhile and registers its
+        shared memory again when Triton is back), the combiner with the same config. A crash
+        loop (5 restarts in a minute) raises LaunchError with the process's log tail."""
+        assert self.triton is not None and self.combiner is not None
+        restarts = {"tritonserver": Restarts(), "combiner": Restarts()}
+        while not stop.wait(0.2):
+            for name in restarts:
+                process = self.triton.process if name == "tritonserver" else self.combiner
+                code = process.exited() if process is not None else None
+                if process is None or code is None:
+                    continue
+                delay = restarts[name].next_delay()
+                if delay is None:
+                    raise process.failure(
+                        f"exited with code {code}: {restarts[name].describe()}, giving up"
+                    )
+                say(f"{name} exited with code {code}; restarting it in {delay:.1f} s")
+                if stop.wait(delay):
+                    return
+                began = time.monotonic()
+                try:
+                    if name == "tritonserver":
+                        self.triton.restart(self.timeout_s)
+                    else:
+                        self._start_combiner(time.monotonic() + self.timeout_s)
+                except LaunchError as e:  # counts as another death on the next round
+                    say(f"{name} did not come back: {e}")
+                    continue
+                say(f"{name} is back ({time.monotonic() - began:.1f} s)")
 
     def apply(self, plan: Plan) -> list[str]:
         """Serve another plan without restarting Triton: the members whose config changes are
@@ -172,6 +239,7 @@ class Deployment:
         new_groups = instance_groups(plan, node)
         old_threads, new_threads = cpu_threads(self.plan, node), cpu_threads(plan, node)
         reloaded = []
+        headers = self.triton.grpc_headers
         with grpcclient.InferenceServerClient(self.triton.grpc_url) as client:
             for m in self.ensemble.members:
                 old = render_config(
@@ -186,7 +254,7 @@ class Deployment:
                 )
                 if new != old:
                     override = json_format.MessageToJson(parse_config(new, m.name))
-                    client.load_model(m.name, config=override)
+                    client.load_model(m.name, config=override, headers=headers)
                     reloaded.append(m.name)
         self.plan = plan
         repo = self.workdir / "repository"
@@ -194,7 +262,7 @@ class Deployment:
         (self.workdir / "plan.json").write_text(plan.to_json())
         if (repo / fanout_name(self.ensemble)).is_dir():  # its batch limit follows the members'
             with grpcclient.InferenceServerClient(self.triton.grpc_url) as client:
-                client.load_model(fanout_name(self.ensemble))
+                client.load_model(fanout_name(self.ensemble), headers=headers)
         if self.combiner is not None:
             self.combiner.stop()
         self._start_combiner(time.monotonic() + self.timeout_s)
@@ -206,7 +274,14 @@ class Deployment:
         config = combiner_config(self.ensemble, self.triton.grpc_url, self.plan, self.fan_out)
         local = self.triton.host in ("127.0.0.1", "localhost", "::1")
         shared = local if self.shared_memory is None else self.shared_memory and local
-        update: dict[str, object] = {"batching": self.batching, "shared_memory": shared}
+        update: dict[str, object] = {
+            "batching": self.batching,
+            "shared_memory": shared,
+            "client_shared_memory": self.allow_client_shm,
+            "drain_timeout_s": self.drain_timeout_s,
+        }
+        if self.triton.key is not None:
+            update["triton_key_file"] = str(self.workdir / "triton.key")
         if (self.workdir / "repository" / fanout_name(self.ensemble)).is_dir():
             update["fanout_model"] = fanout_name(self.ensemble)
             update["fanout_max_batch_size"] = min(self.plan.max_batch_size.values())
@@ -231,6 +306,13 @@ class Deployment:
             argv += ["--http-port", str(self.http_port)]
         if self.metrics_port is not None:
             argv += ["--metrics-port", str(self.metrics_port)]
+        for flag, path in (
+            ("--token-file", self.token_file),
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+        ):
+            if path is not None:
+                argv += [flag, str(path)]
         self.combiner = ManagedProcess(
             "combiner",
             argv,
@@ -247,9 +329,10 @@ class Deployment:
         return [p for p in started if p is not None]
 
     def stop(self) -> None:
-        """Stop the combiner, then Triton; safe to call more than once."""
+        """Stop the combiner (it answers what it accepted, up to the drain timeout), then
+        Triton; safe to call more than once."""
         if self.combiner is not None:
-            self.combiner.stop()
+            self.combiner.stop(self.drain_timeout_s + 15.0)
         if self.triton is not None:
             self.triton.stop()
 
@@ -276,17 +359,17 @@ def _check_servable(ensemble: Ensemble, plan: Plan) -> None:
 
 
 def _wait_combiner_ready(process: ManagedProcess, address: str, deadline: float) -> None:
-    with grpc.insecure_channel(address) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        while True:
-            code = process.exited()
-            if code is not None:
-                raise process.failure(f"exited with code {code} before it was ready")
-            if time.monotonic() > deadline:
-                raise process.failure(f"was not ready on {address} in time")
-            try:
-                if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1.0).ready:
-                    return
-            except grpc.RpcError:
-                pass
+    """Wait until the combiner listens on ``address`` (a worker listens only once its service
+    has started; with or without TLS, a connection is the one sign every endpoint gives)."""
+    host, _, port = address.rpartition(":")
+    while True:
+        code = process.exited()
+        if code is not None:
+            raise process.failure(f"exited with code {code} before it was ready")
+        if time.monotonic() > deadline:
+            raise process.failure(f"was not ready on {address} in time")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError:
             time.sleep(0.1)

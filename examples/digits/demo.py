@@ -32,10 +32,14 @@ __all__ = ["member_predictions", "run"]
 
 
 def member_predictions(
-    ensemble: Ensemble, triton_url: str, x: np.ndarray, batch: Mapping[str, int]
+    ensemble: Ensemble,
+    triton_url: str,
+    x: np.ndarray,
+    batch: Mapping[str, int],
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Each member's raw output for ``x``, asked of Triton directly (bypassing the combiner),
-    in batches of each member's limit there."""
+    """Each member's raw output for ``x``, asked of Triton directly (bypassing the combiner;
+    ``headers`` hold Chorus's key to Triton), in batches of each member's limit there."""
     out = {}
     with grpcclient.InferenceServerClient(triton_url) as client:
         for m in ensemble.members:
@@ -47,7 +51,8 @@ def member_predictions(
                 chunk = np.ascontiguousarray(x[i : i + step])
                 tensor = grpcclient.InferInput(in_name, list(chunk.shape), "FP32")
                 tensor.set_data_from_numpy(chunk)
-                parts.append(client.infer(m.name, [tensor]).as_numpy(out_name))
+                answer = client.infer(m.name, [tensor], headers=dict(headers or {}))
+                parts.append(answer.as_numpy(out_name))
             out[m.name] = np.concatenate(parts)
     return out
 
@@ -87,7 +92,11 @@ def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None
             probs = client.predict_all(split.x_test)
             assert isinstance(probs, np.ndarray)  # one output
         members = member_predictions(
-            ensemble, endpoints.triton_grpc, split.x_test, plan.max_batch_size
+            ensemble,
+            endpoints.triton_grpc,
+            split.x_test,
+            plan.max_batch_size,
+            endpoints.triton_headers,
         )
         with console.status("measuring throughput..."):
             loads = [

@@ -71,7 +71,13 @@ def served_plan(ensemble: Ensemble) -> Plan:
 def deployment(
     tmp_path_factory: pytest.TempPathFactory, ensemble: Ensemble, served_plan: Plan
 ) -> Iterator[Deployment]:
-    d = Deployment(ensemble, tmp_path_factory.mktemp("deployment"), plan=served_plan, http_port=0)
+    d = Deployment(
+        ensemble,
+        tmp_path_factory.mktemp("deployment"),
+        plan=served_plan,
+        http_port=0,
+        allow_client_shm=True,
+    )
     d.start()
     yield d
     d.stop()

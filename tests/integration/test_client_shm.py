@@ -4,6 +4,7 @@ through stock tritonclient (gRPC and HTTP)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,18 @@ SHM = Path("/dev/shm")
 
 
 def combiner_regions(url: str) -> set[str]:
+    """The regions registered on a new connection: none, whatever other connections hold."""
     with grpcclient.InferenceServerClient(url) as client:
         status = client.get_system_shared_memory_status(as_json=True)
     return set(status.get("regions", {}))
 
 
+def own_segments() -> set[str]:
+    return {p.name for p in SHM.glob(f"chorus_client_{os.getpid()}_*")}
+
+
 def test_sdk_shared_memory_answers_and_cleans_up(ensemble, endpoints, split):
+    before = own_segments()
     x = split.x_test[:300]
     expected = direct_combination(ensemble, x)
     client = EnsembleClient(endpoints.ensemble, shared_memory=True)
@@ -35,12 +42,11 @@ def test_sdk_shared_memory_answers_and_cleans_up(ensemble, endpoints, split):
     np.testing.assert_allclose(
         client.predict_all(x, chunk=20, concurrency=4), expected, rtol=1e-4, atol=1e-6
     )
-    names = combiner_regions(endpoints.ensemble)
-    assert names and all(n.startswith("chorus_client_") for n in names)
-    assert names <= {p.name for p in SHM.glob("chorus_client_*")}
+    made = own_segments() - before
+    assert len(made) >= 2
+    assert combiner_regions(endpoints.ensemble) == set()  # the SDK's connection's, not others'
     client.close()
-    assert not combiner_regions(endpoints.ensemble) & names
-    assert not {p.name for p in SHM.glob("chorus_client_*")} & names
+    assert not own_segments() & made
 
 
 def test_async_sdk_shared_memory_keeps_concurrent_requests_apart(ensemble, endpoints):
@@ -58,7 +64,7 @@ def test_async_sdk_shared_memory_keeps_concurrent_requests_apart(ensemble, endpo
 
 @pytest.fixture
 def region():
-    name = "test_stock_region"
+    name = f"chorus_client_test_{os.getpid()}"
     handle = shm.create_shared_memory_region(name, "/" + name, 4096)
     yield name, handle
     shm.destroy_shared_memory_region(handle)
@@ -112,9 +118,9 @@ def test_stock_http_client_with_shared_memory(ensemble, endpoints, region):
 def test_bad_registrations_are_refused_by_name(endpoints, region):
     name, _ = region
     with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
-        with pytest.raises(InferenceServerException, match="no shared-memory region with key"):
-            client.register_system_shared_memory("ghost", "/chorus_no_such_key", 64)
-        with pytest.raises(InferenceServerException, match="exceed the 4096 bytes"):
+        with pytest.raises(InferenceServerException, match="names no region this endpoint may"):
+            client.register_system_shared_memory("ghost", "/chorus_client_no_such_key", 64)
+        with pytest.raises(InferenceServerException, match="exceed its 4096 bytes"):
             client.register_system_shared_memory(name, "/" + name, 8192)
         client.register_system_shared_memory(name, "/" + name, 4096)
         try:

@@ -4,117 +4,40 @@ keeps serving and never mixes a late answer into another request."""
 
 from __future__ import annotations
 
-import signal
-import sys
 import time
-from pathlib import Path
+from contextlib import ExitStack
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-import yaml
 
 from combiner.client import DeadlineExceeded, EnsembleClient
-from combiner.config import CombinerConfig, MemberRoute, TensorInfo
 from combiner.rules import softmax
-from orchestrator.launch import ManagedProcess, TritonServer, free_port
-from orchestrator.render import InstanceGroup, render_repository
-from orchestrator.spec import load_ensemble
-from orchestrator.up import _wait_combiner_ready
-from tests.onnx_models import linear
-
-PYTHON_MEMBER = """
-import time
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for r in requests:
-            x = pb_utils.get_input_tensor_by_name(r, "x").as_numpy()
-            {body}
-        return responses
-"""
-SLOW = (
-    "time.sleep(1.5)\n            responses.append(pb_utils.InferenceResponse("
-    "[pb_utils.Tensor('y', np.full((len(x), 3), 99.0, dtype=np.float32))]))"
-)
-BROKEN = "raise RuntimeError('this member is broken on purpose')"
-CONFIG = """name: "{name}"
-backend: "python"
-max_batch_size: 16
-input [{{ name: "x", data_type: TYPE_FP32, dims: [4] }}]
-output [{{ name: "y", data_type: TYPE_FP32, dims: [3] }}]
-instance_group [{{ count: 1, kind: KIND_CPU }}]
-"""
-
-
-def python_member(repo: Path, name: str, body: str) -> None:
-    (repo / name / "1").mkdir(parents=True)
-    (repo / name / "config.pbtxt").write_text(CONFIG.format(name=name))
-    (repo / name / "1" / "model.py").write_text(PYTHON_MEMBER.format(body=body))
+from tests.integration.toy import BROKEN, combiner, sleeping, toy_config, toy_triton
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("deadline")
-    linear(root / "a.onnx", seed=1)
-    linear(root / "b.onnx", seed=2)
-    (root / "ensemble.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "name": "toy",
-                "members": [{"name": "a", "path": "a.onnx"}, {"name": "b", "path": "b.onnx"}],
-            }
-        )
-    )
-    ensemble = load_ensemble(root / "ensemble.yaml")
-    repo = root / "repo"
-    render_repository(
-        ensemble,
-        repo,
-        "python",
-        {m: (InstanceGroup("cpu", 1),) for m in "ab"},
-        {"a": 16, "b": 16},
-        1,
-    )
-    python_member(repo, "slow", SLOW)
-    python_member(repo, "broken", BROKEN)
     names = ["a", "b", "slow", "broken"]
-    with TritonServer(repo, root / "triton", names) as triton:
-        combiners = {}
-        for quorum in (2, 3):
-            config = CombinerConfig(
-                name="toy",
-                triton_url=triton.grpc_url,
-                max_batch_size=16,
-                inputs=(TensorInfo(name="x", dtype="FP32", shape=(4,)),),
-                outputs=(TensorInfo(name="y", dtype="FP32", shape=(3,)),),
-                members=tuple(
-                    MemberRoute(name=n, inputs={"x": "x"}, outputs={"y": "y"}) for n in names
-                ),
-                softmax=True,
-                deadline_ms=400,
-                quorum=quorum,
+    with (
+        toy_triton(root, {"slow": (sleeping(1.5), 1), "broken": (BROKEN, 1)}) as (
+            ensemble,
+            triton,
+        ),
+        ExitStack() as stack,
+    ):
+        combiners = {
+            quorum: stack.enter_context(
+                combiner(
+                    root,
+                    f"combiner-{quorum}",
+                    toy_config(triton, root, names, deadline_ms=400, quorum=quorum),
+                )
             )
-            path = root / f"combiner-{quorum}.json"
-            config.save(path)
-            port = free_port()
-            process = ManagedProcess(
-                f"combiner-{quorum}",
-                [sys.executable, "-m", "combiner", "--config", str(path), "--grpc-port", str(port)],
-                root / f"combiner-{quorum}.log",
-                stop_signal=signal.SIGTERM,
-            )
-            process.start()
-            _wait_combiner_ready(process, f"127.0.0.1:{port}", time.monotonic() + 60)
-            combiners[quorum] = (process, f"127.0.0.1:{port}")
-        try:
-            yield ensemble, combiners
-        finally:
-            for process, _ in combiners.values():
-                process.stop()
+            for quorum in (2, 3)
+        }
+        yield ensemble, combiners
 
 
 def reference(ensemble, x, members=("a", "b")):

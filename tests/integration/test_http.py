@@ -89,7 +89,7 @@ def test_deadline_parameter_is_read_and_checked(ensemble, http):
     with pytest.raises(InferenceServerException) as e:
         http.infer("digits", [_input(x)], parameters={"deadline_ms": -5})
     assert e.value.status() == "400"
-    assert "'deadline_ms' must be positive" in e.value.message()
+    assert "'deadline_ms' must be a positive, finite number" in e.value.message()
 
 
 BAD = {
@@ -151,7 +151,7 @@ MALFORMED = {
             {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ["a"]}]}
         ).encode(),
         {},
-        "'data' is not a list of FP32 values",
+        "'data' must hold numbers, found str",
     ),
 }
 

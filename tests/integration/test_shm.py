@@ -22,9 +22,12 @@ def chorus_segments() -> set[str]:
     return {p.name for p in SHM.glob("chorus_*")}
 
 
-def triton_regions(url: str) -> set[str]:
-    with grpcclient.InferenceServerClient(url) as client:
-        status = client.get_system_shared_memory_status(as_json=True)
+def triton_regions(endpoints) -> set[str]:
+    """Asked of Triton directly, with Chorus's key to its restricted APIs."""
+    with grpcclient.InferenceServerClient(endpoints.triton_grpc) as client:
+        status = client.get_system_shared_memory_status(
+            as_json=True, headers=dict(endpoints.triton_headers)
+        )
     return {r["name"] for r in status.get("regions", {}).values()}
 
 
@@ -40,7 +43,7 @@ def test_inputs_go_through_shared_memory_and_nothing_is_left_behind(
             np.testing.assert_allclose(
                 client.predict(x), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
             )
-        first = triton_regions(endpoints.triton_grpc)
+        first = triton_regions(endpoints)
         assert first and first <= chorus_segments()  # registered with Triton, on this host
 
         # kill -9 the whole combiner (supervisor, worker and all): its regions stay behind
@@ -55,7 +58,7 @@ def test_inputs_go_through_shared_memory_and_nothing_is_left_behind(
             np.testing.assert_allclose(
                 client.predict(x), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
             )
-        now = triton_regions(endpoints.triton_grpc)
+        now = triton_regions(endpoints)
         assert now and not (now & first)
         assert not (chorus_segments() & first)
     finally:

@@ -1,13 +1,16 @@
-"""The batching stage's queueing, driven step by step: its seam is the coroutine it calls."""
+"""The batching stage's queueing, driven step by step: its seam is the function that starts a
+batch's flight (the prediction stage, stood for here by a flight the test finishes by hand)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 import pytest
 
 from combiner.batching import Batcher, Rows
+from combiner.errors import RequestError
 
 
 def rows(values: list[float], width: int = 2) -> Rows:
@@ -15,117 +18,192 @@ def rows(values: list[float], width: int = 2) -> Rows:
     return Rows.of(len(values), {"x": data.tobytes()}, {"x": data.shape})
 
 
+class Flight:
+    def __init__(self, batch: Rows, has_deadline: bool) -> None:
+        self.x = np.frombuffer(batch.data["x"], dtype=np.float32).reshape(batch.shapes["x"])
+        self.has_deadline = has_deadline
+        self.requests = 0
+        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def expect(self, requests: int) -> None:
+        self.requests = requests
+
+
 class Members:
-    """Stands for the fan-out: answers x * 10, holding each batch until released."""
+    """Stands for the prediction stage: records each batch; flights end when released."""
 
     def __init__(self) -> None:
-        self.batches: list[int] = []
-        self.gate = asyncio.Event()
+        self.flights: list[Flight] = []
 
-    async def run(self, batch: Rows, wanted: list[str], deadline: float | None):
-        self.batches.append(batch.batch)
-        await self.gate.wait()
-        x = np.frombuffer(batch.data["x"], dtype=np.float32).reshape(batch.shapes["x"])
-        return {"y": x * 10}, ["a"], {}
+    def start(self, batch: Rows, wanted: tuple[str, ...], has_deadline: bool) -> Flight:
+        self.flights.append(Flight(batch, has_deadline))
+        return self.flights[-1]
+
+    @property
+    def batches(self) -> list[int]:
+        return [len(f.x) for f in self.flights]
+
+    def finish(self) -> None:
+        for f in self.flights:
+            if not f.settled.done():
+                f.settled.set_result(None)
+
+
+async def steps(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def answer(placement) -> np.ndarray:
+    """What the members would answer for a request: its rows of the batch, times ten."""
+    return placement.flight.x[placement.start : placement.stop] * 10
 
 
 def test_requests_arriving_while_the_members_are_busy_share_one_batch():
     async def go():
         members = Members()
-        batcher = Batcher(members.run, max_rows=64, max_in_flight=1)
-        first = asyncio.create_task(batcher.submit(rows([1.0]), ["y"], None))
-        await asyncio.sleep(0)  # the first goes straight through and holds the only slot
+        batcher = Batcher(members.start, max_rows=64, max_in_flight=1)
+        first = asyncio.create_task(batcher.submit(rows([1.0]), ("y",), None))
+        await steps()  # the first goes straight through and holds the only slot
         others = [
-            asyncio.create_task(batcher.submit(rows([float(i), i + 0.5]), ["y"], None))
+            asyncio.create_task(batcher.submit(rows([float(i), i + 0.5]), ("y",), None))
             for i in range(2, 6)
         ]
-        await asyncio.sleep(0.01)
-        members.gate.set()
-        answers = await asyncio.gather(first, *others)
+        await steps()
+        batches_while_busy = list(members.batches)
+        members.finish()  # the slot frees: the four queued requests leave together
+        placements = await asyncio.gather(first, *others)
         await batcher.close()
-        return members.batches, answers
+        return batches_while_busy, members.batches, placements, members
 
-    batches, answers = asyncio.run(go())
-    assert batches == [1, 8]  # the lone request, then the four that queued, joined
-    np.testing.assert_allclose(answers[0][0]["y"], [[10.0, 10.0]])
-    for i, (outputs, contributors, missing) in zip(range(2, 6), answers[1:], strict=True):
-        np.testing.assert_allclose(outputs["y"], [[i * 10] * 2, [(i + 0.5) * 10] * 2])
-        assert contributors == ["a"] and missing == {}
+    while_busy, batches, placements, members = asyncio.run(go())
+    assert while_busy == [1]
+    assert batches == [1, 8]
+    assert [f.requests for f in members.flights] == [1, 4]  # each knows who waits for it
+    np.testing.assert_allclose(answer(placements[0]), [[10.0, 10.0]])
+    for i, placement in zip(range(2, 6), placements[1:], strict=True):
+        np.testing.assert_allclose(answer(placement), [[i * 10] * 2, [(i + 0.5) * 10] * 2])
 
 
 def test_incompatible_or_oversized_requests_wait_for_their_own_batch():
     async def go():
         members = Members()
-        batcher = Batcher(members.run, max_rows=4, max_in_flight=1)
-        tasks = [asyncio.create_task(batcher.submit(rows([0.0]), ["y"], None))]
-        await asyncio.sleep(0)
+        batcher = Batcher(members.start, max_rows=4, max_in_flight=1)
+        tasks = [asyncio.create_task(batcher.submit(rows([0.0]), ("y",), None))]
+        await steps()
         tasks += [
-            asyncio.create_task(batcher.submit(rows([1.0, 2.0, 3.0]), ["y"], None)),
-            asyncio.create_task(batcher.submit(rows([4.0], width=3), ["y"], None)),  # other shape
-            asyncio.create_task(batcher.submit(rows([5.0, 6.0]), ["y"], None)),  # over 4 rows
-            asyncio.create_task(batcher.submit(rows([7.0]), ["y"], None)),
+            asyncio.create_task(batcher.submit(rows([1.0, 2.0, 3.0]), ("y",), None)),
+            asyncio.create_task(batcher.submit(rows([4.0], width=3), ("y",), None)),  # shape
+            asyncio.create_task(batcher.submit(rows([5.0, 6.0]), ("y",), None)),  # over 4 rows
+            asyncio.create_task(batcher.submit(rows([7.0]), ("y",), None)),
         ]
-        await asyncio.sleep(0.01)
-        members.gate.set()
-        answers = await asyncio.gather(*tasks)
+        for _ in range(4):  # each batch leaves when the one before it has finished
+            await steps()
+            members.finish()
+        placements = await asyncio.gather(*tasks)
         await batcher.close()
-        return members.batches, answers
+        return members.batches, placements
 
-    batches, answers = asyncio.run(go())
+    batches, placements = asyncio.run(go())
     assert batches == [1, 4, 1, 2]  # [0]; [1,2,3]+[7]; [4] alone (width 3); [5,6]
-    assert answers[2][0]["y"].shape == (1, 3)
-    np.testing.assert_allclose(answers[4][0]["y"], [[70.0, 70.0]])
+    assert answer(placements[2]).shape == (1, 3)
+    np.testing.assert_allclose(answer(placements[4]), [[70.0, 70.0]])
 
 
-def test_an_error_reaches_every_request_of_the_batch():
+def test_a_slot_stays_taken_until_its_flight_is_settled():
+    """A batch whose members are slow (or hung, until the member timeout or its requests'
+    deadlines settle it) holds its slot; the queue waits, and moves once it is settled."""
+
     async def go():
-        gate = asyncio.Event()
-
-        async def failing(batch, wanted, deadline):
-            await gate.wait()
-            raise RuntimeError("members down")
-
-        batcher = Batcher(failing, max_rows=64, max_in_flight=1)
-        tasks = [
-            asyncio.create_task(batcher.submit(rows([float(i)]), ["y"], None)) for i in range(3)
-        ]
-        await asyncio.sleep(0.01)
-        gate.set()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        members = Members()
+        batcher = Batcher(members.start, max_rows=64, max_in_flight=1)
+        first = asyncio.create_task(batcher.submit(rows([1.0]), ("y",), None))
+        await steps()
+        queued = asyncio.create_task(batcher.submit(rows([2.0]), ("y",), None))
+        await asyncio.sleep(0.05)
+        held = list(members.batches)
+        members.flights[0].settled.set_result(None)
+        await steps()
+        after = list(members.batches)
+        members.finish()
+        await asyncio.gather(first, queued)
         await batcher.close()
-        return results
+        return held, after
 
-    results = asyncio.run(go())
-    assert all(isinstance(r, RuntimeError) and "members down" in str(r) for r in results)
+    held, after = asyncio.run(go())
+    assert held == [1]
+    assert after == [1, 1]
 
 
-@pytest.mark.parametrize("deadline", [None, 5.0])
-def test_a_batch_gets_the_earliest_deadline_of_its_requests(deadline):
+def test_a_request_queued_past_its_own_deadline_leaves_alone_and_its_neighbours_stay():
     async def go():
-        seen = []
-        gate = asyncio.Event()
-
-        async def run(batch, wanted, d):
-            seen.append(d)
-            await gate.wait()
-            return {"y": np.zeros(batch.shapes["x"], np.float32)}, ["a"], {}
-
-        batcher = Batcher(run, max_rows=64, max_in_flight=1)
-        first = asyncio.create_task(batcher.submit(rows([0.0]), ["y"], None))
-        await asyncio.sleep(0)
-        late = [
-            asyncio.create_task(batcher.submit(rows([1.0]), ["y"], deadline)),
-            asyncio.create_task(batcher.submit(rows([2.0]), ["y"], 60.0)),
-        ]
-        await asyncio.sleep(0.01)
-        gate.set()
-        await asyncio.gather(first, *late)
+        members = Members()
+        batcher = Batcher(members.start, max_rows=64, max_in_flight=1)
+        loop = asyncio.get_running_loop()
+        busy = asyncio.create_task(batcher.submit(rows([0.0]), ("y",), None))
+        await steps()
+        hurried = asyncio.create_task(batcher.submit(rows([1.0]), ("y",), loop.time() + 0.01))
+        patient = asyncio.create_task(batcher.submit(rows([2.0]), ("y",), None))
+        with pytest.raises(RequestError) as refused:
+            await hurried
+        members.finish()
+        placement = await patient
+        await busy
+        members.finish()
         await batcher.close()
-        return seen
+        return refused.value, members.flights, placement
 
-    seen = asyncio.run(go())
-    assert seen[0] is None
-    assert seen[1] <= (deadline if deadline is not None else 60.0)
+    refused, flights, placement = asyncio.run(go())
+    assert refused.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "still queued" in str(refused)
+    assert [len(f.x) for f in flights] == [1, 1]  # the hurried one never joined a batch
+    np.testing.assert_allclose(answer(placement), [[20.0, 20.0]])
+    assert not flights[1].has_deadline  # the batch does not carry anyone's deadline
+
+
+def test_a_batch_knows_whether_a_request_in_it_has_a_deadline():
+    async def go():
+        members = Members()
+        batcher = Batcher(members.start, max_rows=64, max_in_flight=1)
+        loop = asyncio.get_running_loop()
+        busy = asyncio.create_task(batcher.submit(rows([0.0]), ("y",), None))
+        await steps()
+        mixed = [
+            asyncio.create_task(batcher.submit(rows([1.0]), ("y",), loop.time() + 60)),
+            asyncio.create_task(batcher.submit(rows([2.0]), ("y",), None)),
+        ]
+        await steps()
+        members.finish()
+        await asyncio.gather(busy, *mixed)
+        members.finish()
+        await batcher.close()
+        return [(len(f.x), f.has_deadline) for f in members.flights]
+
+    assert asyncio.run(go()) == [(1, False), (2, True)]
+
+
+def test_a_request_whose_client_went_away_is_dropped_from_the_queue():
+    async def go():
+        members = Members()
+        batcher = Batcher(members.start, max_rows=64, max_in_flight=1)
+        busy = asyncio.create_task(batcher.submit(rows([0.0]), ("y",), None))
+        await steps()
+        gone = asyncio.create_task(batcher.submit(rows([1.0]), ("y",), None))
+        kept = asyncio.create_task(batcher.submit(rows([2.0]), ("y",), None))
+        await steps()
+        gone.cancel()
+        await steps()
+        members.finish()
+        placement = await kept
+        await busy
+        members.finish()
+        await batcher.close()
+        return members.batches, placement, gone.cancelled()
+
+    batches, placement, cancelled = asyncio.run(go())
+    assert cancelled
+    assert batches == [1, 1]
+    np.testing.assert_allclose(answer(placement), [[20.0, 20.0]])
 
 
 @pytest.mark.parametrize("fill", [True, False], ids=["fill", "no-fill"])
@@ -136,62 +214,59 @@ def test_under_load_a_freed_slot_waits_for_the_batch_to_fill_while_requests_arri
     async def go():
         members = Members()
         batcher = Batcher(
-            members.run,
+            members.start,
             max_rows=64,
             max_in_flight=1,
             max_fill_s=60.0 if fill else 0.0,
             max_gap_s=60.0,
         )
 
-        async def submit(v):
-            return await batcher.submit(rows([v]), ["y"], None)
+        def submit(v):
+            return asyncio.create_task(batcher.submit(rows([v]), ("y",), None))
 
-        async def steps(n=5):
-            for _ in range(n):
-                await asyncio.sleep(0)
-
-        first = asyncio.create_task(submit(1.0))  # straight through; holds the slot
+        first = submit(1.0)  # straight through; holds the slot
         await steps()
-        pair = [asyncio.create_task(submit(v)) for v in (2.0, 3.0)]
+        pair = [submit(2.0), submit(3.0)]
         await steps()
-        members.gate.set()
+        members.finish()
         await asyncio.gather(first, *pair)  # batches: [1], [2, 3]: the last had 2 requests
-        members.gate.clear()
-        busy = asyncio.create_task(submit(4.0))  # straight through again
         await steps()
-        alone = asyncio.create_task(submit(5.0))  # queued behind the busy slot
+        members.finish()
+        busy = submit(4.0)  # straight through again
         await steps()
-        members.gate.set()  # the slot frees; then three more requests arrive, one by one
+        alone = submit(5.0)  # queued behind the busy slot
         await steps()
-        members.gate.clear()
+        members.finish()  # the slot frees; then three more requests arrive, one by one
+        await steps()
+        members.finish()  # without the fill, 5.0 went out alone: it ends too
+        await steps()
         later = []
         for v in (6.0, 7.0, 8.0):
-            later.append(asyncio.create_task(submit(v)))
+            later.append(submit(v))
             await steps()
-        members.gate.set()
-        answers = await asyncio.gather(busy, alone, *later)
+        for _ in range(3):
+            members.finish()
+            await steps()
+        placements = await asyncio.gather(busy, alone, *later)
+        members.finish()
         await batcher.close()
-        return members.batches, answers
+        return members.batches, placements
 
-    batches, answers = asyncio.run(go())
+    batches, placements = asyncio.run(go())
     # with the fill, 5.0 waits for 6.0, 7.0 and 8.0 (twice the last batch: 4 requests);
     # without, 5.0 leaves alone, 6.0 finds the combiner idle, and 7.0 and 8.0 queue behind it
     assert batches == ([1, 2, 1, 4] if fill else [1, 2, 1, 1, 1, 2])
-    for v, (outputs, _, _) in zip((4.0, 5.0, 6.0, 7.0, 8.0), answers, strict=True):
-        np.testing.assert_allclose(outputs["y"], [[v * 10] * 2])
+    for v, placement in zip((4.0, 5.0, 6.0, 7.0, 8.0), placements, strict=True):
+        np.testing.assert_allclose(answer(placement), [[v * 10] * 2])
 
 
 def test_a_full_batch_goes_out_beside_the_busy_one_but_no_further():
     async def go():
         members = Members()
-        batcher = Batcher(members.run, max_rows=2, max_in_flight=1)
-
-        async def steps(n=5):
-            for _ in range(n):
-                await asyncio.sleep(0)
+        batcher = Batcher(members.start, max_rows=2, max_in_flight=1)
 
         def submit(values):
-            return asyncio.create_task(batcher.submit(rows(values), ["y"], None))
+            return asyncio.create_task(batcher.submit(rows(values), ("y",), None))
 
         tasks = [submit([1.0, 2.0])]  # full, and the combiner is idle: straight through
         await steps()
@@ -200,15 +275,34 @@ def test_a_full_batch_goes_out_beside_the_busy_one_but_no_further():
         tasks += [submit([5.0]), submit([6.0, 7.0])]  # one not full, one full: both wait
         await steps()
         out_while_busy = list(members.batches)
-        members.gate.set()
-        answers = await asyncio.gather(*tasks)
+        for _ in range(3):
+            members.finish()
+            await steps()
+        placements = await asyncio.gather(*tasks)
+        members.finish()
         await batcher.close()
-        return out_while_busy, members.batches, answers
+        return out_while_busy, members.batches, placements
 
-    out_while_busy, batches, answers = asyncio.run(go())
+    out_while_busy, batches, placements = asyncio.run(go())
     assert out_while_busy == [2, 2]
     assert batches == [2, 2, 1, 2]
-    for values, (outputs, _, _) in zip(
-        ([1.0, 2.0], [3.0, 4.0], [5.0], [6.0, 7.0]), answers, strict=True
+    for values, placement in zip(
+        ([1.0, 2.0], [3.0, 4.0], [5.0], [6.0, 7.0]), placements, strict=True
     ):
-        np.testing.assert_allclose(outputs["y"], [[v * 10] * 2 for v in values])
+        np.testing.assert_allclose(answer(placement), [[v * 10] * 2 for v in values])
+
+
+def test_closing_refuses_what_is_still_queued():
+    async def go():
+        members = Members()
+        batcher = Batcher(members.start, max_rows=64, max_in_flight=1)
+        busy = asyncio.create_task(batcher.submit(rows([0.0]), ("y",), None))
+        await steps()
+        queued = asyncio.create_task(batcher.submit(rows([1.0]), ("y",), None))
+        await steps()
+        await batcher.close()
+        await busy
+        return await asyncio.gather(queued, return_exceptions=True)
+
+    (refused,) = asyncio.run(go())
+    assert isinstance(refused, RequestError) and refused.code == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,490 @@
+"""The prediction stage: a batch's calls on Triton, from the first one's start to the last's end.
+
+:meth:`Predictor.start` begins a batch's :class:`Prediction` and returns at once. The prediction
+runs in a task the predictor owns, never in a request's: no deadline and no client that goes
+away can cancel a call Triton is running. It writes the batch's input once into a shared-memory
+region (when Triton shares the host), then calls either the rendered fan-out model (one call
+returning every member's outputs: when every member must answer and no request of the batch has
+a deadline) or each member (in chunks of its batch limit; all at once, or one after another for
+the paper's baseline). A member's answer is recorded the moment its calls end, so a request that
+stops waiting at its own deadline takes the members that made it by then.
+
+A batch is *settled* (its batching slot frees) when every member has answered or failed, or
+when no request waits for it any more (each stopped at its own deadline, or its client went
+away). A member still running at the member timeout counts as missing for the requests still
+waiting. Either way, calls still running are left to end, their answers dropped, and the region
+they may write to goes back to the pool only when the last of them has ended. A member with
+``max_late_batches`` such batches still running is not called (it counts as missing) until
+some end, so a slow or hung member holds a bounded amount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import triton_to_np_dtype
+
+from . import metrics
+from .batching import Rows
+from .config import CombinerConfig, MemberRoute
+from .shm import Region, ShmPool
+from .tasks import Owner
+from .upstream import MemberError, Upstream
+
+__all__ = ["Prediction", "Predictor", "fanout_output"]
+
+log = logging.getLogger("chorus.combiner")
+
+
+def fanout_output(member: str, base: str) -> str:
+    """The name under which the fan-out model returns a member's output."""
+    return f"{member}__{base}"
+
+
+class Prediction:
+    """A batch's answers as they arrive: each member's outputs for the whole batch (base output
+    name -> array), or why it is missing. ``finished`` is done when no member is pending;
+    ``settled`` when the batch no longer needs its slot (finished, or nobody waits for it)."""
+
+    def __init__(
+        self,
+        batch: int,
+        members: tuple[str, ...],
+        bases: tuple[str, ...],
+        on_abandoned: Callable[[Prediction], None],
+    ) -> None:
+        self.batch = batch
+        self.members = members
+        self.bases = bases
+        self.answers: dict[str, dict[str, np.ndarray]] = {}
+        self.missing: dict[str, str] = {}
+        loop = asyncio.get_running_loop()
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self.settled: asyncio.Future[None] = loop.create_future()
+        self.combined: dict[tuple[str, ...], Any] = {}  # the combination stage's, per contributors
+        self.groups: list[_Group] = []
+        self._waiting = 0
+        self._on_abandoned = on_abandoned
+
+    @property
+    def abandoned(self) -> bool:
+        """Every request of the batch stopped waiting before it finished."""
+        return self.settled.done() and not self.finished.done()
+
+    def expect(self, requests: int) -> None:
+        self._waiting += requests
+
+    def leave(self) -> None:
+        """A request of the batch stopped waiting (answered, its deadline, its client gone)."""
+        self._waiting -= 1
+        if self._waiting <= 0 and not self.settled.done():
+            self.settled.set_result(None)
+            self._on_abandoned(self)
+
+    def pending(self) -> list[str]:
+        return [m for m in self.members if m not in self.answers and m not in self.missing]
+
+    def miss(self, member: str, reason: str) -> None:
+        if member not in self.answers and member not in self.missing:
+            self.missing[member] = reason
+
+    def finish(self) -> None:
+        self.finished.set_result(None)
+        if not self.settled.done():
+            self.settled.set_result(None)
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """Where a batch lives in a shared-memory region: each input's offset, and each model
+    output placed there, by (model, output): (offset, bytes per row)."""
+
+    region: Region
+    inputs: dict[str, int]
+    outputs: dict[tuple[str, str], tuple[int, int]]
+
+
+@dataclass(eq=False)
+class _Group:
+    """The calls to one model (a member, or the fan-out model) for a batch."""
+
+    route: MemberRoute
+    covers: tuple[MemberRoute, ...]  # the members these calls answer for
+    tasks: list[asyncio.Task[Any]]
+    began: float
+    settled: bool = False  # recorded, or given up (member timeout, or nobody waits)
+    late: bool = False  # given up while its calls still ran: counted in the model's backlog
+
+
+class _BadAnswer(Exception):
+    pass
+
+
+class Predictor:
+    def __init__(
+        self,
+        config: CombinerConfig,
+        upstream: Upstream,
+        pool: ShmPool | None = None,
+        on_error: Callable[[MemberError], None] = lambda e: None,
+    ) -> None:
+        self._config = config
+        self._upstream = upstream
+        self._pool = pool
+        self._on_error = on_error
+        self._members = config.members
+        self._names = tuple(m.name for m in config.members)
+        self._inputs = {t.name: t for t in config.inputs}
+        self._base = {t.name: t for t in config.outputs}
+        self._fanout = (
+            MemberRoute(
+                name=config.fanout_model,
+                inputs={t.name: t.name for t in config.inputs},
+                outputs={},
+                max_batch_size=config.fanout_max_batch_size,
+            )
+            if config.fanout_model
+            else None
+        )
+        self._one_call_allowed = (
+            config.quorum_count() == len(config.members) and config.fan_out == "concurrent"
+        )
+        self._timeout_ms = config.member_timeout_ms
+        self._late: dict[str, int] = {}  # batches given up while still running, by model
+        self._tasks = Owner("prediction")
+
+    def start(self, rows: Rows, wanted: tuple[str, ...], has_deadline: bool) -> Prediction:
+        """Begin the batch's calls; returns at once."""
+        bases = self._config.bases(wanted)
+        prediction = Prediction(rows.batch, self._names, bases, self._abandon)
+        one_call = (
+            self._fanout is not None
+            and self._one_call_allowed
+            and not has_deadline
+            and self._late.get(self._fanout.name, 0) < self._config.max_late_batches
+        )
+        self._tasks.spawn(self._run(prediction, rows, one_call))
+        return prediction
+
+    def late_batches(self) -> dict[str, int]:
+        """Per model, the batches given up while its calls still run."""
+        return {name: n for name, n in self._late.items() if n}
+
+    def _abandon(self, p: Prediction) -> None:
+        """Nobody waits for the batch any more: its calls still running are given up."""
+        for group in p.groups:
+            self._give_up(group)
+
+    async def close(self, drain_s: float) -> None:
+        """Wait for the predictions in flight (each ends by the member timeout)."""
+        if not await self._tasks.drain(drain_s):
+            await self._tasks.cancel()
+
+    async def _run(self, p: Prediction, rows: Rows, one_call: bool) -> None:
+        placed = None
+        try:
+            if self._pool is not None:
+                placed = await self._place(rows, p.bases, one_call)
+            if one_call:
+                assert self._fanout is not None
+                names = [fanout_output(m, b) for m in self._names for b in p.bases]
+                await self._wait(
+                    p, [self._issue(p, self._fanout, self._members, rows, placed, names)]
+                )
+            elif self._config.fan_out == "sequential":  # the paper's baseline
+                for member in self._members:
+                    if p.abandoned:
+                        break
+                    if self._may_call(p, member):
+                        await self._wait(p, [self._issue(p, member, (member,), rows, placed)])
+            else:
+                groups = [
+                    self._issue(p, m, (m,), rows, placed)
+                    for m in self._members
+                    if self._may_call(p, m)
+                ]
+                await self._wait(p, groups)
+        except MemberError as e:  # no region: Triton is down, or refused it
+            self._on_error(e)
+            for name in p.pending():
+                p.miss(name, f"{e.code.name}: {e.details}")
+        except Exception as e:
+            log.exception("a batch failed before its members answered")
+            for name in p.pending():
+                p.miss(name, f"INTERNAL: {type(e).__name__}: {e}")
+        finally:
+            for name in p.pending():  # nobody waited for them, or the combiner is stopping
+                p.miss(name, "not called: nobody waits for the answer")
+            p.finish()
+            if placed is not None:
+                assert self._pool is not None
+                self._pool.release(placed.region)
+
+    def _may_call(self, p: Prediction, member: MemberRoute) -> bool:
+        late = self._late.get(member.name, 0)
+        if late < self._config.max_late_batches:
+            return True
+        p.miss(
+            member.name,
+            f"not called: it is still running {late} earlier batches that nobody waits for "
+            "any more",
+        )
+        return False
+
+    async def _place(self, rows: Rows, bases: tuple[str, ...], one_call: bool) -> _Placed:
+        """Write the batch's input into a region, and make room there for the outputs that
+        pay to come back that way (fixed size, at least ``output_shared_memory_min_bytes``)."""
+        assert self._pool is not None
+        names = list(rows.pieces)
+        size = sum(rows.nbytes(n) for n in names)
+        outputs = self._placed_outputs(bases, one_call)
+        out_size = rows.batch * sum(outputs.values())
+        least = self._config.output_shared_memory_min_bytes
+        if least is None or out_size < least:
+            outputs, out_size = {}, 0
+        region = await self._pool.acquire(_aligned(size) + out_size)
+        try:
+            offsets = region.write([rows.pieces[n] for n in names])  # each byte once
+        except BaseException:
+            self._pool.release(region)
+            raise
+        at = _aligned(size)
+        where = {}
+        for key, row in outputs.items():
+            where[key] = (at, row)
+            at += rows.batch * row
+        metrics.SHARED_BYTES.labels("input").inc(size)
+        if out_size:
+            metrics.SHARED_BYTES.labels("output").inc(out_size)
+        return _Placed(region, dict(zip(names, offsets, strict=True)), where)
+
+    def _placed_outputs(self, bases: tuple[str, ...], one_call: bool) -> dict[tuple[str, str], int]:
+        """(model, output) -> bytes per row, for every output these calls return; empty if a
+        shape is variable."""
+        rows = {}
+        for base in bases:
+            info = self._base[base]
+            if any(d < 0 for d in info.shape):
+                return {}
+            row = math.prod(info.shape) * np.dtype(triton_to_np_dtype(info.dtype)).itemsize
+            for m in self._members:
+                if one_call:
+                    assert self._fanout is not None
+                    rows[(self._fanout.name, fanout_output(m.name, base))] = row
+                else:
+                    rows[(m.name, m.outputs[base])] = row
+        return rows
+
+    def _issue(
+        self,
+        p: Prediction,
+        route: MemberRoute,
+        covers: tuple[MemberRoute, ...],
+        rows: Rows,
+        placed: _Placed | None,
+        names: list[str] | None = None,
+    ) -> _Group:
+        """Start the calls to one model (in chunks of its batch limit)."""
+        step = route.max_batch_size or rows.batch
+        output_names = names or [route.outputs[b] for b in p.bases]
+        requests = [
+            self._request(route, rows, start, min(start + step, rows.batch), placed, output_names)
+            for start in range(0, rows.batch, step)
+        ]
+        group = _Group(route, covers, [], time.perf_counter())
+        p.groups.append(group)
+        for request in requests:
+            task = self._upstream.infer(request)
+            if placed is not None:
+                assert self._pool is not None
+                self._pool.hold(placed.region)  # until this call has ended
+            task.add_done_callback(functools.partial(self._settled, p, group, placed))
+            group.tasks.append(task)
+        return group
+
+    async def _wait(self, p: Prediction, groups: list[_Group]) -> None:
+        """Wait for the groups' calls up to the member timeout; what is still running then
+        is left to end, and its members count as missing."""
+        tasks = [t for g in groups for t in g.tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._timeout_ms / 1000)  # never cancels them
+        for group in groups:
+            if self._give_up(group):
+                for member in group.covers:
+                    p.miss(
+                        member.name,
+                        f"no answer within the member timeout ({self._timeout_ms:g} ms); its "
+                        "call is left to finish",
+                    )
+
+    def _give_up(self, group: _Group) -> bool:
+        """Stop waiting for a group still running: its answers will be dropped, and it counts
+        in its model's backlog until its calls end. Whether it was still running."""
+        if group.settled:
+            return False
+        group.settled = True
+        if not all(t.done() for t in group.tasks):
+            group.late = True
+            self._late[group.route.name] = self._late.get(group.route.name, 0) + 1
+        return True
+
+    def _settled(
+        self, p: Prediction, group: _Group, placed: _Placed | None, task: asyncio.Task[Any]
+    ) -> None:
+        """One call ended: when it was the group's last, record its members' answers; then
+        let go of the region (after reading it)."""
+        try:
+            if not task.cancelled():
+                task.exception()  # retrieved: a late call's failure is not an unread error
+            if all(t.done() for t in group.tasks):
+                if not group.settled:
+                    group.settled = True
+                    metrics.MEMBER_LATENCY.labels(group.route.name).observe(
+                        time.perf_counter() - group.began
+                    )
+                    self._record(p, group, placed)
+                elif group.late:  # its last call ended: out of the backlog
+                    group.late = False
+                    self._late[group.route.name] -= 1
+        finally:
+            if placed is not None:
+                assert self._pool is not None
+                self._pool.release(placed.region)
+
+    def _record(self, p: Prediction, group: _Group, placed: _Placed | None) -> None:
+        for task in group.tasks:
+            if task.cancelled():
+                error: BaseException | None = MemberError(
+                    group.route.name, grpc.StatusCode.CANCELLED, "the combiner is stopping"
+                )
+            else:
+                error = task.exception()
+            if error is not None:
+                if isinstance(error, MemberError):
+                    self._on_error(error)
+                    reason = f"{error.code.name}: {error.details}"
+                else:
+                    reason = f"INTERNAL: {type(error).__name__}: {error}"
+                for member in group.covers:
+                    p.miss(member.name, reason)
+                return
+        responses = [t.result() for t in group.tasks]
+        for member in group.covers:
+            try:
+                outputs = {
+                    base: self._answer(member, group, responses, base, placed, p.batch)
+                    for base in p.bases
+                }
+            except _BadAnswer as e:
+                p.miss(member.name, f"INTERNAL: {e}")
+                continue
+            if member.name not in p.missing:
+                p.answers[member.name] = outputs
+
+    def _answer(
+        self,
+        member: MemberRoute,
+        group: _Group,
+        responses: list[Any],
+        base: str,
+        placed: _Placed | None,
+        batch: int,
+    ) -> np.ndarray:
+        """One member's output for the whole batch, from its responses or the region."""
+        info = self._base[base]
+        if group.route is self._fanout:
+            name = fanout_output(member.name, base)
+        else:
+            name = member.outputs[base]
+        if placed is not None and (group.route.name, name) in placed.outputs:
+            offset, _ = placed.outputs[(group.route.name, name)]
+            dtype = np.dtype(triton_to_np_dtype(info.dtype))
+            return placed.region.read(offset, dtype, (batch, *info.shape))
+        parts = [_output(r, name) for r in responses]
+        array = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if array.shape[0] != batch or not _fits(array.shape[1:], info.shape):
+            raise _BadAnswer(
+                f"answered {name!r} with shape {list(array.shape)}; expected {[batch, *info.shape]}"
+            )
+        return array
+
+    def _request(
+        self,
+        route: MemberRoute,
+        rows: Rows,
+        start: int,
+        stop: int,
+        placed: _Placed | None,
+        output_names: list[str],
+    ) -> service_pb2.ModelInferRequest:
+        """The request for rows [start, stop) of the batch, in the model's tensor names: the
+        bytes in the request, or, when ``placed`` in shared memory, pointers to them there
+        (and to where its outputs go, for those placed too)."""
+        req = service_pb2.ModelInferRequest(model_name=route.name)
+        whole = start == 0 and stop == rows.batch
+        for ens_name in rows.pieces:
+            shape = rows.shapes[ens_name]
+            tensor = req.inputs.add(
+                name=route.inputs[ens_name],
+                datatype=self._inputs[ens_name].dtype,
+                shape=(stop - start, *shape[1:]),
+            )
+            row = rows.nbytes(ens_name) // rows.batch
+            if placed is not None:
+                _point(
+                    tensor.parameters, placed.region.name, placed.inputs[ens_name], row, start, stop
+                )
+            else:
+                content = rows.data[ens_name]
+                req.raw_input_contents.append(
+                    content if whole else content[start * row : stop * row]
+                )
+        for name in output_names:
+            out = req.outputs.add(name=name)
+            key = (route.name, name)
+            if placed is not None and key in placed.outputs:
+                offset, row = placed.outputs[key]
+                _point(out.parameters, placed.region.name, offset, row, start, stop)
+        return req
+
+
+def _point(params: Any, region: str, offset: int, row: int, start: int, stop: int) -> None:
+    """Point a tensor at rows [start, stop) of a block at ``offset`` in ``region``."""
+    params["shared_memory_region"].string_param = region
+    params["shared_memory_offset"].int64_param = offset + start * row
+    params["shared_memory_byte_size"].int64_param = (stop - start) * row
+
+
+def _aligned(size: int) -> int:
+    return (size + 63) // 64 * 64
+
+
+def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    return len(shape) == len(expected) and all(
+        e == -1 or d == e for d, e in zip(shape, expected, strict=True)
+    )
+
+
+def _output(response: service_pb2.ModelInferResponse, name: str) -> np.ndarray:
+    for i, out in enumerate(response.outputs):
+        if out.name != name:
+            continue
+        dtype = triton_to_np_dtype(out.datatype)
+        if dtype is None or dtype is np.object_ or i >= len(response.raw_output_contents):
+            raise _BadAnswer(f"answered {name!r} as {out.datatype}, not raw numbers")
+        raw = response.raw_output_contents[i]
+        shape = tuple(out.shape)
+        if len(raw) != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise _BadAnswer(f"answered {name!r} with {len(raw)} bytes for shape {list(shape)}")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    raise _BadAnswer(f"its response has no output {name!r}")

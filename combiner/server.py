@@ -1,0 +1,273 @@
+"""The combiner's endpoints: the KServe v2 gRPC servicer, and :func:`serve` for both protocols.
+
+Every RPC translates to and from :class:`EnsembleService`; every failure is answered with a
+gRPC status in the protocol (a bug is INTERNAL, never UNKNOWN). Messages larger than the
+ensemble's request limit are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read.
+
+:func:`serve` runs until ``stop`` is set, then stops accepting, answers what it accepted (up to
+the drain timeout), lets the batches in flight end and gives back its shared memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from . import __version__
+from .auth import HEALTH_METHODS, Credentials
+from .config import CombinerConfig, TensorInfo
+from .errors import RequestError
+from .http import make_app
+from .service import EnsembleService
+from .upstream import Upstream
+
+__all__ = ["GrpcEndpoint", "Listen", "serve"]
+
+log = logging.getLogger("chorus.combiner")
+
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+# after the drain, how long the refusals of parked requests may take to go out
+_LAST_ANSWERS_S = 5.0
+
+
+def _answered(method: Handler) -> Handler:
+    """Turn a RequestError into its status, and anything unexpected into INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except RequestError as e:
+            code, message = e.code, str(e)
+        except Exception as e:
+            log.exception("gRPC %s failed unexpectedly", method.__name__)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
+        await context.abort(code, message)
+
+    return wrapper
+
+
+class GrpcEndpoint(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(self, service: EnsembleService) -> None:
+        self.service = service
+
+    @_answered
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    @_answered
+    async def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=self.service.ready())
+
+    @_answered
+    async def ModelReady(self, request, context):
+        ours = self.service.is_ours(request.name, request.version)
+        return service_pb2.ModelReadyResponse(ready=ours and self.service.ready())
+
+    @_answered
+    async def ServerMetadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(
+            name="chorus", version=__version__, extensions=self.service.extensions()
+        )
+
+    @_answered
+    async def ModelMetadata(self, request, context):
+        self._check_model(request.name, request.version)
+        config = self.service.config
+        return service_pb2.ModelMetadataResponse(
+            name=config.name,
+            versions=["1"],
+            platform="chorus_ensemble",
+            inputs=[_metadata(t) for t in config.inputs],
+            outputs=[_metadata(t) for t in self.service.outputs.values()],
+        )
+
+    @_answered
+    async def ModelConfig(self, request, context):
+        self._check_model(request.name, request.version)
+        config = self.service.config
+        return service_pb2.ModelConfigResponse(
+            config=model_config_pb2.ModelConfig(
+                name=config.name,
+                platform="chorus_ensemble",
+                max_batch_size=config.max_batch_size,
+                input=[
+                    model_config_pb2.ModelInput(
+                        name=t.name, data_type=_config_dtype(t.dtype), dims=list(t.shape)
+                    )
+                    for t in config.inputs
+                ],
+                output=[
+                    model_config_pb2.ModelOutput(
+                        name=t.name, data_type=_config_dtype(t.dtype), dims=list(t.shape)
+                    )
+                    for t in self.service.outputs.values()
+                ],
+            )
+        )
+
+    @_answered
+    async def RepositoryIndex(self, request, context):
+        state = "READY" if self.service.ready() else "UNAVAILABLE"
+        model = service_pb2.RepositoryIndexResponse.ModelIndex(
+            name=self.service.config.name, version="1", state=state
+        )
+        return service_pb2.RepositoryIndexResponse(models=[model])
+
+    # -- system shared memory (KServe extension): a co-located client's own regions -----------
+
+    @_answered
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.service.regions.register(
+            context.peer(), request.name, request.key, request.offset, request.byte_size
+        )
+        return service_pb2.SystemSharedMemoryRegisterResponse()
+
+    @_answered
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.service.regions.unregister(context.peer(), request.name or None)
+        return service_pb2.SystemSharedMemoryUnregisterResponse()
+
+    @_answered
+    async def SystemSharedMemoryStatus(self, request, context):
+        response = service_pb2.SystemSharedMemoryStatusResponse()
+        for r in self.service.regions.status(context.peer(), request.name or None):
+            response.regions[r.name].CopyFrom(
+                service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                )
+            )
+        return response
+
+    # -- inference ------------------------------------------------------------------------------
+
+    @_answered
+    async def ModelInfer(self, request, context):
+        return await self.service.infer(request, context.time_remaining(), context.peer())
+
+    def _check_model(self, name: str, version: str) -> None:
+        if not self.service.is_ours(name, version):
+            raise RequestError(grpc.StatusCode.NOT_FOUND, self.service.not_found(name, version))
+
+
+class _TokenCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuse every call but the health checks without the bearer token."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this endpoint needs the metadata 'authorization: Bearer <token>'",
+            )
+
+        async def deny_stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            await deny(None, context)
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        method = details.method.rsplit("/", 1)[-1]
+        metadata = dict(details.invocation_metadata or ())
+        if method in HEALTH_METHODS or self._credentials.allows(metadata.get("authorization")):
+            return await continuation(details)
+        return self._deny_stream if method == "ModelStreamInfer" else self._deny
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where and how the endpoints listen."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = 8100
+    http_port: int | None = None
+    reuse_port: bool = False  # other workers listen on the same ports
+    credentials: Credentials = field(default_factory=Credentials)
+
+
+async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> None:
+    """Serve the ensemble over gRPC and, with ``listen.http_port``, HTTP/REST, until ``stop``
+    is set; then drain (see the module's docstring)."""
+    key = Path(config.triton_key_file).read_text().strip() if config.triton_key_file else None
+    upstream = Upstream(config.triton_url, key)
+    service = EnsembleService(config, upstream)
+    drain = config.drain_timeout_s
+    credentials = listen.credentials
+    await service.start()  # before listening: a connection accepted means a working endpoint
+    server = grpc.aio.server(
+        interceptors=[_TokenCheck(credentials)] if credentials.token else None,
+        options=[
+            ("grpc.max_receive_message_length", config.request_limit()),
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.so_reuseport", int(listen.reuse_port)),
+        ],
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcEndpoint(service), server)
+    runner = web.AppRunner(
+        make_app(service, credentials),
+        access_log=None,
+        auto_decompress=False,  # bodies are inflated within the limit (combiner.body)
+        shutdown_timeout=_LAST_ANSWERS_S,
+    )
+    await runner.setup()
+    address = f"{listen.host}:{listen.grpc_port}"
+    try:
+        if listen.http_port is not None:
+            await web.TCPSite(
+                runner,
+                listen.host,
+                listen.http_port,
+                reuse_port=listen.reuse_port or None,
+                ssl_context=credentials.ssl_context(),
+            ).start()
+        tls = credentials.grpc_credentials()
+        bound = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        log.info(
+            "serving ensemble %r on %s%s (Triton at %s)",
+            config.name,
+            address,
+            f" and http://{listen.host}:{listen.http_port}" if listen.http_port else "",
+            config.triton_url,
+        )
+        await stop.wait()
+        log.info("stopping: answering the requests in flight (up to %.0f s)", drain)
+        await service.drain(drain)
+    finally:
+        # Stop listening (gRPC also tells its clients to go away), and only then refuse the
+        # requests parked meanwhile: a closed-loop client that had sent its next request is
+        # answered UNAVAILABLE, never cut (gRPC cancels what it received but had not handed
+        # to the servicer when it shuts down, so nothing should be waiting there).
+        stopping = asyncio.gather(server.stop(grace=_LAST_ANSWERS_S), runner.cleanup())
+        await asyncio.sleep(0.05)
+        service.release()
+        await stopping
+        await service.close(drain)
+        await upstream.close()
+        log.info("stopped")
+
+
+def _metadata(t: TensorInfo) -> service_pb2.ModelMetadataResponse.TensorMetadata:
+    return service_pb2.ModelMetadataResponse.TensorMetadata(
+        name=t.name, datatype=t.dtype, shape=[-1, *t.shape]
+    )
+
+
+def _config_dtype(dtype: str) -> int:
+    return int(model_config_pb2.DataType.Value(f"TYPE_{dtype}"))
