@@ -15,7 +15,7 @@ import zlib
 
 from aiohttp import web
 
-__all__ = ["BodyError", "read_body"]
+__all__ = ["BodyError", "inflate", "read_body"]
 
 # zlib window bits: a gzip header, or a zlib header (HTTP "deflate"), or raw deflate
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -44,10 +44,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             raise _too_large(limit, "the body is longer")
     if encoding in ("identity", ""):
         return bytes(raw)
-    return await _inflate(bytes(raw), encoding, limit)
+    return await inflate(bytes(raw), encoding, limit)
 
 
-async def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
+async def inflate(data: bytes, encoding: str, limit: int) -> bytes:
+    """``data`` inflated (gzip or deflate), refused as soon as it passes ``limit`` bytes."""
     wbits = _WBITS[encoding]
     if encoding == "deflate" and data[:1] not in (b"\x78", b"\x08", b"\x18", b"\x28", b"\x38"):
         wbits = -zlib.MAX_WBITS  # raw deflate, as some clients send it

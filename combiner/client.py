@@ -6,7 +6,10 @@
 
 ``AsyncEnsembleClient`` is the asyncio twin. On the combiner's host, ``shared_memory=True``
 puts each call's input and output in a system shared-memory region of the client's (one per
-call in flight, reused, unlinked on ``close``) instead of in the request and response.
+call in flight, reused, unlinked on ``close``) instead of in the request and response (the
+endpoint must allow it: ``chorus up --allow-client-shm``). ``token=`` sends the endpoint's
+bearer token; ``tls=True`` speaks TLS, trusting the system's authorities or
+``root_certificates`` (a PEM file).
 
 Errors are one small tree, translated from gRPC's at
 this edge::
@@ -168,12 +171,13 @@ class _Regions:
 
 
 class _Common:
-    def __init__(self, url: str, model: str | None, shared_memory: bool) -> None:
+    def __init__(self, url: str, model: str | None, shared_memory: bool, token: str | None) -> None:
         self.url = url
         self.model = model
         self._metadata: Any = None
         self._max_batch = 1
         self._regions = _Regions() if shared_memory else None
+        self._headers = {"authorization": f"Bearer {token}"} if token else None
 
     def _arrays(self, x: Inputs) -> dict[str, np.ndarray]:
         names = [t["name"] for t in self._metadata["inputs"]]
@@ -280,20 +284,40 @@ def _aligned(size: int) -> int:
 
 class EnsembleClient(_Common):
     """Blocking client. ``model`` defaults to the one ensemble the endpoint serves;
-    ``shared_memory``: inputs and outputs through shared memory (same host only)."""
+    ``shared_memory``: inputs and outputs through shared memory (same host only); ``token``:
+    the endpoint's bearer token; ``tls``, ``root_certificates``: speak TLS."""
 
-    def __init__(self, url: str, model: str | None = None, shared_memory: bool = False) -> None:
-        super().__init__(url, model, shared_memory)
-        self._client = grpcclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        shared_memory: bool = False,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: str | None = None,
+    ) -> None:
+        super().__init__(url, model, shared_memory, token)
+        self._client = grpcclient.InferenceServerClient(
+            url,
+            channel_args=_CHANNEL_ARGS,
+            ssl=tls or root_certificates is not None,
+            root_certificates=root_certificates,
+        )
 
     def metadata(self) -> dict[str, Any]:
         if self._metadata is None:
             try:
                 if self.model is None:
-                    index = self._client.get_model_repository_index(as_json=True)
+                    index = self._client.get_model_repository_index(
+                        as_json=True, headers=self._headers
+                    )
                     self.model = index["models"][0]["name"]
-                self._metadata = self._client.get_model_metadata(self.model, as_json=True)
-                config = self._client.get_model_config(self.model, as_json=True)["config"]
+                self._metadata = self._client.get_model_metadata(
+                    self.model, as_json=True, headers=self._headers
+                )
+                config = self._client.get_model_config(
+                    self.model, as_json=True, headers=self._headers
+                )["config"]
                 self._max_batch = int(config.get("max_batch_size", 1)) or 1
             except InferenceServerException as e:
                 raise _translate(e) from e
@@ -317,7 +341,7 @@ class EnsembleClient(_Common):
 
     def ready(self) -> bool:
         try:
-            return bool(self._client.is_server_ready())
+            return bool(self._client.is_server_ready(headers=self._headers))
         except InferenceServerException:
             return False
 
@@ -348,6 +372,7 @@ class EnsembleClient(_Common):
                 outputs=outputs,
                 client_timeout=timeout_s,
                 parameters=self._parameters(deadline_ms),
+                headers=self._headers,
             )
             return self._answer(result, region)
         except InferenceServerException as e:
@@ -363,7 +388,7 @@ class EnsembleClient(_Common):
             region = _Region.create(size)
             try:
                 self._client.register_system_shared_memory(
-                    region.name, "/" + region.name, region.size
+                    region.name, "/" + region.name, region.size, headers=self._headers
                 )
             except BaseException:
                 region.destroy()
@@ -377,7 +402,7 @@ class EnsembleClient(_Common):
             for region in self._regions.every:
                 # if the endpoint is gone, its mapping went with it
                 with contextlib.suppress(InferenceServerException):
-                    self._client.unregister_system_shared_memory(region.name)
+                    self._client.unregister_system_shared_memory(region.name, headers=self._headers)
                 region.destroy()
             self._regions = _Regions()
         self._client.close()
@@ -394,18 +419,39 @@ class EnsembleClient(_Common):
 class AsyncEnsembleClient(_Common):
     """The asyncio twin of :class:`EnsembleClient`."""
 
-    def __init__(self, url: str, model: str | None = None, shared_memory: bool = False) -> None:
-        super().__init__(url, model, shared_memory)
-        self._client = aioclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        shared_memory: bool = False,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: str | None = None,
+    ) -> None:
+        super().__init__(url, model, shared_memory, token)
+        self._client = aioclient.InferenceServerClient(
+            url,
+            channel_args=_CHANNEL_ARGS,
+            ssl=tls or root_certificates is not None,
+            root_certificates=root_certificates,
+        )
 
     async def metadata(self) -> dict[str, Any]:
         if self._metadata is None:
             try:
                 if self.model is None:
-                    index = await self._client.get_model_repository_index(as_json=True)
+                    index = await self._client.get_model_repository_index(
+                        as_json=True, headers=self._headers
+                    )
                     self.model = index["models"][0]["name"]
-                self._metadata = await self._client.get_model_metadata(self.model, as_json=True)
-                config = (await self._client.get_model_config(self.model, as_json=True))["config"]
+                self._metadata = await self._client.get_model_metadata(
+                    self.model, as_json=True, headers=self._headers
+                )
+                config = (
+                    await self._client.get_model_config(
+                        self.model, as_json=True, headers=self._headers
+                    )
+                )["config"]
                 self._max_batch = int(config.get("max_batch_size", 1)) or 1
             except InferenceServerException as e:
                 raise _translate(e) from e
@@ -452,6 +498,7 @@ class AsyncEnsembleClient(_Common):
                 outputs=outputs,
                 client_timeout=timeout_s,
                 parameters=self._parameters(deadline_ms),
+                headers=self._headers,
             )
             return self._answer(result, region)
         except InferenceServerException as e:
@@ -467,7 +514,7 @@ class AsyncEnsembleClient(_Common):
             region = _Region.create(size)
             try:
                 await self._client.register_system_shared_memory(
-                    region.name, "/" + region.name, region.size
+                    region.name, "/" + region.name, region.size, headers=self._headers
                 )
             except BaseException:
                 region.destroy()
@@ -481,7 +528,9 @@ class AsyncEnsembleClient(_Common):
             for region in self._regions.every:
                 # if the endpoint is gone, its mapping went with it
                 with contextlib.suppress(InferenceServerException):
-                    await self._client.unregister_system_shared_memory(region.name)
+                    await self._client.unregister_system_shared_memory(
+                        region.name, headers=self._headers
+                    )
                 region.destroy()
             self._regions = _Regions()
         await self._client.close()

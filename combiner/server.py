@@ -259,7 +259,7 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
         service.release()
         await stopping
         await service.close(drain)
-        await upstream.close()
+        await upstream.close(drain_s=0.0)  # the service waited for the calls already
         log.info("stopped")
 
 

@@ -96,11 +96,15 @@ class EnsembleService:
         self._tasks.spawn(self.watch.run())
 
     async def close(self, drain_s: float) -> None:
-        """After the endpoints stopped taking requests: let the batches in flight end (up to
-        ``drain_s``), then give back the shared memory."""
+        """After the endpoints stopped taking requests: let the batches and the calls still
+        running end (up to ``drain_s`` in all: a call may still write into the shared memory),
+        then give the shared memory back."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + drain_s
         if self._batcher is not None:
             await self._batcher.close()
-        await self.predictor.close(drain_s)
+        await self.predictor.close(max(0.0, until - loop.time()))
+        await self.upstream.calls.drain(max(0.0, until - loop.time()))
         await self._tasks.cancel()
         if self._pool is not None:
             await self._pool.close()

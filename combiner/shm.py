@@ -29,7 +29,7 @@ from tritonclient.grpc import service_pb2
 
 from .upstream import MemberError, Upstream
 
-__all__ = ["POOL_NAME", "Region", "ShmPool", "reclaim_stale"]
+__all__ = ["POOL_NAME", "Region", "ShmPool", "reclaim_stale", "unlink_stale"]
 
 log = logging.getLogger("chorus.combiner.shm")
 _PREFIX = "chorus_"
@@ -123,12 +123,21 @@ class ShmPool:
         return [r.name for r in missing]
 
     async def close(self) -> None:
-        """Unregister every region from Triton and unlink it."""
+        """Unregister every region from Triton and unlink it. A region that a call still
+        running may write to stays registered (Triton would wait for the call, or worse) and is
+        only unlinked: Triton keeps its mapping, and the next combiner reclaims the name."""
         for region in self._all:
-            try:
-                await self._upstream.unregister_shm(region.name)
-            except MemberError as e:  # Triton may be gone already: still unlink
-                log.warning("could not unregister %s from Triton: %s", region.name, e)
+            if region.holds > 0:
+                log.warning(
+                    "%s is still in use by %d call(s) on Triton: unlinked, left registered",
+                    region.name,
+                    region.holds,
+                )
+            else:
+                try:
+                    await self._upstream.unregister_shm(region.name)
+                except MemberError as e:  # Triton may be gone already: still unlink
+                    log.warning("could not unregister %s from Triton: %s", region.name, e)
             shm.destroy_shared_memory_region(region.handle)
         self._all.clear()
         self._free.clear()
@@ -152,6 +161,16 @@ async def reclaim_stale(upstream: Upstream, shm_dir: Path = Path("/dev/shm")) ->
         if match and not _alive(int(match.group(1))):
             await upstream.unregister_shm(name)
             reclaimed.append(name)
+    reclaimed += [name for name in unlink_stale(shm_dir) if name not in reclaimed]
+    if reclaimed:
+        log.info("reclaimed shared memory left by stopped processes: %s", ", ".join(reclaimed))
+    return reclaimed
+
+
+def unlink_stale(shm_dir: Path = Path("/dev/shm")) -> list[str]:
+    """Unlink the pool regions of Chorus processes that are gone; skip, with a warning, what
+    cannot be removed. Returns the names removed."""
+    removed = []
     for path in shm_dir.glob(f"{_PREFIX}*"):
         match = POOL_NAME.match(path.name)
         if match and not _alive(int(match.group(1))):
@@ -160,8 +179,5 @@ async def reclaim_stale(upstream: Upstream, shm_dir: Path = Path("/dev/shm")) ->
             except OSError as e:
                 log.warning("cannot remove stale shared memory %s (%s); skipped", path, e)
                 continue
-            if path.name not in reclaimed:
-                reclaimed.append(path.name)
-    if reclaimed:
-        log.info("reclaimed shared memory left by stopped processes: %s", ", ".join(reclaimed))
-    return reclaimed
+            removed.append(path.name)
+    return removed

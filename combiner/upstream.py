@@ -137,6 +137,7 @@ class Upstream:
 
     async def close(self, drain_s: float = 10.0) -> None:
         """Let the calls still running end (up to ``drain_s``), then close the channel."""
-        await self.calls.drain(drain_s)
+        if drain_s > 0:
+            await self.calls.drain(drain_s)
         await self._control.drain(1.0)
         await self._channel.close()

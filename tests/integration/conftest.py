@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from combiner.client import EnsembleClient
 from examples.digits.train import HERE, Split, load_split, train_members
 from orchestrator.hardware import discover
 from orchestrator.measure import measure_profile
@@ -17,6 +19,8 @@ from orchestrator.plan import Plan, one_instance_each
 from orchestrator.profile import Profile, save_profile
 from orchestrator.spec import Ensemble, load_ensemble
 from orchestrator.up import Deployment, Endpoints
+from tests.integration.processes import command_name, descendants
+from tests.integration.test_serving import direct_combination
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +91,25 @@ def deployment(
 def endpoints(deployment: Deployment) -> Endpoints:
     assert deployment.endpoints is not None
     return deployment.endpoints
+
+
+def worker_pids(deployment: Deployment) -> set[int]:
+    """The combiner's worker processes."""
+    assert deployment.combiner is not None and deployment.combiner.pid is not None
+    tree = descendants(deployment.combiner.pid)
+    return {p for p in tree if "combiner.worker" in command_name(p)}
+
+
+@pytest.fixture
+def still_serving(
+    deployment: Deployment, endpoints: Endpoints, ensemble: Ensemble
+) -> Iterator[None]:
+    """The same worker serves, and answers correctly, after the test."""
+    workers = worker_pids(deployment)
+    yield
+    assert worker_pids(deployment) == workers
+    x = np.random.default_rng(77).random((3, 1, 8, 8), np.float32)
+    with EnsembleClient(endpoints.ensemble) as client:
+        np.testing.assert_allclose(
+            client.predict(x), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+        )

@@ -136,3 +136,81 @@ def test_bad_registrations_are_refused_by_name(endpoints, region):
                 client.infer("digits", [tensor])
         finally:
             client.unregister_system_shared_memory(name)
+
+
+def refused(client, name: str, key: str, size: int = 64) -> str:
+    with pytest.raises(InferenceServerException) as e:
+        client.register_system_shared_memory(name, key, size)
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT", e.value
+    return e.value.message()
+
+
+def test_nothing_but_a_clients_own_region_can_be_registered(endpoints, still_serving, tmp_path):
+    """Triton's own IPC regions, the combiner's pool, a link to a file, a path: refused."""
+    pool = sorted(p.name for p in SHM.glob("chorus_*") if not p.name.startswith("chorus_client"))
+    triton_own = sorted(p.name for p in SHM.glob("triton_python_backend_shm_region_*"))
+    assert pool and triton_own  # what a hostile client would aim at is there
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious" * 100)
+    link = SHM / f"chorus_client_link_{os.getpid()}"
+    link.symlink_to(victim)
+    try:
+        with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
+            for key in (pool[0], triton_own[0], link.name, "..", "../etc/passwd", ""):
+                message = refused(client, "evil", "/" + key)
+                assert str(victim) not in message
+            assert client.get_system_shared_memory_status(as_json=True) == {}
+    finally:
+        link.unlink()
+    assert victim.read_bytes() == b"precious" * 100
+
+
+def test_a_region_truncated_after_registration_is_refused_and_the_worker_lives(
+    endpoints, still_serving
+):
+    name = f"chorus_client_shrinking_{os.getpid()}"
+    handle = shm.create_shared_memory_region(name, "/" + name, 1 << 16)
+    try:
+        x = np.random.default_rng(4).random((8, 1, 8, 8), np.float32)
+        shm.set_shared_memory_region(handle, [x])
+        with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
+            client.register_system_shared_memory(name, "/" + name, 1 << 16)
+            os.truncate(SHM / name, 128)  # what used to kill the worker with SIGBUS
+            tensor = grpcclient.InferInput("image", [8, 1, 8, 8], "FP32")
+            tensor.set_shared_memory(name, x.nbytes)
+            with pytest.raises(InferenceServerException) as e:
+                client.infer("digits", [tensor])
+            assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert "shrank to 128 bytes" in e.value.message()
+            client.unregister_system_shared_memory(name)
+    finally:
+        shm.destroy_shared_memory_region(handle)
+
+
+def test_registrations_are_per_connection_and_capped(endpoints, still_serving):
+    name = f"chorus_client_many_{os.getpid()}"
+    handle = shm.create_shared_memory_region(name, "/" + name, 4096)
+    try:
+        with (
+            grpcclient.InferenceServerClient(endpoints.ensemble) as mine,
+            # a connection of its own (channels of one process share one by default)
+            grpcclient.InferenceServerClient(
+                endpoints.ensemble, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+            ) as other,
+        ):
+            for i in range(64):
+                mine.register_system_shared_memory(f"r{i}", "/" + name, 4096)
+            with pytest.raises(InferenceServerException) as e:
+                mine.register_system_shared_memory("r64", "/" + name, 4096)
+            assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            assert "the most allowed" in e.value.message()
+            other.unregister_system_shared_memory()  # "all": all of *its* regions
+            assert len(mine.get_system_shared_memory_status(as_json=True)["regions"]) == 64
+            with pytest.raises(InferenceServerException, match="unknown shared-memory region"):
+                tensor = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
+                tensor.set_shared_memory("r0", 256)
+                other.infer("digits", [tensor])  # another connection cannot use them
+            mine.unregister_system_shared_memory()
+            assert mine.get_system_shared_memory_status(as_json=True) == {}
+    finally:
+        shm.destroy_shared_memory_region(handle)

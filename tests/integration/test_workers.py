@@ -11,7 +11,7 @@ import pytest
 from combiner.client import EnsembleClient, InvalidRequest
 from orchestrator.launch import free_port
 from orchestrator.up import Deployment
-from tests.integration.test_up import command_name, descendants
+from tests.integration.processes import command_name, descendants
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -119,3 +119,29 @@ def test_sixty_four_concurrent_requests_each_get_their_own_answer(two_workers, e
     )
     assert requests == 64  # every request went through the batching stage, once
     assert 1 <= batches <= 64  # how many shared a batch depends on timing: see test_batching
+
+
+def test_client_shared_memory_is_off_unless_allowed(two_workers):
+    import os
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    import tritonclient.utils.shared_memory as shm
+    from tritonclient.utils import InferenceServerException
+
+    _, endpoints, _ = two_workers  # started without allow_client_shm
+    name = f"chorus_client_off_{os.getpid()}"
+    handle = shm.create_shared_memory_region(name, "/" + name, 4096)
+    try:
+        with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
+            assert "system_shared_memory" not in client.get_server_metadata().extensions
+            with pytest.raises(InferenceServerException, match="--allow-client-shm") as e:
+                client.register_system_shared_memory(name, "/" + name, 4096)
+            assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+        http = httpclient.InferenceServerClient(endpoints.ensemble_http)
+        with pytest.raises(InferenceServerException, match="--allow-client-shm") as e:
+            http.register_system_shared_memory(name, "/" + name, 4096)
+        assert e.value.status() == "400"
+        http.close()
+    finally:
+        shm.destroy_shared_memory_region(handle)

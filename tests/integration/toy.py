@@ -88,7 +88,10 @@ def toy_triton(
     )
     for name, (body, instances) in odd_members.items():
         python_member(repo, name, body, instances)
-    with TritonServer(repo, root / "triton", ["a", "b", *odd_members]) as triton:
+    # members that sleep on purpose need not be waited for when Triton stops
+    with TritonServer(
+        repo, root / "triton", ["a", "b", *odd_members], extra_args=["--exit-timeout-secs=1"]
+    ) as triton:
         yield ensemble, triton
 
 
@@ -106,6 +109,7 @@ def toy_config(triton: TritonServer, root: Path, members: Sequence[str], **field
         outputs=(TensorInfo(name="y", dtype="FP32", shape=(3,)),),
         members=tuple(MemberRoute(name=n, inputs={"x": "x"}, outputs={"y": "y"}) for n in members),
         softmax=True,
+        drain_timeout_s=2.0,  # members that sleep on purpose need not be waited for
     )
     return {**config.model_dump(), **fields}
 
