@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2
 
 from . import __version__
 from .auth import HEALTH_METHODS, Credentials
@@ -40,12 +40,21 @@ Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 _LAST_ANSWERS_S = 5.0
 
 
+class _Undecodable:
+    """What a request that is not a valid protobuf of its type decodes to."""
+
+    def __init__(self, kind: str, error: Exception) -> None:
+        self.message = f"the request is not a valid {kind} protobuf ({error})"
+
+
 def _answered(method: Handler) -> Handler:
     """Turn a RequestError into its status, and anything unexpected into INTERNAL."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Undecodable):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await method(self, request, context)
         except RequestError as e:
             code, message = e.code, str(e)
@@ -57,7 +66,7 @@ def _answered(method: Handler) -> Handler:
     return wrapper
 
 
-class GrpcEndpoint(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class GrpcEndpoint:
     def __init__(self, service: EnsembleService) -> None:
         self.service = service
 
@@ -160,6 +169,57 @@ class GrpcEndpoint(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: igno
             raise RequestError(grpc.StatusCode.NOT_FOUND, self.service.not_found(name, version))
 
 
+def _handlers(endpoint: GrpcEndpoint) -> grpc.GenericRpcHandler:
+    """The KServe v2 service's handlers, as the generated code builds them, but with requests
+    that do not decode answered INVALID_ARGUMENT (grpc would say UNKNOWN, and log a traceback
+    each time) and the RPCs Chorus does not serve answered UNIMPLEMENTED by name."""
+    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(service_pb2, method.input_type.name)
+        response_type = getattr(service_pb2, method.output_type.name)
+        implemented = method.name in vars(GrpcEndpoint)
+        if method.client_streaming:  # ModelStreamInfer: not served
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _unimplemented_stream(method.name)
+            )
+            continue
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(endpoint, method.name) if implemented else _unimplemented(method.name),
+            request_deserializer=_tolerant(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # DecodeError, or anything protobuf may raise on bad bytes
+            return _Undecodable(message_type.__name__, e)
+
+    return deserialize
+
+
+def _unimplemented(name: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{name} is not served by this endpoint (Chorus)"
+        )
+
+    return refuse
+
+
+def _unimplemented_stream(name: str) -> Callable[[Any, grpc.aio.ServicerContext], Any]:
+    refuse = _unimplemented(name)
+
+    async def refuse_stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await refuse(None, context)
+
+    return refuse_stream
+
+
 class _TokenCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuse every call but the health checks without the bearer token."""
 
@@ -216,7 +276,7 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
             ("grpc.so_reuseport", int(listen.reuse_port)),
         ],
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcEndpoint(service), server)
+    server.add_generic_rpc_handlers((_handlers(GrpcEndpoint(service)),))
     runner = web.AppRunner(
         make_app(service, credentials),
         access_log=None,

@@ -51,11 +51,10 @@ class TritonWatch:
                 await self._pool.register_missing()
             except MemberError as e:
                 reason = f"cannot register shared memory with Triton ({e.code.name}: {e.details})"
-        if (reason is None) != self.ready:
-            if reason is None:
-                log.info("Triton and the members are ready")
-            else:
-                log.warning("Triton is not ready: %s", reason)
+        if reason is None and not self.ready:
+            log.info("Triton and the members are ready")
+        elif reason is not None and reason != self.reason:
+            log.warning("Triton is not ready: %s", reason)
         self.ready, self.reason = reason is None, reason or ""
         return self.ready
 

@@ -221,7 +221,7 @@ class TritonServer:
         self.host = host
         self.binary = binary or find_tritonserver()
         self.extra_args = list(extra_args)
-        self.key = secrets.token_urlsafe(32) if restricted else None
+        self.key = secrets.token_hex(32) if restricted else None  # [0-9a-f]: Triton parses it
         self.grpc_port = self.http_port = self.metrics_port = 0
         self.process: ManagedProcess | None = None
 
