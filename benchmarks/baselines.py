@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -33,6 +34,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 import onnx
+import psutil
 import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -124,7 +126,13 @@ def _io(name: str, dims: list[int]) -> str:
     return f'{{ name: "{name}" data_type: TYPE_FP32 dims: [ {", ".join(map(str, dims))} ] }}'
 
 
-def add_baselines(ensemble: Ensemble, repo: Path, triton_url: str, max_batch: int) -> None:
+def add_baselines(
+    ensemble: Ensemble,
+    repo: Path,
+    triton_url: str,
+    max_batch: int,
+    headers: Mapping[str, str] | None = None,
+) -> None:
     """Write the native ensemble (+ its combine step) and the BLS model next to the members
     in the served repository, and load them on its Triton."""
     (image,) = ensemble.inputs
@@ -176,7 +184,7 @@ def add_baselines(ensemble: Ensemble, repo: Path, triton_url: str, max_batch: in
     )
     with grpcclient.InferenceServerClient(triton_url) as client:
         for name in ("native_combine", "native", "bls"):
-            client.load_model(name)
+            client.load_model(name, headers=dict(headers or {}))  # Chorus's key to Triton
 
 
 def requests_for(
@@ -194,7 +202,16 @@ def requests_for(
     return out
 
 
-def load(url: str, requests: list, concurrency: int, seconds: float) -> Load:
+def load(
+    url: str,
+    requests: list,
+    concurrency: int,
+    seconds: float,
+    headers: Mapping[str, str] | None = None,
+) -> Load:
+    """Closed-loop load of prebuilt requests; ``headers``: Chorus's key, to call Triton."""
+    metadata = tuple((headers or {}).items())
+
     async def go() -> Load:
         channel = grpc.aio.insecure_channel(
             url, options=[("grpc.max_send_message_length", 2**31 - 1)]
@@ -203,7 +220,7 @@ def load(url: str, requests: list, concurrency: int, seconds: float) -> Load:
         index = np.arange(len(requests), dtype=np.float32)[:, None]
         try:
             return await closed_loop(
-                lambda rows: stub.ModelInfer(requests[int(rows[0, 0])]),
+                lambda rows: stub.ModelInfer(requests[int(rows[0, 0])], metadata=metadata),
                 index,
                 1,
                 concurrency,
@@ -216,26 +233,21 @@ def load(url: str, requests: list, concurrency: int, seconds: float) -> Load:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    """User and system CPU seconds of these processes (those gone meanwhile count nothing)."""
+    total = 0.0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def descendants(pid: int) -> list[int]:
-    found = [pid]
-    for p in found:
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except FileNotFoundError:
-            children = []
-        found.extend(int(c) for c in children)
-    return found
+    """``pid`` and every process below it."""
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return [pid]
 
 
 T = TypeVar("T")
@@ -279,17 +291,18 @@ def compare(ensemble: Ensemble, x: np.ndarray, seconds: float, rounds: int) -> l
     with served(ensemble, "chorus-baselines-") as d:
         assert d.endpoints is not None
         triton = d.endpoints.triton_grpc
-        add_baselines(ensemble, d.workdir / "repository", triton, ensemble.max_batch_size)
+        key = d.endpoints.triton_headers
+        add_baselines(ensemble, d.workdir / "repository", triton, ensemble.max_batch_size, key)
         variants = {
-            "Chorus": (d.endpoints.ensemble, requests_for(ensemble.name, "image", x)),
-            "native ensemble": (triton, requests_for("native", "image", x)),
-            "async BLS": (triton, requests_for("bls", "image", x)),
+            "Chorus": (d.endpoints.ensemble, requests_for(ensemble.name, "image", x), {}),
+            "native ensemble": (triton, requests_for("native", "image", x), key),
+            "async BLS": (triton, requests_for("bls", "image", x), key),
         }
         results: dict[tuple[str, int], Load] = {}
         for c in CONCURRENCY:
             cases = {
-                label: (lambda url=url, reqs=reqs, c=c: load(url, reqs, c, seconds))
-                for label, (url, reqs) in variants.items()
+                label: (lambda url=url, reqs=reqs, h=h, c=c: load(url, reqs, c, seconds, h))
+                for label, (url, reqs, h) in variants.items()
             }
             for label, r in interleaved(cases, rounds, _speed).items():
                 results[label, c] = r
@@ -330,7 +343,9 @@ def own_cost(
         ours = requests_for("one", "image", x)
         for c in CONCURRENCY:
             cases = {
-                "member on Triton": lambda c=c: load(d.endpoints.triton_grpc, direct, c, seconds),
+                "member on Triton": lambda c=c: load(
+                    d.endpoints.triton_grpc, direct, c, seconds, d.endpoints.triton_headers
+                ),
                 "through Chorus": lambda c=c: load(d.endpoints.ensemble, ours, c, seconds),
             }
             for label, r in interleaved(cases, rounds, _speed).items():

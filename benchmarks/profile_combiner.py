@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -65,11 +66,18 @@ def _client_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measured(url: str, requests: list, c: int, seconds: float, groups: dict[str, list[int]]):
+def measured(
+    url: str,
+    requests: list,
+    c: int,
+    seconds: float,
+    groups: dict[str, list[int]],
+    headers: Mapping[str, str] | None = None,
+):
     """A load, with CPU ms per request of each process group and of the client."""
     before = {name: cpu_seconds(pids) for name, pids in groups.items()}
     client_before = _client_cpu()
-    r = load(url, requests, c, seconds)
+    r = load(url, requests, c, seconds, headers)
     n = max(r.requests, 1)
     cpu = {name: (cpu_seconds(pids) - before[name]) / n * 1000 for name, pids in groups.items()}
     cpu["client"] = (_client_cpu() - client_before) / n * 1000
@@ -109,7 +117,8 @@ def split(x: np.ndarray, seconds: float, rounds: int, py_spy: bool) -> list[str]
     spy_lines: list[str] = []
     with served(ensemble, "chorus-profile-") as d:
         assert d.endpoints is not None and d.combiner is not None and d.triton is not None
-        add_baselines(ensemble, d.workdir / "repository", d.endpoints.triton_grpc, 64)
+        key = d.endpoints.triton_headers
+        add_baselines(ensemble, d.workdir / "repository", d.endpoints.triton_grpc, 64, key)
         groups = {
             "combiner": descendants(d.combiner.pid or 0),
             "triton": descendants(d.triton.process.pid or 0),
@@ -120,7 +129,7 @@ def split(x: np.ndarray, seconds: float, rounds: int, py_spy: bool) -> list[str]
             cases = {
                 "Chorus": lambda c=c: measured(d.endpoints.ensemble, ours, c, seconds, groups),
                 "native ensemble": lambda c=c: measured(
-                    d.endpoints.triton_grpc, native, c, seconds, groups
+                    d.endpoints.triton_grpc, native, c, seconds, groups, key
                 ),
             }
             for label, (r, cpu) in interleaved(cases, rounds, lambda t: t[0].samples_per_s).items():

@@ -96,6 +96,7 @@ def main() -> None:
                 plan.max_batch_size[m.name],
                 args.concurrency,
                 args.seconds,
+                endpoints.triton_headers,
             )
         print(f"{m.name} alone: {peaks[m.name].samples_per_s:,.0f} samples/s", flush=True)
     limit = 1.0 / sum(1.0 / p.samples_per_s for p in peaks.values())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,8 +89,10 @@ def member_load(
     batch: int,
     concurrency: int,
     seconds: float,
+    headers: Mapping[str, str] | None = None,
 ) -> Load:
-    """Closed-loop load on one model on Triton, directly."""
+    """Closed-loop load on one model on Triton, directly (``headers``: Chorus's key to its
+    restricted APIs)."""
 
     async def go() -> Load:
         client = aioclient.InferenceServerClient(url)
@@ -99,7 +101,7 @@ def member_load(
             async def call(rows: np.ndarray) -> object:
                 tensor = aioclient.InferInput(input_name, list(rows.shape), "FP32")
                 tensor.set_data_from_numpy(np.ascontiguousarray(rows))
-                return await client.infer(model, [tensor])
+                return await client.infer(model, [tensor], headers=dict(headers or {}))
 
             return await closed_loop(call, x, batch, concurrency, seconds)
         finally:

@@ -3,7 +3,8 @@
 Every child is started in its own session (so a terminal's Ctrl-C reaches Chorus, which stops
 them in order) with ``PR_SET_PDEATHSIG`` (so it dies with Chorus even if Chorus is killed), its
 output kept in a log file whose tail goes into every error. Stopping is SIGINT (SIGTERM for the
-combiner), a timeout, then SIGKILL.
+combiner), a timeout, then SIGKILL. What a child leaves behind in its session when it dies (the
+Python backend's stubs outlive a Triton killed with -9) is killed too.
 
 Triton is launched with every API but health (inference included) behind a per-run key that only
 Chorus holds (``--grpc-restricted-protocol``, ``--http-restricted-api``): no other local process
@@ -33,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+import psutil
 
 from combiner.upstream import KEY_HEADER, key_metadata
 from combiner.workers import die_with_parent
@@ -85,10 +88,13 @@ class ManagedProcess:
         self.env = env
         self.stop_signal = stop_signal
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
 
     def start(self) -> None:
+        self.reap()
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "wb") as out:
+        self._started = time.time()
+        with open(self.log, "ab" if self.proc is not None else "wb") as out:
             try:
                 self.proc = subprocess.Popen(
                     self.argv,
@@ -121,14 +127,34 @@ class ManagedProcess:
         return LaunchError(f"{self.name} {what} (log: {self.log})", self.log_tail())
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        try:
-            self.proc.send_signal(self.stop_signal)
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(self.stop_signal)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reap()
+
+    def reap(self) -> list[int]:
+        """Once the process has ended, kill what it left in its session (its children that
+        did not die with it); returns their pids. Only processes started after it count, so
+        a reused id is never mistaken for one of them."""
+        if self.proc is None or self.proc.poll() is None:
+            return []
+        killed = []
+        for other in psutil.process_iter(["create_time"]):
+            try:
+                if os.getsid(other.pid) != self.proc.pid or other.pid == os.getpid():
+                    continue
+                if other.info["create_time"] >= self._started - 1.0:
+                    other.kill()
+                    killed.append(other.pid)
+            except (OSError, psutil.Error):  # gone meanwhile
+                continue
+        return killed
 
 
 @dataclass(frozen=True)
@@ -286,6 +312,8 @@ class TritonServer:
             argv.append(f"--backend-directory={backend_dir}")
         if _accepts(str(self.binary.path), "--allow-client-shm", tuple(sorted(env.items()))):
             argv.append("--allow-client-shm=true")  # Triton >= 2.69 refuses client shm without
+        if self.process is not None:  # a previous run: what it left behind goes first
+            self.process.stop()
         self.process = ManagedProcess("tritonserver", argv, self.workdir / "tritonserver.log", env)
         self.process.start()
         try:

@@ -270,6 +270,8 @@ class Deployment:
 
     def _start_combiner(self, deadline: float) -> None:
         assert self.triton is not None
+        if self.combiner is not None:  # a previous run: what it left behind goes first
+            self.combiner.stop()
         config_file = self.workdir / "combiner.json"
         config = combiner_config(self.ensemble, self.triton.grpc_url, self.plan, self.fan_out)
         local = self.triton.host in ("127.0.0.1", "localhost", "::1")

@@ -5,6 +5,8 @@ request, and only a crash loop ends ``chorus up``, with a message that says so."
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -88,6 +91,16 @@ def chorus_up(ensemble_file, profile_file, tmp_path) -> Iterator[Up]:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def orphans(session: int) -> list[int]:
+    """Processes still alive in the session of a process that died."""
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getsid(p.pid) == session and alive(p.pid):
+                found.append(p.pid)
+    return found
 
 
 class Load:
@@ -165,6 +178,7 @@ def test_triton_killed_under_load_comes_back_by_itself(chorus_up, ensemble):
     assert up.process.poll() is None  # chorus up kept going
     assert "tritonserver exited with code -9; restarting it" in up.text()
     assert "tritonserver is back" in up.text()
+    assert orphans(triton) == []  # the Python backend's stubs of the killed Triton went too
     x = np.random.default_rng(5).random((7, 1, 8, 8), dtype=np.float32)
     expected = direct_combination(ensemble, x)
 
