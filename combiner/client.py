@@ -171,13 +171,30 @@ class _Regions:
 
 
 class _Common:
-    def __init__(self, url: str, model: str | None, shared_memory: bool, token: str | None) -> None:
+    """What the blocking and the asyncio client share: all but the calls themselves."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None,
+        shared_memory: bool,
+        token: str | None,
+        tls: bool,
+        root_certificates: str | None,
+        module: Any,  # tritonclient.grpc or tritonclient.grpc.aio
+    ) -> None:
         self.url = url
         self.model = model
         self._metadata: Any = None
         self._max_batch = 1
         self._regions = _Regions() if shared_memory else None
         self._headers = {"authorization": f"Bearer {token}"} if token else None
+        self._client = module.InferenceServerClient(
+            url,
+            channel_args=_CHANNEL_ARGS,
+            ssl=tls or root_certificates is not None,
+            root_certificates=root_certificates,
+        )
 
     def _arrays(self, x: Inputs) -> dict[str, np.ndarray]:
         names = [t["name"] for t in self._metadata["inputs"]]
@@ -296,13 +313,7 @@ class EnsembleClient(_Common):
         tls: bool = False,
         root_certificates: str | None = None,
     ) -> None:
-        super().__init__(url, model, shared_memory, token)
-        self._client = grpcclient.InferenceServerClient(
-            url,
-            channel_args=_CHANNEL_ARGS,
-            ssl=tls or root_certificates is not None,
-            root_certificates=root_certificates,
-        )
+        super().__init__(url, model, shared_memory, token, tls, root_certificates, grpcclient)
 
     def metadata(self) -> dict[str, Any]:
         if self._metadata is None:
@@ -428,13 +439,7 @@ class AsyncEnsembleClient(_Common):
         tls: bool = False,
         root_certificates: str | None = None,
     ) -> None:
-        super().__init__(url, model, shared_memory, token)
-        self._client = aioclient.InferenceServerClient(
-            url,
-            channel_args=_CHANNEL_ARGS,
-            ssl=tls or root_certificates is not None,
-            root_certificates=root_certificates,
-        )
+        super().__init__(url, model, shared_memory, token, tls, root_certificates, aioclient)
 
     async def metadata(self) -> dict[str, Any]:
         if self._metadata is None:

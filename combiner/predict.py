@@ -176,10 +176,6 @@ class Predictor:
         self._tasks.spawn(self._run(prediction, rows, one_call))
         return prediction
 
-    def late_batches(self) -> dict[str, int]:
-        """Per model, the batches given up while its calls still run."""
-        return {name: n for name, n in self._late.items() if n}
-
     def _abandon(self, p: Prediction) -> None:
         """Nobody waits for the batch any more: its calls still running are given up."""
         for group in p.groups:
@@ -195,6 +191,8 @@ class Predictor:
         try:
             if self._pool is not None:
                 placed = await self._place(rows, p.bases, one_call)
+            if p.abandoned:  # every request gave up while the region was made: call nobody
+                return
             if one_call:
                 assert self._fanout is not None
                 names = [fanout_output(m, b) for m in self._names for b in p.bases]

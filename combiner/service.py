@@ -203,13 +203,13 @@ class EnsembleService:
                 f"{self.config.max_requests_in_flight} requests are in flight on this worker, "
                 "the most it takes; retry later",
             )
-        if not self.watch.ready:
-            raise RequestError(
-                grpc.StatusCode.UNAVAILABLE, f"the members are not reachable: {self.watch.reason}"
-            )
         inputs = self.reader.parse(request, peer)
         wanted, placed = self.reader.requested_outputs(request, peer)
         deadline = self.reader.deadline(request, remaining)
+        if not self.watch.ready:  # a bad request is bad whether Triton is there or not
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE, f"the members are not reachable: {self.watch.reason}"
+            )
         loop = asyncio.get_running_loop()
         deadline_at = None if deadline is None else loop.time() + deadline
         where = await self._place(inputs, tuple(wanted), deadline_at)

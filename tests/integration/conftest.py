@@ -4,8 +4,11 @@ combiner) per test run."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
-from dataclasses import replace
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import pytest
 from combiner.client import EnsembleClient
 from examples.digits.train import HERE, Split, load_split, train_members
 from orchestrator.hardware import discover
+from orchestrator.launch import free_port
 from orchestrator.measure import measure_profile
 from orchestrator.plan import Plan, one_instance_each
 from orchestrator.profile import Profile, save_profile
@@ -113,3 +117,66 @@ def still_serving(
         np.testing.assert_allclose(
             client.predict(x), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
         )
+
+
+@dataclass
+class Up:
+    process: subprocess.Popen[str]
+    address: str
+    log: Path
+    workdir: Path
+
+    def children(self, marker: str) -> set[int]:
+        return {p for p in descendants(self.process.pid) if marker in command_name(p)}
+
+    def wait_for(self, what: str, test: Callable[[], object], timeout: float = 60.0) -> None:
+        """Wait (bounded, so a broken build fails instead of hanging) until ``test()``."""
+        deadline = time.monotonic() + timeout
+        while not test():
+            assert time.monotonic() < deadline, f"{what}: not within {timeout} s\n{self.text()}"
+            time.sleep(0.1)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def chorus_up(ensemble_file: Path, profile_file: Path, tmp_path: Path) -> Iterator[Up]:
+    """``chorus up --workers 2``, as a user runs it (stderr to a file: a pipe nobody reads
+    could fill up and block it)."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "up",
+        str(ensemble_file),
+        "--profile",
+        str(profile_file),
+        "--grpc-port",
+        str(port),
+        "--metrics-port",
+        str(free_port()),
+        "--http-port",
+        str(free_port()),
+        "--workers",
+        "2",
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    log = tmp_path / "stderr.txt"
+    with (
+        log.open("w") as errors,
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True) as process,
+    ):
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert f"serving on 127.0.0.1:{port}" in line, (line, log.read_text())
+            up = Up(process, f"127.0.0.1:{port}", log, tmp_path / "work")
+            up.wait_for("two workers", lambda: len(up.children("combiner.worker")) == 2)
+            yield up
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

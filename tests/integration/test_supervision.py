@@ -9,88 +9,21 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import psutil
-import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from combiner.client import EnsembleClient, Unavailable
-from orchestrator.launch import free_port
-from tests.integration.processes import alive, command_name, descendants
+from tests.integration.processes import alive, descendants
 from tests.integration.test_serving import direct_combination
 
 SHM = Path("/dev/shm")
-
-
-@dataclass
-class Up:
-    process: subprocess.Popen[str]
-    address: str
-    log: Path
-    workdir: Path
-
-    def children(self, marker: str) -> set[int]:
-        return {p for p in descendants(self.process.pid) if marker in command_name(p)}
-
-    def wait_for(self, what: str, test, timeout: float = 60.0) -> None:
-        """Wait (bounded, so a broken build fails instead of hanging) until ``test()``."""
-        deadline = time.monotonic() + timeout
-        while not test():
-            assert time.monotonic() < deadline, f"{what}: not within {timeout} s\n{self.text()}"
-            time.sleep(0.1)
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-
-@pytest.fixture
-def chorus_up(ensemble_file, profile_file, tmp_path) -> Iterator[Up]:
-    """``chorus up --workers 2``, as a user runs it."""
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "up",
-        str(ensemble_file),
-        "--profile",
-        str(profile_file),
-        "--grpc-port",
-        str(port),
-        "--metrics-port",
-        str(free_port()),
-        "--http-port",
-        str(free_port()),
-        "--workers",
-        "2",
-        "--workdir",
-        str(tmp_path / "work"),
-    ]
-    log = tmp_path / "stderr.txt"
-    with (
-        log.open("w") as errors,
-        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True) as process,
-    ):
-        try:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            assert f"serving on 127.0.0.1:{port}" in line, (line, log.read_text())
-            up = Up(process, f"127.0.0.1:{port}", log, tmp_path / "work")
-            up.wait_for("two workers", lambda: len(up.children("combiner.worker")) == 2)
-            yield up
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
 
 
 def orphans(session: int) -> list[int]:
