@@ -96,13 +96,15 @@ class Upstream:
             ) from None
 
     async def readiness(self, names: list[str]) -> str | None:
-        """None when Triton is reachable and every named model is ready, else why not."""
+        """None when Triton is live and every named model is ready, else why not. (Not
+        Triton's ServerReady: with strict readiness it is false while any model loads, ours
+        or not, as when another model is loaded beside the members.)"""
         if len(self._control) > _MAX_CONTROL_CALLS:  # a hung Triton: ask no more of it
             return f"Triton does not answer ({len(self._control)} calls outstanding)"
         try:
-            server = await self._rpc("ServerReady", service_pb2.ServerReadyRequest(), 2.0)
-            if not server.ready:
-                return "Triton is not ready"
+            server = await self._rpc("ServerLive", service_pb2.ServerLiveRequest(), 2.0)
+            if not server.live:
+                return "Triton is not live"
             replies = await asyncio.gather(
                 *(
                     self._rpc("ModelReady", service_pb2.ModelReadyRequest(name=n), 2.0)

@@ -10,7 +10,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from combiner.client import AsyncEnsembleClient, EnsembleClient, InvalidRequest, ModelNotFound
+from combiner.client import (
+    AsyncEnsembleClient,
+    EnsembleClient,
+    InvalidRequest,
+    ModelNotFound,
+    Unavailable,
+)
 from combiner.rules import softmax
 from examples.digits.demo import member_predictions
 
@@ -200,3 +206,52 @@ def test_without_a_deadline_one_call_to_the_fanout_model_serves_every_member(
         client.infer(x, deadline_ms=10_000)
         assert _inference_count(endpoints, fanout) == before + 1
     assert _inference_count(endpoints, "mlp") == member_before + 2
+
+
+SLOW_TO_LOAD = """
+import time
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(4)
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([]) for _ in requests]
+"""
+
+
+def test_another_model_loading_on_triton_does_not_stop_the_ensemble(
+    deployment, endpoints, ensemble
+):
+    """With strict readiness, Triton is not 'ready' while any model loads: the ensemble's
+    readiness follows its own members, not that."""
+    import threading
+
+    root = deployment.workdir / "repository" / "slow_to_load"
+    (root / "1").mkdir(parents=True)
+    (root / "1" / "model.py").write_text(SLOW_TO_LOAD)
+    (root / "config.pbtxt").write_text(
+        'name: "slow_to_load"\nbackend: "python"\nmax_batch_size: 0\n'
+        'input [{ name: "x", data_type: TYPE_FP32, dims: [1] }]\n'
+        'output [{ name: "y", data_type: TYPE_FP32, dims: [1] }]\n'
+    )
+    headers = dict(endpoints.triton_headers)
+    x = np.random.default_rng(11).random((2, 1, 8, 8), dtype=np.float32)
+    expected = direct_combination(ensemble, x)
+    codes = []
+    with grpcclient.InferenceServerClient(endpoints.triton_grpc) as triton:
+        loading = threading.Thread(
+            target=lambda: triton.load_model("slow_to_load", headers=headers)
+        )
+        loading.start()
+        with EnsembleClient(endpoints.ensemble) as client:
+            while loading.is_alive():
+                try:
+                    right = np.allclose(client.predict(x), expected, rtol=1e-4, atol=1e-6)
+                    codes.append("OK" if right else "wrong")
+                except Unavailable as e:
+                    codes.append(str(e))
+        loading.join()  # before the channel closes
+        triton.unload_model("slow_to_load", headers=headers)
+    assert len(codes) > 10 and set(codes) == {"OK"}, set(codes)
