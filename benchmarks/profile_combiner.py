@@ -173,12 +173,15 @@ def sample(worker: int, url: str, requests: list, seconds: float) -> list[str]:
             inclusive[frame.split(" (")[0]] += int(n)
     wanted = [
         "Thread.run",
-        "EnsembleService.ModelInfer",
-        "EnsembleService._fan_out",
-        "Batcher._dispatch",
+        "GrpcEndpoint.ModelInfer",
+        "EnsembleService._infer",
         "RequestReader.parse",
-        "Upstream.infer",
-        "EnsembleService._combine",
+        "Batcher._dispatch_forever",
+        "Predictor._run",
+        "Predictor._settled",
+        "Upstream._infer",
+        "Combination.outputs",
+        "EnsembleService._response",
     ]
     return [
         f"py-spy, combiner worker at concurrency 64 ({total} samples; `Thread.run` is grpc.aio's "

@@ -4,7 +4,8 @@ Every child is started in its own session (so a terminal's Ctrl-C reaches Chorus
 them in order) with ``PR_SET_PDEATHSIG`` (so it dies with Chorus even if Chorus is killed), its
 output kept in a log file whose tail goes into every error. Stopping is SIGINT (SIGTERM for the
 combiner), a timeout, then SIGKILL. What a child leaves behind in its session when it dies (the
-Python backend's stubs outlive a Triton killed with -9) is killed too.
+Python backend's stubs outlive a Triton killed with -9) is killed too; and if Chorus itself was
+killed, the next start in the same working directory kills what the last one left.
 
 Triton is launched with every API but health (inference included) behind a per-run key that only
 Chorus holds (``--grpc-restricted-protocol``, ``--http-restricted-api``): no other local process
@@ -92,6 +93,7 @@ class ManagedProcess:
 
     def start(self) -> None:
         self.reap()
+        self._reap_earlier_run()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._started = time.time()
         with open(self.log, "ab" if self.proc is not None else "wb") as out:
@@ -107,6 +109,28 @@ class ManagedProcess:
                 )
             except OSError as e:
                 raise LaunchError(f"cannot start {self.name} ({self.argv[0]}): {e}") from e
+        self._session_file.write_text(f"{self.proc.pid}\n")
+
+    @property
+    def _session_file(self) -> Path:
+        return self.log.with_suffix(".session")
+
+    def _reap_earlier_run(self) -> None:
+        """Kill what a run of this process in this working directory left when Chorus was
+        killed with it: processes of its session whose command line names the directory."""
+        try:
+            session = int(self._session_file.read_text())
+        except (OSError, ValueError):
+            return
+        folder = str(self.log.parent)
+        for other in psutil.process_iter(["cmdline"]):
+            try:
+                if os.getsid(other.pid) == session and any(
+                    folder in arg for arg in other.info["cmdline"] or ()
+                ):
+                    other.kill()
+            except (OSError, psutil.Error):  # gone meanwhile
+                continue
 
     @property
     def pid(self) -> int | None:

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator.errors import LaunchError
-from orchestrator.launch import TritonServer, find_tritonserver
+from orchestrator.launch import ManagedProcess, TritonServer, find_tritonserver
 
 
 def fake_server(tmp_path: Path, body: str) -> Path:
@@ -41,3 +45,50 @@ def test_a_server_that_dies_at_start_raises_with_the_tail_of_its_log(tmp_path, m
         server.start(timeout=30)
     assert "model cnn failed to load: bad opset" in e.value.log_tail
     assert "bad opset" in str(e.value)
+
+
+SLEEPER = "import time; time.sleep(600)"
+
+
+def test_what_a_dead_process_left_in_its_session_is_killed(tmp_path):
+    """As the Python backend's stubs outlive a Triton killed with -9."""
+    child = tmp_path / "child.pid"
+    parent = ManagedProcess(
+        "parent",
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys; "
+            f"p = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}]); "
+            f"open({str(child)!r}, 'w').write(str(p.pid))",
+        ],
+        tmp_path / "parent.log",
+    )
+    parent.start()
+    assert parent.proc is not None and parent.proc.wait(timeout=30) == 0
+    orphan = psutil.Process(int(child.read_text()))
+    assert orphan.is_running()
+    parent.stop()
+    orphan.wait(timeout=10)  # not our child: no exit code, but it must end
+    assert not orphan.is_running()
+
+
+def test_a_new_start_kills_what_the_last_run_here_left_when_chorus_was_killed(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    log = work / "thing.log"
+    leftover = subprocess.Popen(
+        [sys.executable, "-c", SLEEPER, str(work / "repository")], start_new_session=True
+    )
+    unrelated = subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
+    log.with_suffix(".session").write_text(f"{leftover.pid}\n")  # what the last run wrote
+    (work / "other.session").write_text(f"{unrelated.pid}\n")
+    thing = ManagedProcess("thing", [sys.executable, "-c", "pass"], log)
+    thing.start()
+    try:
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert unrelated.poll() is None  # another session, not named in the session file
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+        thing.stop()

@@ -1,0 +1,126 @@
+"""Chorus at this checkout against Chorus at another commit, side by side, on the same machine.
+
+    python -m benchmarks.ab --old REV [--rounds 3] [--seconds 3]
+
+Each version serves the digits ensemble from its own code (a git worktree of REV; this
+checkout), beside Triton's native ensemble on the same members; batch-1 clients at concurrency
+1, 8 and 64 measure both. The versions alternate, round after round, and each is judged by its
+ratio to the native ensemble measured in the same round, so the machine's drift between minutes
+cancels out. Kept in benchmarks/results/ab.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.report import publish
+from examples.digits.train import HERE, load_split, train_members
+
+CONCURRENCY = (1, 8, 64)
+
+# One round, run with a checkout's own code: its benchmarks.baselines helpers (this is why the
+# key to Triton is passed only where that code has it).
+ROUND = """
+import inspect, json, sys
+from benchmarks.baselines import add_baselines, load, requests_for, served
+from examples.digits.train import HERE, load_split
+from orchestrator.spec import load_ensemble
+
+seconds = float(sys.argv[1])
+ensemble = load_ensemble(HERE / "ensemble.yaml")
+x = load_split().x_test
+keyed = "headers" in inspect.signature(load).parameters
+out = {}
+with served(ensemble, "chorus-ab-") as d:
+    key = getattr(d.endpoints, "triton_headers", {})
+    extra = (key,) if keyed else ()
+    add_baselines(ensemble, d.workdir / "repository", d.endpoints.triton_grpc, 64, *extra)
+    ours = requests_for(ensemble.name, "image", x)
+    native = requests_for("native", "image", x)
+    for c in (1, 8, 64):
+        n = load(d.endpoints.triton_grpc, native, c, seconds, *extra)
+        o = load(d.endpoints.ensemble, ours, c, seconds)
+        out[c] = [o.samples_per_s, n.samples_per_s, o.p50_ms, n.p50_ms]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_round(tree: Path, seconds: float) -> dict[int, list[float]]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, "-c", ROUND, str(seconds)],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {int(c): v for c, v in json.loads(line.removeprefix("RESULT ")).items()}
+    raise SystemExit(f"a round in {tree} failed:\n{done.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--old", required=True, help="the commit to compare with")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ab.md"))
+    args = parser.parse_args()
+    here = Path.cwd()
+    models = HERE / "models"
+    if not (models / "cnn.onnx").is_file():
+        train_members(models, load_split())
+    old_rev = subprocess.run(
+        ["git", "rev-parse", "--short", args.old], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    new_rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    old_tree = Path(tempfile.mkdtemp(prefix="chorus-ab-")) / "old"
+    subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), args.old], check=True)
+    try:
+        shutil.copytree(models, old_tree / "examples" / "digits" / "models")
+        runs: dict[str, list[dict[int, list[float]]]] = {"old": [], "new": []}
+        for r in range(args.rounds):
+            for version, tree in (("old", old_tree), ("new", here))[:: 1 if r % 2 == 0 else -1]:
+                runs[version].append(run_round(tree, args.seconds))
+                print(f"round {r + 1}: {version} done", flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], check=False)
+
+    lines = [
+        "# Chorus against an earlier commit",
+        "",
+        f"`python -m benchmarks.ab --old {args.old} --rounds {args.rounds} --seconds "
+        f"{args.seconds:g}`: old = {old_rev}, new = {new_rev} (uncommitted changes included). "
+        "The digits ensemble, batch-1 clients, closed loop; each version measured beside "
+        "Triton's native ensemble in the same round, rounds alternating.",
+        "",
+        "| concurrency | version | Chorus / native, each round | median | Chorus p50 - native p50 "
+        "(ms), median |",
+        "|---:|---|---|---:|---:|",
+    ]
+    for c in CONCURRENCY:
+        for version in ("old", "new"):
+            ratios = [run[c][0] / run[c][1] for run in runs[version]]
+            added = [run[c][2] - run[c][3] for run in runs[version]]
+            lines.append(
+                f"| {c} | {version} | {', '.join(f'{x:.2f}' for x in ratios)} | "
+                f"{statistics.median(ratios):.2f} | {statistics.median(added):+.2f} |"
+            )
+    publish(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
