@@ -169,11 +169,14 @@ class GrpcEndpoint:
             raise RequestError(grpc.StatusCode.NOT_FOUND, self.service.not_found(name, version))
 
 
-def _handlers(endpoint: GrpcEndpoint) -> grpc.GenericRpcHandler:
+_SERVICE = "inference.GRPCInferenceService"
+
+
+def _handlers(endpoint: GrpcEndpoint) -> dict[str, grpc.RpcMethodHandler]:
     """The KServe v2 service's handlers, as the generated code builds them, but with requests
     that do not decode answered INVALID_ARGUMENT (grpc would say UNKNOWN, and log a traceback
     each time) and the RPCs Chorus does not serve answered UNIMPLEMENTED by name."""
-    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    service = service_pb2.DESCRIPTOR.services_by_name[_SERVICE.rsplit(".", 1)[1]]
     handlers = {}
     for method in service.methods:
         request_type = getattr(service_pb2, method.input_type.name)
@@ -189,7 +192,7 @@ def _handlers(endpoint: GrpcEndpoint) -> grpc.GenericRpcHandler:
             request_deserializer=_tolerant(request_type),
             response_serializer=response_type.SerializeToString,
         )
-    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+    return handlers
 
 
 def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
@@ -276,7 +279,9 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
             ("grpc.so_reuseport", int(listen.reuse_port)),
         ],
     )
-    server.add_generic_rpc_handlers((_handlers(GrpcEndpoint(service)),))
+    handlers = _handlers(GrpcEndpoint(service))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)  # looked up in C, per call
     runner = web.AppRunner(
         make_app(service, credentials),
         access_log=None,
