@@ -20,6 +20,7 @@ PATH so that the stub imports the same numpy and onnxruntime as Chorus.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
@@ -50,6 +51,7 @@ __all__ = [
     "TritonServer",
     "find_tritonserver",
     "free_port",
+    "reclaim_backend_shm",
 ]
 
 
@@ -337,7 +339,7 @@ class TritonServer:
         if _accepts(str(self.binary.path), "--allow-client-shm", tuple(sorted(env.items()))):
             argv.append("--allow-client-shm=true")  # Triton >= 2.69 refuses client shm without
         if self.process is not None:  # a previous run: what it left behind goes first
-            self.process.stop()
+            self.stop()
         self.process = ManagedProcess("tritonserver", argv, self.workdir / "tritonserver.log", env)
         self.process.start()
         try:
@@ -361,8 +363,12 @@ class TritonServer:
                 time.sleep(0.1)
 
     def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server (and what it left behind: its stubs, and the shared memory they
+        shared with it when it was killed and could not clean up)."""
         if self.process is not None:
             self.process.stop(timeout)
+            if self.binary.bundled or "python" in self.binary.backends:
+                reclaim_backend_shm()
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -375,6 +381,29 @@ class TritonServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def reclaim_backend_shm(shm_dir: Path = Path("/dev/shm"), min_age_s: float = 10.0) -> list[str]:
+    """Unlink the Python backend's shared-memory regions that no process maps any more: a
+    Triton killed with -9 leaves one per model instance (1 MiB or more each). Only this user's,
+    and only those older than ``min_age_s`` (a starting Triton creates one, then maps it)."""
+    now = time.time()
+    stale = set()
+    for path in shm_dir.glob("triton_python_backend_shm_region_*"):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            if info.st_uid == os.geteuid() and now - info.st_mtime > min_age_s:
+                stale.add(str(path))
+    if not stale:
+        return []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            for mapped in process.memory_maps(grouped=True):
+                stale.discard(mapped.path)
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+    return sorted(stale)
 
 
 @functools.lru_cache(maxsize=8)

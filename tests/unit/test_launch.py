@@ -92,3 +92,27 @@ def test_a_new_start_kills_what_the_last_run_here_left_when_chorus_was_killed(tm
         unrelated.kill()
         unrelated.wait()
         thing.stop()
+
+
+def test_backend_shared_memory_nobody_maps_any_more_is_unlinked(tmp_path):
+    """As a Triton killed with -9 leaves its Python-backend regions behind."""
+    import mmap
+    import os
+
+    from orchestrator.launch import reclaim_backend_shm
+
+    def region(name: str) -> Path:
+        path = tmp_path / f"triton_python_backend_shm_region_{name}"
+        path.write_bytes(bytes(4096))
+        os.utime(path, (0, 0))  # old enough
+        return path
+
+    left, in_use, other = region("left"), region("in-use"), tmp_path / "not_a_backend_region"
+    other.write_bytes(b"x")
+    os.utime(other, (0, 0))
+    young = tmp_path / "triton_python_backend_shm_region_starting"
+    young.write_bytes(bytes(4096))  # just made: a starting Triton maps it next
+    with open(in_use, "r+b") as f, mmap.mmap(f.fileno(), 4096):  # a live Triton's
+        removed = reclaim_backend_shm(tmp_path)
+    assert removed == [str(left)]
+    assert not left.exists() and in_use.exists() and other.exists() and young.exists()
