@@ -17,9 +17,11 @@ The cost model (``evaluate``), for an allocation N[m, d] (instances) and batch s
 * the ensemble's throughput is the largest T meeting every constraint:
   ``T = min(min_m T_m, min_d lanes[d] / sum_m N[m, d] / T_m)``.
 
-Several allocations often share the best T (another member still limits it); among equal T,
-the greedy prefers fewer binding constraints, which is what lets it add an instance to one of
-two equally limiting members and then to the other.
+Several allocations often share the best T (another member or device still limits it); among
+equal T, the search prefers fewer binding constraints, which is what lets it add an instance to
+one of two equally limiting members and then to the other, and then the least congestion,
+``sum over constraints of (T / limit) ** 8``: the constraints nearest to binding dominate it,
+so lowering it frees the bottlenecks of many devices before any single move can raise T.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -35,7 +38,9 @@ from .hardware import Device
 from .profile import Profile
 
 __all__ = [
+    "PREDICTED",
     "Evaluation",
+    "Evaluator",
     "Moves",
     "Problem",
     "SearchResult",
@@ -44,8 +49,10 @@ __all__ = [
     "evaluate_moves",
     "exhaustive",
     "greedy",
+    "member_latency",
     "moves",
     "problem",
+    "sequential_throughput",
     "worst_fit",
 ]
 
@@ -64,12 +71,18 @@ class Problem:
     memory: np.ndarray  # (M, D, B) bytes one instance needs; inf where it cannot run
     capacity: np.ndarray  # (D,) bytes free
     lanes: np.ndarray  # (D,)
+    latency_target: float | None = None  # seconds: no member's fill + service time beyond it
 
     def __post_init__(self) -> None:
         # (M, B, D) copies for evaluate(); "cannot run" memory made finite so that 0 * it is 0
         object.__setattr__(self, "_rate_mbd", np.ascontiguousarray(self.rate.transpose(0, 2, 1)))
         finite = np.where(np.isfinite(self.memory), self.memory, _UNRUNNABLE)
         object.__setattr__(self, "_memory_mbd", np.ascontiguousarray(finite.transpose(0, 2, 1)))
+        sizes = np.array(self.batch_sizes, dtype=float)
+        object.__setattr__(self, "_sizes", sizes)
+        with np.errstate(divide="ignore"):  # seconds one batch takes; inf where it cannot run
+            service = np.where(self.rate > 0, sizes / self.rate, np.inf)
+        object.__setattr__(self, "_service_mbd", np.ascontiguousarray(service.transpose(0, 2, 1)))
 
 
 def problem(
@@ -78,8 +91,13 @@ def problem(
     devices: Sequence[Device],
     max_batch_size: int,
     profile_file: str | Path = "profile",
+    latency_target_ms: float | None = None,
+    borrow_curves: bool = False,
 ) -> Problem:
-    curves = {m: [profile.curve(m, d) for d in devices] for m in members}
+    """The arrays for these members on these devices; a device with no curve for a member
+    cannot hold it (``borrow_curves``: it runs the member's curve of another device, scaled by
+    its ``speed``)."""
+    curves = {m: [profile.curve(m, d, borrow_curves) for d in devices] for m in members}
     sizes = sorted(
         {b for cs in curves.values() for c in cs if c for b in c.batch_sizes if b <= max_batch_size}
     )
@@ -114,14 +132,16 @@ def problem(
         memory=memory,
         capacity=np.array([d.free_bytes for d in devices], dtype=float),
         lanes=np.array([d.lanes for d in devices], dtype=float),
+        latency_target=None if latency_target_ms is None else latency_target_ms / 1000.0,
     )
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    throughput: np.ndarray  # (K,) requests/s; 0 where infeasible
+    throughput: np.ndarray  # (K,) samples/s; 0 where infeasible
     binding: np.ndarray  # (K,) constraints at the minimum
     feasible: np.ndarray  # (K,) bool
+    congestion: np.ndarray  # (K,) sum over constraints of (throughput / limit) ** _POWER
 
 
 def evaluate(p: Problem, n: np.ndarray, b: np.ndarray) -> Evaluation:
@@ -139,7 +159,50 @@ def evaluate(p: Problem, n: np.ndarray, b: np.ndarray) -> Evaluation:
     limits = np.concatenate([member_rate, device_limit], axis=1)
     throughput = limits.min(axis=1)
     binding = (limits <= throughput[:, None] * (1 + _EPS)).sum(axis=1)
-    return Evaluation(np.where(feasible, throughput, 0.0), binding, feasible)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(limits > 0, throughput[:, None] / limits, 1.0)
+    congestion = (ratio**_POWER).sum(axis=1)
+    if p.latency_target is not None:
+        sizes = p._sizes[b]  # type: ignore[attr-defined]  # (K, M)
+        service = p._service_mbd[members, b]  # type: ignore[attr-defined]  # (K, M, D)
+        slowest = np.where(n > 0, service, 0.0).max(axis=2)
+        feasible &= _meets_target(p, sizes, slowest, throughput)
+    return Evaluation(np.where(feasible, throughput, 0.0), binding, feasible, congestion)
+
+
+_POWER = 8  # congestion: how much the constraints nearest to binding count over the others
+
+
+def _meets_target(
+    p: Problem, sizes: np.ndarray, slowest: np.ndarray, throughput: np.ndarray
+) -> np.ndarray:
+    """(K,) whether every member's fill + service time is within the latency target."""
+    assert p.latency_target is not None
+    with np.errstate(divide="ignore"):
+        fill = np.where(throughput[:, None] > 0, sizes / throughput[:, None], np.inf)
+    return (fill + slowest <= p.latency_target * (1 + _EPS)).all(axis=1)
+
+
+def member_latency(p: Problem, n: np.ndarray, b: np.ndarray, throughput: float) -> np.ndarray:
+    """(M,) seconds a sample may spend in each member at this throughput: the time to fill
+    one batch (batch size / throughput, the worst case: the sample that opens the batch waits
+    for the rest), plus the batch's service time on the slowest device holding the member."""
+    members = np.arange(len(p.members))
+    service = p._service_mbd[members, b]  # type: ignore[attr-defined]  # (M, D)
+    slowest = np.where(n > 0, service, 0.0).max(axis=1)
+    fill = p._sizes[b] / throughput if throughput > 0 else np.inf  # type: ignore[attr-defined]
+    return np.asarray(fill + slowest, dtype=float)
+
+
+def sequential_throughput(p: Problem, n: np.ndarray, b: np.ndarray) -> float:
+    """The throughput when the members run one after another on each batch (the paper's
+    baseline execution: one member at a time), 0 if the allocation does not fit."""
+    members = np.arange(len(p.members))
+    member_rate = (n * p._rate_mbd[members, b]).sum(axis=1)  # type: ignore[attr-defined]
+    used = (n * p._memory_mbd[members, b]).sum(axis=0)  # type: ignore[attr-defined]
+    if (member_rate <= 0).any() or (used > p.capacity).any():
+        return 0.0
+    return float(1.0 / (1.0 / member_rate).sum())
 
 
 @dataclass(frozen=True)
@@ -357,29 +420,193 @@ def evaluate_moves(p: Problem, n: np.ndarray, b: np.ndarray, mv: Moves) -> Evalu
     changed_old = (real & (old_rate <= threshold[:, None])).sum(axis=1)
     changed_new = (real & (new_member_rate <= threshold[:, None])).sum(axis=1)
     binding = at_or_below - changed_old + changed_new + (device_limit <= threshold[:, None]).sum(1)
-    return Evaluation(np.where(feasible, throughput, 0.0), binding, feasible)
+    # congestion relative to the current throughput t0, from the current sum and the changed rows
+    t0 = max(float(member_rate.min()), 1e-30)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        base = ((t0 / member_rate) ** _POWER).sum()
+        old_terms = np.where(real, (t0 / old_rate) ** _POWER, 0.0).sum(axis=1)
+        new_terms = np.where(real, (t0 / new_member_rate) ** _POWER, 0.0).sum(axis=1)
+        scale = throughput / t0
+        device_terms = np.where(device_limit > 0, throughput[:, None] / device_limit, 1.0)
+        congestion = scale**_POWER * np.maximum(base - old_terms + new_terms, 0.0) + (
+            device_terms**_POWER
+        ).sum(axis=1)
+    if p.latency_target is not None:
+        feasible &= _moves_meet_target(p, n, b, mv, throughput)
+    return Evaluation(np.where(feasible, throughput, 0.0), binding, feasible, congestion)
+
+
+def _moves_meet_target(
+    p: Problem, n: np.ndarray, b: np.ndarray, mv: Moves, throughput: np.ndarray
+) -> np.ndarray:
+    members = len(p.members)
+    service_now = p._service_mbd[np.arange(members), b]  # type: ignore[attr-defined]  # (M, D)
+    slowest_now = np.where(n > 0, service_now, 0.0).max(axis=1)
+    sizes = np.tile(p._sizes[b], (len(mv), 1))  # type: ignore[attr-defined]  # (K, M)
+    slowest = np.tile(slowest_now, (len(mv), 1))
+    for j in range(mv.member.shape[1]):
+        k = np.flatnonzero(mv.member[:, j] < members)
+        m, batch = mv.member[k, j], mv.batch[k, j]
+        sizes[k, m] = p._sizes[batch]  # type: ignore[attr-defined]
+        service = p._service_mbd[m, batch]  # type: ignore[attr-defined]  # (k, D)
+        slowest[k, m] = np.where(mv.row[k, j] > 0, service, 0.0).max(axis=1)
+    return _meets_target(p, sizes, slowest, throughput)
 
 
 def greedy(
     p: Problem,
     start: tuple[np.ndarray, np.ndarray] | None = None,
     restart_evaluations: int = 50_000,
+    effort: float = 1.0,
+    seed: int = 0,
 ) -> SearchResult:
-    """The greedy search from ``start``, or, by default, from the worst-fit placement twice: at
-    each member's most efficient batch size, then at the smallest one for at most
-    ``restart_evaluations`` evaluations (the restart pays on small, memory-bound problems and
-    is cut short on large ones); the better result wins."""
+    """The planner's search. From ``start`` it is one climb. By default, two chains:
+
+    * climbs from the worst-fit placement at each member's most efficient batch size, and
+      from it at the smallest batch size (cut at ``restart_evaluations`` unless a latency
+      target needs it) or, on many identical devices, from a small group's plan tiled over
+      them (:func:`_tiled`);
+    * then iterated local search on each chain in turn: its best allocation is kicked (a few
+      random moves) and climbed again; every other climb also takes moves that keep the
+      throughput and relieve the constraints nearest to binding (``calm``). It stops after
+      ``effort`` x :data:`KICK_EVALUATIONS` evaluations (fewer on more than four devices,
+      where each costs more) or when every chain went ``effort`` x :data:`KICK_PATIENCE`
+      kicks without finding better.
+
+    A climb alone stops at a local optimum; the kicks and the tiled start get out of some
+    (benchmarks/results/paper_scale.md measures what is left). Deterministic for a ``seed``."""
     if start is not None:
         return climb(p, start)
     n, b = worst_fit(p)
-    results = [
-        climb(p, (n, b)),
-        climb(p, (n, np.zeros_like(b)), max_evaluations=restart_evaluations),
-    ]
-    best = max(results, key=lambda r: r.throughput)  # the first among equals
-    return SearchResult(
-        best.instances, best.batch, best.throughput, sum(r.evaluations for r in results)
+    cap = restart_evaluations if p.latency_target is None else None
+    tiled = _tiled(p, effort, seed)
+    if tiled is None:
+        starts = [climb(p, (n, b)), climb(p, (n, np.zeros_like(b)), max_evaluations=cap)]
+    else:  # many identical devices: the tiled plan replaces the restart at small batches
+        starts = [climb(p, (n, b)), climb(p, tiled)]
+    spent = sum(r.evaluations for r in starts)
+    rng = np.random.default_rng(seed)
+    # iterated local search from each start in turn (two basins, not one)
+    chains = list(starts)
+    # an evaluation costs about D: the same time, not the same count, on more devices
+    budget = spent + int(effort * KICK_EVALUATIONS * 4 / max(4, len(p.devices)))
+    idle = [0] * len(chains)
+    patience = int(effort * KICK_PATIENCE)
+    turn = 0
+    while spent < budget and min(idle) < patience:
+        i = turn % len(chains)
+        turn += 1
+        base = chains[i]
+        if base.throughput <= 0 or idle[i] >= patience:
+            idle[i] = patience
+            continue
+        kicked, cost = _kick(p, base.instances, base.batch, rng)
+        found = climb(
+            p,
+            kicked,
+            max_evaluations=max(1, budget - spent - cost),
+            lookahead_budget=0,
+            calm=turn % 2 == 0,
+        )
+        spent += cost + found.evaluations
+        idle[i] += 1
+        if found.throughput > base.throughput * (1 + _EPS):
+            chains[i], idle[i] = found, 0
+    best = max(chains, key=lambda r: r.throughput)  # the first among equals
+    return SearchResult(best.instances, best.batch, best.throughput, spent)
+
+
+def _tiled(p: Problem, effort: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """On D identical devices, the plan for the smallest group of them (a divisor of D, at
+    least four) that holds every member, repeated D / group times: as good per device as the
+    group's, and a start the search could not reach one move at a time on many devices. The
+    group is planned at a third of the effort."""
+    devices = len(p.devices)
+    same = (
+        (p.rate == p.rate[:, :1]).all()
+        and (p.memory == p.memory[:, :1]).all()
+        and (p.capacity == p.capacity[0]).all()
+        and (p.lanes == p.lanes[0]).all()
     )
+    if not same:
+        return None
+    for group in (g for g in range(4, devices) if devices % g == 0):
+        sub = Problem(
+            p.members,
+            p.devices[:group],
+            p.batch_sizes,
+            p.rate[:, :group],
+            p.memory[:, :group],
+            p.capacity[:group],
+            p.lanes[:group],
+            p.latency_target,
+        )
+        try:
+            found = greedy(sub, effort=effort / 3, seed=seed)
+        except InfeasibleError:
+            continue
+        if found.throughput > 0:
+            return np.tile(found.instances, (1, devices // group)), found.batch
+    return None
+
+
+KICK_EVALUATIONS = 100_000  # evaluations of iterated local search at effort 1
+KICK_PATIENCE = 20  # kicks in a row that find nothing better end it (at effort 1)
+
+
+def _kick(
+    p: Problem, n: np.ndarray, b: np.ndarray, rng: np.random.Generator
+) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    """2-4 random moves that keep the allocation feasible (any throughput): each drawn from
+    a random sample of the moves, so a kick costs little next to a climb."""
+    cost = 0
+    for _ in range(int(rng.integers(_KICK_MOVES[0], _KICK_MOVES[1] + 1))):
+        mv = moves(n, b, len(p.batch_sizes))
+        pick = rng.choice(len(mv), size=min(len(mv), _KICK_SAMPLE), replace=False)
+        sample = Moves(mv.member[pick], mv.row[pick], mv.batch[pick])
+        e = evaluate_moves(p, n, b, sample)
+        cost += len(sample)
+        ok = np.flatnonzero(e.feasible)
+        if not len(ok):
+            break
+        n, b = sample.apply(int(rng.choice(ok)), n, b)
+    return (n, b), cost
+
+
+_KICK_SAMPLE = 64
+_KICK_MOVES = (2, 4)  # random moves in one kick, at least and at most
+
+
+class Evaluator(Protocol):
+    """How :func:`climb` scores allocations: the cost model (:data:`PREDICTED`), or anything
+    else with the same answers (``chorus tune`` measures on the live Triton)."""
+
+    lookahead: bool  # whether climb may look two moves ahead when stuck
+
+    def current(self, p: Problem, n: np.ndarray, b: np.ndarray) -> Evaluation:
+        """The starting allocation's score, as a one-element Evaluation."""
+        ...
+
+    def candidates(
+        self, p: Problem, n: np.ndarray, b: np.ndarray, mv: Moves
+    ) -> tuple[Evaluation, int]:
+        """Scores of the moves (infeasible where not scored) and what they cost."""
+        ...
+
+
+class _Predicted:
+    lookahead = True
+
+    def current(self, p: Problem, n: np.ndarray, b: np.ndarray) -> Evaluation:
+        return evaluate(p, n[None], b[None])
+
+    def candidates(
+        self, p: Problem, n: np.ndarray, b: np.ndarray, mv: Moves
+    ) -> tuple[Evaluation, int]:
+        return evaluate_moves(p, n, b, mv), len(mv)
+
+
+PREDICTED: Evaluator = _Predicted()
 
 
 def climb(
@@ -388,6 +615,8 @@ def climb(
     max_steps: int = 10_000,
     lookahead_budget: int = 20_000,
     max_evaluations: int | None = None,
+    evaluator: Evaluator = PREDICTED,
+    calm: bool = False,
 ) -> SearchResult:
     """Hill-climb from ``start`` by the best single move, until no move helps (or after
     ``max_evaluations``, keeping the best found).
@@ -398,50 +627,67 @@ def climb(
     up. The search stops when two moves cannot help.
     """
     n, b = start
-    current = evaluate(p, n[None], b[None])
-    best_t, best_bind = float(current.throughput[0]), int(current.binding[0])
+    current = evaluator.current(p, n, b)
+    best = _score(current, 0)
     evaluations = 1
     for _ in range(max_steps):
         if max_evaluations is not None and evaluations >= max_evaluations:
             break
         mv = moves(n, b, len(p.batch_sizes))
-        e = evaluate_moves(p, n, b, mv)
-        evaluations += len(mv)
-        pick = _best_step(e, best_t, best_bind)
+        e, cost = evaluator.candidates(p, n, b, mv)
+        evaluations += cost
+        pick = _best_step(e, best, calm)
         if pick is not None:
             n, b = mv.apply(pick, n, b)
-            best_t, best_bind = float(e.throughput[pick]), int(e.binding[pick])
+            best = _score(e, pick)
             continue
+        if not evaluator.lookahead or lookahead_budget <= 0:
+            break
         # stuck: look two moves ahead from the most promising first moves
         t = np.where(e.feasible, e.throughput, -1.0)
         width = min(16, max(2, lookahead_budget // len(mv)), int(e.feasible.sum()))
         found = None
-        for first in np.lexsort((e.binding, -t))[:width]:
+        for first in np.lexsort((e.congestion, e.binding, -t))[:width]:
             n1, b1 = mv.apply(int(first), n, b)
             mv2 = moves(n1, b1, len(p.batch_sizes))
-            e2 = evaluate_moves(p, n1, b1, mv2)
-            evaluations += len(mv2)
+            e2, cost = evaluator.candidates(p, n1, b1, mv2)
+            evaluations += cost
             t2 = np.where(e2.feasible, e2.throughput, -1.0)
             second = int(np.argmax(t2))
-            if t2[second] > best_t * (1 + _EPS) and (found is None or t2[second] > found[0]):
-                found = (float(t2[second]), int(e2.binding[second]), *mv2.apply(second, n1, b1))
+            if t2[second] > best[0] * (1 + _EPS) and (found is None or t2[second] > found[0][0]):
+                found = (_score(e2, second), *mv2.apply(second, n1, b1))
         if found is None:
             break
-        best_t, best_bind, n, b = found
-    return SearchResult(n, b, best_t, evaluations)
+        best, n, b = found
+    return SearchResult(n, b, best[0], evaluations)
 
 
-def _best_step(e: Evaluation, best_t: float, best_bind: int) -> int | None:
-    """The move raising throughput most (fewest binding constraints among equals); else one
-    keeping it while binding fewer constraints; else None."""
+def _score(e: Evaluation, k: int) -> tuple[float, int, float]:
+    return float(e.throughput[k]), int(e.binding[k]), float(e.congestion[k])
+
+
+def _best_step(e: Evaluation, best: tuple[float, int, float], calm: bool = False) -> int | None:
+    """The move raising throughput most (the fewest binding constraints among equals); else
+    one keeping it while binding fewer constraints; else one keeping both while less
+    congested; else None."""
+    best_t, best_bind, best_c = best
     t = np.where(e.feasible, e.throughput, -1.0)
     if (t > best_t * (1 + _EPS)).any():
         near = t >= t.max() * (1 - _EPS)
     else:
-        near = (t >= best_t * (1 - _EPS)) & (e.binding < best_bind)
+        same = t >= best_t * (1 - _EPS)
+        near = same & (e.binding < best_bind)
         if not near.any():
-            return None
+            if not calm:
+                return None
+            calmer = same & (e.binding == best_bind) & (e.congestion < best_c * (1 - _CALMER))
+            if not calmer.any():
+                return None
+            return int(np.flatnonzero(calmer)[np.argmin(e.congestion[calmer])])
     return int(np.flatnonzero(near)[np.argmin(e.binding[near])])
+
+
+_CALMER = 1e-6  # a move at equal throughput must cut congestion by this much (relative)
 
 
 def exhaustive(p: Problem, max_instances: int = 3, chunk: int = 200_000) -> SearchResult:

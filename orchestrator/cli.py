@@ -77,17 +77,47 @@ def _profile(ensemble: Ensemble, profile: Path | None, workdir: Path) -> tuple[P
     return measured, cache
 
 
-def _plan(ensemble: Ensemble, hardware: Path | None, profile: Path | None, workdir: Path) -> Plan:
+def _plan(
+    ensemble: Ensemble,
+    hardware: Path | None,
+    profile: Path | None,
+    workdir: Path,
+    effort: float = 1.0,
+    borrow_curves: bool = False,
+) -> Plan:
     devices = _devices(hardware)
     measured, source = _profile(ensemble, profile, workdir)
+    names = [m.name for m in ensemble.members]
+    if not borrow_curves:
+        for device_id, members in measured.uncovered(names, devices).items():
+            left = "left empty" if len(members) == len(names) else "not placed there"
+            console.print(
+                f"[yellow]{device_id}: {source} has no curve for {', '.join(members)} on it "
+                f"({left}).[/yellow] Measure it with 'chorus profile' on that host, or pass "
+                "--borrow-curves to run another device's curve scaled by the hardware "
+                "file's 'speed'."
+            )
     return plan_ensemble(
         ensemble.name,
-        [m.name for m in ensemble.members],
+        names,
         ensemble.max_batch_size,
         measured,
         devices,
         source,
+        latency_target_ms=ensemble.latency_target_ms,
+        effort=effort,
+        borrow_curves=borrow_curves,
     )
+
+
+BorrowOpt = Annotated[
+    bool,
+    typer.Option(
+        "--borrow-curves",
+        help="plan devices the profile has no curve for with another device's curve, "
+        "scaled by the hardware file's 'speed'",
+    ),
+]
 
 
 @app.command()
@@ -230,13 +260,27 @@ def plan(
     profile: ProfileOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write the plan")] = None,
+    png: Annotated[
+        Path | None, typer.Option("--png", help="draw the allocation matrix to this PNG file")
+    ] = None,
+    effort: Annotated[
+        float,
+        typer.Option(min=0, help="search effort: 1 plans 12 members x 16 GPUs in under 1 s"),
+    ] = 1.0,
+    borrow_curves: BorrowOpt = False,
     workdir: WorkdirOpt = None,
 ) -> None:
-    """Place the members (worst-fit, then greedy): the allocation matrix and its throughput."""
+    """Place the members (worst-fit, then the search): the allocation matrix, its throughput
+    (samples/s) and each member's predicted latency."""
     ensemble = load_ensemble(ensemble_file, read_models=profile is None)
-    result = _plan(ensemble, hardware, profile, _workdir(ensemble, workdir))
+    result = _plan(ensemble, hardware, profile, _workdir(ensemble, workdir), effort, borrow_curves)
     if output:
         output.write_text(result.to_json())
+    if png:
+        from .picture import draw_plan
+
+        draw_plan(result, png)
+        console.print(f"wrote {png}")
     if as_json:
         print(result.to_json(), end="")
         return
@@ -256,12 +300,14 @@ def regenerate_configs(
         Backend | None,
         typer.Option(help="Triton backend to render for [default: what the local server has]"),
     ] = None,
+    borrow_curves: BorrowOpt = False,
 ) -> None:
     """Re-detect the hardware, plan again, rewrite the configs; print what changed."""
     from .launch import find_tritonserver
 
     ensemble = load_ensemble(ensemble_file)
-    result = _plan(ensemble, hardware, profile, _workdir(ensemble, workdir))
+    workdir = _workdir(ensemble, workdir)
+    result = _plan(ensemble, hardware, profile, workdir, borrow_curves=borrow_curves)
     changes = describe_changes(repo, result)
     backend = backend or pick_backend(find_tritonserver().backends)
     written = render_plan(ensemble, result, repo, backend)
@@ -294,7 +340,13 @@ def tune(
     measured, source = _profile(ensemble, profile, workdir)
     names = [m.name for m in ensemble.members]
     start = plan_ensemble(
-        ensemble.name, names, ensemble.max_batch_size, measured, discover(), source
+        ensemble.name,
+        names,
+        ensemble.max_batch_size,
+        measured,
+        discover(),
+        source,
+        latency_target_ms=ensemble.latency_target_ms,
     )
     output = output or workdir / "tuned-plan.json"
     checkpoint = workdir / "tune-checkpoint.json"

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.table import Table
 
-from .allocate import Problem, SearchResult, evaluate, greedy, problem
-from .errors import SpecError
+from .allocate import (
+    Problem,
+    SearchResult,
+    evaluate,
+    greedy,
+    member_latency,
+    problem,
+    sequential_throughput,
+)
+from .errors import InfeasibleError, SpecError
 from .hardware import Device
 from .profile import Profile
 
@@ -27,6 +35,7 @@ __all__ = [
     "plan_ensemble",
     "plan_table",
     "predict",
+    "predict_sequential",
 ]
 
 
@@ -40,7 +49,10 @@ class Plan:
     members: tuple[str, ...]
     instances: Mapping[str, Mapping[str, int]]  # member -> device id -> count (> 0)
     max_batch_size: Mapping[str, int]
-    predicted_throughput: float
+    predicted_throughput: float  # samples/s
+    # seconds a sample may spend in each member: fill one batch + its service time (ms)
+    predicted_latency_ms: Mapping[str, float] = field(default_factory=dict)
+    latency_target_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +76,8 @@ class Plan:
             "instances": {m: dict(self.instances[m]) for m in self.members},
             "max_batch_size": dict(self.max_batch_size),
             "predicted_throughput": round(self.predicted_throughput, 3),
+            "predicted_latency_ms": {m: round(v, 3) for m, v in self.predicted_latency_ms.items()},
+            "latency_target_ms": self.latency_target_ms,
         }
 
     def to_json(self) -> str:
@@ -80,19 +94,56 @@ def plan_ensemble(
     profile: Profile,
     devices: Sequence[Device],
     profile_file: str | Path = "profile",
+    latency_target_ms: float | None = None,
+    effort: float = 1.0,
+    borrow_curves: bool = False,
 ) -> Plan:
-    """Worst-fit, then greedy: the plan for these members on these devices."""
-    p = problem(members, profile, devices, max_batch_size, profile_file)
-    return make_plan(ensemble, p, greedy(p))
+    """Worst-fit, then the search: the plan for these members on these devices. With a
+    latency target, no member's predicted fill + service time exceeds it; InfeasibleError
+    names the member that cannot meet it at all."""
+    p = problem(
+        members, profile, devices, max_batch_size, profile_file, latency_target_ms, borrow_curves
+    )
+    result = greedy(p, effort=effort)
+    if result.throughput <= 0 and p.latency_target is not None:
+        raise InfeasibleError(_target_message(p))
+    return make_plan(ensemble, p, result)
+
+
+def _target_message(p: Problem) -> str:
+    service = p._service_mbd[:, 0, :]  # type: ignore[attr-defined]  # (M, D) at batch 1
+    fastest = service.min(axis=1)
+    m = int(np.argmax(fastest))
+    target = p.latency_target * 1000 if p.latency_target else 0.0
+    return (
+        f"no allocation meets the latency target of {target:g} ms: member "
+        f"{p.members[m]!r} takes {fastest[m] * 1000:.1f} ms for one sample on its fastest "
+        f"device ({p.devices[int(np.argmin(service[m]))].id})"
+        if fastest[m] * 1000 > target
+        else f"no allocation meets the latency target of {target:g} ms at any throughput "
+        "these devices reach (raise the target, or add devices)"
+    )
 
 
 def predict(plan: Plan, profile: Profile) -> float:
-    """The cost model's throughput for any plan (requests/s); 0 if it does not fit."""
+    """The cost model's throughput for any plan (samples/s), members run concurrently; 0 if
+    it does not fit."""
+    p, n, b = _arrays(plan, profile)
+    return float(evaluate(p, n[None], b[None]).throughput[0])
+
+
+def predict_sequential(plan: Plan, profile: Profile) -> float:
+    """The cost model's throughput when the members run one after another on each batch."""
+    p, n, b = _arrays(plan, profile)
+    return sequential_throughput(p, n, b)
+
+
+def _arrays(plan: Plan, profile: Profile) -> tuple[Problem, np.ndarray, np.ndarray]:
     p = problem(plan.members, profile, plan.devices, max(plan.max_batch_size.values()))
     ids = [d.id for d in plan.devices]
     n = np.array([[plan.instances[m].get(i, 0) for i in ids] for m in plan.members])
     b = np.array([p.batch_sizes.index(plan.max_batch_size[m]) for m in plan.members])
-    return float(evaluate(p, n[None], b[None]).throughput[0])
+    return p, n, b
 
 
 def one_instance_each(
@@ -122,7 +173,9 @@ def make_plan(ensemble: str, p: Problem, result: SearchResult) -> Plan:
         for i, m in enumerate(p.members)
     }
     memory = p.memory.transpose(0, 2, 1)[np.arange(len(p.members)), result.batch]  # (M, D)
-    used = np.where(result.instances > 0, result.instances * memory, 0).sum(axis=0)
+    held = result.instances > 0  # where an instance cannot run, its memory is inf
+    used = (result.instances * np.where(held, memory, 0.0)).sum(axis=0)
+    latency = member_latency(p, result.instances, result.batch, result.throughput)
     return Plan(
         ensemble=ensemble,
         devices=p.devices,
@@ -131,6 +184,10 @@ def make_plan(ensemble: str, p: Problem, result: SearchResult) -> Plan:
         instances=instances,
         max_batch_size={m: p.batch_sizes[result.batch[i]] for i, m in enumerate(p.members)},
         predicted_throughput=result.throughput,
+        predicted_latency_ms={
+            m: float(latency[i]) * 1000 for i, m in enumerate(p.members) if np.isfinite(latency[i])
+        },
+        latency_target_ms=None if p.latency_target is None else p.latency_target * 1000,
     )
 
 
@@ -163,6 +220,8 @@ def load_plan(path: str | Path) -> Plan:
             instances={m: dict(v) for m, v in data["instances"].items()},
             max_batch_size=dict(data["max_batch_size"]),
             predicted_throughput=float(data["predicted_throughput"]),
+            predicted_latency_ms=dict(data.get("predicted_latency_ms", {})),
+            latency_target_ms=data.get("latency_target_ms"),
         )
     except FileNotFoundError:
         raise SpecError(file, "", "no such file") from None
@@ -184,4 +243,11 @@ def plan_table(plan: Plan) -> Table:
         table.add_row(f"{d.id} ({d.name})", *counts, memory)
     table.add_section()
     table.add_row("batch size", *(str(plan.max_batch_size[m]) for m in plan.members), "")
+    if plan.predicted_latency_ms:
+        target = f"target {plan.latency_target_ms:g} ms" if plan.latency_target_ms else ""
+        table.add_row(
+            "predicted latency ms",
+            *(f"{plan.predicted_latency_ms.get(m, float('nan')):,.1f}" for m in plan.members),
+            target,
+        )
     return table

@@ -14,7 +14,7 @@ Measuring lives in :mod:`orchestrator.measure`; this module is pure.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -58,10 +58,20 @@ class Curve:
 class Profile:
     members: Mapping[str, Mapping[str, Curve]]
 
-    def curve(self, member: str, device: Device) -> Curve | None:
-        """The member's curve for this device: by its exact name, else by its kind."""
+    def curve(self, member: str, device: Device, borrow: bool = False) -> Curve | None:
+        """The member's curve for this device: by its exact name, else by its kind; with
+        ``borrow``, else the member's first curve of any device (the device's ``speed`` then
+        says how much faster it is than the one measured)."""
         curves = self.members.get(member, {})
-        return curves.get(device.name) or curves.get(device.kind)
+        found = curves.get(device.name) or curves.get(device.kind)
+        if found is None and borrow and curves:
+            found = next(iter(curves.values()))
+        return found
+
+    def uncovered(self, members: Sequence[str], devices: Sequence[Device]) -> dict[str, list[str]]:
+        """Device id -> the members that have no curve for it (devices with none left out)."""
+        missing = {d.id: [m for m in members if self.curve(m, d) is None] for d in devices}
+        return {d: ms for d, ms in missing.items() if ms}
 
     def to_json(self) -> str:
         data = {

@@ -124,6 +124,13 @@ class ServingFile(_Strict):
     quorum: StrictInt | StrictFloat = Field(
         1.0, description="members that must answer: a fraction in (0, 1] or a count (integer)"
     )
+    latency_target_ms: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="the planner keeps every member's predicted time (filling a batch at the "
+        "planned throughput, then serving it) within this",
+    )
 
 
 class EnsembleFile(_Strict):
@@ -169,6 +176,7 @@ class Ensemble:
     deadline_ms: float | None = None
     quorum: int = 1  # members that must answer
     member_timeout_ms: float = 30_000.0
+    latency_target_ms: float | None = None  # the planner's bound on fill + service time
 
     def member(self, name: str) -> Member:
         return next(m for m in self.members if m.name == name)
@@ -230,6 +238,7 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
         deadline_ms=spec.serving.deadline_ms,
         quorum=_quorum(file, spec),
         member_timeout_ms=spec.serving.member_timeout_ms,
+        latency_target_ms=spec.serving.latency_target_ms,
     )
 
 

@@ -1,18 +1,19 @@
-"""``chorus tune``: the greedy search with each candidate measured on the live Triton.
+"""``chorus tune``: the planner's climb with each candidate measured on the live Triton.
 
-Starts from the cost model's plan, measured. Each step takes the moves of the greedy
-(:func:`orchestrator.allocate.moves`), ranks them by the cost model, and measures the most
-promising few for real: applied through explicit model control (a config override, no
-restart), driven through the combiner with closed-loop load. The best measured candidate is
-taken if it beats the current plan; the search stops when none does or the budget of
-measurements is spent. After every measurement the best plan so far and the history are
-written to the checkpoint, so an interrupted search keeps what it found.
+The search is :func:`orchestrator.allocate.climb` itself, with a measuring evaluator (as Model
+Analyzer separates its generators from its measurements): it starts from the cost model's
+plan, measured; each step ranks the moves by the cost model and measures the most promising
+few for real, applied through explicit model control (a config override, no restart) and
+driven through the combiner with closed-loop load. The best measured candidate is taken if it
+beats the current plan; the search stops when none does or the budget of measurements is
+spent. After every measurement the best plan so far and the history are written to the
+checkpoint, so an interrupted search keeps what it found.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,16 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from tritonclient.utils import triton_to_np_dtype
 
-from .allocate import SearchResult, evaluate_moves, moves, problem
+from .allocate import (
+    Evaluation,
+    Moves,
+    Problem,
+    SearchResult,
+    climb,
+    evaluate,
+    evaluate_moves,
+    problem,
+)
 from .bench import ensemble_load
 from .errors import ChorusError
 from .plan import Plan, make_plan
@@ -60,7 +70,13 @@ def tune(
     shape = (max(256, batch), *(d if d > 0 else 1 for d in tensor.shape))
     x = rng.random(shape).astype(triton_to_np_dtype(tensor.dtype))
     batch = min(batch, ensemble.max_batch_size)
-    p = problem(start.members, profile, start.devices, ensemble.max_batch_size)
+    p = problem(
+        start.members,
+        profile,
+        start.devices,
+        ensemble.max_batch_size,
+        latency_target_ms=start.latency_target_ms,
+    )
     ids = [d.id for d in p.devices]
     history: list[tuple[str, float, float]] = []
 
@@ -78,52 +94,76 @@ def tune(
     deployment = Deployment(ensemble, workdir, plan=start)
     with deployment as endpoints, Progress(*columns, disable=not show_progress) as progress:
         task = progress.add_task("measuring the starting plan", total=budget)
+        best: list[tuple[float, Plan]] = []  # the best measured so far
 
-        def measure(plan: Plan, description: str, predicted: float) -> float:
+        def measure(n: np.ndarray, b: np.ndarray, predicted: float) -> float:
+            plan = make_plan(ensemble.name, p, SearchResult(n, b, predicted, 0))
+            what = _describe(best[0][1], plan) if best else "start (cost model's plan)"
+            progress.update(task, description=f"measuring: {what}")
             deployment.apply(plan)
             load = ensemble_load(endpoints.ensemble, x, batch, concurrency, seconds)
-            history.append((description, predicted, load.samples_per_s))
+            history.append((what, predicted, load.samples_per_s))
             progress.advance(task)
+            if not best or load.samples_per_s > best[0][0]:
+                best[:] = [(load.samples_per_s, plan)]
+            _checkpoint(checkpoint, plan_out, best[0][1], best[0][0], history)
             return load.samples_per_s
 
-        best, best_measured = (
-            start,
-            measure(start, "start (cost model's plan)", start.predicted_throughput),
+        n, b = arrays(start)
+        climb(
+            p,
+            (n, b),
+            max_evaluations=budget,
+            evaluator=_Measuring(measure, candidates_per_step, budget, history),
         )
-        _checkpoint(checkpoint, plan_out, best, best_measured, history)
-        while len(history) < budget:
-            n, b = arrays(best)
-            mv = moves(n, b, len(p.batch_sizes))
-            e = evaluate_moves(p, n, b, mv)
-            ranked = [
-                int(k)
-                for k in np.argsort(-np.where(e.feasible, e.throughput, -1.0), kind="stable")
-                if e.feasible[k]
-            ]
-            step_best: tuple[float, Plan] | None = None
-            for k in ranked[: min(candidates_per_step, budget - len(history))]:
-                n2, b2 = mv.apply(k, n, b)
-                candidate = make_plan(
-                    ensemble.name, p, SearchResult(n2, b2, float(e.throughput[k]), 0)
-                )
-                what = _describe(best, candidate)
-                progress.update(task, description=f"measuring: {what}")
-                got = measure(candidate, what, candidate.predicted_throughput)
-                if got > best_measured and (step_best is None or got > step_best[0]):
-                    step_best = (got, candidate)
-                _checkpoint(
-                    checkpoint,
-                    plan_out,
-                    step_best[1] if step_best else best,
-                    max(best_measured, step_best[0] if step_best else 0),
-                    history,
-                )
-            if step_best is None:
-                break
-            best_measured, best = step_best
-        deployment.apply(best)
-    _checkpoint(checkpoint, plan_out, best, best_measured, history)
-    return TuneResult(best, best_measured, len(history), tuple(history))
+        best_measured, best_plan = best[0]
+        deployment.apply(best_plan)
+    _checkpoint(checkpoint, plan_out, best_plan, best_measured, history)
+    return TuneResult(best_plan, best_measured, len(history), tuple(history))
+
+
+class _Measuring:
+    """The planner's climb, scored on the live Triton: of each step's moves, the cost model's
+    best few are measured; the rest count as not tried. No look-ahead (every look costs a
+    measurement)."""
+
+    lookahead = False
+
+    def __init__(
+        self,
+        measure: Callable[[np.ndarray, np.ndarray, float], float],
+        per_step: int,
+        budget: int,
+        history: list[tuple[str, float, float]],
+    ) -> None:
+        self._measure, self._per_step, self._budget, self._history = (
+            measure,
+            per_step,
+            budget,
+            history,
+        )
+
+    def current(self, p: Problem, n: np.ndarray, b: np.ndarray) -> Evaluation:
+        predicted = float(evaluate(p, n[None], b[None]).throughput[0])
+        got = self._measure(n, b, predicted)
+        return Evaluation(
+            np.array([got]), np.zeros(1, dtype=int), np.ones(1, dtype=bool), np.zeros(1)
+        )
+
+    def candidates(
+        self, p: Problem, n: np.ndarray, b: np.ndarray, mv: Moves
+    ) -> tuple[Evaluation, int]:
+        e = evaluate_moves(p, n, b, mv)
+        ranked = [int(k) for k in np.argsort(-e.throughput, kind="stable") if e.feasible[k]]
+        room = max(0, self._budget - len(self._history))
+        measured = np.zeros(len(mv))
+        tried = np.zeros(len(mv), dtype=bool)
+        for k in ranked[: min(self._per_step, room)]:
+            n2, b2 = mv.apply(k, n, b)
+            measured[k] = self._measure(n2, b2, float(e.throughput[k]))
+            tried[k] = True
+        none = np.zeros(len(mv))
+        return Evaluation(measured, none.astype(int), tried, none), int(tried.sum())
 
 
 def _describe(old: Plan, new: Plan) -> str:

@@ -11,8 +11,10 @@ from orchestrator.allocate import (
     evaluate_moves,
     exhaustive,
     greedy,
+    member_latency,
     moves,
     problem,
+    sequential_throughput,
     worst_fit,
 )
 from orchestrator.errors import InfeasibleError
@@ -143,6 +145,103 @@ def test_incremental_evaluation_of_moves_equals_full_evaluation():
         ok = full.feasible
         np.testing.assert_allclose(fast.throughput[ok], full.throughput[ok], rtol=1e-9)
         np.testing.assert_array_equal(fast.binding[ok], full.binding[ok])
+        np.testing.assert_allclose(fast.congestion[ok], full.congestion[ok], rtol=1e-6)
+
+
+def test_incremental_evaluation_checks_the_latency_target_as_the_full_one_does():
+    rng = np.random.default_rng(8)
+    members = {f"m{i}": curve(rng.uniform(1, 6), rng.uniform(1, 9)) for i in range(3)}
+    profile = Profile({m: {"gpu": c} for m, c in members.items()})
+    p = problem(list(members), profile, gpus(3, memory_gb=24), 64, latency_target_ms=60)
+    rejected = 0
+    for _ in range(8):
+        n = rng.integers(0, 3, (3, 3))
+        n[:, 0] += n.sum(axis=1) == 0
+        b = rng.integers(0, len(p.batch_sizes), 3)
+        mv = moves(n, b, len(p.batch_sizes))
+        fast = evaluate_moves(p, n, b, mv)
+        each = [mv.apply(k, n, b) for k in range(len(mv))]
+        full = evaluate(p, np.stack([x[0] for x in each]), np.stack([x[1] for x in each]))
+        np.testing.assert_array_equal(fast.feasible, full.feasible)
+        rejected += int((~full.feasible).sum())
+    assert rejected > 0  # the target did bind somewhere
+
+
+def test_the_paper_baseline_never_oversubscribes_a_device():
+    """One instance each, at the batch size best for it among those that still fit beside
+    the others: on tight random devices, the memory it plans never exceeds a device's."""
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        members = {
+            f"m{i}": curve(rng.uniform(1, 5), rng.uniform(1, 9), rng.uniform(0.05, 1), 200)
+            for i in range(6)
+        }
+        p = problem(
+            list(members),
+            Profile({m: {"gpu": c} for m, c in members.items()}),
+            gpus(3, memory_gb=rng.uniform(12, 20)),
+            64,
+        )
+        n, b = worst_fit(p)
+        assert (n.sum(axis=1) == 1).all()
+        memory = p.memory.transpose(0, 2, 1)[np.arange(len(members)), b]
+        assert ((n * memory).sum(axis=0) <= p.capacity).all()
+        assert evaluate(p, n[None], b[None]).feasible[0]
+        concurrent = evaluate(p, n[None], b[None]).throughput[0]
+        sequential = sequential_throughput(p, n, b)
+        assert 0 < sequential < concurrent
+
+
+def test_with_a_latency_target_no_member_waits_longer_than_it():
+    rng = np.random.default_rng(9)
+    members = {
+        f"m{i}": curve(rng.uniform(1, 4), rng.uniform(2, 9), rng.uniform(0.2, 1)) for i in range(4)
+    }
+    profile = Profile({m: {"gpu": c} for m, c in members.items()})
+    devices = gpus(2, memory_gb=16)
+    free = greedy(problem(list(members), profile, devices, 64))
+    p_free = problem(list(members), profile, devices, 64)
+    slowest = member_latency(p_free, free.instances, free.batch, free.throughput).max()
+    target_ms = slowest * 1000 / 3  # well below what the unconstrained plan needs
+    p = problem(list(members), profile, devices, 64, latency_target_ms=target_ms)
+    bound = greedy(p)
+    assert bound.throughput > 0
+    latency = member_latency(p, bound.instances, bound.batch, bound.throughput)
+    assert (latency <= target_ms / 1000 * (1 + 1e-9)).all()
+    assert bound.throughput <= free.throughput * (1 + 1e-9)
+
+
+def test_an_unreachable_latency_target_is_infeasible_with_the_numbers():
+    members = {"m": curve(2, fixed_ms=20)}
+    with pytest.raises(InfeasibleError, match=r"latency target of 5 ms.*'m'.*20\.5 ms"):
+        plan_ensemble(
+            "e",
+            ["m"],
+            64,
+            Profile({"m": {"gpu": members["m"]}}),
+            gpus(1),
+            latency_target_ms=5,
+        )
+
+
+def test_the_search_matches_the_exact_optimum_on_small_cases():
+    rng = np.random.default_rng(21)
+    for _ in range(12):
+        members = {
+            f"m{i}": curve(
+                rng.uniform(1, 6), rng.uniform(1, 9), rng.uniform(0.05, 1), rng.uniform(1, 50)
+            )
+            for i in range(2)
+        }
+        p = problem(
+            list(members),
+            Profile({m: {"gpu": c} for m, c in members.items()}),
+            gpus(2, memory_gb=rng.uniform(6, 16)),
+            16,
+        )
+        best = exhaustive(p, max_instances=3)
+        found = greedy(p)
+        assert found.throughput >= best.throughput * (1 - 1e-9)
 
 
 def test_greedy_never_oversubscribes_and_beats_worst_fit_alone():
@@ -278,3 +377,75 @@ def test_plan_cli_exits_2_on_a_bad_hardware_file(planning_files):
     result = plan_cli(d)
     assert result.returncode == 2
     assert "nodes[0].devices[0].kind" in result.stderr
+
+
+def test_plan_cli_draws_the_allocation_matrix(planning_files):
+    d = planning_files
+    result = plan_cli(d, "--png", str(d / "plan.png"))
+    assert result.returncode == 0, result.stderr
+    png = (d / "plan.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+    assert "samples/s" in result.stdout and "requests/s" not in result.stdout
+    assert "predicted latency ms" in result.stdout
+
+
+def test_plan_cli_names_devices_the_profile_cannot_plan_and_borrows_on_request(planning_files):
+    """Two GPUs and a CPU, a profile measured on the CPU only: the GPUs are named as left
+    empty, with how to plan them; nothing from numpy reaches the user."""
+    d = planning_files
+    profile = __import__("json").loads((d / "profile.json").read_text())
+    for curves in profile["members"].values():
+        curves["cpu"] = curves.pop("gpu")
+    (d / "profile.json").write_text(__import__("json").dumps(profile))
+    (d / "hw.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "nodes": [
+                    {
+                        "name": "n0",
+                        "devices": [
+                            {"kind": "gpu", "index": 0, "memory_gb": 16, "speed": 4.0},
+                            {"kind": "gpu", "index": 1, "memory_gb": 16, "speed": 4.0},
+                            {"kind": "cpu", "cores": 8, "memory_gb": 64},
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    result = plan_cli(d, "--json")
+    assert result.returncode == 0, result.stderr
+    err = " ".join(result.stderr.split())
+    for gpu in ("n0/gpu0", "n0/gpu1"):
+        assert f"{gpu}: {d / 'profile.json'} has no curve for a, b on it (left empty)" in err
+    assert "chorus profile" in err and "--borrow-curves" in err
+    assert "Warning" not in result.stderr
+    plan = __import__("json").loads(result.stdout)
+    assert all(set(v) == {"n0/cpu0"} for v in plan["instances"].values())
+
+    borrowed = plan_cli(d, "--json", "--borrow-curves")
+    assert borrowed.returncode == 0, borrowed.stderr
+    assert "no curve" not in borrowed.stderr and "Warning" not in borrowed.stderr
+    plan = __import__("json").loads(borrowed.stdout)
+    used = {dev for v in plan["instances"].values() for dev in v}
+    assert used & {"n0/gpu0", "n0/gpu1"}
+
+
+def test_a_latency_target_in_the_ensemble_file_bounds_every_member(planning_files):
+    d = planning_files
+    free = __import__("json").loads(plan_cli(d, "--json").stdout)
+    slowest = max(free["predicted_latency_ms"].values())
+    spec = yaml.safe_load((d / "ensemble.yaml").read_text())
+    spec["serving"] = {"max_batch_size": 64, "latency_target_ms": round(slowest / 2, 3)}
+    (d / "ensemble.yaml").write_text(yaml.safe_dump(spec))
+    result = plan_cli(d, "--json")
+    assert result.returncode == 0, result.stderr
+    plan = __import__("json").loads(result.stdout)
+    assert plan["latency_target_ms"] == round(slowest / 2, 3)
+    assert max(plan["predicted_latency_ms"].values()) <= slowest / 2 + 1e-6
+
+    spec["serving"]["latency_target_ms"] = 1.0  # below one batch of 1 (5 ms)
+    (d / "ensemble.yaml").write_text(yaml.safe_dump(spec))
+    result = plan_cli(d)
+    assert result.returncode == 3
+    assert "latency target of 1 ms" in " ".join(result.stderr.split())

@@ -10,9 +10,11 @@ from tests.cli import chorus
 from tests.onnx_models import linear
 
 
-def _hardware(path, gpus: int) -> None:
+def _hardware(path, gpus: int, nodes: int = 1) -> None:
     devices = [{"kind": "gpu", "index": i, "memory_gb": 16} for i in range(gpus)]
-    path.write_text(yaml.safe_dump({"nodes": [{"name": "node0", "devices": devices}]}))
+    path.write_text(
+        yaml.safe_dump({"nodes": [{"name": f"node{n}", "devices": devices} for n in range(nodes)]})
+    )
 
 
 def test_regenerate_configs_is_idempotent_and_reports_what_moved(tmp_path):
@@ -73,3 +75,11 @@ def test_regenerate_configs_is_idempotent_and_reports_what_moved(tmp_path):
     assert grown.returncode == 0, grown.stderr
     assert "instances 1x gpu0 ->" in grown.stdout
     assert "file(s) rewritten" in grown.stdout
+
+    _hardware(tmp_path / "hw.yaml", gpus=2, nodes=4)  # four nodes: one repository each
+    spread = chorus(*args)
+    assert spread.returncode == 0, spread.stderr
+    nodes = {p.relative_to(repo).parts[0] for p in repo.glob("node*/*/config.pbtxt")}
+    assert nodes == {"node0", "node1", "node2", "node3"}
+    again = chorus(*args)
+    assert again.stdout.strip() == f"{repo}: unchanged"

@@ -162,3 +162,27 @@ def test_describe_changes_names_moves_and_batch_sizes_and_is_empty_when_nothing_
     changes = describe_changes(repo, moved)
     assert any(line.startswith("a: instances") and line.endswith("-> 3x gpu1") for line in changes)
     assert any(line.startswith("b: batch size") and line.endswith("-> 1") for line in changes)
+
+
+def test_a_plan_over_four_nodes_renders_and_round_trips(ensemble, tmp_path):
+    from orchestrator.plan import load_plan
+    from orchestrator.render import describe_changes, render_plan
+
+    nodes = ("n0", "n1", "n2", "n3")
+    plan = _gpu_plan(ensemble, nodes=nodes)
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    plan = load_plan(tmp_path / "plan.json")
+    render_plan(ensemble, plan, tmp_path / "repo", "python")
+    assert describe_changes(tmp_path / "repo", plan) == []
+    placed = 0
+    for node in nodes:
+        for member in plan.members:
+            here = {d: c for d, c in plan.instances[member].items() if d.startswith(node + "/")}
+            path = tmp_path / "repo" / node / member / "config.pbtxt"
+            assert path.is_file() == bool(here)
+            if here:
+                config = parse_config(path.read_text(), member)
+                assert sum(g.count for g in config.instance_group) == sum(here.values())
+                placed += sum(here.values())
+    assert placed == sum(sum(v.values()) for v in plan.instances.values())
+    assert len({d.split("/")[0] for v in plan.instances.values() for d in v}) == 4
