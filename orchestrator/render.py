@@ -179,6 +179,9 @@ def render_plan(ensemble: Ensemble, plan: Plan, repo: Path, backend: Backend) ->
             changed += render_repository(
                 ensemble, target, backend, groups, plan.max_batch_size, cpu_threads(plan, node)
             )
+        changed += _remove_members(ensemble, target, keep=set(groups))
+    if len(nodes) > 1:  # what a single-node plan left at the top
+        changed += _remove_members(ensemble, repo, keep=set(), fanout=True)
     if len(nodes) == 1 and ensemble.outputs:
         name = fanout_name(ensemble)
         text = render_fanout(ensemble, min(plan.max_batch_size.values()))
@@ -186,6 +189,24 @@ def render_plan(ensemble: Ensemble, plan: Plan, repo: Path, backend: Backend) ->
             changed.append(repo / name / "config.pbtxt")
         (repo / name / "1").mkdir(parents=True, exist_ok=True)
     return changed
+
+
+def _remove_members(
+    ensemble: Ensemble, repo: Path, keep: set[str], fanout: bool = False
+) -> list[Path]:
+    """Delete the directories of this ensemble's members (and with ``fanout``, of its fan-out
+    model) that ``repo`` holds but should not: Triton would load them. Nothing else is
+    touched."""
+    names = [m.name for m in ensemble.members if m.name not in keep]
+    if fanout:
+        names.append(fanout_name(ensemble))
+    removed = []
+    for name in names:
+        path = repo / name
+        if (path / "config.pbtxt").is_file():
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 def fanout_name(ensemble: Ensemble) -> str:
@@ -257,6 +278,10 @@ def describe_changes(repo: Path, plan: Plan) -> list[str]:
                     f"{where}{member}: batch size {old.max_batch_size} -> "
                     f"{plan.max_batch_size[member]}"
                 )
+        placed = set(instance_groups(plan, node))
+        for member in plan.members:
+            if member not in placed and (target / member / "config.pbtxt").is_file():
+                lines.append(f"{where}{member}: removed (no instance on {node} any more)")
     return lines
 
 

@@ -186,3 +186,26 @@ def test_a_plan_over_four_nodes_renders_and_round_trips(ensemble, tmp_path):
                 placed += sum(here.values())
     assert placed == sum(sum(v.values()) for v in plan.instances.values())
     assert len({d.split("/")[0] for v in plan.instances.values() for d in v}) == 4
+
+
+def test_a_member_that_leaves_a_node_leaves_its_repository(ensemble, tmp_path):
+    """Triton on that node would still load it: regenerating removes it, and says so; a
+    single-node repository's members go when the plan spreads over nodes."""
+    from dataclasses import replace
+
+    from orchestrator.render import describe_changes, render_plan
+
+    repo = tmp_path / "repo"
+    render_plan(ensemble, _gpu_plan(ensemble), repo, "python")  # one node, at the top
+    assert (repo / "a" / "config.pbtxt").is_file()
+    plan = _gpu_plan(ensemble, nodes=("n0", "n1"))
+    plan = replace(plan, instances={**plan.instances, "a": {"n0/gpu0": 1, "n1/gpu1": 1}})
+    render_plan(ensemble, plan, repo, "python")
+    assert not (repo / "a").exists() and not (repo / "b").exists()
+    assert (repo / "n1" / "a" / "config.pbtxt").is_file()
+    moved = replace(plan, instances={**plan.instances, "a": {"n0/gpu0": 2}})
+    assert "[n1] a: removed (no instance on n1 any more)" in describe_changes(repo, moved)
+    removed = render_plan(ensemble, moved, repo, "python")
+    assert repo / "n1" / "a" in removed
+    assert not (repo / "n1" / "a").exists() and (repo / "n1" / "b" / "config.pbtxt").is_file()
+    assert describe_changes(repo, moved) == []
