@@ -114,10 +114,10 @@ def main() -> None:
 
     ratios = np.array([r[4] for r in rows])
     lines = [
-        "# Planner: greedy vs exhaustive search",
+        "# Planner: the search vs exhaustive search",
         "",
         f"`python -m benchmarks.planner --cases {args.cases} --seed {args.seed}`; predicted "
-        "throughput (requests/s) from the cost model; exhaustive tries every allocation with "
+        "throughput (samples/s) from the cost model; exhaustive tries every allocation with "
         "0-3 instances per member and device (at least one per member) and every batch size "
         "1-64 for each member.",
         "",
@@ -139,11 +139,10 @@ def main() -> None:
         "",
         "## Planning time, 12 members onto 16 GPUs of 32 GiB",
         "",
-        "Random profiles (5-14 GiB per instance); the greedy runs from worst-fit twice (each "
-        "member at its most efficient batch size, then at the smallest, capped at 50,000 "
-        "evaluations).",
+        "Random profiles (5-14 GiB per instance); the default search (`effort` 1: climbs from "
+        "worst-fit and from a 4-GPU plan tiled over the 16, then iterated local search).",
         "",
-        "| profile | planning s | allocations evaluated | instances placed | predicted req/s |",
+        "| profile | planning s | allocations evaluated | instances placed | predicted samples/s |",
         "|---:|---:|---:|---:|---:|",
         *(
             f"| {i} | {s:.3f} | {r.evaluations} | {int(r.instances.sum())} | {r.throughput:.1f} |"

@@ -5,9 +5,13 @@
 For each allocation, the cost model's predicted throughput and the throughput measured through
 the combiner at the same closed-loop client load, side by side in one run:
 
-* Chorus's plan (worst-fit + greedy on the measured profile), members called concurrently;
-* the paper's baseline: one instance per member, each at its own best batch size, members
-  called one after another per batch;
+* Chorus's plan (worst-fit + the search on the measured profile), members called
+  concurrently;
+* the paper's baseline: one instance per member spread by worst-fit, each at the batch size
+  best for it among those that fit beside the others (orchestrator.allocate.worst_fit), run
+  two ways, each predicted with its own execution model: sequential (members one after
+  another, one client at a time, as the paper's: predicted 1 / sum_m(1 / T_m)) and concurrent
+  (predicted by the cost model Chorus plans with);
 * two more allocations, to check the cost model: one instance each at batch 8, and two
   instances each at batch 64.
 
@@ -25,23 +29,18 @@ from pathlib import Path
 
 from benchmarks.report import publish
 from examples.digits.train import HERE, load_split, train_members
+from orchestrator.allocate import SearchResult, problem, sequential_throughput, worst_fit
 from orchestrator.bench import Load, ensemble_load, member_load
 from orchestrator.hardware import discover
 from orchestrator.measure import measure_profile
-from orchestrator.plan import Plan, one_instance_each, plan_ensemble, predict
-from orchestrator.profile import Profile
+from orchestrator.plan import Plan, make_plan, one_instance_each, plan_ensemble, predict
 from orchestrator.spec import Ensemble, load_ensemble
 from orchestrator.up import Deployment
 
 
-def serve_and_load(ensemble: Ensemble, plan: Plan, work: Path, x, args, fan_out="concurrent"):
+def serve_and_load(ensemble: Ensemble, plan: Plan, work: Path, x, args, fan_out, clients):
     with Deployment(ensemble, work, plan=plan, fan_out=fan_out) as endpoints:
-        return ensemble_load(endpoints.ensemble, x, args.batch, args.concurrency, args.seconds)
-
-
-def best_batch(profile: Profile, member: str, kind: str = "cpu") -> int:
-    curve = profile.members[member][kind]
-    return max(curve.latency_ms, key=lambda p: p[0] / p[1])[0]
+        return ensemble_load(endpoints.ensemble, x, args.batch, clients, args.seconds)
 
 
 def main() -> None:
@@ -65,21 +64,26 @@ def main() -> None:
     profile = measure_profile(ensemble, root / "profile", seconds_per_point=0.2)
 
     planned = plan_ensemble(ensemble.name, names, ensemble.max_batch_size, profile, devices)
+    p = problem(names, profile, devices, ensemble.max_batch_size)
+    n0, b0 = worst_fit(p)
+    baseline = make_plan(ensemble.name, p, SearchResult(n0, b0, 0.0, 0))
+    sequential = sequential_throughput(p, n0, b0)
     single = one_instance_each(ensemble.name, names, devices, ensemble.max_batch_size)
     (cpu,) = {d for per in single.instances.values() for d in per}
-    baseline = replace(single, max_batch_size={m: best_batch(profile, m) for m in names})
     at8 = replace(single, max_batch_size=dict.fromkeys(names, 8))
     twice = replace(single, instances={m: {cpu: 2} for m in names})
-    cases = [
-        ("Chorus plan", planned, "concurrent"),
-        ("baseline (paper)", baseline, "sequential"),
-        ("1 each, batch 8", at8, "concurrent"),
-        ("2 each, batch 64", twice, "concurrent"),
+    c = args.concurrency
+    cases = [  # label, plan, fan-out, clients, prediction
+        ("Chorus plan", planned, "concurrent", c, predict(planned, profile)),
+        ("baseline, sequential", baseline, "sequential", 1, sequential),
+        ("baseline, concurrent", baseline, "concurrent", c, predict(baseline, profile)),
+        ("1 each, batch 8", at8, "concurrent", c, predict(at8, profile)),
+        ("2 each, batch 64", twice, "concurrent", c, predict(twice, profile)),
     ]
-    rows: list[tuple[str, Plan, float, Load]] = []
-    for i, (label, plan, fan_out) in enumerate(cases):
-        load = serve_and_load(ensemble, plan, root / f"case{i}", x, args, fan_out)
-        rows.append((label, plan, predict(plan, profile), load))
+    rows: list[tuple[str, Plan, str, int, float, Load]] = []
+    for i, (label, plan, fan_out, clients, predicted) in enumerate(cases):
+        load = serve_and_load(ensemble, plan, root / f"case{i}", x, args, fan_out, clients)
+        rows.append((label, plan, fan_out, clients, predicted, load))
         print(f"{label}: {load.samples_per_s:,.0f} samples/s", flush=True)
 
     peaks = {}
@@ -101,8 +105,9 @@ def main() -> None:
         print(f"{m.name} alone: {peaks[m.name].samples_per_s:,.0f} samples/s", flush=True)
     limit = 1.0 / sum(1.0 / p.samples_per_s for p in peaks.values())
 
-    plan_load = rows[0][3].samples_per_s
-    base_load = rows[1][3].samples_per_s
+    plan_load = rows[0][5].samples_per_s
+    sequential_load = rows[1][5].samples_per_s
+    concurrent_load = rows[2][5].samples_per_s
     lines = [
         "# Served: the digits ensemble under Chorus's plan, the baseline, and the cost model",
         "",
@@ -111,25 +116,27 @@ def main() -> None:
         f"{devices[-1].cores} CPU cores ({devices[-1].name}), no GPU, the bundled Triton 2.51 "
         "(Python backend running onnxruntime, 1 intra-op thread per instance). Closed loop: "
         f"{args.concurrency} clients, {args.batch} rows per request, {args.seconds} s each, "
-        "all through the combiner. Throughputs in samples (rows) per second.",
+        "all through the combiner (the sequential baseline: one client, so that one member "
+        "runs at a time, as its prediction assumes). Throughputs in samples (rows) per second.",
         "",
         "| allocation | instances (mlp, mlp_bagged, cnn, wide_cnn) | batch sizes | fan-out | "
-        "predicted | measured | error | p50 ms | p99 ms |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "clients | predicted | measured | error | p50 ms | p99 ms |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, plan, predicted, load in rows:
+    for label, plan, fan_out, clients, predicted, load in rows:
         counts = ", ".join(str(sum(plan.instances[m].values())) for m in names)
         sizes = ", ".join(str(plan.max_batch_size[m]) for m in names)
-        fan = "sequential" if label.startswith("baseline") else "concurrent"
         error = (predicted - load.samples_per_s) / load.samples_per_s
         lines.append(
-            f"| {label} | {counts} | {sizes} | {fan} | {predicted:,.0f} | "
+            f"| {label} | {counts} | {sizes} | {fan_out} | {clients} | {predicted:,.0f} | "
             f"{load.samples_per_s:,.0f} | {error:+.0%} | {load.p50_ms:.1f} | "
             f"{load.p99_ms:.1f} |"
         )
     lines += [
         "",
-        f"**Chorus plan / baseline: {plan_load / base_load:.2f}x** (measured side by side).",
+        f"**Chorus plan / baseline: {plan_load / sequential_load:.2f}x against the sequential "
+        f"baseline, {plan_load / concurrent_load:.2f}x against the concurrent one** (measured "
+        "side by side).",
         "",
         "Each member alone on the whole machine (its own plan, called directly on Triton at "
         "the same concurrency, batches of its planned size), measured: "
