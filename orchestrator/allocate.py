@@ -7,15 +7,18 @@ fits, change a member's batch size, move or remove an instance) until no move he
 
 The cost model (``evaluate``), for an allocation N[m, d] (instances) and batch sizes b[m]:
 
-* one instance of member m on device d serves ``r[m, d] = b / latency(b)`` samples per second
-  while it runs (the profile's latency, divided by the device's ``speed``);
-* member m's capacity is ``T_m = sum_d N[m, d] * r[m, d]``; a request stream of T requests per
+* one instance of member m on device d serves ``r[m, d] = b / busy(b)`` samples per second
+  while it runs (the profile's busy time per batch where measured, else its latency, divided
+  by the device's ``speed``);
+* member m's capacity is ``T_m = sum_d N[m, d] * r[m, d]``; a stream of T samples per
   second is spread over its instances in proportion to their speed, so every instance of m is
   busy a fraction ``T / T_m`` of the time;
 * a device runs ``lanes`` instances side by side at full speed (a GPU 1, a CPU its cores);
   beyond that its instances share it, so ``sum_m N[m, d] * T / T_m <= lanes[d]``;
-* the ensemble's throughput is the largest T meeting every constraint:
-  ``T = min(min_m T_m, min_d lanes[d] / sum_m N[m, d] / T_m)``.
+* on a CPU device, where the profile measured them, the CPU Triton spends per sample on the
+  members' calls there, plus the combiner's per sample (``host``), fit in its cores:
+  ``T * (sum_m N[m, d] * r[m, d] / T_m * cpu[m, d] + host[d]) <= lanes[d]``;
+* the ensemble's throughput is the largest T meeting every constraint.
 
 Several allocations often share the best T (another member or device still limits it); among
 equal T, the search prefers fewer binding constraints, which is what lets it add an instance to
@@ -27,7 +30,7 @@ so lowering it frees the bottlenecks of many devices before any single move can 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -72,6 +75,16 @@ class Problem:
     capacity: np.ndarray  # (D,) bytes free
     lanes: np.ndarray  # (D,)
     latency_target: float | None = None  # seconds: no member's fill + service time beyond it
+    # where measured (chorus profile): samples/s of one call's round trip (the rate above is
+    # of the instance's busy time), Triton's CPU seconds per sample on CPU devices, and what a
+    # request of rows_per_request rows costs beyond its members: CPU seconds per sample on
+    # host_device (the combiner's), seconds of latency per request
+    call_rate: np.ndarray | None = None  # (M, D, B)
+    cpu: np.ndarray | None = None  # (M, D, B)
+    host_cpu: float = 0.0
+    host_device: int = -1
+    host_latency: float = 0.0
+    rows_per_request: int = 1
 
     def __post_init__(self) -> None:
         # (M, B, D) copies for evaluate(); "cannot run" memory made finite so that 0 * it is 0
@@ -80,9 +93,18 @@ class Problem:
         object.__setattr__(self, "_memory_mbd", np.ascontiguousarray(finite.transpose(0, 2, 1)))
         sizes = np.array(self.batch_sizes, dtype=float)
         object.__setattr__(self, "_sizes", sizes)
-        with np.errstate(divide="ignore"):  # seconds one batch takes; inf where it cannot run
-            service = np.where(self.rate > 0, sizes / self.rate, np.inf)
+        call = self.rate if self.call_rate is None else self.call_rate
+        object.__setattr__(self, "_call_mbd", np.ascontiguousarray(call.transpose(0, 2, 1)))
+        with np.errstate(divide="ignore"):  # seconds one call takes; inf where it cannot run
+            service = np.where(call > 0, sizes / call, np.inf)
         object.__setattr__(self, "_service_mbd", np.ascontiguousarray(service.transpose(0, 2, 1)))
+        cpu = np.zeros_like(self.rate) if self.cpu is None else self.cpu
+        object.__setattr__(self, "_cpu_mbd", np.ascontiguousarray(cpu.transpose(0, 2, 1)))
+        host = np.zeros(len(self.devices))
+        if self.host_device >= 0:
+            host[self.host_device] = self.host_cpu
+        object.__setattr__(self, "_host", host)
+        object.__setattr__(self, "_counts_cpu", bool(cpu.any() or host.any()))
 
 
 def problem(
@@ -93,10 +115,13 @@ def problem(
     profile_file: str | Path = "profile",
     latency_target_ms: float | None = None,
     borrow_curves: bool = False,
+    clients_on_host: bool = False,
 ) -> Problem:
     """The arrays for these members on these devices; a device with no curve for a member
     cannot hold it (``borrow_curves``: it runs the member's curve of another device, scaled by
-    its ``speed``)."""
+    its ``speed``). Where the profile measured them, an instance is busy for its service time
+    (not the call's round trip), and the CPU that Triton spends per call and the combiner per
+    request (``clients_on_host``: and the clients) count against the first CPU device."""
     curves = {m: [profile.curve(m, d, borrow_curves) for d in devices] for m in members}
     sizes = sorted(
         {b for cs in curves.values() for c in cs if c for b in c.batch_sizes if b <= max_batch_size}
@@ -114,16 +139,29 @@ def problem(
         raise SpecError(profile_file, "members", f"no batch size up to {max_batch_size} measured")
     shape = (len(members), len(devices), len(sizes))
     rate = np.zeros(shape)
+    call_rate = np.zeros(shape)
+    cpu = np.zeros(shape)
     memory = np.full(shape, np.inf)
     for i, m in enumerate(members):
         for j, (d, c) in enumerate(zip(devices, curves[m], strict=True)):
             if c is None:
                 continue
             for k, b in enumerate(sizes):
-                latency = c.latency(b)
-                if latency is not None:
-                    rate[i, j, k] = b / (latency / 1000.0 / d.speed)
+                latency, service = c.latency(b), c.service(b)
+                if latency is not None and service is not None:
+                    rate[i, j, k] = b / (service / 1000.0 / d.speed)
+                    call_rate[i, j, k] = b / (latency / 1000.0 / d.speed)
                     memory[i, j, k] = c.memory(b)
+                    if d.kind == "cpu":
+                        cpu[i, j, k] = c.cpu(b) / 1000.0 / d.speed / b
+    cpus = [j for j, d in enumerate(devices) if d.kind == "cpu"]
+    host = profile.host
+    host_cpu = host_latency = 0.0
+    rows = 1
+    if host is not None and cpus:
+        spent = host.combiner_cpu_ms + (host.client_cpu_ms if clients_on_host else 0.0)
+        host_cpu, rows = spent / 1000.0 / host.rows, host.rows
+        host_latency = host.latency_ms / 1000.0
     return Problem(
         members=tuple(members),
         devices=tuple(devices),
@@ -133,6 +171,12 @@ def problem(
         capacity=np.array([d.free_bytes for d in devices], dtype=float),
         lanes=np.array([d.lanes for d in devices], dtype=float),
         latency_target=None if latency_target_ms is None else latency_target_ms / 1000.0,
+        call_rate=call_rate,
+        cpu=cpu,
+        host_cpu=host_cpu,
+        host_device=cpus[0] if cpus else -1,
+        host_latency=host_latency,
+        rows_per_request=rows,
     )
 
 
@@ -156,6 +200,12 @@ def evaluate(p: Problem, n: np.ndarray, b: np.ndarray) -> Evaluation:
     load = np.einsum("kmd,km->kd", n, 1.0 / safe_rate)  # (K, D): lanes busy per request/s
     with np.errstate(divide="ignore"):
         device_limit = np.where(load > 0, p.lanes / load, np.inf)
+    if p._counts_cpu:  # type: ignore[attr-defined]
+        cpu = p._cpu_mbd[members, b]  # type: ignore[attr-defined]  # (K, M, D) s per sample
+        share = n * rate / safe_rate[:, :, None]  # of each member's samples, done on d
+        need = np.einsum("kmd,kmd->kd", share, cpu) + p._host  # type: ignore[attr-defined]
+        with np.errstate(divide="ignore"):
+            device_limit = np.minimum(device_limit, np.where(need > 1e-15, p.lanes / need, np.inf))
     limits = np.concatenate([member_rate, device_limit], axis=1)
     throughput = limits.min(axis=1)
     binding = (limits <= throughput[:, None] * (1 + _EPS)).sum(axis=1)
@@ -196,13 +246,14 @@ def member_latency(p: Problem, n: np.ndarray, b: np.ndarray, throughput: float) 
 
 def sequential_throughput(p: Problem, n: np.ndarray, b: np.ndarray) -> float:
     """The throughput when the members run one after another on each batch (the paper's
-    baseline execution: one member at a time), 0 if the allocation does not fit."""
+    baseline execution: one member at a time, one request at a time): each call's round trip,
+    plus what the request adds where the profile measured it; 0 if it does not fit."""
     members = np.arange(len(p.members))
-    member_rate = (n * p._rate_mbd[members, b]).sum(axis=1)  # type: ignore[attr-defined]
+    member_rate = (n * p._call_mbd[members, b]).sum(axis=1)  # type: ignore[attr-defined]
     used = (n * p._memory_mbd[members, b]).sum(axis=0)  # type: ignore[attr-defined]
     if (member_rate <= 0).any() or (used > p.capacity).any():
         return 0.0
-    return float(1.0 / (1.0 / member_rate).sum())
+    return float(1.0 / ((1.0 / member_rate).sum() + p.host_latency / p.rows_per_request))
 
 
 @dataclass(frozen=True)
@@ -404,6 +455,20 @@ def evaluate_moves(p: Problem, n: np.ndarray, b: np.ndarray, mv: Moves) -> Evalu
     new_load = np.maximum(load + delta, 0.0)
     with np.errstate(divide="ignore"):
         device_limit = np.where(new_load > 1e-15, p.lanes / new_load, np.inf)  # (K, D)
+    if p._counts_cpu:  # type: ignore[attr-defined]
+        cpu_now = p._cpu_mbd[idx, b]  # type: ignore[attr-defined]  # (M, D)
+        share_now = n * rate_now * cpu_now / member_rate[:, None]  # CPU s per sample, by d
+        need = share_now.sum(axis=0) + p._host  # type: ignore[attr-defined]
+        ext_share = np.vstack([share_now, np.zeros((1, n.shape[1]))])
+        new_cpu_rows = p._cpu_mbd[safe_m, bs]  # type: ignore[attr-defined]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_share = np.nan_to_num(
+                rows * new_rate_rows * new_cpu_rows / new_member_rate[:, :, None]
+            )
+            new_need = np.maximum(need + (new_share - ext_share[ms]).sum(axis=1), 0.0)
+            device_limit = np.minimum(
+                device_limit, np.where(new_need > 1e-15, p.lanes / new_need, np.inf)
+            )
     # the slowest member not changed by the candidate: among the three slowest overall
     order = np.argsort(member_rate, kind="stable")[:3]
     slowest_other = np.full(len(ms), np.inf)
@@ -531,15 +596,17 @@ def _tiled(p: Problem, effort: float, seed: int) -> tuple[np.ndarray, np.ndarray
     if not same:
         return None
     for group in (g for g in range(4, devices) if devices % g == 0):
-        sub = Problem(
-            p.members,
-            p.devices[:group],
-            p.batch_sizes,
-            p.rate[:, :group],
-            p.memory[:, :group],
-            p.capacity[:group],
-            p.lanes[:group],
-            p.latency_target,
+        host = p.host_device if p.host_device < group else -1
+        sub = replace(
+            p,
+            devices=p.devices[:group],
+            rate=p.rate[:, :group],
+            memory=p.memory[:, :group],
+            capacity=p.capacity[:group],
+            lanes=p.lanes[:group],
+            call_rate=None if p.call_rate is None else p.call_rate[:, :group],
+            cpu=None if p.cpu is None else p.cpu[:, :group],
+            host_device=host,
         )
         try:
             found = greedy(sub, effort=effort / 3, seed=seed)

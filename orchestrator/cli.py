@@ -222,7 +222,9 @@ def profile(
     workdir: WorkdirOpt = None,
     seconds: Annotated[float, typer.Option(help="measuring time per batch size")] = 0.3,
 ) -> None:
-    """Measure each member on a real Triton: memory per instance, latency per batch size."""
+    """Measure each member on a real Triton: memory per instance, latency, busy time and
+    Triton's CPU per batch size; then what a request costs beyond its members, through the
+    combiner."""
     from .measure import measure_profile
 
     ensemble = load_ensemble(ensemble_file)
@@ -250,6 +252,13 @@ def profile(
                 *(f"{lat[b]:.2f}" if b in lat else "" for b in sizes),
             )
     Console().print(table)
+    host = measured.host
+    if host is not None:
+        console.print(
+            f"per request of {host.rows} rows, through the combiner: combiner CPU "
+            f"{host.combiner_cpu_ms:.2f} ms, client CPU {host.client_cpu_ms:.2f} ms, "
+            f"{host.latency_ms:.2f} ms added to the slowest member's call"
+        )
     console.print(f"wrote {output}")
 
 

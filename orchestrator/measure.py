@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import tritonclient.grpc as grpcclient
 from google.protobuf import json_format
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -25,7 +26,7 @@ from tritonclient.utils import triton_to_np_dtype
 
 from .hardware import Device, discover, gpu_used_bytes
 from .launch import ServerBinary, TritonServer, find_tritonserver
-from .profile import Curve, Profile
+from .profile import Curve, Host, Profile
 from .render import InstanceGroup, parse_config, pick_backend, render_config, render_repository
 from .spec import Ensemble, Member
 
@@ -126,20 +127,73 @@ def measure_profile(
                     override = json_format.MessageToJson(parse_config(text, member.name))
                 headers = server.grpc_headers
                 with _loaded(client, member.name, override, memory, headers) as (before, loaded):
-                    latency = {}
+                    latency, service, cpu = {}, {}, {}
                     for b in sizes:
                         progress.update(
                             task, description=f"{member.name} on {device.kind}, batch {b}"
                         )
-                        latency[b] = _latency_ms(client, member, b, seconds_per_point, headers)
+                        latency[b], service[b], cpu[b] = _latency_ms(
+                            client, member, b, seconds_per_point, headers, server.process.pid
+                        )
                         progress.advance(task)
                     after = memory()
                 results[member.name][device.kind] = Curve(
                     memory_bytes=max(0, loaded - before),
                     memory_per_sample_bytes=max(0, (after - loaded) // sizes[-1]),
                     latency_ms=tuple(sorted(latency.items())),
+                    service_ms=tuple(sorted(service.items())),
+                    cpu_ms=tuple(sorted(cpu.items())),
                 )
-    return Profile(results)
+    slowest = max(
+        (c.latency(ensemble.max_batch_size) or 0.0 for cs in results.values() for c in cs.values()),
+        default=0.0,
+    )
+    host = measure_host(ensemble, workdir / "host", binary, slowest)
+    return Profile(results, host)
+
+
+def measure_host(
+    ensemble: Ensemble,
+    workdir: Path,
+    binary: ServerBinary,
+    member_latency_ms: float,
+    seconds: float = 2.0,
+    concurrency: int = 4,
+) -> Host | None:
+    """What a request costs beyond its members, through the real combiner (one instance of
+    each member, requests of ``max_batch_size`` rows): the combiner's CPU and this process's
+    (the client's) per request at ``concurrency``, and the latency a request adds to its
+    slowest member call (``member_latency_ms``) at concurrency 1. None for ensembles of
+    several inputs (not driven yet)."""
+    from .bench import ensemble_load
+    from .up import Deployment
+
+    if len(ensemble.inputs) != 1:
+        return None
+    (tensor,) = ensemble.inputs
+    rows = ensemble.max_batch_size
+    shape = (max(4 * rows, 256), *(d if d > 0 else 1 for d in tensor.shape))
+    x = np.random.default_rng(0).random(shape).astype(triton_to_np_dtype(tensor.dtype))
+    deployment = Deployment(ensemble, workdir, binary=binary)
+    with deployment as endpoints:
+        assert deployment.combiner is not None and deployment.combiner.proc is not None
+        combiner = deployment.combiner.proc.pid
+        ensemble_load(endpoints.ensemble, x, rows, concurrency, 0.5)  # warm up
+        me = psutil.Process()
+        combiner_before, client_before = _tree_cpu_s(combiner), sum(me.cpu_times()[:2])
+        start = time.perf_counter()
+        load = ensemble_load(endpoints.ensemble, x, rows, concurrency, seconds)
+        elapsed = time.perf_counter() - start
+        requests_per_s = load.samples_per_s / rows
+        combiner_ms = (_tree_cpu_s(combiner) - combiner_before) / elapsed / requests_per_s * 1000
+        client_ms = (sum(me.cpu_times()[:2]) - client_before) / elapsed / requests_per_s * 1000
+        alone = ensemble_load(endpoints.ensemble, x, rows, 1, seconds / 2)
+    return Host(
+        rows=rows,
+        combiner_cpu_ms=combiner_ms,
+        client_cpu_ms=client_ms,
+        latency_ms=max(0.0, alone.p50_ms - member_latency_ms),
+    )
 
 
 def _meter(device: Device, pid: int, member: str, backend: str) -> Callable[[], int]:
@@ -183,7 +237,10 @@ def _latency_ms(
     batch: int,
     seconds: float,
     headers: dict[str, str],
-) -> float:
+    server_pid: int | None = None,
+) -> tuple[float, float, float]:
+    """(median round trip, busy time of the instance per batch from Triton's compute
+    statistics, CPU of Triton's process tree per call) in ms."""
     rng = np.random.default_rng(batch)
     inputs = []
     for t in member.inputs:
@@ -194,10 +251,50 @@ def _latency_ms(
         inputs.append(tensor)
     for _ in range(2):  # warm up
         client.infer(member.name, inputs, headers=headers)
+    busy_before = _busy_ns(client, member.name, headers)
+    cpu_before = _tree_cpu_s(server_pid)
     times: list[float] = []
     end = time.perf_counter() + seconds
     while len(times) < 3 or time.perf_counter() < end:
         start = time.perf_counter()
         client.infer(member.name, inputs, headers=headers)
         times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    cpu = (_tree_cpu_s(server_pid) - cpu_before) * 1000.0 / len(times)
+    busy_ns, executions = (
+        a - b for a, b in zip(_busy_ns(client, member.name, headers), busy_before, strict=True)
+    )
+    service = busy_ns / 1e6 / executions if executions > 0 else statistics.median(times)
+    return statistics.median(times), service, cpu
+
+
+def _busy_ns(
+    client: grpcclient.InferenceServerClient, model: str, headers: dict[str, str]
+) -> tuple[int, int]:
+    """(compute input + infer + output ns, executions) so far, from Triton's statistics."""
+    stats = client.get_inference_statistics(model, headers=headers, as_json=True)
+    total = executions = 0
+    for model_stats in stats.get("model_stats", []):
+        inference = model_stats.get("inference_stats", {})
+        for part in ("compute_input", "compute_infer", "compute_output"):
+            total += int(inference.get(part, {}).get("ns", 0))
+        executions += int(model_stats.get("execution_count", 0))
+    return total, executions
+
+
+def _tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) of a process and its descendants so far."""
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in processes:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total

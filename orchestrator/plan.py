@@ -125,21 +125,30 @@ def _target_message(p: Problem) -> str:
     )
 
 
-def predict(plan: Plan, profile: Profile) -> float:
+def predict(plan: Plan, profile: Profile, clients_on_host: bool = False) -> float:
     """The cost model's throughput for any plan (samples/s), members run concurrently; 0 if
-    it does not fit."""
-    p, n, b = _arrays(plan, profile)
+    it does not fit. ``clients_on_host``: the clients' CPU (measured by chorus profile) counts
+    too, as when a benchmark drives the ensemble from the same machine."""
+    p, n, b = _arrays(plan, profile, clients_on_host)
     return float(evaluate(p, n[None], b[None]).throughput[0])
 
 
 def predict_sequential(plan: Plan, profile: Profile) -> float:
     """The cost model's throughput when the members run one after another on each batch."""
-    p, n, b = _arrays(plan, profile)
+    p, n, b = _arrays(plan, profile, False)
     return sequential_throughput(p, n, b)
 
 
-def _arrays(plan: Plan, profile: Profile) -> tuple[Problem, np.ndarray, np.ndarray]:
-    p = problem(plan.members, profile, plan.devices, max(plan.max_batch_size.values()))
+def _arrays(
+    plan: Plan, profile: Profile, clients_on_host: bool
+) -> tuple[Problem, np.ndarray, np.ndarray]:
+    p = problem(
+        plan.members,
+        profile,
+        plan.devices,
+        max(plan.max_batch_size.values()),
+        clients_on_host=clients_on_host,
+    )
     ids = [d.id for d in plan.devices]
     n = np.array([[plan.instances[m].get(i, 0) for i in ids] for m in plan.members])
     b = np.array([p.batch_sizes.index(plan.max_batch_size[m]) for m in plan.members])

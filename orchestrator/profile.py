@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import SpecError, from_validation
 from .hardware import Device
 
-__all__ = ["Curve", "Profile", "load_profile", "save_profile"]
+__all__ = ["Curve", "Host", "Profile", "load_profile", "save_profile"]
 
 
 @dataclass(frozen=True)
@@ -34,29 +34,57 @@ class Curve:
     memory_bytes: int
     memory_per_sample_bytes: int
     latency_ms: tuple[tuple[int, float], ...]  # (batch size, ms), sorted by batch size
+    # measured by chorus profile on Triton (optional): the time an instance is busy with one
+    # batch (Triton's compute statistics), and the CPU Triton's processes spend on one call
+    service_ms: tuple[tuple[int, float], ...] = ()
+    cpu_ms: tuple[tuple[int, float], ...] = ()
 
     def memory(self, batch: int) -> int:
         return self.memory_bytes + batch * self.memory_per_sample_bytes
 
     def latency(self, batch: int) -> float | None:
-        """Latency in ms at ``batch``, interpolated linearly between measured sizes; None
-        outside the measured range."""
-        points = self.latency_ms
-        for (b0, l0), (b1, l1) in pairwise(points):
-            if b0 <= batch <= b1:
-                return l0 + (l1 - l0) * (batch - b0) / (b1 - b0)
-        if points and batch == points[-1][0]:
-            return points[-1][1]
-        return None
+        """Latency in ms at ``batch`` (a call's round trip), interpolated linearly between
+        measured sizes; None outside the measured range."""
+        return _interpolate(self.latency_ms, batch)
+
+    def service(self, batch: int) -> float | None:
+        """ms an instance is busy with a batch: measured, else the latency."""
+        return _interpolate(self.service_ms, batch) if self.service_ms else self.latency(batch)
+
+    def cpu(self, batch: int) -> float:
+        """CPU ms Triton spends on one call of ``batch`` (0 where not measured)."""
+        return (_interpolate(self.cpu_ms, batch) or 0.0) if self.cpu_ms else 0.0
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
         return tuple(b for b, _ in self.latency_ms)
 
 
+def _interpolate(points: tuple[tuple[int, float], ...], batch: int) -> float | None:
+    for (b0, l0), (b1, l1) in pairwise(points):
+        if b0 <= batch <= b1:
+            return l0 + (l1 - l0) * (batch - b0) / (b1 - b0)
+    if points and batch == points[-1][0]:
+        return points[-1][1]
+    return None
+
+
+@dataclass(frozen=True)
+class Host:
+    """What serving costs beyond the members, per request of ``rows`` rows, measured through
+    the combiner: CPU of the combiner and of the client (when it runs on the same host), and
+    the latency a request adds to its member calls."""
+
+    rows: int
+    combiner_cpu_ms: float
+    client_cpu_ms: float
+    latency_ms: float
+
+
 @dataclass(frozen=True)
 class Profile:
     members: Mapping[str, Mapping[str, Curve]]
+    host: Host | None = None
 
     def curve(self, member: str, device: Device, borrow: bool = False) -> Curve | None:
         """The member's curve for this device: by its exact name, else by its kind; with
@@ -74,20 +102,33 @@ class Profile:
         return {d: ms for d, ms in missing.items() if ms}
 
     def to_json(self) -> str:
-        data = {
+        data: dict[str, object] = {
             "members": {
                 m: {
                     key: {
                         "memory_bytes": c.memory_bytes,
                         "memory_per_sample_bytes": c.memory_per_sample_bytes,
                         "latency_ms": {str(b): round(lat, 4) for b, lat in c.latency_ms},
+                        **({"service_ms": _points(c.service_ms)} if c.service_ms else {}),
+                        **({"cpu_ms": _points(c.cpu_ms)} if c.cpu_ms else {}),
                     }
                     for key, c in curves.items()
                 }
                 for m, curves in self.members.items()
             }
         }
+        if self.host is not None:
+            data["host"] = {
+                "rows_per_request": self.host.rows,
+                "combiner_cpu_ms": round(self.host.combiner_cpu_ms, 4),
+                "client_cpu_ms": round(self.host.client_cpu_ms, 4),
+                "latency_ms": round(self.host.latency_ms, 4),
+            }
         return json.dumps(data, indent=2) + "\n"
+
+
+def _points(points: tuple[tuple[int, float], ...]) -> dict[str, float]:
+    return {str(b): round(v, 4) for b, v in points}
 
 
 class _CurveFile(BaseModel):
@@ -96,8 +137,10 @@ class _CurveFile(BaseModel):
     memory_bytes: int = Field(ge=0)
     memory_per_sample_bytes: int = Field(0, ge=0)
     latency_ms: dict[int, float] = Field(min_length=1, description="batch size -> latency")
+    service_ms: dict[int, float] = Field({}, description="batch size -> busy time of an instance")
+    cpu_ms: dict[int, float] = Field({}, description="batch size -> Triton CPU per call")
 
-    @field_validator("latency_ms")
+    @field_validator("latency_ms", "service_ms")
     @classmethod
     def _positive(cls, v: dict[int, float]) -> dict[int, float]:
         for batch, ms in v.items():
@@ -105,11 +148,30 @@ class _CurveFile(BaseModel):
                 raise ValueError(f"batch sizes and latencies must be positive (got {batch}: {ms})")
         return v
 
+    @field_validator("cpu_ms")
+    @classmethod
+    def _not_negative(cls, v: dict[int, float]) -> dict[int, float]:
+        # the kernel counts CPU time in ticks: a short measurement may see none
+        for batch, ms in v.items():
+            if batch < 1 or ms < 0:
+                raise ValueError(f"batch sizes must be positive, CPU not negative ({batch}: {ms})")
+        return v
+
+
+class _HostFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rows_per_request: int = Field(ge=1)
+    combiner_cpu_ms: float = Field(ge=0)
+    client_cpu_ms: float = Field(0.0, ge=0)
+    latency_ms: float = Field(0.0, ge=0)
+
 
 class _ProfileFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     members: dict[str, dict[str, _CurveFile]]
+    host: _HostFile | None = None
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -120,16 +182,24 @@ def load_profile(path: str | Path) -> Profile:
         raise SpecError(file, "", "no such file") from None
     except ValidationError as e:
         raise from_validation(file, e) from None
+    host = spec.host
     return Profile(
         {
             m: {
                 key: Curve(
-                    c.memory_bytes, c.memory_per_sample_bytes, tuple(sorted(c.latency_ms.items()))
+                    c.memory_bytes,
+                    c.memory_per_sample_bytes,
+                    tuple(sorted(c.latency_ms.items())),
+                    tuple(sorted(c.service_ms.items())),
+                    tuple(sorted(c.cpu_ms.items())),
                 )
                 for key, c in curves.items()
             }
             for m, curves in spec.members.items()
-        }
+        },
+        None
+        if host is None
+        else Host(host.rows_per_request, host.combiner_cpu_ms, host.client_cpu_ms, host.latency_ms),
     )
 
 

@@ -449,3 +449,70 @@ def test_a_latency_target_in_the_ensemble_file_bounds_every_member(planning_file
     result = plan_cli(d)
     assert result.returncode == 3
     assert "latency target of 1 ms" in " ".join(result.stderr.split())
+
+
+def _cpu_problem(host_cpu_ms: float, rng_seed: int = 4):
+    """Members on one 4-core CPU, with Triton's CPU per call and the combiner's per request
+    measured, as chorus profile writes them."""
+    from orchestrator.profile import Host
+
+    rng = np.random.default_rng(rng_seed)
+    members = {}
+    for i in range(3):
+        fixed, per = rng.uniform(1, 4), rng.uniform(0.02, 0.2)
+        members[f"m{i}"] = Curve(
+            int(GB),
+            10**6,
+            tuple((b, fixed + per * b) for b in SIZES),  # round trip
+            tuple((b, 0.3 * fixed + per * b) for b in SIZES),  # busy time of the instance
+            tuple((b, 0.4 * fixed + per * b) for b in SIZES),  # Triton's CPU per call
+        )
+    profile = Profile({m: {"cpu": c} for m, c in members.items()}, Host(64, host_cpu_ms, 0.5, 2.0))
+    cpu = Device("node0", "cpu", 0, "cpu", 64 * GB, 64 * GB, cores=4, lanes=4)
+    return problem(list(members), profile, [cpu], 64)
+
+
+def test_incremental_evaluation_counts_cpu_as_the_full_one_does():
+    p = _cpu_problem(host_cpu_ms=3.0)
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        n = rng.integers(1, 4, (3, 1))
+        b = rng.integers(0, len(p.batch_sizes), 3)
+        mv = moves(n, b, len(p.batch_sizes))
+        fast = evaluate_moves(p, n, b, mv)
+        each = [mv.apply(k, n, b) for k in range(len(mv))]
+        full = evaluate(p, np.stack([x[0] for x in each]), np.stack([x[1] for x in each]))
+        ok = full.feasible
+        np.testing.assert_array_equal(fast.feasible, full.feasible)
+        np.testing.assert_allclose(fast.throughput[ok], full.throughput[ok], rtol=1e-9)
+        np.testing.assert_array_equal(fast.binding[ok], full.binding[ok])
+
+
+def test_the_cpu_that_serving_takes_lowers_the_prediction_and_caps_more_instances():
+    light, heavy = _cpu_problem(host_cpu_ms=0.0), _cpu_problem(host_cpu_ms=20.0)
+    n = np.ones((3, 1), dtype=np.int64)
+    b = np.full(3, len(light.batch_sizes) - 1)
+    t_light = evaluate(light, n[None], b[None]).throughput[0]
+    t_heavy = evaluate(heavy, n[None], b[None]).throughput[0]
+    assert t_heavy < t_light
+    # CPU-bound: the cores are the limit, so more instances buy nothing
+    more = evaluate(heavy, (4 * n)[None], b[None]).throughput[0]
+    need = sum(heavy.cpu[m, 0, -1] for m in range(3)) + heavy.host_cpu
+    assert more == pytest.approx(4 / need, rel=1e-9)
+    assert t_heavy <= more + 1e-9
+    # the busy time, not the round trip, bounds an instance: more than b / latency per second
+    assert light.call_rate is not None
+    assert light.rate[0, 0, -1] > light.call_rate[0, 0, -1]
+
+
+def test_profile_files_keep_what_chorus_profile_measures(tmp_path):
+    from orchestrator.profile import Host, load_profile, save_profile
+
+    p = _cpu_problem(host_cpu_ms=3.0)
+    assert p.host_cpu > 0 and p.host_latency == pytest.approx(0.002)
+    profile = Profile(
+        {"m": {"cpu": Curve(1, 2, ((1, 2.0), (8, 4.0)), ((1, 1.0), (8, 3.0)), ((1, 1.5),))}},
+        Host(64, 1.25, 0.5, 2.0),
+    )
+    save_profile(profile, tmp_path / "p.json")
+    assert load_profile(tmp_path / "p.json") == profile
