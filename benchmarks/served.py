@@ -15,9 +15,14 @@ the combiner at the same closed-loop client load, side by side in one run:
 * two more allocations, to check the cost model: one instance each at batch 8, and two
   instances each at batch 64.
 
-Also the ensemble's physical limit here, 1 / sum_m(1 / peak_m), where peak_m is member m's
-throughput measured alone on the whole machine (under its own plan), and the plan's throughput
-as a fraction of it.
+Each is predicted twice: by the cost model with what chorus profile measures (busy time,
+Triton's CPU per call, the combiner's and the clients' CPU per request: the clients run on
+this machine), and by the latency-only model (each call's round trip as the instance's busy
+time, nothing else on the cores), side by side.
+
+Also 1 / sum_m(1 / peak_m), where peak_m is member m's throughput measured alone on the whole
+machine (under its own plan): the members run one at a time, each at its peak; and the plan's
+throughput as a fraction of it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ from orchestrator.allocate import SearchResult, problem, sequential_throughput, 
 from orchestrator.bench import Load, ensemble_load, member_load
 from orchestrator.hardware import discover
 from orchestrator.measure import measure_profile
-from orchestrator.plan import Plan, make_plan, one_instance_each, plan_ensemble, predict
+from orchestrator.plan import (
+    Plan,
+    make_plan,
+    one_instance_each,
+    plan_ensemble,
+    predict,
+    predict_sequential,
+)
+from orchestrator.profile import Curve, Profile
 from orchestrator.spec import Ensemble, load_ensemble
 from orchestrator.up import Deployment
 
@@ -64,7 +77,7 @@ def main() -> None:
     profile = measure_profile(ensemble, root / "profile", seconds_per_point=0.2)
 
     planned = plan_ensemble(ensemble.name, names, ensemble.max_batch_size, profile, devices)
-    p = problem(names, profile, devices, ensemble.max_batch_size)
+    p = problem(names, profile, devices, ensemble.max_batch_size, clients_on_host=True)
     n0, b0 = worst_fit(p)
     baseline = make_plan(ensemble.name, p, SearchResult(n0, b0, 0.0, 0))
     sequential = sequential_throughput(p, n0, b0)
@@ -72,18 +85,32 @@ def main() -> None:
     (cpu,) = {d for per in single.instances.values() for d in per}
     at8 = replace(single, max_batch_size=dict.fromkeys(names, 8))
     twice = replace(single, instances={m: {cpu: 2} for m in names})
+    # the model as it was before chorus profile measured busy time, CPU and the combiner
+    basic = Profile(
+        {
+            m: {
+                k: Curve(c.memory_bytes, c.memory_per_sample_bytes, c.latency_ms)
+                for k, c in cs.items()
+            }
+            for m, cs in profile.members.items()
+        }
+    )
     c = args.concurrency
-    cases = [  # label, plan, fan-out, clients, prediction
-        ("Chorus plan", planned, "concurrent", c, predict(planned, profile)),
-        ("baseline, sequential", baseline, "sequential", 1, sequential),
-        ("baseline, concurrent", baseline, "concurrent", c, predict(baseline, profile)),
-        ("1 each, batch 8", at8, "concurrent", c, predict(at8, profile)),
-        ("2 each, batch 64", twice, "concurrent", c, predict(twice, profile)),
+    cases = [  # label, plan, fan-out, clients, prediction, latency-only prediction
+        ("Chorus plan", planned, "concurrent", c),
+        ("baseline, sequential", baseline, "sequential", 1),
+        ("baseline, concurrent", baseline, "concurrent", c),
+        ("1 each, batch 8", at8, "concurrent", c),
+        ("2 each, batch 64", twice, "concurrent", c),
     ]
-    rows: list[tuple[str, Plan, str, int, float, Load]] = []
-    for i, (label, plan, fan_out, clients, predicted) in enumerate(cases):
+    rows: list[tuple[str, Plan, str, int, float, float, Load]] = []
+    for i, (label, plan, fan_out, clients) in enumerate(cases):
+        if fan_out == "sequential":
+            predicted, before = sequential, predict_sequential(plan, basic)
+        else:
+            predicted, before = predict(plan, profile, True), predict(plan, basic)
         load = serve_and_load(ensemble, plan, root / f"case{i}", x, args, fan_out, clients)
-        rows.append((label, plan, fan_out, clients, predicted, load))
+        rows.append((label, plan, fan_out, clients, predicted, before, load))
         print(f"{label}: {load.samples_per_s:,.0f} samples/s", flush=True)
 
     peaks = {}
@@ -105,9 +132,9 @@ def main() -> None:
         print(f"{m.name} alone: {peaks[m.name].samples_per_s:,.0f} samples/s", flush=True)
     limit = 1.0 / sum(1.0 / p.samples_per_s for p in peaks.values())
 
-    plan_load = rows[0][5].samples_per_s
-    sequential_load = rows[1][5].samples_per_s
-    concurrent_load = rows[2][5].samples_per_s
+    plan_load = rows[0][-1].samples_per_s
+    sequential_load = rows[1][-1].samples_per_s
+    concurrent_load = rows[2][-1].samples_per_s
     lines = [
         "# Served: the digits ensemble under Chorus's plan, the baseline, and the cost model",
         "",
@@ -120,19 +147,37 @@ def main() -> None:
         "runs at a time, as its prediction assumes). Throughputs in samples (rows) per second.",
         "",
         "| allocation | instances (mlp, mlp_bagged, cnn, wide_cnn) | batch sizes | fan-out | "
-        "clients | predicted | measured | error | p50 ms | p99 ms |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "clients | predicted | measured | error | latency-only model: predicted, error | "
+        "p50 ms | p99 ms |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, plan, fan_out, clients, predicted, load in rows:
+    errors = []
+    for label, plan, fan_out, clients, predicted, before, load in rows:
         counts = ", ".join(str(sum(plan.instances[m].values())) for m in names)
         sizes = ", ".join(str(plan.max_batch_size[m]) for m in names)
         error = (predicted - load.samples_per_s) / load.samples_per_s
+        errors.append(error)
+        old = (before - load.samples_per_s) / load.samples_per_s
         lines.append(
             f"| {label} | {counts} | {sizes} | {fan_out} | {clients} | {predicted:,.0f} | "
-            f"{load.samples_per_s:,.0f} | {error:+.0%} | {load.p50_ms:.1f} | "
-            f"{load.p99_ms:.1f} |"
+            f"{load.samples_per_s:,.0f} | {error:+.0%} | {before:,.0f}, {old:+.0%} | "
+            f"{load.p50_ms:.1f} | {load.p99_ms:.1f} |"
         )
+    host = profile.host
     lines += [
+        "",
+        f"Cost model error: {min(errors):+.0%} to {max(errors):+.0%} (goal: within ±25%). "
+        "Predicted from the profile measured at the start of this run: each member's busy time "
+        "and Triton's CPU per batch size"
+        + (
+            f", and per request of {host.rows} rows through the combiner: combiner CPU "
+            f"{host.combiner_cpu_ms:.2f} ms, client CPU {host.client_cpu_ms:.2f} ms (the "
+            f"clients run here, so they count), {host.latency_ms:.2f} ms of added latency"
+            if host
+            else ""
+        )
+        + ". The latency-only model is the same profile without these (each call's round trip "
+        "taken as the instance's busy time, nothing else on the cores).",
         "",
         f"**Chorus plan / baseline: {plan_load / sequential_load:.2f}x against the sequential "
         f"baseline, {plan_load / concurrent_load:.2f}x against the concurrent one** (measured "
@@ -141,8 +186,9 @@ def main() -> None:
         "Each member alone on the whole machine (its own plan, called directly on Triton at "
         "the same concurrency, batches of its planned size), measured: "
         + ", ".join(f"{m} {p.samples_per_s:,.0f}" for m, p in peaks.items())
-        + f". Physical limit of the ensemble, 1 / sum(1 / peak): **{limit:,.0f}** samples/s; "
-        f"the plan reaches **{plan_load / limit:.0%}** of it.",
+        + f". The members one at a time, each at that peak, 1 / sum(1 / peak): "
+        f"**{limit:,.0f}** samples/s; the plan reaches **{plan_load / limit:.0%}** of it (above "
+        "100%: run concurrently, the members overlap their calls' waits on the two cores).",
         "",
     ]
     publish(lines, args.out)
