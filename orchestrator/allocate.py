@@ -525,20 +525,22 @@ def greedy(
     effort: float = 1.0,
     seed: int = 0,
 ) -> SearchResult:
-    """The planner's search. From ``start`` it is one climb. By default, two chains:
+    """The planner's search. From ``start`` it is one climb. By default:
 
-    * climbs from the worst-fit placement at each member's most efficient batch size, and
-      from it at the smallest batch size (cut at ``restart_evaluations`` unless a latency
-      target needs it) or, on many identical devices, from a small group's plan tiled over
-      them (:func:`_tiled`);
-    * then iterated local search on each chain in turn: its best allocation is kicked (a few
+    * climbs from the worst-fit placement: with each member at its most efficient batch size,
+      and with every member at each of the :data:`UNIFORM_STARTS` largest batch sizes that fit
+      (cut at ``restart_evaluations`` unless a latency target needs them; memory-bound
+      problems climb to different optima from each); or, on many identical
+      devices, from a small group's plan tiled over them (:func:`_tiled`, which searches the
+      group) and from worst-fit at the most efficient batch sizes;
+    * then iterated local search on the two best, in turn: each chain's best is kicked (a few
       random moves) and climbed again; every other climb also takes moves that keep the
       throughput and relieve the constraints nearest to binding (``calm``). It stops after
       ``effort`` x :data:`KICK_EVALUATIONS` evaluations (fewer on more than four devices,
-      where each costs more) or when every chain went ``effort`` x :data:`KICK_PATIENCE`
-      kicks without finding better.
+      where each costs more; none after a tiled start, whose group had them) or when every
+      chain went ``effort`` x :data:`KICK_PATIENCE` kicks without finding better.
 
-    A climb alone stops at a local optimum; the kicks and the tiled start get out of some
+    A climb alone stops at a local optimum; the starts and the kicks get out of most
     (benchmarks/results/paper_scale.md measures what is left). Deterministic for a ``seed``."""
     if start is not None:
         return climb(p, start)
@@ -546,15 +548,25 @@ def greedy(
     cap = restart_evaluations if p.latency_target is None else None
     tiled = _tiled(p, effort, seed)
     if tiled is None:
-        starts = [climb(p, (n, b)), climb(p, (n, np.zeros_like(b)), max_evaluations=cap)]
-    else:  # many identical devices: the tiled plan replaces the restart at small batches
-        starts = [climb(p, (n, b)), climb(p, tiled)]
+        starts = [climb(p, (n, b))]
+        fits = [
+            k
+            for k in range(len(p.batch_sizes))
+            if evaluate(p, n[None], np.full_like(b, k)[None]).feasible[0]
+        ]
+        for k in fits[-UNIFORM_STARTS:]:
+            starts.append(climb(p, (n, np.full_like(b, k)), max_evaluations=cap))
+    else:  # many identical devices: a small group's plan, tiled, and worst-fit
+        starts = [climb(p, tiled), climb(p, (n, b))]
     spent = sum(r.evaluations for r in starts)
+    starts = sorted(starts, key=lambda r: -r.throughput)[:2]  # stable: the first among equals
     rng = np.random.default_rng(seed)
-    # iterated local search from each start in turn (two basins, not one)
+    # iterated local search from each start in turn
     chains = list(starts)
-    # an evaluation costs about D: the same time, not the same count, on more devices
-    budget = spent + int(effort * KICK_EVALUATIONS * 4 / max(4, len(p.devices)))
+    # an evaluation costs about D: the same time, not the same count, on more devices; on
+    # many identical devices the group's search (and its kicks) took the time
+    kicks = 0.0 if tiled is not None else effort * KICK_EVALUATIONS * 4 / max(4, len(p.devices))
+    budget = spent + int(kicks)
     idle = [0] * len(chains)
     patience = int(effort * KICK_PATIENCE)
     turn = 0
@@ -585,7 +597,7 @@ def _tiled(p: Problem, effort: float, seed: int) -> tuple[np.ndarray, np.ndarray
     """On D identical devices, the plan for the smallest group of them (a divisor of D, at
     least four) that holds every member, repeated D / group times: as good per device as the
     group's, and a start the search could not reach one move at a time on many devices. The
-    group is planned at a third of the effort."""
+    group is planned at a fifth of the effort."""
     devices = len(p.devices)
     same = (
         (p.rate == p.rate[:, :1]).all()
@@ -609,7 +621,7 @@ def _tiled(p: Problem, effort: float, seed: int) -> tuple[np.ndarray, np.ndarray
             host_device=host,
         )
         try:
-            found = greedy(sub, effort=effort / 3, seed=seed)
+            found = greedy(sub, effort=effort / 5, seed=seed)
         except InfeasibleError:
             continue
         if found.throughput > 0:
@@ -617,6 +629,7 @@ def _tiled(p: Problem, effort: float, seed: int) -> tuple[np.ndarray, np.ndarray
     return None
 
 
+UNIFORM_STARTS = 3  # the largest batch sizes that fit for every member, tried as starts
 KICK_EVALUATIONS = 100_000  # evaluations of iterated local search at effort 1
 KICK_PATIENCE = 20  # kicks in a row that find nothing better end it (at effort 1)
 
