@@ -130,6 +130,6 @@ def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None
     out.print(perf)
     out.print(
         f"the cost model predicted {plan.predicted_throughput:,.0f} samples/s at full "
-        "batches (it does not count the combiner's and the clients' share of the CPU)"
+        "batches (counting the combiner's CPU, not that of these clients, which run here too)"
     )
     out.print("stopped Triton and the combiner")
