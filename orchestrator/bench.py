@@ -14,10 +14,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import triton_to_np_dtype
 
 from combiner.client import AsyncEnsembleClient
 
-__all__ = ["Load", "closed_loop", "ensemble_load", "member_load"]
+from .spec import Tensor
+
+__all__ = ["Load", "closed_loop", "ensemble_load", "member_load", "random_rows"]
+
+
+def random_rows(tensor: Tensor, rows: int, seed: int = 0) -> np.ndarray:
+    """``rows`` rows of uniform random input for ``tensor`` (variable dimensions as 1)."""
+    shape = (rows, *(d if d > 0 else 1 for d in tensor.shape))
+    return np.random.default_rng(seed).random(shape).astype(triton_to_np_dtype(tensor.dtype))
 
 
 @dataclass(frozen=True)

@@ -165,15 +165,14 @@ def measure_host(
     (the client's) per request at ``concurrency``, and the latency a request adds to its
     slowest member call (``member_latency_ms``) at concurrency 1. None for ensembles of
     several inputs (not driven yet)."""
-    from .bench import ensemble_load
+    from .bench import ensemble_load, random_rows
     from .up import Deployment
 
     if len(ensemble.inputs) != 1:
         return None
     (tensor,) = ensemble.inputs
     rows = ensemble.max_batch_size
-    shape = (max(4 * rows, 256), *(d if d > 0 else 1 for d in tensor.shape))
-    x = np.random.default_rng(0).random(shape).astype(triton_to_np_dtype(tensor.dtype))
+    x = random_rows(tensor, max(4 * rows, 256))
     deployment = Deployment(ensemble, workdir, binary=binary)
     with deployment as endpoints:
         assert deployment.combiner is not None and deployment.combiner.proc is not None

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from tritonclient.utils import triton_to_np_dtype
 
 from .allocate import (
     Evaluation,
@@ -31,7 +30,7 @@ from .allocate import (
     evaluate_moves,
     problem,
 )
-from .bench import ensemble_load
+from .bench import ensemble_load, random_rows
 from .errors import ChorusError
 from .plan import Plan, make_plan
 from .profile import Profile
@@ -66,9 +65,7 @@ def tune(
     if len(ensemble.inputs) != 1:
         raise ChorusError("chorus tune drives single-input ensembles for now")
     (tensor,) = ensemble.inputs
-    rng = np.random.default_rng(0)
-    shape = (max(256, batch), *(d if d > 0 else 1 for d in tensor.shape))
-    x = rng.random(shape).astype(triton_to_np_dtype(tensor.dtype))
+    x = random_rows(tensor, max(256, batch))
     batch = min(batch, ensemble.max_batch_size)
     p = problem(
         start.members,

@@ -124,6 +124,14 @@ def test_planning_is_deterministic():
     assert plan_of(members, devices).to_json() == plan_of(members, devices).to_json()
 
 
+def fast_and_full(p, n: np.ndarray, b: np.ndarray):
+    """Every move from (n, b), evaluated incrementally and each in full."""
+    mv = moves(n, b, len(p.batch_sizes))
+    each = [mv.apply(k, n, b) for k in range(len(mv))]
+    full = evaluate(p, np.stack([x[0] for x in each]), np.stack([x[1] for x in each]))
+    return evaluate_moves(p, n, b, mv), full
+
+
 def test_incremental_evaluation_of_moves_equals_full_evaluation():
     rng = np.random.default_rng(7)
     members = {f"m{i}": curve(rng.uniform(1, 12), rng.uniform(1, 9)) for i in range(4)}
@@ -137,10 +145,7 @@ def test_incremental_evaluation_of_moves_equals_full_evaluation():
         n = rng.integers(0, 3, (4, 3))
         n[:, 0] += n.sum(axis=1) == 0
         b = rng.integers(0, len(p.batch_sizes), 4)
-        mv = moves(n, b, len(p.batch_sizes))
-        fast = evaluate_moves(p, n, b, mv)
-        each = [mv.apply(k, n, b) for k in range(len(mv))]
-        full = evaluate(p, np.stack([x[0] for x in each]), np.stack([x[1] for x in each]))
+        fast, full = fast_and_full(p, n, b)
         np.testing.assert_array_equal(fast.feasible, full.feasible)
         ok = full.feasible
         np.testing.assert_allclose(fast.throughput[ok], full.throughput[ok], rtol=1e-9)
@@ -158,10 +163,7 @@ def test_incremental_evaluation_checks_the_latency_target_as_the_full_one_does()
         n = rng.integers(0, 3, (3, 3))
         n[:, 0] += n.sum(axis=1) == 0
         b = rng.integers(0, len(p.batch_sizes), 3)
-        mv = moves(n, b, len(p.batch_sizes))
-        fast = evaluate_moves(p, n, b, mv)
-        each = [mv.apply(k, n, b) for k in range(len(mv))]
-        full = evaluate(p, np.stack([x[0] for x in each]), np.stack([x[1] for x in each]))
+        fast, full = fast_and_full(p, n, b)
         np.testing.assert_array_equal(fast.feasible, full.feasible)
         rejected += int((~full.feasible).sum())
     assert rejected > 0  # the target did bind somewhere
@@ -478,10 +480,7 @@ def test_incremental_evaluation_counts_cpu_as_the_full_one_does():
     for _ in range(5):
         n = rng.integers(1, 4, (3, 1))
         b = rng.integers(0, len(p.batch_sizes), 3)
-        mv = moves(n, b, len(p.batch_sizes))
-        fast = evaluate_moves(p, n, b, mv)
-        each = [mv.apply(k, n, b) for k in range(len(mv))]
-        full = evaluate(p, np.stack([x[0] for x in each]), np.stack([x[1] for x in each]))
+        fast, full = fast_and_full(p, n, b)
         ok = full.feasible
         np.testing.assert_array_equal(fast.feasible, full.feasible)
         np.testing.assert_allclose(fast.throughput[ok], full.throughput[ok], rtol=1e-9)

@@ -131,14 +131,23 @@ def test_a_plan_over_two_nodes_renders_one_repository_per_node(ensemble, tmp_pat
 
     plan = _gpu_plan(ensemble, nodes=("n0", "n1"))
     render_plan(ensemble, plan, tmp_path / "repo", "python")
-    for node in ("n0", "n1"):
+    _check_node_repositories(plan, tmp_path / "repo", ("n0", "n1"))
+
+
+def _check_node_repositories(plan: Plan, repo: Path, nodes: tuple[str, ...]) -> int:
+    """Each node's repository holds exactly the members placed there, with their instance
+    counts; returns the instances rendered."""
+    placed = 0
+    for node in nodes:
         for member in plan.members:
             here = {d: c for d, c in plan.instances[member].items() if d.startswith(node + "/")}
-            path = tmp_path / "repo" / node / member / "config.pbtxt"
+            path = repo / node / member / "config.pbtxt"
             assert path.is_file() == bool(here)
             if here:
                 config = parse_config(path.read_text(), member)
                 assert sum(g.count for g in config.instance_group) == sum(here.values())
+                placed += sum(here.values())
+    return placed
 
 
 def test_describe_changes_names_moves_and_batch_sizes_and_is_empty_when_nothing_changed(
@@ -174,16 +183,7 @@ def test_a_plan_over_four_nodes_renders_and_round_trips(ensemble, tmp_path):
     plan = load_plan(tmp_path / "plan.json")
     render_plan(ensemble, plan, tmp_path / "repo", "python")
     assert describe_changes(tmp_path / "repo", plan) == []
-    placed = 0
-    for node in nodes:
-        for member in plan.members:
-            here = {d: c for d, c in plan.instances[member].items() if d.startswith(node + "/")}
-            path = tmp_path / "repo" / node / member / "config.pbtxt"
-            assert path.is_file() == bool(here)
-            if here:
-                config = parse_config(path.read_text(), member)
-                assert sum(g.count for g in config.instance_group) == sum(here.values())
-                placed += sum(here.values())
+    placed = _check_node_repositories(plan, tmp_path / "repo", nodes)
     assert placed == sum(sum(v.values()) for v in plan.instances.values())
     assert len({d.split("/")[0] for v in plan.instances.values() for d in v}) == 4
 
