@@ -6,11 +6,18 @@ connections over them) and serves their summed Prometheus metrics on the metrics
 that dies is restarted alone, the others serving meanwhile; one that keeps dying (5 restarts in a
 minute) stops them all, with exit code 1. SIGINT or SIGTERM drains every worker (each answers
 what it accepted, up to the config's ``drain_timeout_s``) and exits 0.
+
+The config file is watched: when it changes (``chorus regenerate-configs``) and is valid, a new
+set of workers starts on the same ports; once they all listen, the old ones drain and stop, so
+the endpoint answers throughout. The SHA-256 of the config every worker serves is written to
+``<config>.served`` (what ``regenerate-configs`` waits for). An invalid config is reported and
+the old one kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import signal
@@ -19,6 +26,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from .auth import Credentials
 from .config import CombinerConfig
@@ -44,26 +53,46 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("http_port", "token_file", "tls_cert", "tls_key"):
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    if args.workers > 1:
-        argv.append("--reuse-port")
-    raise SystemExit(supervise(argv, args.workers, args.host, args.metrics_port, drain))
+    argv.append("--reuse-port")  # also what lets a reload's workers start beside the old
+    raise SystemExit(
+        supervise(argv, args.workers, args.host, args.metrics_port, drain, args.config)
+    )
+
+
+_READY_WAIT_S = 120.0
 
 
 def supervise(
-    argv: list[str], workers: int, host: str, metrics_port: int | None, drain_s: float
+    argv: list[str],
+    workers: int,
+    host: str,
+    metrics_port: int | None,
+    drain_s: float,
+    config: Path | None = None,
 ) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="chorus-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    started = 0
 
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(argv, env=env, preexec_fn=die_with_parent)
+    def start() -> tuple[subprocess.Popen[bytes], Path]:
+        nonlocal started
+        started += 1
+        ready = Path(metrics_dir) / f"ready-{started}"
+        proc = subprocess.Popen(
+            [*argv, "--ready-file", str(ready)], env=env, preexec_fn=die_with_parent
+        )
+        return proc, ready
 
-    procs = [start() for _ in range(workers)]
+    served = _digest(config)
+    generation = [start() for _ in range(workers)]
+    procs = [p for p, _ in generation]
     restarts = Restarts()
     try:
+        if config is not None and _wait_listening(generation, stop):
+            _write_served(config, served)
         if metrics_port is not None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             from prometheus_client import CollectorRegistry, start_http_server
@@ -73,6 +102,17 @@ def supervise(
             MultiProcessCollector(registry, path=metrics_dir)
             start_http_server(metrics_port, addr=host, registry=registry)
         while not stop.wait(0.2):
+            current = _digest(config)
+            if config is not None and current != served:
+                served = current
+                fresh = _reload(config, workers, start, stop, drain_s)
+                if fresh is not None:  # the new workers listen: the old ones drain and stop
+                    old, procs = procs, fresh
+                    _stop_all(old, drain_s + 5.0)
+                    if metrics_port is not None:
+                        for proc in old:
+                            mark_process_dead(proc.pid, metrics_dir)
+                    _write_served(config, served)
             for i, proc in enumerate(procs):
                 if proc.poll() is None:
                     continue
@@ -91,11 +131,67 @@ def supervise(
                     mark_process_dead(proc.pid, metrics_dir)
                 if stop.wait(delay):
                     break
-                procs[i] = start()
+                procs[i] = start()[0]
         return 0
     finally:
         _stop_all(procs, drain_s + 5.0)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _reload(
+    config: Path,
+    workers: int,
+    start: Callable[[], tuple[subprocess.Popen[bytes], Path]],
+    stop: threading.Event,
+    drain_s: float,
+) -> list[subprocess.Popen[bytes]] | None:
+    """The config changed: start workers on it beside the running ones; once they listen,
+    return them (the caller's old ones are drained here). None if the config is invalid or
+    they did not come up (the old ones keep serving)."""
+    try:
+        CombinerConfig.load(config)
+    except (OSError, ValueError) as e:
+        _say(f"{config} changed but is not a valid combiner config; still serving the old one: {e}")
+        return None
+    _say(f"{config} changed: starting {workers} worker(s) on it")
+    generation = [start() for _ in range(workers)]
+    if not _wait_listening(generation, stop):
+        _say("the new workers did not come up; still serving the old config")
+        _stop_all([p for p, _ in generation], 5.0)
+        return None
+    return [p for p, _ in generation]
+
+
+def _wait_listening(
+    generation: list[tuple[subprocess.Popen[bytes], Path]], stop: threading.Event
+) -> bool:
+    """Wait until every worker of a generation listens; False if one exits or it takes too
+    long."""
+    until = time.monotonic() + _READY_WAIT_S
+    while not all(ready.exists() for _, ready in generation):
+        if stop.is_set() or time.monotonic() > until:
+            return False
+        if any(p.poll() is not None for p, _ in generation):
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _digest(config: Path | None) -> str | None:
+    if config is None:
+        return None
+    try:
+        return hashlib.sha256(config.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _write_served(config: Path, digest: str | None) -> None:
+    """Tell ``regenerate-configs`` which config every worker serves now."""
+    try:
+        config.with_name(config.name + ".served").write_text(f"{digest}\n")
+    except OSError as e:
+        _say(f"cannot write {config}.served: {e}")
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:

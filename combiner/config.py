@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tritonclient.utils import triton_to_np_dtype
 
-__all__ = ["CombinerConfig", "MemberRoute", "TensorInfo"]
+__all__ = ["CombinerConfig", "MemberRoute", "NodeRoute", "TensorInfo"]
 
 
 class _Strict(BaseModel):
@@ -39,11 +39,29 @@ class MemberRoute(_Strict):
     max_batch_size: int | None = Field(
         None, ge=1, description="the member's batch limit on Triton; larger requests are split"
     )
+    nodes: dict[str, int] = Field(
+        default_factory=dict,
+        description="node name -> the member's instances there: its calls go to these nodes in "
+        "proportion (empty: every node, equally)",
+    )
+
+
+class NodeRoute(_Strict):
+    name: str = Field(description="the node's name in the plan")
+    url: str = Field(description="host:port of the node's Triton gRPC endpoint")
+    shared_memory: bool = Field(
+        False, description="this Triton shares the combiner's host (IPC namespace)"
+    )
 
 
 class CombinerConfig(_Strict):
     name: str = Field(description="the ensemble's model name on the combiner's endpoint")
-    triton_url: str = Field(description="host:port of Triton's gRPC endpoint")
+    triton_url: str | None = Field(
+        None, description="host:port of Triton's gRPC endpoint (one node; else ``nodes``)"
+    )
+    nodes: tuple[NodeRoute, ...] = Field(
+        (), description="one Triton per node, for a plan over several nodes"
+    )
     max_batch_size: int
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
@@ -70,7 +88,9 @@ class CombinerConfig(_Strict):
     )
     quorum: int | None = Field(None, ge=1, description="members that must answer; None: all")
     shared_memory: bool = Field(
-        False, description="Triton shares this host: write each input once into shared memory"
+        False,
+        description="Triton (``triton_url``) shares this host: write each input once into "
+        "shared memory (with ``nodes``, each node says)",
     )
     output_shared_memory_min_bytes: int | None = Field(
         1 << 16,
@@ -132,6 +152,30 @@ class CombinerConfig(_Strict):
         "concurrent",
         description="call the members all at once, or one after another (the paper's baseline)",
     )
+
+    @model_validator(mode="after")
+    def _one_upstream(self) -> CombinerConfig:
+        if (self.triton_url is None) == (not self.nodes):
+            raise ValueError("give either triton_url (one node) or nodes, not both")
+        if sum(n.shared_memory for n in self.nodes) > 1:
+            raise ValueError("shared memory with one node at most (the one on this host)")
+        names = {n.name for n in self.nodes}
+        if len(names) != len(self.nodes):
+            raise ValueError("node names must differ")
+        for m in self.members:
+            unknown = set(m.nodes) - names if self.nodes else set(m.nodes) - {"local"}
+            if unknown:
+                raise ValueError(f"member {m.name!r} names unknown node(s) {sorted(unknown)}")
+            if any(c < 1 for c in m.nodes.values()):
+                raise ValueError(f"member {m.name!r}: instances per node must be at least 1")
+        return self
+
+    def node_routes(self) -> tuple[NodeRoute, ...]:
+        """Every Triton the members run on (one node: ``triton_url``, named 'local')."""
+        if self.nodes:
+            return self.nodes
+        assert self.triton_url is not None
+        return (NodeRoute(name="local", url=self.triton_url, shared_memory=self.shared_memory),)
 
     def uncertainty_outputs(self) -> dict[str, tuple[TensorInfo, str, str]]:
         """Each uncertainty output: name -> (its tensor, the output it measures, the measure).

@@ -2,8 +2,9 @@
 
 :meth:`Predictor.start` begins a batch's :class:`Prediction` and returns at once. The prediction
 runs in a task the predictor owns, never in a request's: no deadline and no client that goes
-away can cancel a call Triton is running. It writes the batch's input once into a shared-memory
-region (when Triton shares the host), then calls either the rendered fan-out model (one call
+away can cancel a call Triton is running. It picks the node each model's calls go to
+(:mod:`combiner.nodes`), writes the batch's input once into a shared-memory region (when a
+picked node's Triton shares the host), then calls either the rendered fan-out model (one call
 returning every member's outputs: when every member must answer and no request of the batch has
 a deadline) or each member (in chunks of its batch limit; all at once, or one after another for
 the paper's baseline). A member's answer is recorded the moment its calls end, so a request that
@@ -37,9 +38,10 @@ from tritonclient.utils import triton_to_np_dtype
 from . import metrics
 from .batching import Rows
 from .config import CombinerConfig, MemberRoute
-from .shm import Region, ShmPool
+from .nodes import Node, Nodes
+from .shm import Region
 from .tasks import Owner
-from .upstream import MemberError, Upstream
+from .upstream import MemberError
 
 __all__ = ["Prediction", "Predictor", "fanout_output"]
 
@@ -120,6 +122,8 @@ class _Group:
 
     route: MemberRoute
     covers: tuple[MemberRoute, ...]  # the members these calls answer for
+    node: Node  # where the calls went
+    placed: _Placed | None  # the batch's region, when the node shares this host
     tasks: list[asyncio.Task[Any]]
     began: float
     settled: bool = False  # recorded, or given up (member timeout, or nobody waits)
@@ -134,14 +138,10 @@ class Predictor:
     def __init__(
         self,
         config: CombinerConfig,
-        upstream: Upstream,
-        pool: ShmPool | None = None,
-        on_error: Callable[[MemberError], None] = lambda e: None,
+        nodes: Nodes,
     ) -> None:
         self._config = config
-        self._upstream = upstream
-        self._pool = pool
-        self._on_error = on_error
+        self._nodes = nodes
         self._members = config.members
         self._names = tuple(m.name for m in config.members)
         self._inputs = {t.name: t for t in config.inputs}
@@ -188,32 +188,40 @@ class Predictor:
 
     async def _run(self, p: Prediction, rows: Rows, one_call: bool) -> None:
         placed = None
+        local = self._nodes.local
+        routes = (self._fanout,) if one_call and self._fanout else self._members
+        where = {r.name: self._nodes.pick(r.name) for r in routes}
         try:
-            if self._pool is not None:
-                placed = await self._place(rows, p.bases, one_call)
+            if local is not None and local in where.values():
+                here = [r for r in routes if where[r.name] is local]
+                placed = await self._place(rows, p.bases, one_call, here)
             if p.abandoned:  # every request gave up while the region was made: call nobody
                 return
+
+            def issue(
+                route: MemberRoute, covers: tuple[MemberRoute, ...], names: list[str] | None = None
+            ) -> _Group:
+                node = where[route.name]
+                return self._issue(
+                    p, route, covers, rows, node, placed if node is local else None, names
+                )
+
             if one_call:
                 assert self._fanout is not None
                 names = [fanout_output(m, b) for m in self._names for b in p.bases]
-                await self._wait(
-                    p, [self._issue(p, self._fanout, self._members, rows, placed, names)]
-                )
+                await self._wait(p, [issue(self._fanout, self._members, names)])
             elif self._config.fan_out == "sequential":  # the paper's baseline
                 for member in self._members:
                     if p.abandoned:
                         break
                     if self._may_call(p, member):
-                        await self._wait(p, [self._issue(p, member, (member,), rows, placed)])
+                        await self._wait(p, [issue(member, (member,))])
             else:
-                groups = [
-                    self._issue(p, m, (m,), rows, placed)
-                    for m in self._members
-                    if self._may_call(p, m)
-                ]
+                groups = [issue(m, (m,)) for m in self._members if self._may_call(p, m)]
                 await self._wait(p, groups)
         except MemberError as e:  # no region: Triton is down, or refused it
-            self._on_error(e)
+            assert local is not None
+            local.watch.report(e)
             for name in p.pending():
                 p.miss(name, f"{e.code.name}: {e.details}")
         except Exception as e:
@@ -225,8 +233,8 @@ class Predictor:
                 p.miss(name, "not called: nobody waits for the answer")
             p.finish()
             if placed is not None:
-                assert self._pool is not None
-                self._pool.release(placed.region)
+                assert local is not None and local.pool is not None
+                local.pool.release(placed.region)
 
     def _may_call(self, p: Prediction, member: MemberRoute) -> bool:
         late = self._late.get(member.name, 0)
@@ -239,22 +247,27 @@ class Predictor:
         )
         return False
 
-    async def _place(self, rows: Rows, bases: tuple[str, ...], one_call: bool) -> _Placed:
-        """Write the batch's input into a region, and make room there for the outputs that
-        pay to come back that way (fixed size, at least ``output_shared_memory_min_bytes``)."""
-        assert self._pool is not None
+    async def _place(
+        self, rows: Rows, bases: tuple[str, ...], one_call: bool, routes: list[MemberRoute]
+    ) -> _Placed:
+        """Write the batch's input into a region, and make room there for the outputs of
+        ``routes`` (the calls to this host's node) that pay to come back that way (fixed size,
+        at least ``output_shared_memory_min_bytes``)."""
+        local = self._nodes.local
+        assert local is not None and local.pool is not None
+        pool = local.pool
         names = list(rows.pieces)
         size = sum(rows.nbytes(n) for n in names)
-        outputs = self._placed_outputs(bases, one_call)
+        outputs = self._placed_outputs(bases, one_call, {r.name for r in routes})
         out_size = rows.batch * sum(outputs.values())
         least = self._config.output_shared_memory_min_bytes
         if least is None or out_size < least:
             outputs, out_size = {}, 0
-        region = await self._pool.acquire(_aligned(size) + out_size)
+        region = await pool.acquire(_aligned(size) + out_size)
         try:
             offsets = region.write([rows.pieces[n] for n in names])  # each byte once
         except BaseException:
-            self._pool.release(region)
+            pool.release(region)
             raise
         at = _aligned(size)
         where = {}
@@ -266,9 +279,11 @@ class Predictor:
             metrics.SHARED_BYTES.labels("output").inc(out_size)
         return _Placed(region, dict(zip(names, offsets, strict=True)), where)
 
-    def _placed_outputs(self, bases: tuple[str, ...], one_call: bool) -> dict[tuple[str, str], int]:
-        """(model, output) -> bytes per row, for every output these calls return; empty if a
-        shape is variable."""
+    def _placed_outputs(
+        self, bases: tuple[str, ...], one_call: bool, models: set[str]
+    ) -> dict[tuple[str, str], int]:
+        """(model, output) -> bytes per row, for every output the calls to ``models`` return;
+        empty if a shape is variable."""
         rows = {}
         for base in bases:
             info = self._base[base]
@@ -278,8 +293,9 @@ class Predictor:
             for m in self._members:
                 if one_call:
                     assert self._fanout is not None
-                    rows[(self._fanout.name, fanout_output(m.name, base))] = row
-                else:
+                    if self._fanout.name in models:
+                        rows[(self._fanout.name, fanout_output(m.name, base))] = row
+                elif m.name in models:
                     rows[(m.name, m.outputs[base])] = row
         return rows
 
@@ -289,24 +305,25 @@ class Predictor:
         route: MemberRoute,
         covers: tuple[MemberRoute, ...],
         rows: Rows,
+        node: Node,
         placed: _Placed | None,
         names: list[str] | None = None,
     ) -> _Group:
-        """Start the calls to one model (in chunks of its batch limit)."""
+        """Start the calls to one model on ``node`` (in chunks of its batch limit)."""
         step = route.max_batch_size or rows.batch
         output_names = names or [route.outputs[b] for b in p.bases]
         requests = [
             self._request(route, rows, start, min(start + step, rows.batch), placed, output_names)
             for start in range(0, rows.batch, step)
         ]
-        group = _Group(route, covers, [], time.perf_counter())
+        group = _Group(route, covers, node, placed, [], time.perf_counter())
         p.groups.append(group)
         for request in requests:
-            task = self._upstream.infer(request)
+            task = node.upstream.infer(request)
             if placed is not None:
-                assert self._pool is not None
-                self._pool.hold(placed.region)  # until this call has ended
-            task.add_done_callback(functools.partial(self._settled, p, group, placed))
+                assert node.pool is not None
+                node.pool.hold(placed.region)  # until this call has ended
+            task.add_done_callback(functools.partial(self._settled, p, group))
             group.tasks.append(task)
         return group
 
@@ -336,9 +353,7 @@ class Predictor:
             self._late[group.route.name] = self._late.get(group.route.name, 0) + 1
         return True
 
-    def _settled(
-        self, p: Prediction, group: _Group, placed: _Placed | None, task: asyncio.Task[Any]
-    ) -> None:
+    def _settled(self, p: Prediction, group: _Group, task: asyncio.Task[Any]) -> None:
         """One call ended: when it was the group's last, record its members' answers; then
         let go of the region (after reading it)."""
         try:
@@ -350,16 +365,16 @@ class Predictor:
                     metrics.MEMBER_LATENCY.labels(group.route.name).observe(
                         time.perf_counter() - group.began
                     )
-                    self._record(p, group, placed)
+                    self._record(p, group)
                 elif group.late:  # its last call ended: out of the backlog
                     group.late = False
                     self._late[group.route.name] -= 1
         finally:
-            if placed is not None:
-                assert self._pool is not None
-                self._pool.release(placed.region)
+            if group.placed is not None:
+                assert group.node.pool is not None
+                group.node.pool.release(group.placed.region)
 
-    def _record(self, p: Prediction, group: _Group, placed: _Placed | None) -> None:
+    def _record(self, p: Prediction, group: _Group) -> None:
         for task in group.tasks:
             if task.cancelled():
                 error: BaseException | None = MemberError(
@@ -369,7 +384,7 @@ class Predictor:
                 error = task.exception()
             if error is not None:
                 if isinstance(error, MemberError):
-                    self._on_error(error)
+                    group.node.watch.report(error)
                     reason = f"{error.code.name}: {error.details}"
                 else:
                     reason = f"INTERNAL: {type(error).__name__}: {error}"
@@ -380,8 +395,7 @@ class Predictor:
         for member in group.covers:
             try:
                 outputs = {
-                    base: self._answer(member, group, responses, base, placed, p.batch)
-                    for base in p.bases
+                    base: self._answer(member, group, responses, base, p.batch) for base in p.bases
                 }
             except _BadAnswer as e:
                 p.miss(member.name, f"INTERNAL: {e}")
@@ -395,7 +409,6 @@ class Predictor:
         group: _Group,
         responses: list[Any],
         base: str,
-        placed: _Placed | None,
         batch: int,
     ) -> np.ndarray:
         """One member's output for the whole batch, from its responses or the region."""
@@ -404,6 +417,7 @@ class Predictor:
             name = fanout_output(member.name, base)
         else:
             name = member.outputs[base]
+        placed = group.placed
         if placed is not None and (group.route.name, name) in placed.outputs:
             offset, _ = placed.outputs[(group.route.name, name)]
             dtype = np.dtype(triton_to_np_dtype(info.dtype))

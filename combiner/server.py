@@ -27,8 +27,8 @@ from .auth import HEALTH_METHODS, Credentials
 from .config import CombinerConfig, TensorInfo
 from .errors import RequestError
 from .http import make_app
+from .nodes import Nodes
 from .service import EnsembleService
-from .upstream import Upstream
 
 __all__ = ["GrpcEndpoint", "Listen", "serve"]
 
@@ -260,14 +260,14 @@ class Listen:
     http_port: int | None = None
     reuse_port: bool = False  # other workers listen on the same ports
     credentials: Credentials = field(default_factory=Credentials)
+    ready_file: Path | None = None  # touched once the endpoints listen
 
 
 async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> None:
     """Serve the ensemble over gRPC and, with ``listen.http_port``, HTTP/REST, until ``stop``
     is set; then drain (see the module's docstring)."""
     key = Path(config.triton_key_file).read_text().strip() if config.triton_key_file else None
-    upstream = Upstream(config.triton_url, key)
-    service = EnsembleService(config, upstream)
+    service = EnsembleService(config, Nodes(config, key))
     drain = config.drain_timeout_s
     credentials = listen.credentials
     await service.start()  # before listening: a connection accepted means a working endpoint
@@ -304,12 +304,14 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
         if bound == 0:
             raise OSError(f"cannot listen on {address}")
         await server.start()
+        if listen.ready_file is not None:
+            listen.ready_file.touch()
         log.info(
             "serving ensemble %r on %s%s (Triton at %s)",
             config.name,
             address,
             f" and http://{listen.host}:{listen.http_port}" if listen.http_port else "",
-            config.triton_url,
+            ", ".join(f"{n.name} {n.url}" for n in config.node_routes()),
         )
         await stop.wait()
         log.info("stopping: answering the requests in flight (up to %.0f s)", drain)
@@ -324,7 +326,6 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
         service.release()
         await stopping
         await service.close(drain)
-        await upstream.close(drain_s=0.0)  # the service waited for the calls already
         log.info("stopped")
 
 

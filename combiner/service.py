@@ -8,8 +8,9 @@ request's own deadline, combine the answers of those that made it
 HTTP endpoints (:mod:`combiner.server`, :mod:`combiner.http`) only translate to and from it.
 
 A request that gives up (its deadline, or its client went away) stops its own wait; the
-batch's calls go on, owned by the prediction stage. While Triton is down (:mod:`combiner.watch`)
-requests get UNAVAILABLE at once.
+batch's calls go on, owned by the prediction stage. While Triton is down (:mod:`combiner.watch`;
+with several nodes, while some member has no node up: :mod:`combiner.nodes`) requests get
+UNAVAILABLE at once.
 """
 
 from __future__ import annotations
@@ -28,12 +29,9 @@ from .client_shm import ClientRegion, ClientRegions
 from .combination import Combination
 from .config import CombinerConfig, TensorInfo
 from .errors import RequestError
+from .nodes import Nodes
 from .predict import Prediction, Predictor
 from .request import RequestReader
-from .shm import ShmPool, reclaim_stale
-from .tasks import Owner
-from .upstream import MemberError, Upstream
-from .watch import TritonWatch
 
 __all__ = ["EnsembleService", "RequestError"]
 
@@ -45,14 +43,9 @@ _SETTLE_MAX_S = 1.0
 
 
 class EnsembleService:
-    def __init__(self, config: CombinerConfig, upstream: Upstream) -> None:
+    def __init__(self, config: CombinerConfig, nodes: Nodes) -> None:
         self.config = config
-        self.upstream = upstream
-        self._pool = ShmPool(upstream) if config.shared_memory else None
-        models = [m.name for m in config.members]
-        if config.fanout_model:
-            models.append(config.fanout_model)
-        self.watch = TritonWatch(upstream, models, self._pool)
+        self.nodes = nodes
         self.regions = ClientRegions(
             config.client_shared_memory,
             config.client_shm_max_regions,
@@ -65,7 +58,7 @@ class EnsembleService:
             **{n: d[0] for n, d in config.uncertainty_outputs().items()},
         }
         self.reader = RequestReader(config, self.outputs, self.regions)
-        self.predictor = Predictor(config, upstream, self._pool, self.watch.report)
+        self.predictor = Predictor(config, nodes)
         self._batcher: Batcher[Prediction] | None = (
             Batcher(
                 self.predictor.start,
@@ -78,7 +71,6 @@ class EnsembleService:
         )
         self._quorum = config.quorum_count()
         self._member_names = tuple(m.name for m in config.members)
-        self._tasks = Owner("service")
         self._in_flight = 0  # requests being served (not those parked while stopping)
         self._draining = False
         self._idle = asyncio.Event()  # no request in flight, while draining
@@ -87,13 +79,7 @@ class EnsembleService:
 
     async def start(self) -> None:
         """Reclaim what stopped processes left in shared memory; start watching Triton."""
-        if self._pool is not None:
-            try:
-                await reclaim_stale(self.upstream)
-            except MemberError as e:  # Triton is not there yet: the watch waits for it
-                log.warning("could not reclaim stale shared memory: %s", e)
-        await self.watch.check()
-        self._tasks.spawn(self.watch.run())
+        await self.nodes.start()
 
     async def close(self, drain_s: float) -> None:
         """After the endpoints stopped taking requests: let the batches and the calls still
@@ -104,14 +90,12 @@ class EnsembleService:
         if self._batcher is not None:
             await self._batcher.close()
         await self.predictor.close(max(0.0, until - loop.time()))
-        await self.upstream.calls.drain(max(0.0, until - loop.time()))
-        await self._tasks.cancel()
-        if self._pool is not None:
-            await self._pool.close()
+        await self.nodes.drain_calls(max(0.0, until - loop.time()))
+        await self.nodes.close()
         self.regions.close()
 
     def ready(self) -> bool:
-        return self.watch.ready and not self._draining
+        return self.nodes.ready and not self._draining
 
     async def drain(self, timeout: float) -> bool:
         """Stop taking requests: a new one is parked (and refused with UNAVAILABLE once the
@@ -206,9 +190,10 @@ class EnsembleService:
         inputs = self.reader.parse(request, peer)
         wanted, placed = self.reader.requested_outputs(request, peer)
         deadline = self.reader.deadline(request, remaining)
-        if not self.watch.ready:  # a bad request is bad whether Triton is there or not
+        reason = self.nodes.reason  # a bad request is bad whether Triton is there or not
+        if reason is not None:
             raise RequestError(
-                grpc.StatusCode.UNAVAILABLE, f"the members are not reachable: {self.watch.reason}"
+                grpc.StatusCode.UNAVAILABLE, f"the members are not reachable: {reason}"
             )
         loop = asyncio.get_running_loop()
         deadline_at = None if deadline is None else loop.time() + deadline

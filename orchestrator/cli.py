@@ -20,7 +20,7 @@ from .errors import ChorusError, SpecError
 from .hardware import Device, discover, load_hardware
 from .plan import Plan, load_plan, plan_ensemble, plan_table
 from .profile import Profile, load_profile, save_profile
-from .render import Backend, describe_changes, pick_backend, render_plan
+from .render import Backend, describe_changes, fanout_name, pick_backend, render_plan
 from .spec import Ensemble, load_ensemble
 from .up import Deployment
 
@@ -310,22 +310,121 @@ def regenerate_configs(
         typer.Option(help="Triton backend to render for [default: what the local server has]"),
     ] = None,
     borrow_curves: BorrowOpt = False,
+    triton: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NODE=HOST:PORT (or HOST:PORT for one node): the gRPC address of a node's "
+            "Triton; if it is running, it loads the changed members there (repeat per node)",
+        ),
+    ] = None,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(help="the key to the Tritons' restricted APIs (made if missing)"),
+    ] = None,
+    combiner_config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--combiner-config",
+            help="write the combiner's config here (needs --triton for every node); a running "
+            "combiner picks it up",
+        ),
+    ] = None,
+    shared_memory: Annotated[
+        bool,
+        typer.Option(help="the combiner shares the (first) node's host and IPC namespace"),
+    ] = False,
 ) -> None:
-    """Re-detect the hardware, plan again, rewrite the configs; print what changed."""
+    """Re-detect the hardware, plan again, rewrite the configs; print what changed. With the
+    running Tritons' addresses, they switch to the new configs in place."""
+    from .deploy import new_key, switch
     from .launch import find_tritonserver
+    from .up import combiner_config
 
     ensemble = load_ensemble(ensemble_file)
     workdir = _workdir(ensemble, workdir)
     result = _plan(ensemble, hardware, profile, workdir, borrow_curves=borrow_curves)
+    tritons = _node_addresses(triton or [], result)
+    key = new_key(key_file) if key_file else None
+    if combiner_config_file is not None and not tritons:
+        raise SpecError("--triton", "", "--combiner-config needs every node's address")
     changes = describe_changes(repo, result)
     backend = backend or pick_backend(find_tritonserver().backends)
     written = render_plan(ensemble, result, repo, backend)
     for line in changes:
         print(line)
-    if not written:
-        print(f"{repo}: unchanged")
-    else:
-        print(f"{repo}: {len(written)} file(s) rewritten")
+    print(f"{repo}: {len(written)} file(s) rewritten" if written else f"{repo}: unchanged")
+    served = None
+    if combiner_config_file is not None:
+        first = result.nodes()[0]
+        config = combiner_config(
+            ensemble, tritons, result, shared_memory_node=first if shared_memory else None
+        )
+        update: dict[str, object] = {"shared_memory": shared_memory and len(result.nodes()) == 1}
+        if key_file is not None:
+            update["triton_key_file"] = str(key_file.resolve())
+        if len(result.nodes()) == 1 and (repo / fanout_name(ensemble)).is_dir():
+            update["fanout_model"] = fanout_name(ensemble)
+            update["fanout_max_batch_size"] = min(result.max_batch_size.values())
+        served = (combiner_config_file, config.model_validate({**config.model_dump(), **update}))
+    running = {n: url for n, url in tritons.items() if _live(url)}
+    if len(running) < len(tritons):
+        down = ", ".join(f"{n} ({tritons[n]})" for n in tritons if n not in running)
+        print(f"not running: {down}; it loads the new configs when it starts")
+    done = switch(repo, result, written, running, key, served, lambda x: print(x, flush=True))
+    if running:
+        print(f"reloaded: {', '.join(done)}" if done else "nothing to reload")
+
+
+def _node_addresses(given: list[str], plan: Plan) -> dict[str, str]:
+    """--triton values as node -> address; a bare address names the plan's only node."""
+    out = {}
+    for item in given:
+        node, sep, address = item.rpartition("=")
+        if not sep:
+            if len(plan.nodes()) != 1:
+                raise SpecError("--triton", "", f"{item!r}: the plan has several nodes, say NODE=")
+            node = plan.nodes()[0]
+        elif node not in plan.nodes():
+            raise SpecError(
+                "--triton",
+                "",
+                f"{item!r}: the plan has no node {node!r} ({', '.join(plan.nodes())})",
+            )
+        out[node] = address
+    return out
+
+
+def _live(address: str) -> bool:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        with grpcclient.InferenceServerClient(address) as client:
+            return bool(client.is_server_live(client_timeout=2.0))
+    except InferenceServerException:
+        return False
+
+
+@app.command()
+def node(
+    repo: Annotated[Path, typer.Argument(help="the node's rendered repository")],
+    key_file: Annotated[Path, typer.Option(help="the key to its restricted APIs")],
+    host: Annotated[str, typer.Option(help="address Triton listens on")] = "127.0.0.1",
+    grpc_port: Annotated[int, typer.Option()] = 8001,
+    http_port: Annotated[int, typer.Option()] = 8000,
+    metrics_port: Annotated[int, typer.Option()] = 8002,
+    workdir: Annotated[Path, typer.Option(help="where the Python backend's files go")] = Path(
+        "/tmp/chorus-node"
+    ),
+) -> None:
+    """Serve one node's part of a plan: become its tritonserver (every model in the
+    repository loaded, explicit model control, every API but health behind the key). The
+    same command for a compose service and a pod; the container restarts it."""
+    from .deploy import serve_node
+
+    serve_node(
+        repo.resolve(), workdir.resolve(), key_file, host, grpc_port, http_port, metrics_port
+    )
 
 
 @app.command()

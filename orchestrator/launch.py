@@ -266,14 +266,19 @@ class TritonServer:
         binary: ServerBinary | None = None,
         extra_args: Sequence[str] = (),
         restricted: bool = True,
+        key: str | None = None,
     ) -> None:
+        """``key``: the key to the restricted APIs (default: a new one, unless not
+        ``restricted``)."""
         self.repo = repo
         self.workdir = workdir
         self.models = list(models)
         self.host = host
         self.binary = binary or find_tritonserver()
         self.extra_args = list(extra_args)
-        self.key = secrets.token_hex(32) if restricted else None  # [0-9a-f]: Triton parses it
+        if key is None and restricted:
+            key = secrets.token_hex(32)  # [0-9a-f]: Triton parses it
+        self.key = key
         self.grpc_port = self.http_port = self.metrics_port = 0
         self.process: ManagedProcess | None = None
 
@@ -303,6 +308,19 @@ class TritonServer:
         """Start the server (again) on the ports it had, with the same key; wait until it and
         every model are ready, within ``timeout``."""
         deadline = time.monotonic() + timeout
+        argv, env = self.command()
+        if self.process is not None:  # a previous run: what it left behind goes first
+            self.stop()
+        self.process = ManagedProcess("tritonserver", argv, self.workdir / "tritonserver.log", env)
+        self.process.start()
+        try:
+            self._wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The server's command line and environment (``chorus node`` runs them in place)."""
         env = dict(os.environ)
         backend_dir = self.binary.backend_dir
         if self.binary.bundled:
@@ -338,15 +356,7 @@ class TritonServer:
             argv.append(f"--backend-directory={backend_dir}")
         if _accepts(str(self.binary.path), "--allow-client-shm", tuple(sorted(env.items()))):
             argv.append("--allow-client-shm=true")  # Triton >= 2.69 refuses client shm without
-        if self.process is not None:  # a previous run: what it left behind goes first
-            self.stop()
-        self.process = ManagedProcess("tritonserver", argv, self.workdir / "tritonserver.log", env)
-        self.process.start()
-        try:
-            self._wait_ready(deadline)
-        except BaseException:
-            self.stop()
-            raise
+        return argv, env
 
     def _wait_ready(self, deadline: float) -> None:
         assert self.process is not None

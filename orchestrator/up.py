@@ -24,7 +24,7 @@ from typing import Literal
 import tritonclient.grpc as grpcclient
 from google.protobuf import json_format
 
-from combiner.config import CombinerConfig, MemberRoute, TensorInfo
+from combiner.config import CombinerConfig, MemberRoute, NodeRoute, TensorInfo
 from combiner.workers import Restarts
 
 from .errors import ChorusError, LaunchError
@@ -42,7 +42,7 @@ from .render import (
 )
 from .spec import Ensemble, Tensor
 
-__all__ = ["Deployment", "Endpoints", "combiner_config"]
+__all__ = ["Deployment", "Endpoints", "combiner_config", "instances_per_node"]
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,38 @@ class Endpoints:
 
 def combiner_config(
     ensemble: Ensemble,
-    triton_url: str,
+    triton: str | Mapping[str, str],
     plan: Plan,
     fan_out: Literal["concurrent", "sequential"] = "concurrent",
+    shared_memory_node: str | None = None,
 ) -> CombinerConfig:
+    """What the combiner serves for ``plan``: ``triton`` is the gRPC address of its Triton,
+    or, for a plan over several nodes, each node's (node name -> host:port); each member's
+    calls then go to the nodes holding its instances, in proportion to them, and only
+    ``shared_memory_node`` (the one sharing the combiner's host, if any) gets them through
+    shared memory."""
+
     def info(t: Tensor) -> TensorInfo:
         return TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape)
 
+    nodes: tuple[NodeRoute, ...] = ()
+    per_node: dict[str, dict[str, int]] = {m.name: {} for m in ensemble.members}
+    if not isinstance(triton, str):
+        missing = [n for n in plan.nodes() if n not in triton]
+        if missing:
+            raise ChorusError(f"no Triton address for node(s) {', '.join(missing)} of the plan")
+        if len(plan.nodes()) == 1:
+            triton = triton[plan.nodes()[0]]
+        else:
+            nodes = tuple(
+                NodeRoute(name=n, url=triton[n], shared_memory=n == shared_memory_node)
+                for n in plan.nodes()
+            )
+            per_node = instances_per_node(plan)
     return CombinerConfig(
         name=ensemble.name,
-        triton_url=triton_url,
+        triton_url=triton if isinstance(triton, str) else None,
+        nodes=nodes,
         max_batch_size=ensemble.max_batch_size,
         inputs=tuple(info(t) for t in ensemble.inputs),
         outputs=tuple(info(t) for t in ensemble.outputs),
@@ -77,6 +99,7 @@ def combiner_config(
                 inputs=dict(m.input_map),
                 outputs=dict(m.output_map),
                 max_batch_size=plan.max_batch_size[m.name],
+                nodes=per_node[m.name],
             )
             for m in ensemble.members
         ),
@@ -92,6 +115,18 @@ def combiner_config(
         # out at once would only queue on Triton, split into smaller batches
         max_in_flight=max(1, min(sum(plan.instances[m.name].values()) for m in ensemble.members)),
     )
+
+
+def instances_per_node(plan: Plan) -> dict[str, dict[str, int]]:
+    """Each member's instances on each node that holds some."""
+    node_of = {d.id: d.node for d in plan.devices}
+    out: dict[str, dict[str, int]] = {}
+    for member, per_device in plan.instances.items():
+        counts = out.setdefault(member, {})
+        for device, count in per_device.items():
+            if count:
+                counts[node_of[device]] = counts.get(node_of[device], 0) + count
+    return out
 
 
 class Deployment:
