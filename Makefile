@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint image clean
 
 demo: $(STAMP)
 	$(VENV)/bin/chorus demo
 
-test: lint $(STAMP)
+test: lint $(STAMP) image
 	$(VENV)/bin/python -m pytest
+
+# The Docker engine, a base image and the Chorus image, for the compose tests (docker/prepare.sh).
+image:
+	bash docker/prepare.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

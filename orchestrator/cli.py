@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -498,6 +498,92 @@ def demo(
     from examples.digits.demo import run
 
     run(workdir.resolve(), epochs=epochs, console=console)
+
+
+@app.command()
+def render(
+    plan_file: Annotated[Path, typer.Argument(help="the plan (from 'chorus plan -o')")],
+    ensemble_file: Annotated[Path, typer.Option("--ensemble", help="the ensemble file")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="folder to write into")],
+    target: Annotated[
+        Literal["repository", "kubernetes"],
+        typer.Option(help="a Triton model repository, or Kubernetes manifests"),
+    ] = "repository",
+    node: Annotated[
+        str | None, typer.Option(help="repository: only this node's part, into OUTPUT itself")
+    ] = None,
+    backend: Annotated[
+        Backend | None,
+        typer.Option(help="repository: Triton backend [default: what the local server has]"),
+    ] = None,
+    image: Annotated[str, typer.Option(help="kubernetes: the Chorus image")] = "chorus:latest",
+    triton_image: Annotated[
+        str, typer.Option(help="kubernetes: Triton's image on nodes with GPUs")
+    ] = "nvcr.io/nvidia/tritonserver:24.12-py3",
+    models_claim: Annotated[
+        str,
+        typer.Option(help="kubernetes: the PersistentVolumeClaim holding the ensemble's files"),
+    ] = "chorus-models",
+    ensemble_path: Annotated[
+        str, typer.Option(help="kubernetes: the ensemble file's path inside that claim")
+    ] = "ensemble.yaml",
+    replicas: Annotated[int, typer.Option(min=1, help="kubernetes: combiner pods")] = 2,
+    namespace: Annotated[str | None, typer.Option(help="kubernetes: namespace")] = None,
+) -> None:
+    """Render a plan without serving it: the model repository (per node), or the Kubernetes
+    manifests that serve it (one Triton per node, the combiner behind a Service)."""
+    ensemble = load_ensemble(ensemble_file)
+    result = load_plan(plan_file)
+    if target == "kubernetes":
+        from .kubernetes import render_kubernetes
+
+        files = render_kubernetes(
+            ensemble,
+            result,
+            output,
+            image,
+            triton_image,
+            models_claim,
+            ensemble_path,
+            replicas,
+            namespace,
+        )
+        for path in files:
+            print(f"wrote {path}")
+        return
+    from .launch import find_tritonserver
+    from .render import render_node
+
+    backend = backend or pick_backend(find_tritonserver().backends)
+    if node is None:
+        written = render_plan(ensemble, result, output, backend)
+    elif node not in result.nodes():
+        raise SpecError(plan_file, "devices", f"no node {node!r} in the plan")
+    else:
+        written = render_node(ensemble, result, node, output, backend)
+    print(f"{output}: {len(written)} file(s) written")
+
+
+@app.command()
+def example(
+    out: Annotated[Path, typer.Argument(help="folder for ensemble.yaml and models/")],
+) -> None:
+    """Write the digits example ensemble and train its 4 members (seconds, on the CPU); an
+    example already there is left as it is."""
+    import shutil
+
+    from examples.digits.train import HERE, load_split, train_members
+
+    target = out / "ensemble.yaml"
+    names = [m.name for m in load_ensemble(HERE / "ensemble.yaml", read_models=False).members]
+    if target.is_file() and all((out / "models" / f"{n}.onnx").is_file() for n in names):
+        console.print(f"{target}: already there")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with console.status("training the digits example's members..."):
+        train_members(out / "models", load_split())
+    shutil.copy(HERE / "ensemble.yaml", target)
+    console.print(f"wrote {target} and {len(names)} members in {out / 'models'}")
 
 
 def main() -> None:

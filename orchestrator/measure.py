@@ -239,7 +239,8 @@ def _latency_ms(
     server_pid: int | None = None,
 ) -> tuple[float, float, float]:
     """(median round trip, busy time of the instance per batch from Triton's compute
-    statistics, CPU of Triton's process tree per call) in ms."""
+    statistics (its share of the round trip, at the median), CPU of Triton's process tree per
+    call) in ms."""
     rng = np.random.default_rng(batch)
     inputs = []
     for t in member.inputs:
@@ -262,8 +263,14 @@ def _latency_ms(
     busy_ns, executions = (
         a - b for a, b in zip(_busy_ns(client, member.name, headers), busy_before, strict=True)
     )
-    service = busy_ns / 1e6 / executions if executions > 0 else statistics.median(times)
-    return statistics.median(times), service, cpu
+    median = statistics.median(times)
+    if executions <= 0:
+        return median, median, cpu
+    # the busy share of the mean round trip, applied to the median one: a few slow calls
+    # (a busy machine) raise both means. Triton may record a warm-up call's statistics after
+    # the window began: never more busy than the round trip.
+    service = busy_ns / 1e6 / executions * median / statistics.fmean(times)
+    return median, min(service, median), cpu
 
 
 def _busy_ns(

@@ -35,6 +35,7 @@ __all__ = [
     "pick_backend",
     "render_config",
     "render_fanout",
+    "render_node",
     "render_plan",
     "render_repository",
 ]
@@ -174,15 +175,25 @@ def render_plan(ensemble: Ensemble, plan: Plan, repo: Path, backend: Backend) ->
     changed = []
     for node in nodes:
         target = repo if len(nodes) == 1 else repo / node
-        groups = instance_groups(plan, node)
-        if groups:
-            changed += render_repository(
-                ensemble, target, backend, groups, plan.max_batch_size, cpu_threads(plan, node)
-            )
-        changed += _remove_members(ensemble, target, keep=set(groups))
+        changed += render_node(ensemble, plan, node, target, backend)
     if len(nodes) > 1:  # what a single-node plan left at the top
         changed += _remove_members(ensemble, repo, keep=set(), fanout=True)
-    if len(nodes) == 1 and ensemble.outputs:
+    return changed
+
+
+def render_node(
+    ensemble: Ensemble, plan: Plan, node: str, repo: Path, backend: Backend
+) -> list[Path]:
+    """Render one node's part of the plan into ``repo`` (its members; the fan-out model too if
+    the plan has this node only), removing members that left it. Returns what changed."""
+    groups = instance_groups(plan, node)
+    changed = []
+    if groups:
+        changed += render_repository(
+            ensemble, repo, backend, groups, plan.max_batch_size, cpu_threads(plan, node)
+        )
+    changed += _remove_members(ensemble, repo, keep=set(groups))
+    if len(plan.nodes()) == 1 and ensemble.outputs:
         name = fanout_name(ensemble)
         text = render_fanout(ensemble, min(plan.max_batch_size.values()))
         if _write(repo / name / "config.pbtxt", text.encode()):

@@ -25,7 +25,7 @@ def test_profile_measures_every_member_at_every_batch_size(ensemble, profile):
         assert cpu.memory_bytes > 10 * 2**20
         # Triton's compute statistics: the instance is busy for part of each round trip
         assert [b for b, _ in cpu.service_ms] == list(cpu.batch_sizes)
-        assert all(0 < cpu.service(b) < cpu.latency(b) for b in cpu.batch_sizes)
+        assert all(0 < cpu.service(b) <= cpu.latency(b) for b in cpu.batch_sizes)
         assert [b for b, _ in cpu.cpu_ms] == list(cpu.batch_sizes)
         assert sum(ms for _, ms in cpu.cpu_ms) > 0  # CPU is counted in ticks: not per point
     # through the combiner, requests of the ensemble's maximum batch size

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.errors import ChorusError
 from orchestrator.plan import Plan
@@ -14,25 +13,12 @@ from orchestrator.render import (
     render_config,
     render_repository,
 )
-from orchestrator.spec import Ensemble, load_ensemble
-from tests.onnx_models import linear
+from orchestrator.spec import Ensemble
 
 GROUPS = {
     "cpu": (InstanceGroup("cpu", 2),),
     "gpus": (InstanceGroup("gpu", 1, (0,)), InstanceGroup("gpu", 3, (2, 3))),
 }
-
-
-@pytest.fixture
-def ensemble(tmp_path: Path) -> Ensemble:
-    linear(tmp_path / "a.onnx", seed=0)
-    linear(tmp_path / "b.onnx", seed=1, output_name="scores")
-    spec = {
-        "name": "toy",
-        "members": [{"name": "a", "path": "a.onnx"}, {"name": "b", "path": "b.onnx"}],
-    }
-    (tmp_path / "ensemble.yaml").write_text(yaml.safe_dump(spec))
-    return load_ensemble(tmp_path / "ensemble.yaml")
 
 
 @pytest.mark.parametrize("backend", ["python", "onnxruntime"])

@@ -1,0 +1,403 @@
+"""Kubernetes manifests for a plan: Kubernetes runs the pods and restarts them; Chorus renders.
+
+Per node of the plan, a Triton Deployment pinned to that node (``kubernetes.io/hostname``)
+with the plan's GPUs requested, and a Service. Its repository is rendered by an init container
+(``chorus render --node``) from the ensemble's files, which a PersistentVolumeClaim holds
+(``ensemble.yaml`` and the model files beside it, as on a workstation), into an emptyDir;
+Triton then serves it with explicit model control and every API but health behind the key.
+A node with GPUs runs NVIDIA's official Triton image (ONNX Runtime backend); a node without
+runs the Chorus image's bundled Triton (``chorus node``).
+
+The combiner is a Deployment of ``replicas`` pods behind a Service: each routes every member to
+the nodes holding it (``combiner.json`` in a ConfigMap, the nodes named by their Services);
+it scales horizontally. The restricted-API key and the endpoint's bearer token are Secrets.
+Every pod runs as a non-root user, without privilege escalation or capabilities, with
+resource requests and limits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from .launch import RESTRICTED
+from .plan import Plan
+from .spec import Ensemble
+
+__all__ = ["TRITON_IMAGE", "render_kubernetes"]
+
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.12-py3"  # has the gRPC cancellation fix
+_USER = 1000
+_KEY_HEADER = "chorus-key"
+
+
+def _dns(name: str) -> str:
+    """A DNS-1123 label from a name (lowercase, digits, '-')."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    return label[:63] or "x"
+
+
+def _security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": _USER,
+        "runAsGroup": _USER,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _probe(path: str, port: int, delay: int = 5) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "initialDelaySeconds": delay,
+        "periodSeconds": 5,
+        "failureThreshold": 6,
+    }
+
+
+def render_kubernetes(
+    ensemble: Ensemble,
+    plan: Plan,
+    out: Path,
+    image: str = "chorus:latest",
+    triton_image: str = TRITON_IMAGE,
+    models_claim: str = "chorus-models",
+    ensemble_path: str = "ensemble.yaml",
+    replicas: int = 2,
+    namespace: str | None = None,
+) -> list[Path]:
+    """Write the manifests into ``out`` (one file per kind of object); returns the files.
+    ``ensemble_path``: where the ensemble file lies in the claim. The two Secrets get fresh
+    random values each time: apply them once, or replace them together with the pods."""
+    app = _dns(f"chorus-{ensemble.name}")
+    meta: dict[str, Any] = {"namespace": namespace} if namespace else {}
+    labels = {"app.kubernetes.io/name": "chorus", "app.kubernetes.io/instance": app}
+    services = {n: _dns(f"{app}-{n}") for n in plan.nodes()}
+    files: dict[str, list[dict[str, Any]]] = {"secrets.yaml": [], "config.yaml": []}
+
+    files["secrets.yaml"] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": f"{app}-triton-key", **meta, "labels": labels},
+            "type": "Opaque",
+            "stringData": {"key": secrets.token_hex(32)},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": f"{app}-token", **meta, "labels": labels},
+            "type": "Opaque",
+            "stringData": {"token": secrets.token_urlsafe(32)},
+        },
+    ]
+    from .up import combiner_config  # (up imports the launcher; only needed here)
+
+    config = combiner_config(ensemble, {n: f"{s}:8001" for n, s in services.items()}, plan)
+    config = config.model_validate(
+        {
+            **config.model_dump(),
+            "triton_key_file": "/etc/chorus/triton-key/key",
+            "rule_path": [str((PurePosixPath("/models") / ensemble_path).parent)],
+        }
+    )
+    files["config.yaml"] = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": f"{app}-config", **meta, "labels": labels},
+            "data": {
+                "plan.json": plan.to_json(),
+                "combiner.json": json.dumps(config.model_dump(mode="json"), indent=2) + "\n",
+            },
+        }
+    ]
+    key_volume = {"name": "triton-key", "secret": {"secretName": f"{app}-triton-key"}}
+    config_volume = {"name": "config", "configMap": {"name": f"{app}-config"}}
+    for node in plan.nodes():
+        files[f"node-{_dns(node)}.yaml"] = _node(
+            ensemble,
+            plan,
+            node,
+            services[node],
+            app,
+            labels,
+            meta,
+            image,
+            triton_image,
+            models_claim,
+            ensemble_path,
+            key_volume,
+            config_volume,
+        )
+    files["combiner.yaml"] = _combiner(
+        app, labels, meta, image, replicas, key_volume, config_volume, models_claim
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, docs in files.items():
+        path = out / name
+        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        if name == "secrets.yaml":
+            path.chmod(0o600)
+        written.append(path)
+    return written
+
+
+def _node(
+    ensemble: Ensemble,
+    plan: Plan,
+    node: str,
+    service: str,
+    app: str,
+    labels: dict[str, str],
+    meta: dict[str, Any],
+    image: str,
+    triton_image: str,
+    models_claim: str,
+    ensemble_path: str,
+    key_volume: dict[str, Any],
+    config_volume: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """A node's Triton: Deployment (pinned, its GPUs requested) and Service."""
+    devices = {d.id: d for d in plan.devices}
+    used = {
+        d
+        for per in plan.instances.values()
+        for d, count in per.items()
+        if count and devices[d].node == node
+    }
+    gpus = sorted(devices[d].index for d in used if devices[d].kind == "gpu")
+    memory = sum(plan.planned_memory_bytes.get(d, 0) for d in used)
+    memory_mib = max(1024, (memory >> 20) + 512)
+    backend = "onnxruntime" if gpus else "python"
+    pod_labels = {**labels, "app.kubernetes.io/component": f"triton-{_dns(node)}"}
+    render = {
+        "name": "render",
+        "image": image,
+        "command": ["chorus", "render", "/etc/chorus/config/plan.json"],
+        "args": [
+            "--ensemble",
+            f"/models/{ensemble_path}",
+            "--target",
+            "repository",
+            "--node",
+            node,
+            "--backend",
+            backend,
+            "-o",
+            "/repository",
+        ],
+        "volumeMounts": [
+            {"name": "models", "mountPath": "/models", "readOnly": True},
+            {"name": "repository", "mountPath": "/repository"},
+            {"name": "config", "mountPath": "/etc/chorus/config", "readOnly": True},
+        ],
+        "securityContext": _security(),
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "256Mi"},
+            "limits": {"cpu": "1", "memory": "1Gi"},
+        },
+    }
+    apis = ",".join(RESTRICTED)
+    if gpus:
+        triton: dict[str, Any] = {
+            "image": triton_image,
+            "command": ["tritonserver"],
+            "args": [
+                "--model-repository=/repository",
+                "--model-control-mode=explicit",
+                "--load-model=*",
+                f"--grpc-restricted-protocol={apis}:{_KEY_HEADER}=$(TRITON_KEY)",
+                f"--http-restricted-api={apis}:{_KEY_HEADER}=$(TRITON_KEY)",
+            ],
+            "env": [
+                {
+                    "name": "TRITON_KEY",
+                    "valueFrom": {
+                        "secretKeyRef": {"name": key_volume["secret"]["secretName"], "key": "key"}
+                    },
+                }
+            ],
+        }
+    else:
+        triton = {
+            "image": image,
+            "command": ["chorus", "node", "/repository"],
+            "args": [
+                "--key-file",
+                "/etc/chorus/triton-key/key",
+                "--host",
+                "0.0.0.0",
+                "--workdir",
+                "/tmp/chorus-node",
+            ],
+        }
+    limits: dict[str, Any] = {"memory": f"{memory_mib * 2}Mi", "cpu": "4"}
+    requests: dict[str, Any] = {"memory": f"{memory_mib}Mi", "cpu": "1"}
+    if gpus:
+        limits["nvidia.com/gpu"] = len(gpus)
+        requests["nvidia.com/gpu"] = len(gpus)
+    triton.update(
+        {
+            "name": "triton",
+            "ports": [
+                {"name": "http", "containerPort": 8000},
+                {"name": "grpc", "containerPort": 8001},
+                {"name": "metrics", "containerPort": 8002},
+            ],
+            "volumeMounts": [
+                {"name": "repository", "mountPath": "/repository", "readOnly": True},
+                {"name": "triton-key", "mountPath": "/etc/chorus/triton-key", "readOnly": True},
+                {"name": "shm", "mountPath": "/dev/shm"},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
+            "readinessProbe": _probe("/v2/health/ready", 8000),
+            "livenessProbe": _probe("/v2/health/live", 8000, delay=30),
+            "securityContext": _security(),
+            "resources": {"requests": requests, "limits": limits},
+        }
+    )
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": service, **meta, "labels": pod_labels},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},  # its GPUs are not there twice
+            "selector": {"matchLabels": pod_labels},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": node},
+                    "securityContext": {"runAsNonRoot": True, "fsGroup": _USER},
+                    "automountServiceAccountToken": False,
+                    "initContainers": [render],
+                    "containers": [triton],
+                    "volumes": [
+                        {
+                            "name": "models",
+                            "persistentVolumeClaim": {"claimName": models_claim, "readOnly": True},
+                        },
+                        {"name": "repository", "emptyDir": {}},
+                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+                        {"name": "tmp", "emptyDir": {}},
+                        key_volume,
+                        config_volume,
+                    ],
+                },
+            },
+        },
+    }
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service, **meta, "labels": pod_labels},
+        "spec": {
+            "selector": pod_labels,
+            "ports": [
+                {"name": "http", "port": 8000, "targetPort": 8000},
+                {"name": "grpc", "port": 8001, "targetPort": 8001},
+            ],
+        },
+    }
+    return [deployment, svc]
+
+
+def _combiner(
+    app: str,
+    labels: dict[str, str],
+    meta: dict[str, Any],
+    image: str,
+    replicas: int,
+    key_volume: dict[str, Any],
+    config_volume: dict[str, Any],
+    models_claim: str,
+) -> list[dict[str, Any]]:
+    pod_labels = {**labels, "app.kubernetes.io/component": "combiner"}
+    container = {
+        "name": "combiner",
+        "image": image,
+        "command": ["python3", "-m", "combiner"],
+        "args": [
+            "--config",
+            "/etc/chorus/config/combiner.json",
+            "--host",
+            "0.0.0.0",
+            "--grpc-port",
+            "8100",
+            "--http-port",
+            "8101",
+            "--metrics-port",
+            "8102",
+            "--token-file",
+            "/etc/chorus/token/token",
+        ],
+        "ports": [
+            {"name": "grpc", "containerPort": 8100},
+            {"name": "http", "containerPort": 8101},
+            {"name": "metrics", "containerPort": 8102},
+        ],
+        "volumeMounts": [
+            {"name": "config", "mountPath": "/etc/chorus/config", "readOnly": True},
+            {"name": "triton-key", "mountPath": "/etc/chorus/triton-key", "readOnly": True},
+            {"name": "token", "mountPath": "/etc/chorus/token", "readOnly": True},
+            {"name": "models", "mountPath": "/models", "readOnly": True},  # a user's rule module
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "readinessProbe": _probe("/v2/health/ready", 8101, delay=2),
+        "livenessProbe": _probe("/v2/health/live", 8101, delay=10),
+        "securityContext": _security(),
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "256Mi"},
+            "limits": {"cpu": "2", "memory": "1Gi"},
+        },
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": f"{app}-combiner", **meta, "labels": pod_labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": pod_labels},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "securityContext": {"runAsNonRoot": True},
+                    "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": 45,  # the combiner drains for up to 30 s
+                    "containers": [container],
+                    "volumes": [
+                        config_volume,
+                        key_volume,
+                        {"name": "token", "secret": {"secretName": f"{app}-token"}},
+                        {
+                            "name": "models",
+                            "persistentVolumeClaim": {"claimName": models_claim, "readOnly": True},
+                        },
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": app, **meta, "labels": pod_labels},
+        "spec": {
+            "selector": pod_labels,
+            "ports": [
+                {"name": "grpc", "port": 8100, "targetPort": 8100},
+                {"name": "http", "port": 8101, "targetPort": 8101},
+                {"name": "metrics", "port": 8102, "targetPort": 8102},
+            ],
+        },
+    }
+    return [deployment, service]
