@@ -333,6 +333,7 @@ def regenerate_configs(
         bool,
         typer.Option(help="the combiner shares the (first) node's host and IPC namespace"),
     ] = False,
+    plan_output: Annotated[Path | None, typer.Option(help="write the new plan here")] = None,
 ) -> None:
     """Re-detect the hardware, plan again, rewrite the configs; print what changed. With the
     running Tritons' addresses, they switch to the new configs in place."""
@@ -350,6 +351,8 @@ def regenerate_configs(
     changes = describe_changes(repo, result)
     backend = backend or pick_backend(find_tritonserver().backends)
     written = render_plan(ensemble, result, repo, backend)
+    if plan_output is not None:
+        plan_output.write_text(result.to_json())
     for line in changes:
         print(line)
     print(f"{repo}: {len(written)} file(s) rewritten" if written else f"{repo}: unchanged")

@@ -2,10 +2,11 @@
 
 Configs are rendered by jinja2 from ``model_repository_templates/`` and parsed back through
 Triton's own ``ModelConfig`` schema before they are written. The template is chosen by the
-backends the target server has: ONNX Runtime where it exists (the official container), else
-the Python backend running the same ONNX file with onnxruntime (the server bundled in
-nvidia-pytriton). Rendering is deterministic: the same inputs give the same bytes, and files
-whose bytes would not change are not touched.
+backends the target server has: ONNX Runtime where it exists (the official container, with its
+PyTorch backend for TorchScript members), else the Python backend running the same ONNX file
+with onnxruntime, or the TorchScript file with torch (the server bundled in nvidia-pytriton).
+Rendering is deterministic: the same inputs give the same bytes, and files whose bytes would
+not change are not touched.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def render_config(
 ) -> str:
     """The member's ``config.pbtxt``, checked against Triton's schema."""
     validate_name(member.name)
-    text = _TEMPLATES.get_template(f"{backend}.pbtxt.j2").render(
+    template = "pytorch" if member.torchscript and backend == "onnxruntime" else backend
+    text = _TEMPLATES.get_template(f"{template}.pbtxt.j2").render(
         name=member.name,
         max_batch_size=max_batch_size,
         inputs=member.inputs,
@@ -88,6 +90,7 @@ def render_config(
         instance_groups=groups,
         intra_op_threads=intra_op_threads,
         queue_delay_us=queue_delay_us,
+        model_file=model_file(member),
     )
     parse_config(text, member.name)
     return text
@@ -126,13 +129,19 @@ def render_repository(
         root = repo / member.name
         if _write(root / "config.pbtxt", config.encode()):
             changed.append(root / "config.pbtxt")
-        if _copy(member.path, root / "1" / "model.onnx"):
-            changed.append(root / "1" / "model.onnx")
+        target = root / "1" / model_file(member)
+        if _copy(member.path, target):
+            changed.append(target)
         if backend == "python":
             code = _TEMPLATES.get_template("python_model.py.j2").render()
             if _write(root / "1" / "model.py", code.encode()):
                 changed.append(root / "1" / "model.py")
     return changed
+
+
+def model_file(member: Member) -> str:
+    """The member's file name in its repository folder (what Triton's backends look for)."""
+    return "model.pt" if member.torchscript else "model.onnx"
 
 
 def instance_groups(plan: Plan, node: str) -> dict[str, tuple[InstanceGroup, ...]]:

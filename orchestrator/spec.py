@@ -89,7 +89,10 @@ class TensorFile(_Strict):
 
 class MemberFile(_Strict):
     name: Name
-    path: str = Field(description="the member's ONNX file, relative to the ensemble file")
+    path: str = Field(
+        description="the member's ONNX file (.onnx) or TorchScript file (.pt), relative to the "
+        "ensemble file"
+    )
     weight: float = Field(1.0, gt=0, description="weight in weighted_mean")
     inputs: dict[str, str] = Field(
         default_factory=dict, description="ensemble input name -> this member's input name"
@@ -160,6 +163,18 @@ class Member:
     outputs: tuple[Tensor, ...]
     input_map: tuple[tuple[str, str], ...]  # (ensemble name, member name)
     output_map: tuple[tuple[str, str], ...]
+
+    @property
+    def torchscript(self) -> bool:
+        """A TorchScript member (``.pt``): positional tensors INPUT__i -> OUTPUT__j."""
+        return is_torchscript(self.path)
+
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".torchscript")
+
+
+def is_torchscript(path: Path | str) -> bool:
+    return Path(path).suffix.lower() in TORCHSCRIPT_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -245,11 +260,39 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
 def _read_members(
     file: Path, spec: EnsembleFile, base: Path
 ) -> tuple[tuple[Member, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """The members with their ONNX tensors, and the ensemble's tensors, checked to agree."""
-    read = [_read_onnx(file, i, base / m.path) for i, m in enumerate(spec.members)]
-    first_in, first_out = read[0]
-    inputs = _declared(file, "inputs", spec.inputs) or first_in
-    outputs = _declared(file, "outputs", spec.outputs) or first_out
+    """The members with their tensors (read from ONNX files; a TorchScript file has none, so
+    its are the ensemble's, in Triton's PyTorch names INPUT__i, OUTPUT__j), and the ensemble's
+    tensors, checked to agree."""
+    declared_in = _declared(file, "inputs", spec.inputs)
+    declared_out = _declared(file, "outputs", spec.outputs)
+    onnx_read = {
+        i: _read_onnx(file, i, base / m.path)
+        for i, m in enumerate(spec.members)
+        if not is_torchscript(m.path)
+    }
+    first_in, first_out = next(iter(onnx_read.values()), ((), ()))
+    inputs = declared_in or first_in
+    outputs = declared_out or first_out
+    read = []
+    for i, m in enumerate(spec.members):
+        if i in onnx_read:
+            read.append(onnx_read[i])
+            continue
+        if not inputs or not outputs:
+            raise SpecError(
+                file,
+                f"members[{i}].path",
+                f"{m.path} is TorchScript, which names no tensors: declare the ensemble's "
+                "'inputs' and 'outputs' (name, dtype, shape), or list an ONNX member first",
+            )
+        if not (base / m.path).is_file():
+            raise SpecError(file, f"members[{i}].path", f"no such file: {base / m.path}")
+        read.append(
+            (
+                tuple(Tensor(f"INPUT__{k}", t.dtype, t.shape) for k, t in enumerate(inputs)),
+                tuple(Tensor(f"OUTPUT__{k}", t.dtype, t.shape) for k, t in enumerate(outputs)),
+            )
+        )
     for t in outputs:
         if t.dtype not in _FLOAT_TYPES:
             raise SpecError(
@@ -266,8 +309,19 @@ def _read_members(
             )
     members = []
     for i, (m, (m_in, m_out)) in enumerate(zip(spec.members, read, strict=True)):
-        in_map = _match(file, f"members[{i}]", "inputs", inputs, m_in, m.inputs, m.name)
-        out_map = _match(file, f"members[{i}]", "outputs", outputs, m_out, m.outputs, m.name)
+        if is_torchscript(m.path):  # by position: its forward()'s arguments and results
+            if m.inputs or m.outputs:
+                raise SpecError(
+                    file,
+                    f"members[{i}]",
+                    "a TorchScript member takes the ensemble's tensors in order; it has no "
+                    "names to map",
+                )
+            in_map = tuple((t.name, x.name) for t, x in zip(inputs, m_in, strict=True))
+            out_map = tuple((t.name, x.name) for t, x in zip(outputs, m_out, strict=True))
+        else:
+            in_map = _match(file, f"members[{i}]", "inputs", inputs, m_in, m.inputs, m.name)
+            out_map = _match(file, f"members[{i}]", "outputs", outputs, m_out, m.outputs, m.name)
         members.append(
             Member(
                 name=m.name,

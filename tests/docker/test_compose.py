@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,121 @@ def test_compose_files_pass_config(compose, variant):
         assert "nvcr.io/nvidia/tritonserver:24.12-py3" in done.stdout
 
 
+class Compose:
+    """One compose project on this machine's engine, with its own published port."""
+
+    def __init__(self, cwd: Path, files: list[str], env: dict[str, str] | None = None) -> None:
+        self.cwd = cwd
+        self.files = [a for f in files for a in ("-f", f)]
+        self.name = f"chorustest{os.getpid()}{len(os.listdir(cwd))}"
+        self.grpc_port = free_port()
+        self.env = {
+            **os.environ,
+            "COMPOSE_PROJECT_NAME": self.name,
+            "CHORUS_GRPC_PORT": str(self.grpc_port),
+            "CHORUS_HTTP_PORT": str(free_port()),
+            "CHORUS_METRICS_PORT": str(free_port()),
+            **(env or {}),
+        }
+
+    def __call__(
+        self, *args: str, stdin: str | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(V2), *self.files, *args],
+            cwd=self.cwd,
+            env=self.env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def up(self) -> float:
+        """``up -d --wait``; the seconds until the ensemble answered a first request."""
+        began = time.monotonic()
+        up = self("up", "-d", "--wait", "--no-build")
+        assert up.returncode == 0, up.stderr + self("logs").stdout[-5000:]
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        while True:
+            try:
+                self.infer(x)
+                return time.monotonic() - began
+            except InferenceServerException:
+                assert time.monotonic() - began < 600, self("logs").stdout[-5000:]
+                time.sleep(0.5)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """The ensemble's answer, asked with a stock tritonclient on the published port."""
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}") as client:
+            tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            return client.infer("digits", [tensor], client_timeout=60).as_numpy("logits")
+
+    def python(self, service: str, code: str, stdin: object = None) -> object:
+        """Run Python in a service's container (JSON in, JSON out)."""
+        done = self("exec", "-T", service, "python3", "-c", code, stdin=json.dumps(stdin))
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def direct(self, x: np.ndarray) -> np.ndarray:
+        """The example's answer for ``x``: its member files copied out of the deployment, run
+        here with onnxruntime."""
+        import onnxruntime as ort
+
+        if not hasattr(self, "_sessions"):
+            paths = self.python("combiner", MEMBERS)
+            assert isinstance(paths, list)
+            self._sessions = []
+            for path in paths:
+                data = self.python("combiner", READ, f"/deploy/example/{path}")
+                assert isinstance(data, str)
+                self._sessions.append(ort.InferenceSession(bytes.fromhex(data)))
+        outs = []
+        for s in self._sessions:
+            z = s.run(None, {s.get_inputs()[0].name: x})[0]
+            e = np.exp(z - z.max(1, keepdims=True))
+            outs.append(e / e.sum(1, keepdims=True))
+        return np.mean(outs, 0)
+
+    def down(self) -> None:
+        down = self("down", "-v", "--timeout", "40")
+        assert down.returncode == 0, down.stderr
+        for what in ("container", "network", "volume"):
+            assert _project(self.name, what) == [], what
+
+
+MEMBERS = """
+import json, yaml
+spec = yaml.safe_load(open('/deploy/example/ensemble.yaml'))
+print(json.dumps([m['path'] for m in spec['members']]))
+"""
+
+READ = """
+import json, sys
+print(json.dumps(open(json.load(sys.stdin), 'rb').read().hex()))
+"""
+
+CONFIGS = """
+import glob, json
+paths = sorted(glob.glob('/deploy/repository/*/config.pbtxt'))
+print(json.dumps({p: open(p).read() for p in paths}))
+"""
+
+COUNTS = """
+import json, sys, tritonclient.grpc as g
+key = open('/deploy/triton.key').read().strip()
+out = {}
+for node, address in json.load(sys.stdin).items():
+    with g.InferenceServerClient(address) as c:
+        stats = c.get_inference_statistics(headers={'triton-grpc-protocol-chorus-key': key},
+                                           as_json=True)
+    out[node] = {s['name']: int(s.get('inference_count', 0)) for s in stats['model_stats']}
+print(json.dumps(out))
+"""
+
+
 def _project(name: str, what: str) -> list[str]:
     out = subprocess.run(
         [DOCKER, what, "ls", "-q", "--filter", f"label=com.docker.compose.project={name}"]
@@ -54,74 +170,96 @@ def test_compose_up_serves_the_example_and_down_leaves_nothing(tmp_path):
     checkout = tmp_path / "checkout"  # what a fresh clone has of it: the compose file
     checkout.mkdir()
     (checkout / "compose.yaml").write_text((ROOT / "compose.yaml").read_text())
-    name = f"chorustest{os.getpid()}"
-    grpc_port = free_port()
-    env = {
-        **os.environ,
-        "COMPOSE_PROJECT_NAME": name,
-        "CHORUS_GRPC_PORT": str(grpc_port),
-        "CHORUS_HTTP_PORT": str(free_port()),
-        "CHORUS_METRICS_PORT": str(free_port()),
-        "DOCKER_HOST": os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
-    }
-
-    def compose(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(V2), *args],
-            cwd=checkout,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
+    compose = Compose(checkout, ["compose.yaml"])
     try:
-        began = time.monotonic()
-        up = compose("up", "-d", "--wait", "--no-build")
-        assert up.returncode == 0, up.stderr + compose("logs").stdout[-5000:]
+        seconds = compose.up()
+        print(f"docker compose up to the first answer: {seconds:.1f} s")
         x = np.random.default_rng(11).random((5, 1, 8, 8), np.float32)
-        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
-            tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
-            tensor.set_data_from_numpy(x)
-            while True:
-                try:
-                    served = client.infer("digits", [tensor]).as_numpy("logits")
-                    break
-                except InferenceServerException:
-                    assert time.monotonic() - began < 600, compose("logs").stdout[-5000:]
-                    time.sleep(0.5)
-        print(f"docker compose up to the first answer: {time.monotonic() - began:.1f} s")
-        # the same input through onnxruntime on the member files, inside the image
-        code = (
-            "import json, sys, numpy as np, onnxruntime as ort, yaml\n"
-            "spec = yaml.safe_load(open('/deploy/example/ensemble.yaml'))\n"
-            "x = np.array(json.load(sys.stdin), np.float32)\n"
-            "outs = []\n"
-            "for m in spec['members']:\n"
-            "    s = ort.InferenceSession('/deploy/example/' + m['path'])\n"
-            "    z = s.run(None, {s.get_inputs()[0].name: x})[0]\n"
-            "    e = np.exp(z - z.max(1, keepdims=True))\n"
-            "    outs.append(e / e.sum(1, keepdims=True))\n"
-            "print(json.dumps(np.mean(outs, 0).tolist()))\n"
-        )
-        direct = subprocess.run(
-            [str(V2), "exec", "-T", "combiner", "python3", "-c", code],
-            input=json.dumps(x.tolist()),
-            cwd=checkout,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert direct.returncode == 0, direct.stderr
-        np.testing.assert_allclose(
-            served, np.array(json.loads(direct.stdout)), rtol=1e-4, atol=1e-6
-        )
+        np.testing.assert_allclose(compose.infer(x), compose.direct(x), rtol=1e-4, atol=1e-6)
     finally:
-        down = compose("down", "-v", "--timeout", "40")
-    assert down.returncode == 0, down.stderr
-    assert _project(name, "container") == []
-    assert _project(name, "network") == []
-    assert _project(name, "volume") == []
+        compose.down()
+
+
+def test_two_nodes_in_compose_answer_like_one_and_split_calls_as_planned():
+    compose = Compose(ROOT / "tests" / "docker", ["two-nodes.yaml"])
+    try:
+        compose.up()
+        plan = compose.python("combiner", "print(open('/deploy/plan.json').read())")
+        assert isinstance(plan, dict)
+        nodes = {d["id"]: d["node"] for d in plan["devices"]}
+        share = {
+            m: {n: sum(c for d, c in per.items() if nodes[d] == n) for n in ("node0", "node1")}
+            for m, per in plan["instances"].items()
+        }
+        assert all(any(s[n] for s in share.values()) for n in ("node0", "node1")), share
+        addresses = {"node0": "triton0:8001", "node1": "triton1:8001"}
+        before = compose.python("combiner", COUNTS, addresses)
+        rng = np.random.default_rng(12)
+        batches, rows = 30, 4
+        for _ in range(batches):  # one after another: each request a batch of its own
+            x = rng.random((rows, 1, 8, 8), np.float32)
+            np.testing.assert_allclose(compose.infer(x), compose.direct(x), rtol=1e-4, atol=1e-6)
+        after = compose.python("combiner", COUNTS, addresses)
+        assert isinstance(before, dict) and isinstance(after, dict)
+        for member, on in share.items():
+            total = sum(on.values())
+            for node in ("node0", "node1"):
+                got = after[node].get(member, 0) - before[node].get(member, 0)
+                expected = batches * rows * on[node] / total
+                assert abs(got - expected) <= rows, (member, node, got, expected, share)
+    finally:
+        compose.down()
+
+
+def test_regenerate_configs_in_compose_reloads_only_what_changed_while_serving():
+    hardware = "/etc/chorus/hardware/"
+    compose = Compose(
+        ROOT,
+        ["compose.yaml", "tests/docker/reload.yaml"],
+        {"CHORUS_HARDWARE": hardware + "small.yaml"},
+    )
+    try:
+        compose.up()
+        before = compose.python("combiner", CONFIGS)
+        results: list[str] = []
+        stop = threading.Event()
+
+        def load(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            while not stop.is_set():
+                x = rng.random((int(rng.integers(1, 32)), 1, 8, 8), np.float32)
+                try:
+                    got = compose.infer(x)
+                except InferenceServerException as e:
+                    results.append(e.status() or "?")
+                    continue
+                results.append("ok" if np.allclose(got, compose.direct(x), 1e-4, 1e-6) else "WRONG")
+
+        compose.direct(np.zeros((1, 1, 8, 8), np.float32))  # the members, copied out first
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        regenerate = compose(
+            "run", "--rm", "-e", f"CHORUS_HARDWARE={hardware}large.yaml", "planner"
+        )
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(90)
+            assert not t.is_alive(), "a client hangs"
+        assert regenerate.returncode == 0, regenerate.stderr
+        after = compose.python("combiner", CONFIGS)
+    finally:
+        compose.down()
+    assert isinstance(before, dict) and isinstance(after, dict)
+    changed = sorted(p.split("/")[-2] for p in after if before.get(p) != after[p])
+    (line,) = [x for x in regenerate.stdout.splitlines() if x.startswith("reloaded: ")]
+    reloaded = line.removeprefix("reloaded: ").split(", ")
+    assert changed, regenerate.stdout
+    assert sorted(n for n in reloaded if not n.endswith("__fanout")) == [
+        c for c in changed if not c.endswith("__fanout")
+    ]
+    assert "WRONG" not in results
+    assert set(results) <= {"ok", "StatusCode.UNAVAILABLE"}, sorted(set(results))
+    assert results.count("ok") > 0
