@@ -97,8 +97,8 @@ def serve_node(
     models = node_models(repo)
     if not models:
         raise SpecError(repo, "", "no model to serve: render the node's repository first")
-    server = TritonServer(repo, workdir, models, host, binary or find_tritonserver(), key=None)
-    server.key = read_key(key_file)
+    key = read_key(key_file)
+    server = TritonServer(repo, workdir, models, host, binary or find_tritonserver(), key=key)
     server.grpc_port, server.http_port, server.metrics_port = grpc_port, http_port, metrics_port
     argv, env = server.command()
     os.execve(argv[0], argv, env)
