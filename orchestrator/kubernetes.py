@@ -295,19 +295,7 @@ def _node(
             },
         },
     }
-    svc = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": service, **meta, "labels": pod_labels},
-        "spec": {
-            "selector": pod_labels,
-            "ports": [
-                {"name": "http", "port": 8000, "targetPort": 8000},
-                {"name": "grpc", "port": 8001, "targetPort": 8001},
-            ],
-        },
-    }
-    return [deployment, svc]
+    return [deployment, _service(service, meta, pod_labels, {"http": 8000, "grpc": 8001})]
 
 
 def _combiner(
@@ -387,17 +375,20 @@ def _combiner(
             },
         },
     }
-    service = {
+    ports = {"grpc": 8100, "http": 8101, "metrics": 8102}
+    return [deployment, _service(app, meta, pod_labels, ports)]
+
+
+def _service(
+    name: str, meta: dict[str, Any], labels: dict[str, str], ports: dict[str, int]
+) -> dict[str, Any]:
+    """A ClusterIP Service in front of the pods with these labels."""
+    return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": app, **meta, "labels": pod_labels},
+        "metadata": {"name": name, **meta, "labels": labels},
         "spec": {
-            "selector": pod_labels,
-            "ports": [
-                {"name": "grpc", "port": 8100, "targetPort": 8100},
-                {"name": "http", "port": 8101, "targetPort": 8101},
-                {"name": "metrics", "port": 8102, "targetPort": 8102},
-            ],
+            "selector": labels,
+            "ports": [{"name": n, "port": p, "targetPort": p} for n, p in ports.items()],
         },
     }
-    return [deployment, service]
