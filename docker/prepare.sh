@@ -9,13 +9,13 @@ IMAGE=${CHORUS_IMAGE:-chorus:latest}
 DOCKER=/usr/bin/docker   # Debian's client: BuildKit (build secrets) without the buildx plugin
 
 if ! { [ -x "$DOCKER" ] && "$DOCKER" info >/dev/null 2>&1; }; then
-    if ! [ -x /usr/bin/dockerd ]; then
+    if ! [ -x /usr/sbin/dockerd ] || ! [ -x "$DOCKER" ]; then
         echo "docker/prepare.sh: installing Debian's docker.io, docker-compose and debootstrap" >&2
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null
     fi
     if ! "$DOCKER" info >/dev/null 2>&1; then
-        (setsid /usr/bin/dockerd >/tmp/chorus-dockerd.log 2>&1 &)
+        (setsid /usr/sbin/dockerd >/tmp/chorus-dockerd.log 2>&1 &)
         for _ in $(seq 60); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 1; done
         "$DOCKER" info >/dev/null || { echo "dockerd did not start: /tmp/chorus-dockerd.log" >&2; exit 1; }
     fi
