@@ -91,6 +91,8 @@ class Nodes:
     @property
     def reason(self) -> str | None:
         """Why some member has no node ready to run it; None when every member has one."""
+        if all(n.watch.ready for n in self.nodes.values()):  # the usual case, on every request
+            return None
         stranded = [
             m for m in self._members if not any(self.nodes[n].watch.ready for n in self._placed[m])
         ]

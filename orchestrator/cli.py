@@ -358,17 +358,15 @@ def regenerate_configs(
     print(f"{repo}: {len(written)} file(s) rewritten" if written else f"{repo}: unchanged")
     served = None
     if combiner_config_file is not None:
-        first = result.nodes()[0]
         config = combiner_config(
-            ensemble, tritons, result, shared_memory_node=first if shared_memory else None
+            ensemble,
+            tritons,
+            result,
+            shared_memory=shared_memory,
+            key_file=key_file.resolve() if key_file else None,
+            fanout_model=(repo / fanout_name(ensemble)).is_dir(),
         )
-        update: dict[str, object] = {"shared_memory": shared_memory and len(result.nodes()) == 1}
-        if key_file is not None:
-            update["triton_key_file"] = str(key_file.resolve())
-        if len(result.nodes()) == 1 and (repo / fanout_name(ensemble)).is_dir():
-            update["fanout_model"] = fanout_name(ensemble)
-            update["fanout_max_batch_size"] = min(result.max_batch_size.values())
-        served = (combiner_config_file, config.model_validate({**config.model_dump(), **update}))
+        served = (combiner_config_file, config)
     running = {n: url for n, url in tritons.items() if _live(url)}
     if len(running) < len(tritons):
         down = ", ".join(f"{n} ({tritons[n]})" for n in tritons if n not in running)

@@ -42,6 +42,7 @@ __all__ = [
     "serve_node",
     "switch",
     "wait_served",
+    "write_key",
 ]
 
 FANOUT_SUFFIX = "__fanout"
@@ -71,15 +72,20 @@ def read_key(path: Path) -> str:
 
 
 def new_key(path: Path) -> str:
-    """The key in ``path``, made (random, readable by this user only) if there is none."""
+    """The key in ``path``, made (random) if there is none."""
     if not path.exists():
         import secrets
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32) + "\n")
+        write_key(path, secrets.token_hex(32))
     return read_key(path)
+
+
+def write_key(path: Path, key: str) -> None:
+    """Write a new key file, readable by this user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
 
 
 def serve_node(

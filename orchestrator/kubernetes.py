@@ -99,13 +99,14 @@ def render_kubernetes(
     ]
     from .up import combiner_config  # (up imports the launcher; only needed here)
 
-    config = combiner_config(ensemble, {n: f"{s}:8001" for n, s in services.items()}, plan)
-    config = config.model_validate(
-        {
-            **config.model_dump(),
-            "triton_key_file": "/etc/chorus/triton-key/key",
-            "rule_path": [str((PurePosixPath("/models") / ensemble_path).parent)],
-        }
+    config = combiner_config(
+        ensemble,
+        {n: f"{s}:8001" for n, s in services.items()},
+        plan,
+        key_file=Path("/etc/chorus/triton-key/key"),
+    )
+    config = config.model_copy(
+        update={"rule_path": (str((PurePosixPath("/models") / ensemble_path).parent),)}
     )
     files["config.yaml"] = [
         {
@@ -247,11 +248,7 @@ def _node(
     triton.update(
         {
             "name": "triton",
-            "ports": [
-                {"name": "http", "containerPort": 8000},
-                {"name": "grpc", "containerPort": 8001},
-                {"name": "metrics", "containerPort": 8002},
-            ],
+            "ports": _container_ports({"http": 8000, "grpc": 8001, "metrics": 8002}),
             "volumeMounts": [
                 {"name": "repository", "mountPath": "/repository", "readOnly": True},
                 {"name": "triton-key", "mountPath": "/etc/chorus/triton-key", "readOnly": True},
@@ -327,11 +324,7 @@ def _combiner(
             "--token-file",
             "/etc/chorus/token/token",
         ],
-        "ports": [
-            {"name": "grpc", "containerPort": 8100},
-            {"name": "http", "containerPort": 8101},
-            {"name": "metrics", "containerPort": 8102},
-        ],
+        "ports": _container_ports(COMBINER_PORTS),
         "volumeMounts": [
             {"name": "config", "mountPath": "/etc/chorus/config", "readOnly": True},
             {"name": "triton-key", "mountPath": "/etc/chorus/triton-key", "readOnly": True},
@@ -375,8 +368,14 @@ def _combiner(
             },
         },
     }
-    ports = {"grpc": 8100, "http": 8101, "metrics": 8102}
-    return [deployment, _service(app, meta, pod_labels, ports)]
+    return [deployment, _service(app, meta, pod_labels, COMBINER_PORTS)]
+
+
+COMBINER_PORTS = {"grpc": 8100, "http": 8101, "metrics": 8102}
+
+
+def _container_ports(ports: dict[str, int]) -> list[dict[str, Any]]:
+    return [{"name": n, "containerPort": p} for n, p in ports.items()]
 
 
 def _service(

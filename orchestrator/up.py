@@ -27,6 +27,7 @@ from google.protobuf import json_format
 from combiner.config import CombinerConfig, MemberRoute, NodeRoute, TensorInfo
 from combiner.workers import Restarts
 
+from .deploy import write_key
 from .errors import ChorusError, LaunchError
 from .hardware import Device, discover
 from .launch import ManagedProcess, ServerBinary, TritonServer, find_tritonserver, free_port
@@ -60,13 +61,16 @@ def combiner_config(
     triton: str | Mapping[str, str],
     plan: Plan,
     fan_out: Literal["concurrent", "sequential"] = "concurrent",
-    shared_memory_node: str | None = None,
+    shared_memory: bool = False,
+    key_file: Path | None = None,
+    fanout_model: bool = False,
 ) -> CombinerConfig:
     """What the combiner serves for ``plan``: ``triton`` is the gRPC address of its Triton,
     or, for a plan over several nodes, each node's (node name -> host:port); each member's
-    calls then go to the nodes holding its instances, in proportion to them, and only
-    ``shared_memory_node`` (the one sharing the combiner's host, if any) gets them through
-    shared memory."""
+    calls then go to the nodes holding its instances, in proportion to them. With
+    ``shared_memory``, the (first) node's Triton shares the combiner's host and gets the
+    calls through shared memory; ``key_file`` holds the key to Triton's restricted APIs;
+    ``fanout_model``: the repository holds the fan-out model (one node only)."""
 
     def info(t: Tensor) -> TensorInfo:
         return TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape)
@@ -80,8 +84,9 @@ def combiner_config(
         if len(plan.nodes()) == 1:
             triton = triton[plan.nodes()[0]]
         else:
+            first = plan.nodes()[0]
             nodes = tuple(
-                NodeRoute(name=n, url=triton[n], shared_memory=n == shared_memory_node)
+                NodeRoute(name=n, url=triton[n], shared_memory=shared_memory and n == first)
                 for n in plan.nodes()
             )
             per_node = instances_per_node(plan)
@@ -89,6 +94,12 @@ def combiner_config(
         name=ensemble.name,
         triton_url=triton if isinstance(triton, str) else None,
         nodes=nodes,
+        shared_memory=shared_memory and not nodes,
+        triton_key_file=str(key_file) if key_file is not None else None,
+        fanout_model=fanout_name(ensemble) if fanout_model and not nodes else None,
+        fanout_max_batch_size=min(plan.max_batch_size.values())
+        if fanout_model and not nodes
+        else None,
         max_batch_size=ensemble.max_batch_size,
         inputs=tuple(info(t) for t in ensemble.inputs),
         outputs=tuple(info(t) for t in ensemble.outputs),
@@ -223,12 +234,8 @@ class Deployment:
         """The key to Triton's restricted APIs, for the combiner: readable by this user only."""
         path = self.workdir / "triton.key"
         path.unlink(missing_ok=True)
-        if key is None:
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(key + "\n")
+        if key is not None:
+            write_key(path, key)
 
     def supervise(self, stop: threading.Event, say: Callable[[str], None] = print) -> None:
         """Keep Triton and the combiner running until ``stop`` is set. Either that dies is
@@ -308,20 +315,21 @@ class Deployment:
         if self.combiner is not None:  # a previous run: what it left behind goes first
             self.combiner.stop()
         config_file = self.workdir / "combiner.json"
-        config = combiner_config(self.ensemble, self.triton.grpc_url, self.plan, self.fan_out)
         local = self.triton.host in ("127.0.0.1", "localhost", "::1")
-        shared = local if self.shared_memory is None else self.shared_memory and local
+        config = combiner_config(
+            self.ensemble,
+            self.triton.grpc_url,
+            self.plan,
+            self.fan_out,
+            shared_memory=local if self.shared_memory is None else self.shared_memory and local,
+            key_file=self.workdir / "triton.key" if self.triton.key is not None else None,
+            fanout_model=(self.workdir / "repository" / fanout_name(self.ensemble)).is_dir(),
+        )
         update: dict[str, object] = {
             "batching": self.batching,
-            "shared_memory": shared,
             "client_shared_memory": self.allow_client_shm,
             "drain_timeout_s": self.drain_timeout_s,
         }
-        if self.triton.key is not None:
-            update["triton_key_file"] = str(self.workdir / "triton.key")
-        if (self.workdir / "repository" / fanout_name(self.ensemble)).is_dir():
-            update["fanout_model"] = fanout_name(self.ensemble)
-            update["fanout_max_batch_size"] = min(self.plan.max_batch_size.values())
         config = CombinerConfig.model_validate(
             {**config.model_dump(), **update, **self.combiner_options}
         )

@@ -117,9 +117,12 @@ def test_two_nodes_answer_like_one_and_split_calls_by_instances(ensemble, tmp_pa
         node(repo / "node1", tmp_path / "triton.key", tmp_path / "n1") as (url1, _),
     ):
         config = combiner_config(
-            ensemble, {"node0": url0, "node1": url1}, plan, shared_memory_node="node0"
+            ensemble,
+            {"node0": url0, "node1": url1},
+            plan,
+            shared_memory=True,
+            key_file=tmp_path / "triton.key",
         )
-        config = config.model_copy(update={"triton_key_file": str(tmp_path / "triton.key")})
         path = tmp_path / "combiner.json"
         config.save(path)
         with combiner(path, tmp_path) as address, EnsembleClient(address) as client:
@@ -149,8 +152,9 @@ def test_a_member_stays_served_while_one_of_its_nodes_is_down(ensemble, tmp_path
     with node(repo / "node0", tmp_path / "triton.key", tmp_path / "n0") as (url0, _):
         n1 = node(repo / "node1", tmp_path / "triton.key", tmp_path / "n1")
         url1, _ = n1.__enter__()
-        config = combiner_config(ensemble, {"node0": url0, "node1": url1}, plan)
-        config = config.model_copy(update={"triton_key_file": str(tmp_path / "triton.key")})
+        config = combiner_config(
+            ensemble, {"node0": url0, "node1": url1}, plan, key_file=tmp_path / "triton.key"
+        )
         path = tmp_path / "combiner.json"
         config.save(path)
         with combiner(path, tmp_path) as address, EnsembleClient(address) as client:
