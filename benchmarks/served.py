@@ -1,6 +1,6 @@
 """Served for real: the digits ensemble under several allocations on this machine's Triton.
 
-    python -m benchmarks.served [--seconds 3] [--batch 64] [--concurrency 4] [--rounds 3]
+    python -m benchmarks.served [--seconds 3] [--batch 64] [--concurrency 4] [--rounds 5]
 
 For each allocation, the cost model's predicted throughput and the throughput measured through
 the combiner at the same closed-loop client load, side by side in one run:
@@ -16,9 +16,11 @@ the combiner at the same closed-loop client load, side by side in one run:
   instances each at batch 64.
 
 Each is predicted twice: by the cost model with what chorus profile measures (busy time,
-Triton's CPU per call, the combiner's and the clients' CPU per request: the clients run on
-this machine), and by the latency-only model (each call's round trip as the instance's busy
-time, nothing else on the cores), side by side.
+Triton's CPU per call, what serving adds per request and per call, the cores it keeps busy:
+the clients run on this machine and count), and by the latency-only model (each call's round
+trip as the instance's busy time, nothing else on the cores), side by side. Every case is
+served and measured once per round, rounds interleaved, each round predicted from a profile
+measured just before it (this machine's speed drifts); the medians are compared.
 
 Also 1 / sum_m(1 / peak_m), where peak_m is member m's throughput measured alone on the whole
 machine (under its own plan): the members run one at a time, each at its peak; and the plan's
@@ -28,13 +30,14 @@ throughput as a fraction of it.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.report import publish
 from examples.digits.train import HERE, load_split, train_members
-from orchestrator.allocate import SearchResult, problem, sequential_throughput, worst_fit
+from orchestrator.allocate import SearchResult, problem, worst_fit
 from orchestrator.bench import Load, ensemble_load, member_load
 from orchestrator.hardware import discover
 from orchestrator.measure import measure_profile
@@ -62,7 +65,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="rows per client request")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds of every case, interleaved; the median"
+        "--rounds", type=int, default=5, help="rounds of every case, interleaved; the median"
+    )
+    parser.add_argument(
+        "--profile-seconds", type=float, default=0.5, help="chorus profile's time per point"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/served.md"))
     args = parser.parse_args()
@@ -77,54 +83,78 @@ def main() -> None:
     devices = discover()
     x = split.x_test
     root = Path(tempfile.mkdtemp(prefix="chorus-bench-"))
-    profile = measure_profile(ensemble, root / "profile", seconds_per_point=0.2)
 
+    def measure(r: int) -> Profile:
+        path = root / f"profile-{r}"
+        return measure_profile(ensemble, path, seconds_per_point=args.profile_seconds)
+
+    profile = measure(0)  # the plan and the baseline: from the first round's profile
     planned = plan_ensemble(ensemble.name, names, ensemble.max_batch_size, profile, devices)
     p = problem(names, profile, devices, ensemble.max_batch_size, clients_on_host=True)
     n0, b0 = worst_fit(p)
     baseline = make_plan(ensemble.name, p, SearchResult(n0, b0, 0.0, 0))
-    sequential = sequential_throughput(p, n0, b0)
     single = one_instance_each(ensemble.name, names, devices, ensemble.max_batch_size)
     (cpu,) = {d for per in single.instances.values() for d in per}
     at8 = replace(single, max_batch_size=dict.fromkeys(names, 8))
     twice = replace(single, instances={m: {cpu: 2} for m in names})
-    # the model as it was before chorus profile measured busy time, CPU and the combiner
-    basic = Profile(
-        {
-            m: {
-                k: Curve(c.memory_bytes, c.memory_per_sample_bytes, c.latency_ms)
-                for k, c in cs.items()
-            }
-            for m, cs in profile.members.items()
-        }
-    )
     c = args.concurrency
-    cases = [  # label, plan, fan-out, clients, prediction, latency-only prediction
+    cases = [  # label, plan, fan-out, clients
         ("Chorus plan", planned, "concurrent", c),
         ("baseline, sequential", baseline, "sequential", 1),
         ("baseline, concurrent", baseline, "concurrent", c),
         ("1 each, batch 8", at8, "concurrent", c),
         ("2 each, batch 64", twice, "concurrent", c),
     ]
+
+    def predictions(profile: Profile) -> list[tuple[float, float]]:
+        """Per case: the cost model's prediction, the latency-only model's."""
+        # the model as it was before chorus profile measured busy time, CPU and the combiner
+        basic = Profile(
+            {
+                m: {
+                    k: Curve(c.memory_bytes, c.memory_per_sample_bytes, c.latency_ms)
+                    for k, c in cs.items()
+                }
+                for m, cs in profile.members.items()
+            }
+        )
+        return [
+            (predict_sequential(plan, profile), predict_sequential(plan, basic))
+            if fan_out == "sequential"
+            else (predict(plan, profile, True), predict(plan, basic))
+            for _, plan, fan_out, _ in cases
+        ]
+
     # the first deployment of a run measured 2-20% below the same allocation served later in
     # the run, in 6 runs of 6: one is served first and its measurement dropped
     serve_and_load(ensemble, planned, root / "warm-up", x, args, "concurrent", c)
     # every case once per round, rounds interleaved: a slow stretch of the machine (the same
-    # allocation measured 25,408 and 16,768 samples/s within one run) hits every case alike
+    # allocation measured 25,408 and 16,768 samples/s within one run) hits every case alike;
+    # and each round predicted from a profile measured just before it: the machine's speed
+    # drifts by as much over a run (one allocation measured 12,523 samples/s, and 19,755
+    # half an hour later)
     loads: dict[int, list[Load]] = {i: [] for i in range(len(cases))}
+    guesses: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(cases))}
+    hosts = []
     for r in range(args.rounds):
+        measured = profile if r == 0 else measure(r)
+        hosts.append(measured.host)
+        for i, guess in enumerate(predictions(measured)):
+            guesses[i].append(guess)
         for i, (label, plan, fan_out, clients) in enumerate(cases):
             work = root / f"case{i}-round{r}"
             load = serve_and_load(ensemble, plan, work, x, args, fan_out, clients)
             loads[i].append(load)
-            print(f"round {r + 1}, {label}: {load.samples_per_s:,.0f} samples/s", flush=True)
-    rows: list[tuple[str, Plan, str, int, float, float, Load, list[Load]]] = []
+            print(
+                f"round {r + 1}, {label}: {load.samples_per_s:,.0f} samples/s, predicted "
+                f"{guesses[i][-1][0]:,.0f}",
+                flush=True,
+            )
+    rows: list[tuple[str, Plan, str, int, list[float], float, Load, list[Load]]] = []
     for i, (label, plan, fan_out, clients) in enumerate(cases):
-        if fan_out == "sequential":
-            predicted, before = sequential, predict_sequential(plan, basic)
-        else:
-            predicted, before = predict(plan, profile, True), predict(plan, basic)
         ranked = sorted(loads[i], key=lambda load: load.samples_per_s)
+        predicted = sorted(g[0] for g in guesses[i])
+        before = statistics.median(g[1] for g in guesses[i])
         rows.append(
             (label, plan, fan_out, clients, predicted, before, ranked[len(ranked) // 2], ranked)
         )
@@ -155,7 +185,8 @@ def main() -> None:
         "# Served: the digits ensemble under Chorus's plan, the baseline, and the cost model",
         "",
         f"`python -m benchmarks.served --seconds {args.seconds} --batch {args.batch} "
-        f"--concurrency {args.concurrency} --rounds {args.rounds}` on this machine: "
+        f"--concurrency {args.concurrency} --rounds {args.rounds} --profile-seconds "
+        f"{args.profile_seconds}` on this machine: "
         f"{devices[-1].cores} CPU cores ({devices[-1].name}), no GPU, the bundled Triton 2.51 "
         "(Python backend running onnxruntime, 1 intra-op thread per instance). Closed loop: "
         f"{args.concurrency} clients, {args.batch} rows per request, {args.seconds} s each, "
@@ -166,34 +197,49 @@ def main() -> None:
         "all rounds. Throughputs in samples (rows) per second.",
         "",
         "| allocation | instances (mlp, mlp_bagged, cnn, wide_cnn) | batch sizes | fan-out | "
-        "clients | predicted | measured (median) | rounds | error | latency-only model: "
-        "predicted, error | p50 ms | p99 ms |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "clients | predicted (median) | rounds | measured (median) | rounds | error | "
+        "latency-only model: predicted, error | p50 ms | p99 ms |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     errors = []
-    for label, plan, fan_out, clients, predicted, before, load, ranked in rows:
+    for label, plan, fan_out, clients, guessed, before, load, ranked in rows:
         counts = ", ".join(str(sum(plan.instances[m].values())) for m in names)
         sizes = ", ".join(str(plan.max_batch_size[m]) for m in names)
+        predicted = statistics.median(guessed)
         error = (predicted - load.samples_per_s) / load.samples_per_s
         errors.append(error)
         old = (before - load.samples_per_s) / load.samples_per_s
         lines.append(
             f"| {label} | {counts} | {sizes} | {fan_out} | {clients} | {predicted:,.0f} | "
+            f"{guessed[0]:,.0f}-{guessed[-1]:,.0f} | "
             f"{load.samples_per_s:,.0f} | {ranked[0].samples_per_s:,.0f}-"
             f"{ranked[-1].samples_per_s:,.0f} | {error:+.0%} | {before:,.0f}, {old:+.0%} | "
             f"{load.p50_ms:.1f} | {load.p99_ms:.1f} |"
         )
-    host = profile.host
+    measured_hosts = [h for h in hosts if h is not None]
+
+    def spread(field: str, unit: str = " ms", sign: str = "") -> str:
+        values = sorted(getattr(h, field) or 0.0 for h in measured_hosts)
+        low, high = f"{values[0]:{sign}.2f}", f"{values[-1]:{sign}.2f}"
+        return f"{low}{unit}" if low == high else f"{low} to {high}{unit}"
+
     lines += [
         "",
         f"Cost model error: {min(errors):+.0%} to {max(errors):+.0%} (goal: within ±25%). "
-        "Predicted from the profile measured at the start of this run: each member's busy time "
-        "and Triton's CPU per batch size"
+        "Each round predicted from a profile measured just before it (*predicted* is the "
+        "median of the rounds' predictions, the range beside it all of them): each member's "
+        "busy time and Triton's CPU per batch size"
         + (
-            f", and per request of {host.rows} rows through the combiner: combiner CPU "
-            f"{host.combiner_cpu_ms:.2f} ms, client CPU {host.client_cpu_ms:.2f} ms (the "
-            f"clients run here, so they count), {host.latency_ms:.2f} ms of added latency"
-            if host
+            "; and what serving costs beyond the members' calls, measured through the "
+            f"combiner under load, per request of {measured_hosts[0].rows} rows (the range over "
+            f"the rounds' profiles): the machine's CPU {spread('combiner_cpu_ms')}, the "
+            f"client's {spread('client_cpu_ms')} (the clients run here, so they count), "
+            f"{spread('call_cpu_ms', sign='+')} per member call (a call when serving, against "
+            "Triton's CPU for one call measured alone), "
+            f"{spread('latency_ms')} of added latency ({spread('sequential_call_ms')} per member "
+            "call when they are called one after another), and the cores serving kept busy: "
+            f"{spread('busy_cores', unit='')} of {devices[-1].cores}"
+            if measured_hosts
             else ""
         )
         + ". The latency-only model is the same profile without these (each call's round trip "

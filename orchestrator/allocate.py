@@ -13,10 +13,12 @@ The cost model (``evaluate``), for an allocation N[m, d] (instances) and batch s
 * member m's capacity is ``T_m = sum_d N[m, d] * r[m, d]``; a stream of T samples per
   second is spread over its instances in proportion to their speed, so every instance of m is
   busy a fraction ``T / T_m`` of the time;
-* a device runs ``lanes`` instances side by side at full speed (a GPU 1, a CPU its cores);
-  beyond that its instances share it, so ``sum_m N[m, d] * T / T_m <= lanes[d]``;
-* on a CPU device, where the profile measured them, the CPU Triton spends per sample on the
-  members' calls there, plus the combiner's per sample (``host``), fit in its cores:
+* a device runs ``lanes`` instances side by side at full speed (a GPU 1, a CPU its cores, or
+  as many as the profile saw serving keep busy there); beyond that its instances share it,
+  so ``sum_m N[m, d] * T / T_m <= lanes[d]``;
+* on a CPU device, where the profile measured them, the CPU the members' calls there cost
+  per sample (Triton's, measured one call at a time, corrected by what a call costs when
+  serving), plus the combiner's per sample (``host``), fit in its cores:
   ``T * (sum_m N[m, d] * r[m, d] / T_m * cpu[m, d] + host[d]) <= lanes[d]``;
 * the ensemble's throughput is the largest T meeting every constraint.
 
@@ -84,6 +86,7 @@ class Problem:
     host_cpu: float = 0.0
     host_device: int = -1
     host_latency: float = 0.0
+    sequential_call: float = 0.0  # seconds each member call adds when called one at a time
     rows_per_request: int = 1
 
     def __post_init__(self) -> None:
@@ -142,6 +145,9 @@ def problem(
     call_rate = np.zeros(shape)
     cpu = np.zeros(shape)
     memory = np.full(shape, np.inf)
+    cpus = [j for j, d in enumerate(devices) if d.kind == "cpu"]
+    host = profile.host if cpus else None
+    per_call = host.call_cpu_ms if host is not None else 0.0
     for i, m in enumerate(members):
         for j, (d, c) in enumerate(zip(devices, curves[m], strict=True)):
             if c is None:
@@ -152,16 +158,18 @@ def problem(
                     rate[i, j, k] = b / (service / 1000.0 / d.speed)
                     call_rate[i, j, k] = b / (latency / 1000.0 / d.speed)
                     memory[i, j, k] = c.memory(b)
-                    if d.kind == "cpu":
-                        cpu[i, j, k] = c.cpu(b) / 1000.0 / d.speed / b
-    cpus = [j for j, d in enumerate(devices) if d.kind == "cpu"]
-    host = profile.host
-    host_cpu = host_latency = 0.0
+                    if d.kind == "cpu" and c.cpu_ms:  # a call when serving, never below 0
+                        cpu[i, j, k] = max(0.0, c.cpu(b) + per_call) / 1000.0 / d.speed / b
+    lanes = np.array([d.lanes for d in devices], dtype=float)
+    host_cpu = host_latency = sequential_call = 0.0
     rows = 1
-    if host is not None and cpus:
+    if host is not None:
         spent = host.combiner_cpu_ms + (host.client_cpu_ms if clients_on_host else 0.0)
         host_cpu, rows = spent / 1000.0 / host.rows, host.rows
         host_latency = host.latency_ms / 1000.0
+        sequential_call = host.sequential_call_ms / 1000.0
+        if host.busy_cores is not None:  # the cores serving keeps busy on the host's CPU
+            lanes[cpus[0]] = min(lanes[cpus[0]], host.busy_cores)
     return Problem(
         members=tuple(members),
         devices=tuple(devices),
@@ -169,13 +177,14 @@ def problem(
         rate=rate,
         memory=memory,
         capacity=np.array([d.free_bytes for d in devices], dtype=float),
-        lanes=np.array([d.lanes for d in devices], dtype=float),
+        lanes=lanes,
         latency_target=None if latency_target_ms is None else latency_target_ms / 1000.0,
         call_rate=call_rate,
         cpu=cpu,
         host_cpu=host_cpu,
         host_device=cpus[0] if cpus else -1,
         host_latency=host_latency,
+        sequential_call=sequential_call,
         rows_per_request=rows,
     )
 
@@ -246,14 +255,18 @@ def member_latency(p: Problem, n: np.ndarray, b: np.ndarray, throughput: float) 
 
 def sequential_throughput(p: Problem, n: np.ndarray, b: np.ndarray) -> float:
     """The throughput when the members run one after another on each batch (the paper's
-    baseline execution: one member at a time, one request at a time): each call's round trip,
-    plus what the request adds where the profile measured it; 0 if it does not fit."""
+    baseline execution: one member at a time, one request at a time): each call's round trip
+    and what the combiner adds to it, plus what the request adds, where the profile measured
+    them; 0 if it does not fit."""
     members = np.arange(len(p.members))
     member_rate = (n * p._call_mbd[members, b]).sum(axis=1)  # type: ignore[attr-defined]
     used = (n * p._memory_mbd[members, b]).sum(axis=0)  # type: ignore[attr-defined]
     if (member_rate <= 0).any() or (used > p.capacity).any():
         return 0.0
-    return float(1.0 / ((1.0 / member_rate).sum() + p.host_latency / p.rows_per_request))
+    # s per sample of each member's calls, the combiner's share included (never below 0)
+    calls = np.maximum(0.0, 1.0 / member_rate + p.sequential_call / p._sizes[b])  # type: ignore[attr-defined]
+    per_sample = calls.sum() + p.host_latency / p.rows_per_request
+    return float(1.0 / per_sample) if per_sample > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -255,9 +255,13 @@ def profile(
     host = measured.host
     if host is not None:
         console.print(
-            f"per request of {host.rows} rows, through the combiner: combiner CPU "
-            f"{host.combiner_cpu_ms:.2f} ms, client CPU {host.client_cpu_ms:.2f} ms, "
-            f"{host.latency_ms:.2f} ms added to the slowest member's call"
+            f"serving, per request of {host.rows} rows through the combiner: CPU beyond the "
+            f"members' calls {host.combiner_cpu_ms:.2f} ms, client CPU "
+            f"{host.client_cpu_ms:.2f} ms, {host.call_cpu_ms:+.2f} ms CPU per member call "
+            f"(beyond Triton's, one at a time), {host.latency_ms:.2f} ms added to the slowest "
+            f"member's call ({host.sequential_call_ms:.2f} ms to each, called one after "
+            "another); cores kept busy: "
+            + ("all" if host.busy_cores is None else f"{host.busy_cores:.2f}")
         )
     console.print(f"wrote {output}")
 

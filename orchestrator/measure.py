@@ -11,11 +11,14 @@ On a GPU the member is loaded with a config override placing it there, without a
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import psutil
@@ -29,6 +32,9 @@ from .launch import ServerBinary, TritonServer, find_tritonserver
 from .profile import Curve, Host, Profile
 from .render import InstanceGroup, parse_config, pick_backend, render_config, render_repository
 from .spec import Ensemble, Member
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 __all__ = ["batch_sizes", "measure_profile", "tree_rss_bytes"]
 
@@ -144,11 +150,11 @@ def measure_profile(
                     service_ms=tuple(sorted(service.items())),
                     cpu_ms=tuple(sorted(cpu.items())),
                 )
-    slowest = max(
-        (c.latency(ensemble.max_batch_size) or 0.0 for cs in results.values() for c in cs.values()),
-        default=0.0,
-    )
-    host = measure_host(ensemble, workdir / "host", binary, slowest)
+    cpus = [d for d in devices if d.kind == "cpu"]
+    host = None
+    if cpus:
+        curves = {m: c["cpu"] for m, c in results.items()}
+        host = measure_host(ensemble, workdir / "host", binary, curves, cpus[0])
     return Profile(results, host)
 
 
@@ -156,16 +162,27 @@ def measure_host(
     ensemble: Ensemble,
     workdir: Path,
     binary: ServerBinary,
-    member_latency_ms: float,
-    seconds: float = 2.0,
+    curves: Mapping[str, Curve],
+    cpu: Device,
+    seconds: float = 3.0,
     concurrency: int = 4,
 ) -> Host | None:
-    """What a request costs beyond its members, through the real combiner (one instance of
-    each member, requests of ``max_batch_size`` rows): the combiner's CPU and this process's
-    (the client's) per request at ``concurrency``, and the latency a request adds to its
-    slowest member call (``member_latency_ms``) at concurrency 1. None for ensembles of
+    """What serving costs beyond the members' calls as ``curves`` measured them one at a time
+    (see :class:`~orchestrator.profile.Host`), on the ``cpu`` device: every member on it,
+    requests of ``max_batch_size`` rows from ``concurrency`` clients in this process.
+
+    Two deployments are loaded in turn, in short alternating windows (the machine's speed
+    drifts): one instance of each member at the largest batch size (one call per member and
+    request), and at a quarter of it (four calls). The machine's busy CPU per request
+    (/proc/stat: every process and the kernel) in each, less the members' calls as measured
+    one at a time, gives the CPU per request and per call; the busy cores, how many of them
+    serving keeps busy (kept where the load kept at least half of them busy: a machine too
+    large for this load says nothing about it). Then, alone (one request at a time feels
+    every other process), a third deployment calls the members one after another for one
+    client: what each call adds to a request. None for ensembles of
     several inputs (not driven yet)."""
     from .bench import ensemble_load, random_rows
+    from .plan import one_instance_each
     from .up import Deployment
 
     if len(ensemble.inputs) != 1:
@@ -173,26 +190,71 @@ def measure_host(
     (tensor,) = ensemble.inputs
     rows = ensemble.max_batch_size
     x = random_rows(tensor, max(4 * rows, 256))
-    deployment = Deployment(ensemble, workdir, binary=binary)
-    with deployment as endpoints:
-        assert deployment.combiner is not None and deployment.combiner.proc is not None
-        combiner = deployment.combiner.proc.pid
-        ensemble_load(endpoints.ensemble, x, rows, concurrency, 0.5)  # warm up
-        me = psutil.Process()
-        combiner_before, client_before = _tree_cpu_s(combiner), sum(me.cpu_times()[:2])
-        start = time.perf_counter()
-        load = ensemble_load(endpoints.ensemble, x, rows, concurrency, seconds)
-        elapsed = time.perf_counter() - start
-        requests_per_s = load.samples_per_s / rows
-        combiner_ms = (_tree_cpu_s(combiner) - combiner_before) / elapsed / requests_per_s * 1000
-        client_ms = (sum(me.cpu_times()[:2]) - client_before) / elapsed / requests_per_s * 1000
-        alone = ensemble_load(endpoints.ensemble, x, rows, 1, seconds / 2)
+    names = [m.name for m in ensemble.members]
+    full = one_instance_each(ensemble.name, names, (cpu,), rows)
+    sizes = batch_sizes(rows)
+    small = min(sizes, key=lambda b: abs(b - rows / 4))
+    quarter = replace(full, max_batch_size=dict.fromkeys(names, small))
+    me = psutil.Process()
+
+    def serve(
+        stack: ExitStack, name: str, plan: Plan, fan_out: Literal["concurrent", "sequential"]
+    ) -> str:
+        deployment = Deployment(
+            ensemble, workdir / name, binary=binary, devices=(cpu,), plan=plan, fan_out=fan_out
+        )
+        url = stack.enter_context(deployment).ensemble
+        ensemble_load(url, x, rows, concurrency, 0.5)  # warm up
+        return url
+
+    with ExitStack() as stack:
+        urls = [serve(stack, "full", full, "concurrent")]
+        if small < rows:
+            urls.append(serve(stack, "quarter", quarter, "concurrent"))
+        busy = {url: [0.0, 0.0, 0.0, 0.0] for url in urls}  # CPU s, client CPU s, requests, s
+        for _ in range(3):
+            for url in urls:
+                cpu_before, client_before = _busy_s(), sum(me.cpu_times()[:2])
+                start = time.perf_counter()
+                load = ensemble_load(url, x, rows, concurrency, seconds / 3)
+                elapsed = time.perf_counter() - start
+                spent = busy[url]
+                spent[0] += _busy_s() - cpu_before
+                spent[1] += sum(me.cpu_times()[:2]) - client_before
+                spent[2] += load.samples_per_s / rows * elapsed
+                spent[3] += elapsed
+        alone = ensemble_load(urls[0], x, rows, 1, seconds / 2)
+    with ExitStack() as stack:  # alone: one request at a time feels every other process
+        one_by_one = ensemble_load(serve(stack, "sequential", full, "sequential"), x, rows, 1, 2)
+    per_request = [spent[0] / spent[2] * 1000 for spent in busy.values()]  # ms
+    calls = [sum(curves[m].cpu(rows) for m in names)]
+    calls += [rows / small * sum(curves[m].cpu(small) for m in names)] * (len(urls) - 1)
+    per_call = 0.0
+    if len(urls) == 2:  # the four-call deployment's extra CPU beyond its calls' is per call
+        extra_calls = len(names) * (rows / small - 1)
+        per_call = ((per_request[1] - calls[1]) - (per_request[0] - calls[0])) / extra_calls
+    client_ms = sum(s[1] for s in busy.values()) / sum(s[2] for s in busy.values()) * 1000
+    rest = per_request[0] - calls[0] - len(names) * per_call - client_ms
+    cores = sum(s[0] for s in busy.values()) / sum(s[3] for s in busy.values())
+    latency = {m: curves[m].latency(rows) or 0.0 for m in names}
+    added = max(0.0, alone.p50_ms - max(latency.values()))
+    request_ms = rows / one_by_one.samples_per_s * 1000  # the mean, as throughput sees it
     return Host(
         rows=rows,
-        combiner_cpu_ms=combiner_ms,
+        combiner_cpu_ms=max(0.0, rest),
         client_cpu_ms=client_ms,
-        latency_ms=max(0.0, alone.p50_ms - member_latency_ms),
+        latency_ms=added,
+        call_cpu_ms=per_call,
+        sequential_call_ms=(request_ms - sum(latency.values()) - added) / len(names),
+        busy_cores=cores if cores >= cpu.lanes / 2 else None,
     )
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every core, the kernel included)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def _meter(device: Device, pid: int, member: str, backend: str) -> Callable[[], int]:

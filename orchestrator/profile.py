@@ -71,14 +71,29 @@ def _interpolate(points: tuple[tuple[int, float], ...], batch: int) -> float | N
 
 @dataclass(frozen=True)
 class Host:
-    """What serving costs beyond the members, per request of ``rows`` rows, measured through
-    the combiner: CPU of the combiner and of the client (when it runs on the same host), and
-    the latency a request adds to its member calls."""
+    """What serving costs beyond the members' calls as measured one at a time, per request
+    of ``rows`` rows, measured through the combiner under load on this host's CPU:
+
+    * ``combiner_cpu_ms``: the machine's CPU per request beyond the members' calls and the
+      client (the combiner, the kernel's loopback network);
+    * ``client_cpu_ms``: the client's CPU per request (counted when it runs on this host);
+    * ``call_cpu_ms``: what one member call costs the machine when serving, beyond Triton's
+      CPU for that call measured one call at a time (the combiner's side of the call, minus
+      the wake-ups that a busy Triton does not pay): negative where serving is cheaper;
+    * ``latency_ms``: what a request adds to its slowest member call (members concurrent);
+    * ``sequential_call_ms``: what each member call adds to a request when the members are
+      called one after another, beyond its round trip measured alone and ``latency_ms``
+      (negative where the combiner's calls are quicker than the profile's);
+    * ``busy_cores``: how many of the CPU's cores serving keeps busy when its load would take
+      them all (the processes of a request wait on each other); None: all of them."""
 
     rows: int
     combiner_cpu_ms: float
     client_cpu_ms: float
     latency_ms: float
+    call_cpu_ms: float = 0.0
+    sequential_call_ms: float = 0.0
+    busy_cores: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,11 @@ class Profile:
                 "combiner_cpu_ms": round(self.host.combiner_cpu_ms, 4),
                 "client_cpu_ms": round(self.host.client_cpu_ms, 4),
                 "latency_ms": round(self.host.latency_ms, 4),
+                "call_cpu_ms": round(self.host.call_cpu_ms, 4),
+                "sequential_call_ms": round(self.host.sequential_call_ms, 4),
+                "busy_cores": (
+                    None if self.host.busy_cores is None else round(self.host.busy_cores, 3)
+                ),
             }
         return json.dumps(data, indent=2) + "\n"
 
@@ -165,6 +185,9 @@ class _HostFile(BaseModel):
     combiner_cpu_ms: float = Field(ge=0)
     client_cpu_ms: float = Field(0.0, ge=0)
     latency_ms: float = Field(0.0, ge=0)
+    call_cpu_ms: float = 0.0
+    sequential_call_ms: float = 0.0
+    busy_cores: float | None = Field(None, gt=0)
 
 
 class _ProfileFile(BaseModel):
@@ -199,7 +222,15 @@ def load_profile(path: str | Path) -> Profile:
         },
         None
         if host is None
-        else Host(host.rows_per_request, host.combiner_cpu_ms, host.client_cpu_ms, host.latency_ms),
+        else Host(
+            host.rows_per_request,
+            host.combiner_cpu_ms,
+            host.client_cpu_ms,
+            host.latency_ms,
+            host.call_cpu_ms,
+            host.sequential_call_ms,
+            host.busy_cores,
+        ),
     )
 
 

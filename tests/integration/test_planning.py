@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,7 +31,10 @@ def test_profile_measures_every_member_at_every_batch_size(ensemble, profile):
         assert sum(ms for _, ms in cpu.cpu_ms) > 0  # CPU is counted in ticks: not per point
     # through the combiner, requests of the ensemble's maximum batch size
     assert profile.host is not None and profile.host.rows == 64
-    assert profile.host.combiner_cpu_ms > 0 and profile.host.client_cpu_ms > 0
+    host = profile.host
+    assert host.client_cpu_ms > 0 and host.combiner_cpu_ms >= 0 and host.sequential_call_ms >= 0
+    # the whole machine's busy time (/proc/stat) over the load's: no more than every core
+    assert host.busy_cores is None or 0 < host.busy_cores <= (os.cpu_count() or 1)
 
 
 def test_the_served_plan_splits_requests_over_member_batch_limits(

@@ -453,9 +453,9 @@ def test_a_latency_target_in_the_ensemble_file_bounds_every_member(planning_file
     assert "latency target of 1 ms" in " ".join(result.stderr.split())
 
 
-def _cpu_problem(host_cpu_ms: float, rng_seed: int = 4):
+def _cpu_problem(host_cpu_ms: float, rng_seed: int = 4, **serving):
     """Members on one 4-core CPU, with Triton's CPU per call and the combiner's per request
-    measured, as chorus profile writes them."""
+    measured, as chorus profile writes them (``serving``: more of what it measures)."""
     from orchestrator.profile import Host
 
     rng = np.random.default_rng(rng_seed)
@@ -469,7 +469,8 @@ def _cpu_problem(host_cpu_ms: float, rng_seed: int = 4):
             tuple((b, 0.3 * fixed + per * b) for b in SIZES),  # busy time of the instance
             tuple((b, 0.4 * fixed + per * b) for b in SIZES),  # Triton's CPU per call
         )
-    profile = Profile({m: {"cpu": c} for m, c in members.items()}, Host(64, host_cpu_ms, 0.5, 2.0))
+    host = Host(64, host_cpu_ms, 0.5, 2.0, **serving)
+    profile = Profile({m: {"cpu": c} for m, c in members.items()}, host)
     cpu = Device("node0", "cpu", 0, "cpu", 64 * GB, 64 * GB, cores=4, lanes=4)
     return problem(list(members), profile, [cpu], 64)
 
@@ -511,7 +512,46 @@ def test_profile_files_keep_what_chorus_profile_measures(tmp_path):
     assert p.host_cpu > 0 and p.host_latency == pytest.approx(0.002)
     profile = Profile(
         {"m": {"cpu": Curve(1, 2, ((1, 2.0), (8, 4.0)), ((1, 1.0), (8, 3.0)), ((1, 1.5),))}},
-        Host(64, 1.25, 0.5, 2.0),
+        Host(64, 1.25, 0.5, 2.0, call_cpu_ms=-0.125, sequential_call_ms=0.25, busy_cores=1.75),
     )
     save_profile(profile, tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json") == profile
+    older = Profile(profile.members, Host(64, 1.25, 0.5, 2.0))  # what serving adds: optional
+    save_profile(older, tmp_path / "older.json")
+    assert load_profile(tmp_path / "older.json") == older
+
+
+def test_the_cores_serving_keeps_busy_bound_a_cpu_bound_ensemble():
+    all_cores = _cpu_problem(host_cpu_ms=20.0)
+    three = _cpu_problem(host_cpu_ms=20.0, busy_cores=3.0)
+    assert all_cores.lanes[0] == 4 and three.lanes[0] == 3
+    n = np.full((3, 1), 4, dtype=np.int64)  # enough instances: the cores are the limit
+    b = np.full(3, len(three.batch_sizes) - 1)
+    t_all = evaluate(all_cores, n[None], b[None]).throughput[0]
+    t_three = evaluate(three, n[None], b[None]).throughput[0]
+    assert t_three == pytest.approx(0.75 * t_all, rel=1e-9)
+    # more busy cores than the device has change nothing
+    assert _cpu_problem(host_cpu_ms=20.0, busy_cores=9.0).lanes[0] == 4
+
+
+def test_what_a_call_costs_when_serving_corrects_each_calls_cpu():
+    measured = _cpu_problem(host_cpu_ms=3.0)
+    cheaper = _cpu_problem(host_cpu_ms=3.0, call_cpu_ms=-0.5)
+    sizes = np.array(measured.batch_sizes, dtype=float)
+    # per sample: (Triton's CPU per call - 0.5 ms) / batch size, never below 0
+    expected = np.maximum(0.0, measured.cpu[:, 0, :] * sizes - 0.5e-3) / sizes
+    np.testing.assert_allclose(cheaper.cpu[:, 0, :], expected, rtol=1e-9, atol=1e-15)
+    # a correction per call weighs most on the smallest batches
+    gain = measured.cpu[:, 0, :] - cheaper.cpu[:, 0, :]
+    assert (gain[:, 0] > gain[:, -1]).all()
+
+
+def test_each_call_of_a_sequential_fan_out_adds_what_the_profile_measured():
+    plain = _cpu_problem(host_cpu_ms=3.0)
+    slower = _cpu_problem(host_cpu_ms=3.0, sequential_call_ms=1.0)
+    n = np.ones((3, 1), dtype=np.int64)
+    for k in (0, len(plain.batch_sizes) - 1):
+        b = np.full(3, k)
+        per_sample = 1 / sequential_throughput(plain, n, b)
+        added = 3 * 1e-3 / plain.batch_sizes[k]  # three calls of batch b per b samples
+        assert 1 / sequential_throughput(slower, n, b) == pytest.approx(per_sample + added)
