@@ -238,7 +238,7 @@ def main() -> None:
             "Triton's CPU for one call measured alone), "
             f"{spread('latency_ms')} of added latency ({spread('sequential_call_ms')} per member "
             "call when they are called one after another), and the cores serving kept busy: "
-            f"{spread('busy_cores', unit='')} of {devices[-1].cores}"
+            f"{spread('busy_share', unit='')} (of {devices[-1].cores})"
             if measured_hosts
             else ""
         )

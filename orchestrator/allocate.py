@@ -168,8 +168,8 @@ def problem(
         host_cpu, rows = spent / 1000.0 / host.rows, host.rows
         host_latency = host.latency_ms / 1000.0
         sequential_call = host.sequential_call_ms / 1000.0
-        if host.busy_cores is not None:  # the cores serving keeps busy on the host's CPU
-            lanes[cpus[0]] = min(lanes[cpus[0]], host.busy_cores)
+        if host.busy_share is not None:  # the cores serving keeps busy on the host's CPU
+            lanes[cpus[0]] *= host.busy_share
     return Problem(
         members=tuple(members),
         devices=tuple(devices),

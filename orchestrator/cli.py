@@ -259,9 +259,9 @@ def profile(
             f"members' calls {host.combiner_cpu_ms:.2f} ms, client CPU "
             f"{host.client_cpu_ms:.2f} ms, {host.call_cpu_ms:+.2f} ms CPU per member call "
             f"(beyond Triton's, one at a time), {host.latency_ms:.2f} ms added to the slowest "
-            f"member's call ({host.sequential_call_ms:.2f} ms to each, called one after "
-            "another); cores kept busy: "
-            + ("all" if host.busy_cores is None else f"{host.busy_cores:.2f}")
+            f"member's call ({host.sequential_call_ms:+.2f} ms to each, called one after "
+            "another); share of the cores kept busy: "
+            + ("all" if host.busy_share is None else f"{host.busy_share:.0%}")
         )
     console.print(f"wrote {output}")
 

@@ -246,7 +246,7 @@ def measure_host(
         latency_ms=added,
         call_cpu_ms=per_call,
         sequential_call_ms=(request_ms - sum(latency.values()) - added) / len(names),
-        busy_cores=cores if cores >= cpu.lanes / 2 else None,
+        busy_share=min(1.0, cores / cpu.lanes) if cores >= cpu.lanes / 2 else None,
     )
 
 

@@ -84,7 +84,7 @@ class Host:
     * ``sequential_call_ms``: what each member call adds to a request when the members are
       called one after another, beyond its round trip measured alone and ``latency_ms``
       (negative where the combiner's calls are quicker than the profile's);
-    * ``busy_cores``: how many of the CPU's cores serving keeps busy when its load would take
+    * ``busy_share``: the share of the CPU's cores serving keeps busy when its load would take
       them all (the processes of a request wait on each other); None: all of them."""
 
     rows: int
@@ -93,7 +93,7 @@ class Host:
     latency_ms: float
     call_cpu_ms: float = 0.0
     sequential_call_ms: float = 0.0
-    busy_cores: float | None = None
+    busy_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,8 @@ class Profile:
                 "latency_ms": round(self.host.latency_ms, 4),
                 "call_cpu_ms": round(self.host.call_cpu_ms, 4),
                 "sequential_call_ms": round(self.host.sequential_call_ms, 4),
-                "busy_cores": (
-                    None if self.host.busy_cores is None else round(self.host.busy_cores, 3)
+                "busy_share": (
+                    None if self.host.busy_share is None else round(self.host.busy_share, 3)
                 ),
             }
         return json.dumps(data, indent=2) + "\n"
@@ -187,7 +187,7 @@ class _HostFile(BaseModel):
     latency_ms: float = Field(0.0, ge=0)
     call_cpu_ms: float = 0.0
     sequential_call_ms: float = 0.0
-    busy_cores: float | None = Field(None, gt=0)
+    busy_share: float | None = Field(None, gt=0, le=1)
 
 
 class _ProfileFile(BaseModel):
@@ -229,7 +229,7 @@ def load_profile(path: str | Path) -> Profile:
             host.latency_ms,
             host.call_cpu_ms,
             host.sequential_call_ms,
-            host.busy_cores,
+            host.busy_share,
         ),
     )
 

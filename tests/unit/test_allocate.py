@@ -453,7 +453,7 @@ def test_a_latency_target_in_the_ensemble_file_bounds_every_member(planning_file
     assert "latency target of 1 ms" in " ".join(result.stderr.split())
 
 
-def _cpu_problem(host_cpu_ms: float, rng_seed: int = 4, **serving):
+def _cpu_problem(host_cpu_ms: float, rng_seed: int = 4, cores: int = 4, **serving):
     """Members on one 4-core CPU, with Triton's CPU per call and the combiner's per request
     measured, as chorus profile writes them (``serving``: more of what it measures)."""
     from orchestrator.profile import Host
@@ -471,7 +471,7 @@ def _cpu_problem(host_cpu_ms: float, rng_seed: int = 4, **serving):
         )
     host = Host(64, host_cpu_ms, 0.5, 2.0, **serving)
     profile = Profile({m: {"cpu": c} for m, c in members.items()}, host)
-    cpu = Device("node0", "cpu", 0, "cpu", 64 * GB, 64 * GB, cores=4, lanes=4)
+    cpu = Device("node0", "cpu", 0, "cpu", 64 * GB, 64 * GB, cores=cores, lanes=cores)
     return problem(list(members), profile, [cpu], 64)
 
 
@@ -512,7 +512,7 @@ def test_profile_files_keep_what_chorus_profile_measures(tmp_path):
     assert p.host_cpu > 0 and p.host_latency == pytest.approx(0.002)
     profile = Profile(
         {"m": {"cpu": Curve(1, 2, ((1, 2.0), (8, 4.0)), ((1, 1.0), (8, 3.0)), ((1, 1.5),))}},
-        Host(64, 1.25, 0.5, 2.0, call_cpu_ms=-0.125, sequential_call_ms=0.25, busy_cores=1.75),
+        Host(64, 1.25, 0.5, 2.0, call_cpu_ms=-0.125, sequential_call_ms=0.25, busy_share=0.875),
     )
     save_profile(profile, tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json") == profile
@@ -523,15 +523,16 @@ def test_profile_files_keep_what_chorus_profile_measures(tmp_path):
 
 def test_the_cores_serving_keeps_busy_bound_a_cpu_bound_ensemble():
     all_cores = _cpu_problem(host_cpu_ms=20.0)
-    three = _cpu_problem(host_cpu_ms=20.0, busy_cores=3.0)
+    three = _cpu_problem(host_cpu_ms=20.0, busy_share=0.75)
     assert all_cores.lanes[0] == 4 and three.lanes[0] == 3
     n = np.full((3, 1), 4, dtype=np.int64)  # enough instances: the cores are the limit
     b = np.full(3, len(three.batch_sizes) - 1)
     t_all = evaluate(all_cores, n[None], b[None]).throughput[0]
     t_three = evaluate(three, n[None], b[None]).throughput[0]
     assert t_three == pytest.approx(0.75 * t_all, rel=1e-9)
-    # more busy cores than the device has change nothing
-    assert _cpu_problem(host_cpu_ms=20.0, busy_cores=9.0).lanes[0] == 4
+    # a share, not a count: the same share of a larger CPU measured here
+    larger = _cpu_problem(host_cpu_ms=20.0, busy_share=0.75, cores=16)
+    assert larger.lanes[0] == 12
 
 
 def test_what_a_call_costs_when_serving_corrects_each_calls_cpu():
