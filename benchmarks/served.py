@@ -237,8 +237,8 @@ def main() -> None:
             f"{spread('call_cpu_ms', sign='+')} per member call (a call when serving, against "
             "Triton's CPU for one call measured alone), "
             f"{spread('latency_ms')} of added latency ({spread('sequential_call_ms')} per member "
-            "call when they are called one after another), and the cores serving kept busy: "
-            f"{spread('busy_share', unit='')} (of {devices[-1].cores})"
+            "call when they are called one after another), and the share of the "
+            f"{devices[-1].cores} cores that serving kept busy: {spread('busy_share', unit='')}"
             if measured_hosts
             else ""
         )
