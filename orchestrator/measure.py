@@ -173,14 +173,14 @@ def measure_host(
 
     Two deployments are loaded in turn, in short alternating windows (the machine's speed
     drifts): one instance of each member at the largest batch size (one call per member and
-    request), and at a quarter of it (four calls). The machine's busy CPU per request
-    (/proc/stat: every process and the kernel) in each, less the members' calls as measured
-    one at a time, gives the CPU per request and per call; the busy cores, how many of them
-    serving keeps busy (kept where the load kept at least half of them busy: a machine too
-    large for this load says nothing about it). Then, alone (one request at a time feels
-    every other process), a third deployment calls the members one after another for one
-    client: what each call adds to a request. None for ensembles of
-    several inputs (not driven yet)."""
+    request), and at a quarter of it (four calls). The busy CPU per request of the cores this
+    process may run on (/proc/stat: every process and the kernel) in each, less the members'
+    calls as measured one at a time, gives the CPU per request and per call; and the share of
+    those cores that serving keeps busy (kept where the load kept at least half of them busy:
+    a machine too large for this load says nothing about it). Then, alone (one request at a
+    time feels every other process), a third deployment calls the members one after another
+    for one client: what each call adds to a request. Each window lasts at least five
+    requests made one at a time. None for ensembles of several inputs (not driven yet)."""
     from .bench import ensemble_load, random_rows
     from .plan import one_instance_each
     from .up import Deployment
@@ -196,6 +196,9 @@ def measure_host(
     small = min(sizes, key=lambda b: abs(b - rows / 4))
     quarter = replace(full, max_batch_size=dict.fromkeys(names, small))
     me = psutil.Process()
+    cores = os.sched_getaffinity(0)
+    one_at_a_time = sum(curves[m].latency(rows) or 0.0 for m in names) / 1000  # s, about
+    window = max(seconds / 3, 5 * one_at_a_time)
 
     def serve(
         stack: ExitStack, name: str, plan: Plan, fan_out: Literal["concurrent", "sequential"]
@@ -214,18 +217,21 @@ def measure_host(
         busy = {url: [0.0, 0.0, 0.0, 0.0] for url in urls}  # CPU s, client CPU s, requests, s
         for _ in range(3):
             for url in urls:
-                cpu_before, client_before = _busy_s(), sum(me.cpu_times()[:2])
+                cpu_before, client_before = _busy_s(cores), sum(me.cpu_times()[:2])
                 start = time.perf_counter()
-                load = ensemble_load(url, x, rows, concurrency, seconds / 3)
+                load = ensemble_load(url, x, rows, concurrency, window)
                 elapsed = time.perf_counter() - start
                 spent = busy[url]
-                spent[0] += _busy_s() - cpu_before
+                spent[0] += _busy_s(cores) - cpu_before
                 spent[1] += sum(me.cpu_times()[:2]) - client_before
                 spent[2] += load.samples_per_s / rows * elapsed
                 spent[3] += elapsed
         alone = ensemble_load(urls[0], x, rows, 1, seconds / 2)
     with ExitStack() as stack:  # alone: one request at a time feels every other process
-        one_by_one = ensemble_load(serve(stack, "sequential", full, "sequential"), x, rows, 1, 2)
+        url = serve(stack, "sequential", full, "sequential")
+        one_by_one = ensemble_load(url, x, rows, 1, max(2.0, 5 * one_at_a_time))
+    if not one_by_one.requests or not all(spent[2] for spent in busy.values()):
+        raise RuntimeError("measuring what serving costs: a load window saw no request answered")
     per_request = [spent[0] / spent[2] * 1000 for spent in busy.values()]  # ms
     calls = [sum(curves[m].cpu(rows) for m in names)]
     calls += [rows / small * sum(curves[m].cpu(small) for m in names)] * (len(urls) - 1)
@@ -235,7 +241,7 @@ def measure_host(
         per_call = ((per_request[1] - calls[1]) - (per_request[0] - calls[0])) / extra_calls
     client_ms = sum(s[1] for s in busy.values()) / sum(s[2] for s in busy.values()) * 1000
     rest = per_request[0] - calls[0] - len(names) * per_call - client_ms
-    cores = sum(s[0] for s in busy.values()) / sum(s[3] for s in busy.values())
+    share = sum(s[0] for s in busy.values()) / sum(s[3] for s in busy.values()) / len(cores)
     latency = {m: curves[m].latency(rows) or 0.0 for m in names}
     added = max(0.0, alone.p50_ms - max(latency.values()))
     request_ms = rows / one_by_one.samples_per_s * 1000  # the mean, as throughput sees it
@@ -246,15 +252,19 @@ def measure_host(
         latency_ms=added,
         call_cpu_ms=per_call,
         sequential_call_ms=(request_ms - sum(latency.values()) - added) / len(names),
-        busy_share=min(1.0, cores / cpu.lanes) if cores >= cpu.lanes / 2 else None,
+        busy_share=min(1.0, share) if share >= 0.5 else None,
     )
 
 
-def _busy_s() -> float:
-    """CPU seconds the whole machine has been busy (every core, the kernel included)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+def _busy_s(cores: set[int]) -> float:
+    """CPU seconds these cores have been busy (every process, the kernel included)."""
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+            total += user + nice + system + irq + softirq
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _meter(device: Device, pid: int, member: str, backend: str) -> Callable[[], int]:
