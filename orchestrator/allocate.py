@@ -147,7 +147,7 @@ def problem(
     memory = np.full(shape, np.inf)
     cpus = [j for j, d in enumerate(devices) if d.kind == "cpu"]
     host = profile.host if cpus else None
-    per_call = host.call_cpu_ms if host is not None else 0.0
+    per_call = (host.call_cpu_ms or 0.0) if host is not None else 0.0  # None: unmeasured
     for i, m in enumerate(members):
         for j, (d, c) in enumerate(zip(devices, curves[m], strict=True)):
             if c is None:
@@ -164,10 +164,13 @@ def problem(
     host_cpu = host_latency = sequential_call = 0.0
     rows = 1
     if host is not None:
-        spent = host.combiner_cpu_ms + (host.client_cpu_ms if clients_on_host else 0.0)
+        # a cost the profile could not measure (None) counts as 0
+        spent = (host.combiner_cpu_ms or 0.0) + (
+            (host.client_cpu_ms or 0.0) if clients_on_host else 0.0
+        )
         host_cpu, rows = spent / 1000.0 / host.rows, host.rows
-        host_latency = host.latency_ms / 1000.0
-        sequential_call = host.sequential_call_ms / 1000.0
+        host_latency = (host.latency_ms or 0.0) / 1000.0
+        sequential_call = (host.sequential_call_ms or 0.0) / 1000.0
         if host.busy_share is not None:  # the cores serving keeps busy on the host's CPU
             lanes[cpus[0]] *= host.busy_share
     return Problem(

@@ -7,6 +7,14 @@ unloaded. Memory is the growth of the server's process tree (the server and its 
 stubs) on the CPU, or of the GPU's used memory (NVML) on a GPU: once when the member is loaded
 (``memory_bytes``) and once after its largest batch (``memory_per_sample_bytes``, per sample).
 On a GPU the member is loaded with a config override placing it there, without a restart.
+
+Then what serving costs beyond the members (:func:`measure_host`), through real deployments
+of the combiner. A measurement never depends on the serving policy: it runs with every member
+required and no deadline, so a member slower than the ensemble's deadline is measured instead
+of failing the start. Real hosts are never idle, so the costs are medians over repeated rounds
+with their range, the CPU counted is that of the processes serving (not the host's other work),
+and a cost that comes out below 0 (two noisy windows' difference) is reported as unmeasured,
+with its reason, never as a negative number (:func:`derive_host`, pure, for tests).
 """
 
 from __future__ import annotations
@@ -14,9 +22,9 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -27,6 +35,7 @@ from google.protobuf import json_format
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from tritonclient.utils import triton_to_np_dtype
 
+from .errors import ChorusError
 from .hardware import Device, discover, gpu_used_bytes
 from .launch import ServerBinary, TritonServer, find_tritonserver
 from .profile import Curve, Host, Profile
@@ -36,7 +45,17 @@ from .spec import Ensemble, Member
 if TYPE_CHECKING:
     from .plan import Plan
 
-__all__ = ["batch_sizes", "measure_profile", "tree_rss_bytes"]
+__all__ = [
+    "Alone",
+    "Calls",
+    "Window",
+    "batch_sizes",
+    "derive_host",
+    "measure_host",
+    "measure_profile",
+    "measuring_policy",
+    "tree_rss_bytes",
+]
 
 
 def batch_sizes(max_batch_size: int) -> list[int]:
@@ -158,6 +177,58 @@ def measure_profile(
     return Profile(results, host)
 
 
+# a request that a member has not answered in this long finds it hung, not slow: the serving
+# policy's member timeout is set aside when it is shorter
+_MEMBER_TIMEOUT_MS = 60_000.0
+
+
+def measuring_policy(ensemble: Ensemble) -> Ensemble:
+    """The ensemble as the profile serves it: its serving policy set aside (every member must
+    answer, no deadline, a member timeout of a minute at least). A member slower than the
+    deadline is measured, not counted missing; partial answers are what the ensemble serves,
+    and must never stop a measurement."""
+    return replace(
+        ensemble,
+        deadline_ms=None,
+        quorum=len(ensemble.members),
+        member_timeout_ms=max(ensemble.member_timeout_ms, _MEMBER_TIMEOUT_MS),
+    )
+
+
+@dataclass(frozen=True)
+class Window:
+    """One window of load on a deployment: what it answered, and what the host spent on it."""
+
+    requests: float  # answered in the window (the load's rate times the window's length)
+    seconds: float
+    serving_cpu_s: float  # CPU of the deployments' processes and of this one (the clients)
+    client_cpu_s: float  # CPU of this process alone
+    idle_s: float  # the cores' idle time
+    others_cpu_s: float  # the cores' busy time that no process of the serving spent
+
+
+@dataclass(frozen=True)
+class Alone:
+    """One round of one request at a time: on the deployment that calls the members
+    concurrently, then on the one that calls them one after another (0: none answered)."""
+
+    concurrent_p50_ms: float  # the median request
+    sequential_ms: float  # the mean request, as throughput sees it
+
+
+@dataclass(frozen=True)
+class Calls:
+    """What the members' calls cost, measured one at a time (their curves), for one request
+    of ``rows`` rows: one call per member, or ``rows / small`` calls each at batch ``small``."""
+
+    members: int
+    rows: int
+    small: int
+    cpu_ms: float  # Triton's CPU for a request's calls at batch ``rows``
+    small_cpu_ms: float  # Triton's CPU for a request's calls at batch ``small``
+    latency_ms: tuple[float, ...]  # each member's round trip at batch ``rows``
+
+
 def measure_host(
     ensemble: Ensemble,
     workdir: Path,
@@ -166,105 +237,289 @@ def measure_host(
     cpu: Device,
     seconds: float = 3.0,
     concurrency: int = 4,
+    rounds: int = 3,
 ) -> Host | None:
     """What serving costs beyond the members' calls as ``curves`` measured them one at a time
     (see :class:`~orchestrator.profile.Host`), on the ``cpu`` device: every member on it,
-    requests of ``max_batch_size`` rows from ``concurrency`` clients in this process.
+    requests of ``max_batch_size`` rows from ``concurrency`` clients in this process, with the
+    serving policy set aside (:func:`measuring_policy`).
 
-    Two deployments are loaded in turn, in short alternating windows (the machine's speed
-    drifts): one instance of each member at the largest batch size (one call per member and
-    request), and at a quarter of it (four calls). The busy CPU per request of the cores this
-    process may run on (/proc/stat: every process and the kernel) in each, less the members'
-    calls as measured one at a time, gives the CPU per request and per call; and the share of
-    those cores that serving keeps busy (kept where the load kept at least half of them busy:
-    a machine too large for this load says nothing about it). Then, alone (one request at a
-    time feels every other process), a third deployment calls the members one after another
-    for one client: what each call adds to a request. Each window lasts at least five
-    requests made one at a time. None for ensembles of several inputs (not driven yet)."""
-    from .bench import ensemble_load, random_rows
+    Two deployments are loaded in turn, in ``rounds`` rounds of short windows: one instance of
+    each member at the largest batch size (one call per member and request), and at a quarter
+    of it (four calls). The CPU per request of the processes serving (the deployments' and this
+    one's; not the host's other work) in each, less the members' calls as measured one at a
+    time, gives the CPU per request and per call; the cores' idle time gives the share of
+    their time (what other processes left) that serving keeps busy. Then, in as many rounds,
+    one request at a time on the first deployment and on a third that calls the members one
+    after another: what a request and each sequential call add. :func:`derive_host` turns the
+    rounds into costs. Each window lasts at least five requests made one at a time.
+    ``seconds``: the load windows' time in all (the one-at-a-time windows take half of it).
+    None for ensembles of several inputs (not driven yet)."""
+    from combiner.client import EnsembleError
+
+    from .bench import Load, ensemble_load, random_rows
     from .plan import one_instance_each
     from .up import Deployment
 
     if len(ensemble.inputs) != 1:
         return None
+    served = measuring_policy(ensemble)
     (tensor,) = ensemble.inputs
     rows = ensemble.max_batch_size
     x = random_rows(tensor, max(4 * rows, 256))
     names = [m.name for m in ensemble.members]
     full = one_instance_each(ensemble.name, names, (cpu,), rows)
-    sizes = batch_sizes(rows)
-    small = min(sizes, key=lambda b: abs(b - rows / 4))
+    small = min(batch_sizes(rows), key=lambda b: abs(b - rows / 4))
     quarter = replace(full, max_batch_size=dict.fromkeys(names, small))
+    latency = tuple(curves[m].latency(rows) or 0.0 for m in names)
+    calls = Calls(
+        members=len(names),
+        rows=rows,
+        small=small,
+        cpu_ms=sum(curves[m].cpu(rows) for m in names),
+        small_cpu_ms=rows / small * sum(curves[m].cpu(small) for m in names),
+        latency_ms=latency,
+    )
     me = psutil.Process()
     cores = os.sched_getaffinity(0)
-    one_at_a_time = sum(curves[m].latency(rows) or 0.0 for m in names) / 1000  # s, about
-    window = max(seconds / 3, 5 * one_at_a_time)
+    one_at_a_time = sum(latency) / 1000  # s, about
+    load_s = max(seconds / rounds, 5 * one_at_a_time)
+    alone_s = max(seconds / rounds / 2, 5 * one_at_a_time)
+    roots: list[int] = []  # the deployments' processes: Triton's, the combiner's
+
+    def drive(url: str, clients: int, window_s: float) -> Load:
+        try:
+            return ensemble_load(url, x, rows, clients, window_s)
+        except EnsembleError as e:  # a member that fails, or hangs past the member timeout
+            raise ChorusError(
+                f"measuring what serving costs through the combiner ({url}): a request failed: {e}"
+            ) from e
 
     def serve(
         stack: ExitStack, name: str, plan: Plan, fan_out: Literal["concurrent", "sequential"]
     ) -> str:
         deployment = Deployment(
-            ensemble, workdir / name, binary=binary, devices=(cpu,), plan=plan, fan_out=fan_out
+            served, workdir / name, binary=binary, devices=(cpu,), plan=plan, fan_out=fan_out
         )
         url = stack.enter_context(deployment).ensemble
-        ensemble_load(url, x, rows, concurrency, 0.5)  # warm up
+        triton = deployment.triton.process if deployment.triton is not None else None
+        for process in (triton, deployment.combiner):
+            if process is not None and process.pid is not None:
+                roots.append(process.pid)
+        drive(url, concurrency, 0.5)  # warm up
         return url
 
+    def window(url: str) -> Window:
+        cores_before, serving_before = _cores_s(cores), _cpu_by_process(roots)
+        client_before = sum(me.cpu_times()[:2])
+        start = time.perf_counter()
+        answered = drive(url, concurrency, load_s)
+        elapsed = time.perf_counter() - start
+        client = sum(me.cpu_times()[:2]) - client_before
+        serving = _spent(serving_before, _cpu_by_process(roots)) + client
+        (busy, idle), (busy_before, idle_before) = _cores_s(cores), cores_before
+        return Window(
+            requests=answered.samples_per_s / rows * elapsed,
+            seconds=elapsed,
+            serving_cpu_s=serving,
+            client_cpu_s=client,
+            idle_s=idle - idle_before,
+            others_cpu_s=busy - busy_before - serving,
+        )
+
+    load: list[tuple[Window, Window | None]] = []
+    alone: list[Alone] = []
     with ExitStack() as stack:
-        urls = [serve(stack, "full", full, "concurrent")]
-        if small < rows:
-            urls.append(serve(stack, "quarter", quarter, "concurrent"))
-        busy = {url: [0.0, 0.0, 0.0, 0.0] for url in urls}  # CPU s, client CPU s, requests, s
-        for _ in range(3):
-            for url in urls:
-                cpu_before, client_before = _busy_s(cores), sum(me.cpu_times()[:2])
-                start = time.perf_counter()
-                load = ensemble_load(url, x, rows, concurrency, window)
-                elapsed = time.perf_counter() - start
-                spent = busy[url]
-                spent[0] += _busy_s(cores) - cpu_before
-                spent[1] += sum(me.cpu_times()[:2]) - client_before
-                spent[2] += load.samples_per_s / rows * elapsed
-                spent[3] += elapsed
-        alone = ensemble_load(urls[0], x, rows, 1, seconds / 2)
-    with ExitStack() as stack:  # alone: one request at a time feels every other process
-        url = serve(stack, "sequential", full, "sequential")
-        one_by_one = ensemble_load(url, x, rows, 1, max(2.0, 5 * one_at_a_time))
-    if not one_by_one.requests or not all(spent[2] for spent in busy.values()):
-        raise RuntimeError("measuring what serving costs: a load window saw no request answered")
-    per_request = [spent[0] / spent[2] * 1000 for spent in busy.values()]  # ms
-    calls = [sum(curves[m].cpu(rows) for m in names)]
-    calls += [rows / small * sum(curves[m].cpu(small) for m in names)] * (len(urls) - 1)
-    per_call = 0.0
-    if len(urls) == 2:  # the four-call deployment's extra CPU beyond its calls' is per call
-        extra_calls = len(names) * (rows / small - 1)
-        per_call = ((per_request[1] - calls[1]) - (per_request[0] - calls[0])) / extra_calls
-    client_ms = sum(s[1] for s in busy.values()) / sum(s[2] for s in busy.values()) * 1000
-    rest = per_request[0] - calls[0] - len(names) * per_call - client_ms
-    share = sum(s[0] for s in busy.values()) / sum(s[3] for s in busy.values()) / len(cores)
-    latency = {m: curves[m].latency(rows) or 0.0 for m in names}
-    added = max(0.0, alone.p50_ms - max(latency.values()))
-    request_ms = rows / one_by_one.samples_per_s * 1000  # the mean, as throughput sees it
+        concurrent = serve(stack, "full", full, "concurrent")
+        with ExitStack() as loaded:
+            four_calls = serve(loaded, "quarter", quarter, "concurrent") if small < rows else None
+            for _ in range(rounds):
+                load.append((window(concurrent), window(four_calls) if four_calls else None))
+        # one request at a time feels every other process: the second deployment has gone
+        sequential = serve(stack, "sequential", full, "sequential")
+        for _ in range(rounds):
+            together = drive(concurrent, 1, alone_s)
+            in_turn = drive(sequential, 1, alone_s)
+            alone.append(
+                Alone(
+                    together.p50_ms if together.requests else 0.0,
+                    rows / in_turn.samples_per_s * 1000 if in_turn.requests else 0.0,
+                )
+            )
+    return derive_host(calls, load, alone, len(cores))
+
+
+def derive_host(
+    calls: Calls,
+    load: Sequence[tuple[Window, Window | None]],
+    alone: Sequence[Alone],
+    cores: int,
+) -> Host:
+    """The costs of serving from measuring rounds (see :func:`measure_host`): each cost once
+    per round, from windows measured side by side (the host's drift cancels), then its median
+    over the rounds (a round that a busy host disturbed does not move it), with the rounds'
+    range as its bounds. A round with a window that answered nothing is left out. A median
+    below 0 is no cost this host could measure: None, with the reason. A cost already derived
+    enters the next as the planner will count it (0 where unmeasured)."""
+    unmeasured: dict[str, str] = {}
+    bounds: list[tuple[str, float, float]] = []
+
+    def settle(name: str, samples: Sequence[float]) -> float | None:
+        if not samples:
+            unmeasured[name] = "no measuring round had a request answered in each window"
+            return None
+        middle, low, high = statistics.median(samples), min(samples), max(samples)
+        if middle < 0:
+            unmeasured[name] = (
+                f"{middle:+.3f} ms, from {low:+.3f} to {high:+.3f} over {len(samples)} rounds: "
+                "below 0, a difference lost in this host's noise; counted as 0"
+            )
+            return None
+        bounds.append((name, low, high))
+        return middle
+
+    rounds = [(f, q) for f, q in load if f.requests > 0 and (q is None or q.requests > 0)]
+    per_request = [f.serving_cpu_s / f.requests * 1000 for f, _ in rounds]  # ms
+    client = settle(
+        "client_cpu_ms",
+        [
+            (f.client_cpu_s + (q.client_cpu_s if q else 0.0))
+            / (f.requests + (q.requests if q else 0.0))
+            * 1000
+            for f, q in rounds
+        ],
+    )
+    per_call: float | None = None
+    four_calls = [(f, q) for f, q in rounds if q is not None]
+    if calls.small < calls.rows:  # the four-call deployment's extra CPU beyond its calls'
+        extra_calls = calls.members * (calls.rows / calls.small - 1)
+        per_call = settle(
+            "call_cpu_ms",
+            [
+                (
+                    (q.serving_cpu_s / q.requests * 1000 - calls.small_cpu_ms)
+                    - (f.serving_cpu_s / f.requests * 1000 - calls.cpu_ms)
+                )
+                / extra_calls
+                for f, q in four_calls
+            ],
+        )
+    else:
+        unmeasured["call_cpu_ms"] = (
+            f"one batch size only ({calls.rows}): no second deployment to tell a call's cost "
+            "from a request's; counted as 0"
+        )
+    combiner = settle(
+        "combiner_cpu_ms",
+        [
+            spent - calls.cpu_ms - calls.members * (per_call or 0.0) - (client or 0.0)
+            for spent in per_request
+        ],
+    )
+    busy_share = _busy_share(rounds, cores, unmeasured, bounds)
+    answered = [a for a in alone if a.concurrent_p50_ms > 0 and a.sequential_ms > 0]
+    slowest, total = max(calls.latency_ms, default=0.0), sum(calls.latency_ms)
+    added = settle("latency_ms", [a.concurrent_p50_ms - slowest for a in answered])
+    sequential_call = settle(
+        "sequential_call_ms",
+        [(a.sequential_ms - total - (added or 0.0)) / calls.members for a in answered],
+    )
     return Host(
-        rows=rows,
-        combiner_cpu_ms=max(0.0, rest),
-        client_cpu_ms=client_ms,
+        rows=calls.rows,
+        combiner_cpu_ms=combiner,
+        client_cpu_ms=client,
         latency_ms=added,
         call_cpu_ms=per_call,
-        sequential_call_ms=(request_ms - sum(latency.values()) - added) / len(names),
-        busy_share=min(1.0, share) if share >= 0.5 else None,
+        sequential_call_ms=sequential_call,
+        busy_share=busy_share,
+        unmeasured=tuple(unmeasured.items()),
+        bounds=tuple(bounds),
     )
 
 
-def _busy_s(cores: set[int]) -> float:
-    """CPU seconds these cores have been busy (every process, the kernel included)."""
-    total = 0
+# other processes' busy share of the cores above which serving's own share is not measured
+_OTHERS_SHARE = 0.1
+
+
+def _busy_share(
+    rounds: Sequence[tuple[Window, Window | None]],
+    cores: int,
+    unmeasured: dict[str, str],
+    bounds: list[tuple[str, float, float]],
+) -> float | None:
+    """The share of the cores' time (what other processes left of it) that serving kept busy,
+    the median over the rounds; None where the load says nothing of it (the reason in
+    ``unmeasured``): where it kept under half of the cores busy (a machine too large for this
+    load), or where other processes kept the cores busy too (they fill serving's gaps)."""
+    shares, others = [], []
+    for windows in rounds:
+        spent = [w for w in windows if w is not None]
+        serving = sum(w.serving_cpu_s for w in spent)
+        available = serving + sum(w.idle_s for w in spent)
+        if available > 0:
+            shares.append(serving / available)
+            others.append(
+                max(0.0, sum(w.others_cpu_s for w in spent)) / cores / sum(w.seconds for w in spent)
+            )
+    if not shares:
+        unmeasured["busy_share"] = "no measuring round had a request answered in each window"
+        return None
+    share, other = statistics.median(shares), statistics.median(others)
+    if other > _OTHERS_SHARE:
+        unmeasured["busy_share"] = (
+            f"other processes kept {other:.0%} of the {cores} cores busy: serving's own share "
+            "cannot be told from theirs; planned with every core"
+        )
+        return None
+    if share < 0.5:
+        unmeasured["busy_share"] = (
+            f"the load kept {share:.0%} of the {cores} cores busy, under half: it says nothing "
+            "of a load that would take them all; planned with every core"
+        )
+        return None
+    bounds.append(("busy_share", min(shares), min(1.0, max(shares))))
+    return min(1.0, share)
+
+
+def _cores_s(cores: set[int]) -> tuple[float, float]:
+    """(busy, idle) seconds of these cores so far (busy: every process and the kernel; idle:
+    waiting for I/O included; time stolen by a hypervisor is neither)."""
+    busy = idle = 0
     for line in Path("/proc/stat").read_text().splitlines():
         name, *fields = line.split()
         if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
-            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
-            total += user + nice + system + irq + softirq
-    return total / os.sysconf("SC_CLK_TCK")
+            user, nice, system, idle_ticks, iowait, irq, softirq = (int(v) for v in fields[:7])
+            busy += user + nice + system + irq + softirq
+            idle += idle_ticks + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, idle / tick
+
+
+def _cpu_by_process(roots: Sequence[int]) -> dict[tuple[int, float], float]:
+    """CPU seconds (user + system) so far of each process of these trees, by (pid, start)."""
+    spent: dict[tuple[int, float], float] = {}
+    for root in roots:
+        try:
+            top = psutil.Process(root)
+            tree = [top, *top.children(recursive=True)]
+        except psutil.Error:  # a deployment that has stopped
+            continue
+        for process in tree:
+            try:
+                with process.oneshot():
+                    times = process.cpu_times()
+                    spent[(process.pid, process.create_time())] = times.user + times.system
+            except psutil.Error:
+                pass
+    return spent
+
+
+def _spent(
+    before: Mapping[tuple[int, float], float], after: Mapping[tuple[int, float], float]
+) -> float:
+    """CPU seconds spent between two readings of :func:`_cpu_by_process` (a process that
+    ended meanwhile is left out; one that began counts from its start)."""
+    return sum(cpu - before.get(key, 0.0) for key, cpu in after.items())
 
 
 def _meter(device: Device, pid: int, member: str, backend: str) -> Callable[[], int]:

@@ -24,7 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import SpecError, from_validation
 from .hardware import Device
 
-__all__ = ["Curve", "Host", "Profile", "load_profile", "save_profile"]
+__all__ = ["HOST_COSTS", "Curve", "Host", "Profile", "load_profile", "save_profile"]
+
+# the fields of Host that are costs in ms (a median over measuring rounds, or None: unmeasured)
+HOST_COSTS = ("combiner_cpu_ms", "client_cpu_ms", "latency_ms", "call_cpu_ms", "sequential_call_ms")
 
 
 @dataclass(frozen=True)
@@ -74,26 +77,34 @@ class Host:
     """What serving costs beyond the members' calls as measured one at a time, per request
     of ``rows`` rows, measured through the combiner under load on this host's CPU:
 
-    * ``combiner_cpu_ms``: the machine's CPU per request beyond the members' calls and the
-      client (the combiner, the kernel's loopback network);
+    * ``combiner_cpu_ms``: the CPU per request of the processes serving beyond the members'
+      calls and the client (the combiner, the kernel's loopback network charged to them);
     * ``client_cpu_ms``: the client's CPU per request (counted when it runs on this host);
-    * ``call_cpu_ms``: what one member call costs the machine when serving, beyond Triton's
-      CPU for that call measured one call at a time (the combiner's side of the call, minus
-      the wake-ups that a busy Triton does not pay): negative where serving is cheaper;
+    * ``call_cpu_ms``: what one member call costs when serving, beyond Triton's CPU for that
+      call measured one call at a time (the combiner's side of the call, less the wake-ups
+      that a busy Triton does not pay);
     * ``latency_ms``: what a request adds to its slowest member call (members concurrent);
     * ``sequential_call_ms``: what each member call adds to a request when the members are
-      called one after another, beyond its round trip measured alone and ``latency_ms``
-      (negative where the combiner's calls are quicker than the profile's);
+      called one after another, beyond its round trip measured alone and ``latency_ms``;
     * ``busy_share``: the share of the CPU's cores serving keeps busy when its load would take
-      them all (the processes of a request wait on each other); None: all of them."""
+      them all (the processes of a request wait on each other); None: all of them.
+
+    A cost is the median over repeated measuring rounds; ``bounds`` holds its range over them
+    (field, lowest, highest). A cost the host could not measure (a median below 0: the
+    difference of two windows lost in the host's noise) is None, and ``unmeasured`` says why
+    (field, reason); the planner counts it as 0. So is a ``busy_share`` that this host's load
+    cannot tell (the planner then counts every core). Files written by hand or by an older
+    Chorus may hold a negative ``call_cpu_ms`` or ``sequential_call_ms`` (a correction)."""
 
     rows: int
-    combiner_cpu_ms: float
-    client_cpu_ms: float
-    latency_ms: float
-    call_cpu_ms: float = 0.0
-    sequential_call_ms: float = 0.0
+    combiner_cpu_ms: float | None
+    client_cpu_ms: float | None
+    latency_ms: float | None
+    call_cpu_ms: float | None = 0.0
+    sequential_call_ms: float | None = 0.0
     busy_share: float | None = None
+    unmeasured: tuple[tuple[str, str], ...] = ()
+    bounds: tuple[tuple[str, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,15 +144,16 @@ class Profile:
             }
         }
         if self.host is not None:
+            host = self.host
             data["host"] = {
-                "rows_per_request": self.host.rows,
-                "combiner_cpu_ms": round(self.host.combiner_cpu_ms, 4),
-                "client_cpu_ms": round(self.host.client_cpu_ms, 4),
-                "latency_ms": round(self.host.latency_ms, 4),
-                "call_cpu_ms": round(self.host.call_cpu_ms, 4),
-                "sequential_call_ms": round(self.host.sequential_call_ms, 4),
-                "busy_share": (
-                    None if self.host.busy_share is None else round(self.host.busy_share, 3)
+                "rows_per_request": host.rows,
+                **{name: _round(getattr(host, name), 4) for name in HOST_COSTS},
+                "busy_share": _round(host.busy_share, 3),
+                **({"unmeasured": dict(host.unmeasured)} if host.unmeasured else {}),
+                **(
+                    {"bounds": {f: [round(lo, 4), round(hi, 4)] for f, lo, hi in host.bounds}}
+                    if host.bounds
+                    else {}
                 ),
             }
         return json.dumps(data, indent=2) + "\n"
@@ -149,6 +161,10 @@ class Profile:
 
 def _points(points: tuple[tuple[int, float], ...]) -> dict[str, float]:
     return {str(b): round(v, 4) for b, v in points}
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 class _CurveFile(BaseModel):
@@ -182,12 +198,25 @@ class _HostFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     rows_per_request: int = Field(ge=1)
-    combiner_cpu_ms: float = Field(ge=0)
-    client_cpu_ms: float = Field(0.0, ge=0)
-    latency_ms: float = Field(0.0, ge=0)
-    call_cpu_ms: float = 0.0
-    sequential_call_ms: float = 0.0
+    combiner_cpu_ms: float | None = Field(ge=0)
+    client_cpu_ms: float | None = Field(0.0, ge=0)
+    latency_ms: float | None = Field(0.0, ge=0)
+    call_cpu_ms: float | None = 0.0
+    sequential_call_ms: float | None = 0.0
     busy_share: float | None = Field(None, gt=0, le=1)
+    unmeasured: dict[str, str] = Field({}, description="cost -> why it could not be measured")
+    bounds: dict[str, tuple[float, float]] = Field(
+        {}, description="cost -> (lowest, highest) over the measuring rounds"
+    )
+
+    @field_validator("unmeasured", "bounds")
+    @classmethod
+    def _costs(cls, v: dict[str, object]) -> dict[str, object]:
+        for name in v:
+            if name not in (*HOST_COSTS, "busy_share"):
+                known = ", ".join((*HOST_COSTS, "busy_share"))
+                raise ValueError(f"{name!r} is not a measured cost (one of: {known})")
+        return v
 
 
 class _ProfileFile(BaseModel):
@@ -230,6 +259,8 @@ def load_profile(path: str | Path) -> Profile:
             host.call_cpu_ms,
             host.sequential_call_ms,
             host.busy_share,
+            tuple(host.unmeasured.items()),
+            tuple((name, lo, hi) for name, (lo, hi) in host.bounds.items()),
         ),
     )
 

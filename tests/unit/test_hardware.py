@@ -2,7 +2,7 @@ import os
 import time
 
 from orchestrator.hardware import discover
-from orchestrator.measure import _busy_s
+from orchestrator.measure import _cores_s
 
 
 def test_discovery_always_finds_the_cpu_with_its_cores_and_memory():
@@ -16,10 +16,10 @@ def test_discovery_always_finds_the_cpu_with_its_cores_and_memory():
 
 def test_busy_time_counts_the_cpu_this_process_spends_on_its_cores():
     cores = os.sched_getaffinity(0)
-    before, mine = _busy_s(cores), time.process_time()
+    (before, _), mine = _cores_s(cores), time.process_time()
     while time.process_time() - mine < 0.3:  # burn CPU on these cores
         pass
-    spent, busy = time.process_time() - mine, _busy_s(cores) - before
+    spent, busy = time.process_time() - mine, _cores_s(cores)[0] - before
     tick = 1 / os.sysconf("SC_CLK_TCK")
     assert busy >= spent - 2 * tick  # every process counts, this one too
-    assert _busy_s(set()) == 0.0  # no core, no time
+    assert _cores_s(set()) == (0.0, 0.0)  # no core, no time
