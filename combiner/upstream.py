@@ -1,15 +1,21 @@
 """The one way the combiner reaches Triton: its KServe v2 gRPC service, asynchronously.
 
 Requests are forwarded as protobufs built directly from the client's request, so an input's
-bytes are never decoded on the way to the members. Every call carries Triton's restricted-API
-key when the deployment has one (only Chorus holds it), and every call runs in a task this
-module owns: the caller may stop waiting, but nothing it does cancels a call that Triton is
-running (see :mod:`combiner.tasks`).
+bytes are never decoded on the way to the members. Every call to a restricted API (all but
+health) carries Triton's key when the deployment has one (only Chorus holds it); health probes,
+sent every 100 ms while Triton is down, never do: whoever holds Triton's port while it restarts
+would get them first. Every call runs in a task this module owns: the caller may stop waiting,
+but nothing it does cancels a call that Triton is running (see :mod:`combiner.tasks`).
+
+A failed call's text (for a Python-backend member: its exception, traceback and file paths;
+possibly values of the batch's rows, which are other clients') goes to the combiner's log, not
+to clients: :attr:`MemberError.reason` is what they may be told.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -18,6 +24,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from .tasks import Owner
 
 __all__ = ["GRPC_OPTIONS", "KEY_HEADER", "MemberError", "Upstream", "key_metadata"]
+
+log = logging.getLogger("chorus.combiner")
 
 # Tensors can be large: lift gRPC's 4 MiB default on the channel to Triton. After Triton
 # restarts, reconnect within a fraction of a second, not gRPC's default of up to two minutes.
@@ -35,6 +43,9 @@ _MAX_CONTROL_CALLS = 64
 # Triton's restricted APIs check this header (gRPC prefixes it with "triton-grpc-protocol-").
 KEY_HEADER = "chorus-key"
 
+# Triton's "health" protocol, which is never restricted: these calls go without the key.
+_OPEN = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+
 
 def key_metadata(key: str | None) -> tuple[tuple[str, str], ...]:
     """gRPC metadata that opens Triton's restricted protocols with ``key``."""
@@ -50,6 +61,12 @@ class MemberError(Exception):
         self.details = details
         super().__init__(f"member {member!r} failed on Triton ({code.name}): {details}")
 
+    @property
+    def reason(self) -> str:
+        """Why the member is missing, as a client may read it: the status code, not Triton's
+        text (see the module's docstring)."""
+        return f"{self.code.name}: failed on Triton (the error is in the combiner's log)"
+
 
 class Upstream:
     """An async channel to Triton's gRPC endpoint; its calls belong to it, not to callers."""
@@ -57,6 +74,7 @@ class Upstream:
     def __init__(self, url: str, key: str | None = None) -> None:
         self.url = url
         self._metadata = key_metadata(key)
+        self._logged: dict[str, tuple[grpc.StatusCode, str]] = {}  # per model, the last error
         self._channel = grpc.aio.insecure_channel(url, options=GRPC_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self.calls = Owner("Triton inference call")
@@ -71,18 +89,30 @@ class Upstream:
         try:
             return await self._stub.ModelInfer(request, metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
-            raise MemberError(request.model_name, e.code(), e.details() or "") from e
+            raise self._failed(request.model_name, e) from e
+
+    def _failed(self, model: str, e: grpc.aio.AioRpcError) -> MemberError:
+        """The error of a failed call, its full text logged (once while it repeats)."""
+        error = MemberError(model, e.code(), e.details() or "")
+        if self._logged.get(model) != (error.code, error.details):
+            self._logged[model] = (error.code, error.details)
+            log.warning("a call on Triton at %s failed: %s", self.url, error)
+        return error
 
     async def _rpc(self, method: str, request: Any, wait_s: float | None = None) -> Any:
         """A control call in an owned task, without a gRPC deadline (its expiry would reach
         Triton as a cancellation); the caller waits at most ``wait_s`` seconds, then the call
         is left to end on its own."""
 
+        metadata = () if method in _OPEN else self._metadata
+
         async def call() -> Any:
             try:
-                return await getattr(self._stub, method)(request, metadata=self._metadata)
+                return await getattr(self._stub, method)(request, metadata=metadata)
             except grpc.aio.AioRpcError as e:
-                raise MemberError("(Triton)", e.code(), e.details() or "") from e
+                if method in _OPEN:  # the watch logs what it finds
+                    raise MemberError("(Triton)", e.code(), e.details() or "") from e
+                raise self._failed("(Triton)", e) from e
 
         task = self._control.spawn(call())
         if wait_s is None:

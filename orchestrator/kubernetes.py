@@ -10,16 +10,21 @@ runs the Chorus image's bundled Triton (``chorus node``).
 
 The combiner is a Deployment of ``replicas`` pods behind a Service: each routes every member to
 the nodes holding it (``combiner.json`` in a ConfigMap, the nodes named by their Services);
-it scales horizontally. The restricted-API key and the endpoint's bearer token are Secrets.
-Every pod runs as a non-root user, without privilege escalation or capabilities, with
-resource requests and limits.
+it scales horizontally. The plan in the ConfigMap numbers each node's GPUs as its pod sees
+them: the device plugin hands a pod the number of GPUs it requests, numbered from 0, so the
+GPUs a node's instances use become 0, 1, ... in the order of their host indices (which of the
+node's GPUs the pod gets is the plugin's choice). The restricted-API key and the endpoint's
+bearer token are Secrets. Every pod runs as a non-root user, without privilege escalation or
+capabilities, with resource requests and limits.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -29,7 +34,7 @@ from .launch import RESTRICTED
 from .plan import Plan
 from .spec import Ensemble
 
-__all__ = ["TRITON_IMAGE", "render_kubernetes"]
+__all__ = ["TRITON_IMAGE", "as_pods_see_it", "render_kubernetes"]
 
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.12-py3"  # has the gRPC cancellation fix
 _USER = 1000
@@ -75,6 +80,7 @@ def render_kubernetes(
     """Write the manifests into ``out`` (one file per kind of object); returns the files.
     ``ensemble_path``: where the ensemble file lies in the claim. The two Secrets get fresh
     random values each time: apply them once, or replace them together with the pods."""
+    plan = as_pods_see_it(plan)
     app = _dns(f"chorus-{ensemble.name}")
     meta: dict[str, Any] = {"namespace": namespace} if namespace else {}
     labels = {"app.kubernetes.io/name": "chorus", "app.kubernetes.io/instance": app}
@@ -138,7 +144,7 @@ def render_kubernetes(
             config_volume,
         )
     files["combiner.yaml"] = _combiner(
-        app, labels, meta, image, replicas, key_volume, config_volume, models_claim
+        app, labels, meta, image, replicas, key_volume, config_volume, models_claim, config.stop_s()
     )
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -149,6 +155,28 @@ def render_kubernetes(
             path.chmod(0o600)
         written.append(path)
     return written
+
+
+def as_pods_see_it(plan: Plan) -> Plan:
+    """The plan with each node's GPUs renumbered as that node's pod sees them: the GPUs it uses
+    0, 1, ... in the order of their host indices (the device plugin numbers a pod's GPUs from
+    0), then the others, which the pod does not get. Instances and memory follow their GPU."""
+    used = {d for per in plan.instances.values() for d, count in per.items() if count}
+    index = {}
+    for node in plan.nodes():
+        gpus = [d for d in plan.devices if d.node == node and d.kind == "gpu"]
+        gpus.sort(key=lambda d: (d.id not in used, d.index))
+        index.update({d.id: i for i, d in enumerate(gpus)})
+    devices = tuple(replace(d, index=index.get(d.id, d.index)) for d in plan.devices)
+    renamed = {old.id: new.id for old, new in zip(plan.devices, devices, strict=True)}
+    return replace(
+        plan,
+        devices=devices,
+        planned_memory_bytes={renamed.get(d, d): b for d, b in plan.planned_memory_bytes.items()},
+        instances={
+            m: {renamed.get(d, d): c for d, c in per.items()} for m, per in plan.instances.items()
+        },
+    )
 
 
 def _node(
@@ -215,6 +243,7 @@ def _node(
                 "--model-repository=/repository",
                 "--model-control-mode=explicit",
                 "--load-model=*",
+                "--allow-metrics=false",  # as `chorus node`: nothing reads them, they have no key
                 f"--grpc-restricted-protocol={apis}:{_KEY_HEADER}=$(TRITON_KEY)",
                 f"--http-restricted-api={apis}:{_KEY_HEADER}=$(TRITON_KEY)",
             ],
@@ -248,7 +277,7 @@ def _node(
     triton.update(
         {
             "name": "triton",
-            "ports": _container_ports({"http": 8000, "grpc": 8001, "metrics": 8002}),
+            "ports": _container_ports({"http": 8000, "grpc": 8001}),
             "volumeMounts": [
                 {"name": "repository", "mountPath": "/repository", "readOnly": True},
                 {"name": "triton-key", "mountPath": "/etc/chorus/triton-key", "readOnly": True},
@@ -304,6 +333,7 @@ def _combiner(
     key_volume: dict[str, Any],
     config_volume: dict[str, Any],
     models_claim: str,
+    stop_s: float,
 ) -> list[dict[str, Any]]:
     pod_labels = {**labels, "app.kubernetes.io/component": "combiner"}
     container = {
@@ -352,7 +382,8 @@ def _combiner(
                 "spec": {
                     "securityContext": {"runAsNonRoot": True},
                     "automountServiceAccountToken": False,
-                    "terminationGracePeriodSeconds": 45,  # the combiner drains for up to 30 s
+                    # it drains, answers what came meanwhile, waits for its calls on Triton
+                    "terminationGracePeriodSeconds": math.ceil(stop_s) + 10,
                     "containers": [container],
                     "volumes": [
                         config_volume,

@@ -11,6 +11,9 @@ Triton is launched with every API but health (inference included) behind a per-r
 Chorus holds (``--grpc-restricted-protocol``, ``--http-restricted-api``): no other local process
 can load or unload a model, or infer (and, with the bundled 2.51, crash it by cancelling a call:
 server issues #7368, #8034). ``TritonServer.grpc_headers`` opens them for Chorus's own calls.
+Triton reads the key from nowhere but its command line (no environment variable, file or
+config for it, 2.51 to 2.73), so it is in the server's argv: SECURITY.md says who can read
+that. Its metrics, which Chorus does not read and which no key guards, are off.
 
 ``tritonserver`` is found in $TRITONSERVER, then on PATH, then in the nvidia-pytriton wheel. The
 bundled one needs a backend directory holding the Python backend and the stub built for this
@@ -279,7 +282,8 @@ class TritonServer:
         if key is None and restricted:
             key = secrets.token_hex(32)  # [0-9a-f]: Triton parses it
         self.key = key
-        self.grpc_port = self.http_port = self.metrics_port = 0
+        self.grpc_port = self.http_port = 0
+        self.metrics_port = 0  # unused: Triton's metrics are off (see command())
         self.process: ManagedProcess | None = None
 
     @property
@@ -301,7 +305,7 @@ class TritonServer:
 
     def start(self, timeout: float = 120.0) -> None:
         """Start the server on free ports and wait until it and every model are ready."""
-        self.grpc_port, self.http_port, self.metrics_port = (free_port(self.host) for _ in "ghm")
+        self.grpc_port, self.http_port = free_port(self.host), free_port(self.host)
         self.restart(timeout)
 
     def restart(self, timeout: float = 120.0) -> None:
@@ -341,8 +345,7 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
-            f"--metrics-address={self.host}",
-            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=false",  # nothing of Chorus reads them, and they have no key
             "--exit-timeout-secs=10",
             *self.extra_args,
         ]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import jinja2
-from google.protobuf import text_format
+from google.protobuf import text_encoding, text_format
 from tritonclient.grpc import model_config_pb2
 
 import model_repository_templates
@@ -43,12 +43,21 @@ __all__ = [
 
 Backend = Literal["onnxruntime", "python"]
 
+
+def _pbtxt(value: object) -> str:
+    """``value`` as a quoted protobuf text-format string: its quotes, backslashes, newlines and
+    other control characters escaped, so that a name (a tensor's comes from the ONNX file) is
+    read back as itself and can never close its field or add one."""
+    return '"' + text_encoding.CEscape(str(value), as_utf8=True) + '"'
+
+
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(model_repository_templates.__file__).parent),
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
     autoescape=False,
 )
+_TEMPLATES.filters["pbtxt"] = _pbtxt  # every string a template writes goes through it
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,13 @@ def render_config(
         queue_delay_us=queue_delay_us,
         model_file=model_file(member),
     )
-    parse_config(text, member.name)
+    config = parse_config(text, member.name)
+    for kind, asked, rendered in (
+        ("inputs", member.inputs, config.input),
+        ("outputs", member.outputs, config.output),
+    ):
+        if [t.name for t in rendered] != [t.name for t in asked]:
+            raise ChorusError(f"rendered config of {member.name!r} does not name its {kind}")
     return text
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.kubernetes import render_kubernetes
 from orchestrator.plan import load_plan
 from tests.unit.test_render import _gpu_plan
 
@@ -88,3 +89,43 @@ def test_a_node_repository_renders_alone_from_the_plan(ensemble, tmp_path):
     assert {p.parent.name for p in (tmp_path / "n1").glob("*/config.pbtxt")} == on_node1
     wrong = subprocess.run([*argv, "node9", "-o", str(tmp_path / "x")], capture_output=True)
     assert wrong.returncode == 2 and b"no node 'node9'" in wrong.stderr
+
+
+def test_a_pod_numbers_its_gpus_from_zero_in_the_order_it_gets_them(ensemble, tmp_path):
+    """The device plugin shows a pod only the GPUs it requests, as 0, 1, ...: a plan on host
+    gpu1 (node0), or on host gpu1 and gpu3 (node1), renders the pod's own numbers."""
+    from orchestrator.hardware import Device
+    from orchestrator.plan import Plan
+    from orchestrator.render import parse_config, render_node
+
+    gib = 1 << 30
+    gpus = [
+        Device(n, "gpu", i, "gpu", 16 * gib, 16 * gib) for n in ("node0", "node1") for i in range(4)
+    ]
+    devices = (*gpus, Device("node0", "cpu", 0, "cpu", 64 * gib, 64 * gib, cores=8))
+    plan = Plan(
+        ensemble=ensemble.name,
+        devices=devices,
+        planned_memory_bytes={"node0/gpu1": 6 * gib, "node1/gpu1": 3 * gib, "node1/gpu3": 3 * gib},
+        members=("a", "b"),
+        instances={
+            "a": {"node0/gpu1": 2, "node1/gpu3": 1},
+            "b": {"node0/gpu1": 1, "node1/gpu1": 1},
+        },
+        max_batch_size={"a": 8, "b": 8},
+        predicted_throughput=1.0,
+    )
+    render_kubernetes(ensemble, plan, tmp_path / "k8s")
+    (config_map,) = yaml.safe_load_all((tmp_path / "k8s" / "config.yaml").read_text())
+    (tmp_path / "plan.json").write_text(config_map["data"]["plan.json"])
+    pod_plan = load_plan(tmp_path / "plan.json")  # what the init container renders from
+    expected = {"node0": (1, {"a": [0], "b": [0]}), "node1": (2, {"a": [1], "b": [0]})}
+    for node, (requested, per_member) in expected.items():
+        deployment, _ = yaml.safe_load_all((tmp_path / "k8s" / f"node-{node}.yaml").read_text())
+        (triton,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert triton["resources"]["requests"]["nvidia.com/gpu"] == requested
+        assert triton["resources"]["limits"]["nvidia.com/gpu"] == requested
+        render_node(ensemble, pod_plan, node, tmp_path / node, "onnxruntime")
+        for member, pod_gpus in per_member.items():
+            config = parse_config((tmp_path / node / member / "config.pbtxt").read_text(), member)
+            assert [list(g.gpus) for g in config.instance_group] == [pod_gpus]

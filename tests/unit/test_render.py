@@ -195,3 +195,40 @@ def test_a_member_that_leaves_a_node_leaves_its_repository(ensemble, tmp_path):
     assert repo / "n1" / "a" in removed
     assert not (repo / "n1" / "a").exists() and (repo / "n1" / "b" / "config.pbtxt").is_file()
     assert describe_changes(repo, moved) == []
+
+
+# A quote, a newline, a backslash and a brace: what text format needs escaped. The output's
+# name, pasted unescaped, closes its block and adds a parameter and an output of its own.
+ODD_INPUT = 'x "quoted" \\ back\nslash }'
+ODD_OUTPUT = (
+    'y" data_type: TYPE_FP32 dims: [ 3 ] } ] '
+    'parameters { key: "injected" value: { string_value: "yes" } } '
+    'output [ { name: "z'
+)
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_tensor_names_with_quotes_newlines_and_braces_reach_the_config_as_they_are(
+    tmp_path, backend
+):
+    import yaml
+
+    from orchestrator.render import render_fanout
+    from orchestrator.spec import load_ensemble
+    from tests.onnx_models import linear
+
+    linear(tmp_path / "odd.onnx", input_name=ODD_INPUT, output_name=ODD_OUTPUT)
+    spec = {"name": "odd", "members": [{"name": "m", "path": "odd.onnx"}]}
+    (tmp_path / "ensemble.yaml").write_text(yaml.safe_dump(spec))
+    ensemble = load_ensemble(tmp_path / "ensemble.yaml")
+    (member,) = ensemble.members
+    config = parse_config(render_config(member, backend, GROUPS["cpu"], 8, 1), "m")
+    assert [i.name for i in config.input] == [ODD_INPUT]
+    assert [o.name for o in config.output] == [ODD_OUTPUT]
+    assert "injected" not in config.parameters
+    fanout = parse_config(render_fanout(ensemble, 8), "odd__fanout")
+    assert [i.name for i in fanout.input] == [ODD_INPUT]
+    assert [o.name for o in fanout.output] == [f"m__{ODD_OUTPUT}"]
+    (step,) = fanout.ensemble_scheduling.step
+    assert dict(step.input_map) == {ODD_INPUT: ODD_INPUT}
+    assert dict(step.output_map) == {ODD_OUTPUT: f"m__{ODD_OUTPUT}"}

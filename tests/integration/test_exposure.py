@@ -1,0 +1,143 @@
+"""What Chorus gives away: Triton's key only on the calls Triton restricts (never on a health
+probe, which whoever holds Triton's port while it restarts would answer), no Triton metrics
+port, and to a client only the name and status code of a member that failed, never the
+member's own error text (a traceback with paths, or values of other clients' rows)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from combiner.client import EnsembleClient
+from combiner.upstream import KEY_HEADER, MemberError, Upstream
+from combiner.watch import TritonWatch
+from orchestrator.launch import TritonServer, free_port
+from tests.integration.toy import BROKEN, combiner, toy_config, toy_triton
+
+KEY = f"triton-grpc-protocol-{KEY_HEADER}"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, TritonServer]]:
+    root = tmp_path_factory.mktemp("exposure")
+    with toy_triton(root, {"broken": (BROKEN, 1)}) as (_, triton):
+        yield root, triton
+
+
+class Recorder(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """A gRPC server standing on a port, as whoever binds Triton's port while it restarts
+    would: it answers health and inference, and keeps the metadata of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, str]]] = []
+
+    def _keep(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.calls.append((method, dict(context.invocation_metadata() or ())))
+
+    async def ServerLive(
+        self, request: service_pb2.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.ServerLiveResponse:
+        self._keep("ServerLive", context)
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ModelReady(
+        self, request: service_pb2.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.ModelReadyResponse:
+        self._keep("ModelReady", context)
+        return service_pb2.ModelReadyResponse(ready=True)
+
+    async def ModelInfer(
+        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.ModelInferResponse:
+        self._keep("ModelInfer", context)
+        return service_pb2.ModelInferResponse(model_name=request.model_name)
+
+
+async def probed_and_inferred(recorder: Recorder, probes: int) -> None:
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(recorder, server)
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    await server.start()
+    upstream = Upstream(f"127.0.0.1:{port}", key="0123abcd")
+    try:
+        watch = TritonWatch(upstream, ["a", "b"])
+        for _ in range(probes):
+            assert await watch.check()
+        await upstream.infer(service_pb2.ModelInferRequest(model_name="a"))
+    finally:
+        await upstream.close()
+        await server.stop(None)
+
+
+def test_health_probes_carry_no_key_and_inference_does() -> None:
+    recorder = Recorder()
+    asyncio.run(probed_and_inferred(recorder, probes=3))
+    probes = [(m, meta) for m, meta in recorder.calls if m != "ModelInfer"]
+    assert sorted({m for m, _ in probes}) == ["ModelReady", "ServerLive"]
+    assert len(probes) == 3 * 3  # ServerLive and two ModelReady per probe
+    assert all(KEY not in meta for _, meta in probes), probes
+    (inference,) = [meta for m, meta in recorder.calls if m == "ModelInfer"]
+    assert inference[KEY] == "0123abcd"  # the recorder sees keys where there are any
+
+
+def test_the_launched_triton_answers_probes_without_the_key_and_infers_only_with_it(
+    toy: tuple[Path, TritonServer],
+) -> None:
+    _, triton = toy
+
+    async def probe() -> tuple[str | None, str | None, str]:
+        keyless, keyed = Upstream(triton.grpc_url), Upstream(triton.grpc_url, triton.key)
+        try:
+            keyless_ready = await keyless.readiness(["a", "b", "broken"])
+            keyed_ready = await keyed.readiness(["a", "b", "broken"])
+            request = service_pb2.ModelInferRequest(model_name="a")
+            request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+            request.raw_input_contents.append(np.zeros((1, 4), np.float32).tobytes())
+            with pytest.raises(MemberError) as refused:
+                await keyless.infer(request)
+            await keyed.infer(request)
+            return keyless_ready, keyed_ready, refused.value.details
+        finally:
+            await keyless.close()
+            await keyed.close()
+
+    keyless_ready, keyed_ready, refused = asyncio.run(probe())
+    assert keyless_ready is None and keyed_ready is None
+    assert "restricted" in refused
+
+
+def test_the_launched_triton_listens_on_its_grpc_and_http_ports_only(
+    toy: tuple[Path, TritonServer],
+) -> None:
+    _, triton = toy
+    assert triton.process is not None and triton.process.pid is not None
+    listening = {
+        c.laddr.port
+        for c in psutil.Process(triton.process.pid).net_connections("inet")
+        if c.status == psutil.CONN_LISTEN
+    }
+    assert listening == {triton.grpc_port, triton.http_port}
+    assert "Metrics Service" not in triton.process.log_tail(200)
+
+
+def test_a_failed_member_is_named_with_its_status_code_and_its_text_stays_in_the_log(
+    toy: tuple[Path, TritonServer],
+) -> None:
+    root, triton = toy
+    config = toy_config(triton, root, ["a", "b", "broken"], quorum=2)
+    with combiner(root, "combiner", config) as (process, address):
+        with EnsembleClient(address) as client:
+            answer = client.infer(np.ones((2, 4), np.float32))
+        log = process.log.read_text()
+    assert answer.contributors == ("a", "b")
+    assert answer.missing.startswith("broken (INTERNAL: ")
+    for private in ("broken on purpose", "RuntimeError", "model.py", str(root), "At:", "\n"):
+        assert private not in answer.missing, answer.missing
+    assert "broken on purpose" in log and "model.py" in log
