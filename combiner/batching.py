@@ -1,25 +1,27 @@
 """The batching stage: concurrent requests gathered into one batch before the fan-out.
 
 Requests wait in a queue only while the members are busy: at most ``max_in_flight`` batches
-are out at once (one more if it is full already: waiting could not grow it, and it keeps the
-members fed), and the next batch takes every compatible request queued meanwhile (same
-requested outputs and shapes after the batch dimension, up to ``max_rows`` rows). A request
-that finds a free slot and an empty queue goes straight to the members: an idle combiner adds
-no delay and no hop. Under load, a freed slot lets the next batch fill: up
-to twice the size of the last one (the requests it answered tend to come back), while arrivals
-keep coming (a pause of twice their recent mean interval, at most ``max_gap_s``, ends it), for
-``max_fill_s`` at most. So batches grow with the load and shrink when it falls; this pays when
-a batch's round trip to the members is short next to the time the combiner takes to read the
-requests that would fill it. Each member then sees one call per batch instead of one per
-request, and the answers are split back per request by their rows.
+are out at once (out until a quorum's worth of members are done with them; one more if it is
+full already: waiting could not grow it, and it keeps the members fed), and the next batch
+takes every compatible request queued meanwhile (same requested outputs and shapes after the
+batch dimension, up to ``max_rows`` rows). A request that finds a free slot and an empty queue
+goes straight to the members: an idle combiner adds no delay and no hop. Under load, a freed
+slot lets the next batch fill: up to twice the size of the last one (the requests it answered
+tend to come back), while arrivals keep coming (a pause of twice their recent mean interval, at
+most ``max_gap_s``, ends it), for ``max_fill_s`` at most. So batches grow with the load and
+shrink when it falls; this pays when a batch's round trip to the members is short next to the
+time the combiner takes to read the requests that would fill it. Each member then sees one call
+per batch instead of one per request, and the answers are split back per request by their rows.
 
 The stage hands each request the batch it joined (a :class:`Flight`: the batch's calls on
 Triton, started by the prediction stage) and its rows in it; the request then waits for the
 answers itself, until its own deadline. A batch never carries a deadline: one request's deadline
 cannot cut short its neighbours'. A request still queued at its deadline leaves the queue on its
-own, with DEADLINE_EXCEEDED. A batch slot frees when its flight is settled: every member
-answered, failed or ran past the member timeout, or every request of the batch stopped waiting
-for it. So neither a hung member nor a slow one under tight deadlines can wedge the batcher.
+own, with DEADLINE_EXCEEDED. A batch slot frees when its flight is settled: a quorum's worth of
+members answered or failed (the members the next batch needs are free again; a member that lags
+keeps the batch's call in a queue of its own, in the prediction stage, for the requests that
+still wait for it), or every request of the batch stopped waiting for it. So neither a hung
+member nor a slow one holds back the members a quorum needs.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class Rows:
 
 class Flight(Protocol):
     """A batch on its way through the members. ``settled`` is done when it no longer needs
-    its slot; ``expect`` says how many requests wait for it (each calls its ``leave``)."""
+    its slot (a quorum's worth of members are done with it, or nobody waits for it);
+    ``expect`` says how many requests wait for it (each calls its ``leave``)."""
 
     @property
     def settled(self) -> asyncio.Future[None]: ...
@@ -100,8 +103,9 @@ class Flight(Protocol):
 
 
 F = TypeVar("F", bound=Flight)
-# start(batch, wanted outputs, whether some request of it has a deadline) -> the batch's flight
-Start = Callable[[Rows, tuple[str, ...], bool], F]
+# start(batch, wanted outputs, its requests' deadlines in order (loop time; None: that request
+# waits for every member)) -> the batch's flight
+Start = Callable[[Rows, tuple[str, ...], tuple[float | None, ...]], F]
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ class Batcher(Generic[F]):
         if not self._queue and self._in_flight < self._limit:
             # idle: no one to batch with, so no hop through the dispatcher
             metrics.BATCHED.observe(1)
-            flight = self._launch(rows, wanted, deadline_at is not None, 1)
+            flight = self._launch(rows, wanted, (deadline_at,))
             return Placement(flight, 0, rows.batch)
         if self._loop_task is None:
             self._loop_task = loop.create_task(self._dispatch_forever())
@@ -189,9 +193,11 @@ class Batcher(Generic[F]):
                 )
         self._queue.clear()
 
-    def _launch(self, rows: Rows, wanted: tuple[str, ...], has_deadline: bool, requests: int) -> F:
-        flight = self._start(rows, wanted, has_deadline)
-        flight.expect(requests)
+    def _launch(
+        self, rows: Rows, wanted: tuple[str, ...], deadlines: tuple[float | None, ...]
+    ) -> F:
+        flight = self._start(rows, wanted, deadlines)
+        flight.expect(len(deadlines))
         self._in_flight += 1
         flight.settled.add_done_callback(self._release)
         return flight
@@ -211,8 +217,7 @@ class Batcher(Generic[F]):
             flight = self._launch(
                 Rows.join([w.rows for w in batch]),
                 batch[0].wanted,
-                any(w.deadline_at is not None for w in batch),
-                len(batch),
+                tuple(w.deadline_at for w in batch),
             )
             start = 0
             for w in batch:

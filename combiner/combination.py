@@ -6,6 +6,12 @@ batch: it is computed once, by the first request that needs it, and each request
 rows. A request that stopped at its own deadline combines just its rows from the members that
 made it. Large combinations run in a worker thread (numpy releases the GIL), so the event loop
 keeps serving. The rules themselves are pure numpy functions (:mod:`combiner.rules`).
+
+The ensemble never answers a non-finite value, on any path (gRPC, HTTP JSON or binary, shared
+memory): inputs must be finite (:mod:`combiner.request`), and the rules make no non-finite value
+out of finite ones, but a member may overflow on a large input and answer inf or NaN. A request
+whose rows of an output are not finite then gets INTERNAL, naming the output, its rows and the
+members whose outputs there are not finite; the other requests of its batch are answered.
 """
 
 from __future__ import annotations
@@ -50,6 +56,18 @@ class Combination:
         wanted: tuple[str, ...],
     ) -> dict[str, np.ndarray]:
         """The wanted outputs for rows [start, stop) of the batch, from ``contributors``."""
+        outputs = await self._outputs(prediction, contributors, start, stop, wanted)
+        _check_finite(outputs, prediction, contributors, start, stop)
+        return outputs
+
+    async def _outputs(
+        self,
+        prediction: Prediction,
+        contributors: tuple[str, ...],
+        start: int,
+        stop: int,
+        wanted: tuple[str, ...],
+    ) -> dict[str, np.ndarray]:
         shared = (
             prediction.finished.done()
             and len(contributors) == len(prediction.answers)
@@ -118,11 +136,45 @@ class Combination:
                     f"rule {self._rule_name!r} returned shape {list(result.shape)} for "
                     f"{name!r}; expected {list(expected)}",
                 )
-            outputs[name] = np.ascontiguousarray(
-                result.astype(triton_to_np_dtype(info.dtype), copy=False)
-            )
+            with np.errstate(over="ignore", invalid="ignore"):  # checked per request
+                typed = result.astype(triton_to_np_dtype(info.dtype), copy=False)
+            outputs[name] = np.ascontiguousarray(typed)
         return outputs
 
 
 def _large(stacked: dict[str, np.ndarray]) -> bool:
     return sum(a.nbytes for a in stacked.values()) >= _OFFLOAD_BYTES
+
+
+def _check_finite(
+    outputs: dict[str, np.ndarray],
+    prediction: Prediction,
+    contributors: tuple[str, ...],
+    start: int,
+    stop: int,
+) -> None:
+    """Refuse a request's answer that holds NaN or inf, saying where it came from."""
+    for name, array in outputs.items():
+        if array.dtype.kind not in "fc" or np.isfinite(array).all():
+            continue
+        bad_rows = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
+        shown = ", ".join(map(str, bad_rows[:8])) + (", ..." if len(bad_rows) > 8 else "")
+        members = [
+            m
+            for m in contributors
+            if any(
+                not np.isfinite(prediction.answers[m][base][start:stop][bad_rows]).all()
+                for base in prediction.bases
+                if prediction.answers[m][base].dtype.kind in "fc"
+            )
+        ]
+        why = (
+            f"the outputs of {', '.join(members)} there are not finite (an input outside the "
+            "range they compute in?)"
+            if members
+            else "the members' outputs there are finite: the combination overflowed"
+        )
+        raise RequestError(
+            grpc.StatusCode.INTERNAL,
+            f"output {name!r} is not finite in row(s) {shown} of this request; {why}",
+        )

@@ -10,13 +10,21 @@ a deadline) or each member (in chunks of its batch limit; all at once, or one af
 the paper's baseline). A member's answer is recorded the moment its calls end, so a request that
 stops waiting at its own deadline takes the members that made it by then.
 
-A batch is *settled* (its batching slot frees) when every member has answered or failed, or
-when no request waits for it any more (each stopped at its own deadline, or its client went
-away). A member still running at the member timeout counts as missing for the requests still
-waiting. Either way, calls still running are left to end, their answers dropped, and the region
-they may write to goes back to the pool only when the last of them has ended. A member with
-``max_late_batches`` such batches still running is not called (it counts as missing) until
-some end, so a slow or hung member holds a bounded amount.
+Each model has a queue of its own (a :class:`_Lane`, the paper's queue per DNN): at most
+``max_in_flight + 1`` of its batches run on Triton at once (those nobody waits for any more
+included: they still hold an instance); a batch's call to a model at its limit waits there, in
+batch order, and is dropped without a call if nobody waits for the batch by its turn, or if
+every request of the batch has a deadline that the model, busy as it is, cannot meet even at
+best (as long as it has lately taken a batch, for a place to free and again for this one: the
+requests are then answered at once without it). So a member that lags keeps its own backlog,
+bounded, and holds back no other member: the batch is
+*settled* (its batching slot frees) as soon as a quorum's worth of members have answered or
+failed, or when no request waits for it any more (each stopped at its own deadline, or its
+client went away). A request without a deadline still waits for every member: for its turn in
+the member's queue and its call, up to the member timeout from the batch's start; then the member
+counts as missing for the requests still waiting. Calls still running are left to end, their
+answers dropped, and the region they may write to goes back to the pool only when the last of
+them has ended.
 """
 
 from __future__ import annotations
@@ -26,11 +34,11 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import triton_to_np_dtype
@@ -56,13 +64,17 @@ def fanout_output(member: str, base: str) -> str:
 class Prediction:
     """A batch's answers as they arrive: each member's outputs for the whole batch (base output
     name -> array), or why it is missing. ``finished`` is done when no member is pending;
-    ``settled`` when the batch no longer needs its slot (finished, or nobody waits for it)."""
+    ``settled`` when the batch no longer needs its batching slot: a quorum's worth of members
+    answered or failed (those the next batch needs are free), it finished, or nobody waits for
+    it (``abandoned``)."""
 
     def __init__(
         self,
         batch: int,
         members: tuple[str, ...],
         bases: tuple[str, ...],
+        quorum: int,
+        latest: float | None,
         on_abandoned: Callable[[Prediction], None],
     ) -> None:
         self.batch = batch
@@ -71,17 +83,21 @@ class Prediction:
         self.answers: dict[str, dict[str, np.ndarray]] = {}
         self.missing: dict[str, str] = {}
         loop = asyncio.get_running_loop()
+        self.began = loop.time()
         self.finished: asyncio.Future[None] = loop.create_future()
         self.settled: asyncio.Future[None] = loop.create_future()
+        self.gone: asyncio.Future[None] = loop.create_future()  # done once abandoned
         self.combined: dict[tuple[str, ...], Any] = {}  # the combination stage's, per contributors
         self.groups: list[_Group] = []
+        self.latest = latest  # the last of its requests' deadlines; None: one has none
+        self._quorum = quorum
         self._waiting = 0
         self._on_abandoned = on_abandoned
 
     @property
     def abandoned(self) -> bool:
         """Every request of the batch stopped waiting before it finished."""
-        return self.settled.done() and not self.finished.done()
+        return self.gone.done()
 
     def expect(self, requests: int) -> None:
         self._waiting += requests
@@ -89,8 +105,9 @@ class Prediction:
     def leave(self) -> None:
         """A request of the batch stopped waiting (answered, its deadline, its client gone)."""
         self._waiting -= 1
-        if self._waiting <= 0 and not self.settled.done():
-            self.settled.set_result(None)
+        if self._waiting <= 0 and not self.finished.done() and not self.gone.done():
+            self.gone.set_result(None)
+            self._settle()
             self._on_abandoned(self)
 
     def pending(self) -> list[str]:
@@ -99,9 +116,19 @@ class Prediction:
     def miss(self, member: str, reason: str) -> None:
         if member not in self.answers and member not in self.missing:
             self.missing[member] = reason
+            self.progress()
+
+    def progress(self) -> None:
+        """A member answered or failed: once a quorum's worth have, the slot frees (the
+        others' calls go on, in their own queues, for the requests that wait for them)."""
+        if len(self.pending()) <= len(self.members) - self._quorum:
+            self._settle()
 
     def finish(self) -> None:
         self.finished.set_result(None)
+        self._settle()
+
+    def _settle(self) -> None:
         if not self.settled.done():
             self.settled.set_result(None)
 
@@ -127,7 +154,97 @@ class _Group:
     tasks: list[asyncio.Task[Any]]
     began: float
     settled: bool = False  # recorded, or given up (member timeout, or nobody waits)
-    late: bool = False  # given up while its calls still ran: counted in the model's backlog
+    since: float = 0.0  # when it took its place in the model's lane (loop time)
+    # done when its last call has ended (its place in the model's lane is free then)
+    ended: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class _Lane:
+    """One model's queue: at most ``limit`` of its batches' calls run on Triton at once; the
+    batches after them wait their turn here, in order. A place is taken when a batch's calls
+    start and freed when the last of them ends (a call nobody waits for any more too: it still
+    holds an instance of the model). The lane also keeps how long the model takes a batch (from
+    its calls' start, or the end of the batch before, to their end), so that a batch whose every
+    request has a deadline does not queue for a model that cannot answer it by then even at
+    best (a free place only when its oldest call has taken that long, and as long again)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._running: list[float] = []  # when each running batch took its place (loop time)
+        self._turns: deque[asyncio.Future[float]] = deque()
+        self.took: float | None = None  # running mean of a batch's time on the model (s)
+        self._last_end = 0.0
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def turn(self, p: Prediction, until: float) -> float | None:
+        """Wait for a place for ``p``'s calls: when it was taken (loop time), or None if none
+        came before ``until`` (loop time) while somebody still waits for ``p`` and could still
+        get the model's answer in time."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._turns and self._turns[0].done():  # turns given up before they came
+            self._turns.popleft()
+        if self.running < self.limit and not any(not t.done() for t in self._turns):
+            self._running.append(now)  # free: called even if it was slow lately (it may not be)
+            return now
+        if self.too_late(p, now):
+            return None
+        ticket: asyncio.Future[float] = loop.create_future()
+        self._turns.append(ticket)
+        timer = loop.call_at(until, _cancel, ticket)
+        try:
+            await asyncio.wait((ticket, p.gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the process is stopping
+            if ticket.done() and not ticket.cancelled():
+                self.free(ticket.result())
+            ticket.cancel()
+            raise
+        finally:
+            timer.cancel()
+        if ticket.done() and not ticket.cancelled():
+            since = ticket.result()
+            if not p.gone.done() and not self.too_late(p, loop.time()):
+                return since  # its place was taken for it
+            self.free(since)  # its turn came too late for it: to the next in line
+        ticket.cancel()  # out of the line (dropped when its turn comes)
+        return None
+
+    def too_late(self, p: Prediction, now: float) -> bool:
+        """Whether the model's answer for ``p`` cannot come by the last of its requests'
+        deadlines (never so when one of them has none), as the model has run lately."""
+        if p.latest is None or self.took is None:
+            return False
+        free_at = now
+        if self.running >= self.limit:
+            free_at = max(now, min(self._running) + self.took)
+        return free_at + self.took > p.latest
+
+    def ended(self, since: float, now: float) -> None:
+        """The calls of the batch that took its place at ``since`` ended."""
+        took = now - max(since, self._last_end)
+        self._last_end = now
+        self.took = took if self.took is None else 0.8 * self.took + 0.2 * took
+        self.free(since)
+
+    def free(self, since: float) -> None:
+        """Give back the place taken at ``since``: to the next live turn in line."""
+        self._running.remove(since)
+        while self._turns:
+            ticket = self._turns.popleft()
+            if not ticket.done():
+                now = asyncio.get_running_loop().time()
+                self._running.append(now)
+                ticket.set_result(now)
+                return
+
+
+def _cancel(future: asyncio.Future[float]) -> None:
+    future.cancel()
 
 
 class _BadAnswer(Exception):
@@ -160,19 +277,22 @@ class Predictor:
             config.quorum_count() == len(config.members) and config.fan_out == "concurrent"
         )
         self._timeout_ms = config.member_timeout_ms
-        self._late: dict[str, int] = {}  # batches given up while still running, by model
+        self._quorum = config.quorum_count()
+        # a batch per instance of the scarcest member, and one more (the batcher's most)
+        models = [*self._names, *([self._fanout.name] if self._fanout else [])]
+        self._lanes = {m: _Lane(config.max_in_flight + 1) for m in models}
         self._tasks = Owner("prediction")
 
-    def start(self, rows: Rows, wanted: tuple[str, ...], has_deadline: bool) -> Prediction:
-        """Begin the batch's calls; returns at once."""
+    def start(
+        self, rows: Rows, wanted: tuple[str, ...], deadlines: tuple[float | None, ...]
+    ) -> Prediction:
+        """Begin the batch's calls (``deadlines``: its requests', loop time, None for one that
+        waits for every member); returns at once."""
         bases = self._config.bases(wanted)
-        prediction = Prediction(rows.batch, self._names, bases, self._abandon)
-        one_call = (
-            self._fanout is not None
-            and self._one_call_allowed
-            and not has_deadline
-            and self._late.get(self._fanout.name, 0) < self._config.max_late_batches
-        )
+        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        prediction = Prediction(rows.batch, self._names, bases, self._quorum, latest, self._abandon)
+        has_deadline = any(d is not None for d in deadlines)
+        one_call = self._fanout is not None and self._one_call_allowed and not has_deadline
         self._tasks.spawn(self._run(prediction, rows, one_call))
         return prediction
 
@@ -198,32 +318,38 @@ class Predictor:
             if p.abandoned:  # every request gave up while the region was made: call nobody
                 return
 
-            def issue(
-                route: MemberRoute, covers: tuple[MemberRoute, ...], names: list[str] | None = None
-            ) -> _Group:
+            def call(
+                route: MemberRoute,
+                covers: tuple[MemberRoute, ...],
+                names: list[str] | None = None,
+                began: float = p.began,  # the member timeout counts from here
+            ) -> Coroutine[Any, Any, None]:
                 node = where[route.name]
-                return self._issue(
-                    p, route, covers, rows, node, placed if node is local else None, names
-                )
+                region = placed if node is local else None
+                return self._call(p, route, covers, rows, node, region, names, began)
 
             if one_call:
                 assert self._fanout is not None
                 names = [fanout_output(m, b) for m in self._names for b in p.bases]
-                await self._wait(p, [issue(self._fanout, self._members, names)])
+                await call(self._fanout, self._members, names)
             elif self._config.fan_out == "sequential":  # the paper's baseline
                 for member in self._members:
                     if p.abandoned:
                         break
-                    if self._may_call(p, member):
-                        await self._wait(p, [issue(member, (member,))])
+                    now = asyncio.get_running_loop().time()  # each member its own timeout
+                    await call(member, (member,), began=now)
             else:
-                groups = [issue(m, (m,)) for m in self._members if self._may_call(p, m)]
-                await self._wait(p, groups)
+                ends = await asyncio.gather(
+                    *(call(m, (m,)) for m in self._members), return_exceptions=True
+                )
+                for end in ends:  # each ran to its end: the pending ones failed here
+                    if isinstance(end, BaseException):
+                        raise end
         except MemberError as e:  # no region: Triton is down, or refused it
             assert local is not None
             local.watch.report(e)
             for name in p.pending():
-                p.miss(name, f"{e.code.name}: {e.details}")
+                p.miss(name, e.reason)
         except Exception as e:
             log.exception("a batch failed before its members answered")
             for name in p.pending():
@@ -236,16 +362,49 @@ class Predictor:
                 assert local is not None and local.pool is not None
                 local.pool.release(placed.region)
 
-    def _may_call(self, p: Prediction, member: MemberRoute) -> bool:
-        late = self._late.get(member.name, 0)
-        if late < self._config.max_late_batches:
-            return True
-        p.miss(
-            member.name,
-            f"not called: it is still running {late} earlier batches that nobody waits for "
-            "any more",
-        )
-        return False
+    async def _call(
+        self,
+        p: Prediction,
+        route: MemberRoute,
+        covers: tuple[MemberRoute, ...],
+        rows: Rows,
+        node: Node,
+        placed: _Placed | None,
+        names: list[str] | None,
+        began: float,
+    ) -> None:
+        """One model's calls for the batch: its turn in the model's lane, the calls, and the
+        wait for them, all within the member timeout from ``began`` (loop time)."""
+        lane = self._lanes[route.name]
+        until = began + self._timeout_ms / 1000
+        since = await lane.turn(p, until)
+        if since is None:
+            if p.abandoned:
+                return  # nobody waits: the batch's end marks it
+            if asyncio.get_running_loop().time() >= until:
+                why = f"none ended within the member timeout ({self._timeout_ms:g} ms)"
+            else:
+                assert lane.took is not None
+                why = (
+                    f"it would not answer by the deadline (a batch takes it about "
+                    f"{lane.took * 1000:.0f} ms)"
+                )
+            for member in covers:  # its requests wait: say why they got nothing from it
+                p.miss(
+                    member.name,
+                    f"not called: it is still running {lane.running} earlier batches, and {why}",
+                )
+            return
+        try:
+            group = self._issue(p, route, covers, rows, node, placed, names)
+        except BaseException:
+            lane.free(since)
+            raise
+        group.since = since
+        if not group.tasks:  # no rows: nothing to call
+            group.ended.set_result(None)
+            lane.free(since)
+        await self._wait(p, group, until)
 
     async def _place(
         self, rows: Rows, bases: tuple[str, ...], one_call: bool, routes: list[MemberRoute]
@@ -327,30 +486,30 @@ class Predictor:
             group.tasks.append(task)
         return group
 
-    async def _wait(self, p: Prediction, groups: list[_Group]) -> None:
-        """Wait for the groups' calls up to the member timeout; what is still running then
-        is left to end, and its members count as missing."""
-        tasks = [t for g in groups for t in g.tasks]
-        if tasks:
-            await asyncio.wait(tasks, timeout=self._timeout_ms / 1000)  # never cancels them
-        for group in groups:
-            if self._give_up(group):
-                for member in group.covers:
-                    p.miss(
-                        member.name,
-                        f"no answer within the member timeout ({self._timeout_ms:g} ms); its "
-                        "call is left to finish",
-                    )
+    async def _wait(self, p: Prediction, group: _Group, until: float) -> None:
+        """Wait for the group's calls up to ``until`` (the member timeout), or until nobody
+        waits for the batch; what is still running then is left to end (its members count as
+        missing for whoever still waits)."""
+        loop = asyncio.get_running_loop()
+        await asyncio.wait(  # never cancels the calls
+            (group.ended, p.gone),
+            timeout=max(0.0, until - loop.time()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if self._give_up(group) and not p.abandoned:
+            for member in group.covers:
+                p.miss(
+                    member.name,
+                    f"no answer within the member timeout ({self._timeout_ms:g} ms); its "
+                    "call is left to finish",
+                )
 
     def _give_up(self, group: _Group) -> bool:
-        """Stop waiting for a group still running: its answers will be dropped, and it counts
-        in its model's backlog until its calls end. Whether it was still running."""
+        """Stop waiting for a group still running: its answers will be dropped (its place in
+        the model's lane frees when its calls end). Whether it was still running."""
         if group.settled:
             return False
         group.settled = True
-        if not all(t.done() for t in group.tasks):
-            group.late = True
-            self._late[group.route.name] = self._late.get(group.route.name, 0) + 1
         return True
 
     def _settled(self, p: Prediction, group: _Group, task: asyncio.Task[Any]) -> None:
@@ -359,38 +518,37 @@ class Predictor:
         try:
             if not task.cancelled():
                 task.exception()  # retrieved: a late call's failure is not an unread error
-            if all(t.done() for t in group.tasks):
+            if all(t.done() for t in group.tasks) and not group.ended.done():
+                group.ended.set_result(None)
+                self._lanes[group.route.name].ended(group.since, asyncio.get_running_loop().time())
                 if not group.settled:
                     group.settled = True
                     metrics.MEMBER_LATENCY.labels(group.route.name).observe(
                         time.perf_counter() - group.began
                     )
                     self._record(p, group)
-                elif group.late:  # its last call ended: out of the backlog
-                    group.late = False
-                    self._late[group.route.name] -= 1
+                    p.progress()
         finally:
             if group.placed is not None:
                 assert group.node.pool is not None
                 group.node.pool.release(group.placed.region)
 
     def _record(self, p: Prediction, group: _Group) -> None:
-        for task in group.tasks:
+        for task in group.tasks:  # a failure's text is logged, a client gets its code
+            error = None if task.cancelled() else task.exception()
             if task.cancelled():
-                error: BaseException | None = MemberError(
-                    group.route.name, grpc.StatusCode.CANCELLED, "the combiner is stopping"
-                )
+                reason = "CANCELLED: the combiner is stopping"
+            elif isinstance(error, MemberError):
+                group.node.watch.report(error)
+                reason = error.reason
+            elif error is not None:
+                log.error("a call on %s failed", group.route.name, exc_info=error)
+                reason = "INTERNAL: the call failed in the combiner (the error is in its log)"
             else:
-                error = task.exception()
-            if error is not None:
-                if isinstance(error, MemberError):
-                    group.node.watch.report(error)
-                    reason = f"{error.code.name}: {error.details}"
-                else:
-                    reason = f"INTERNAL: {type(error).__name__}: {error}"
-                for member in group.covers:
-                    p.miss(member.name, reason)
-                return
+                continue
+            for member in group.covers:
+                p.miss(member.name, reason)
+            return
         responses = [t.result() for t in group.tasks]
         for member in group.covers:
             try:
@@ -411,24 +569,36 @@ class Predictor:
         base: str,
         batch: int,
     ) -> np.ndarray:
-        """One member's output for the whole batch, from its responses or the region."""
+        """One member's output for the whole batch, from its responses or the region. Each
+        response (one per chunk of rows) must answer its chunk's rows in the output's shape;
+        the region is read only then (a short answer there leaves an earlier batch's bytes)."""
         info = self._base[base]
         if group.route is self._fanout:
             name = fanout_output(member.name, base)
         else:
             name = member.outputs[base]
+        step = group.route.max_batch_size or batch  # the chunks of _issue
+        chunks = [min(step, batch - start) for start in range(0, batch, step)]
         placed = group.placed
         if placed is not None and (group.route.name, name) in placed.outputs:
+            for rows, response in zip(chunks, responses, strict=True):
+                shape, datatype = _described(response, name)
+                if shape != (rows, *info.shape) or datatype != info.dtype:
+                    raise _BadAnswer(
+                        f"answered {name!r} with shape {list(shape)} of {datatype} in shared "
+                        f"memory; expected {[rows, *info.shape]} of {info.dtype}"
+                    )
             offset, _ = placed.outputs[(group.route.name, name)]
             dtype = np.dtype(triton_to_np_dtype(info.dtype))
             return placed.region.read(offset, dtype, (batch, *info.shape))
         parts = [_output(r, name) for r in responses]
-        array = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if array.shape[0] != batch or not _fits(array.shape[1:], info.shape):
-            raise _BadAnswer(
-                f"answered {name!r} with shape {list(array.shape)}; expected {[batch, *info.shape]}"
-            )
-        return array
+        for rows, part in zip(chunks, parts, strict=True):
+            if part.shape[0] != rows or not _fits(part.shape[1:], info.shape):
+                raise _BadAnswer(
+                    f"answered {name!r} with shape {list(part.shape)}; expected "
+                    f"{[rows, *info.shape]}"
+                )
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _request(
         self,
@@ -485,6 +655,14 @@ def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     return len(shape) == len(expected) and all(
         e == -1 or d == e for d, e in zip(shape, expected, strict=True)
     )
+
+
+def _described(response: service_pb2.ModelInferResponse, name: str) -> tuple[tuple[int, ...], str]:
+    """The shape and datatype a response says its output ``name`` has."""
+    for out in response.outputs:
+        if out.name == name:
+            return tuple(out.shape), out.datatype
+    raise _BadAnswer(f"its response has no output {name!r}")
 
 
 def _output(response: service_pb2.ModelInferResponse, name: str) -> np.ndarray:

@@ -35,8 +35,8 @@ class Members:
     def __init__(self) -> None:
         self.flights: list[Flight] = []
 
-    def start(self, batch: Rows, wanted: tuple[str, ...], has_deadline: bool) -> Flight:
-        self.flights.append(Flight(batch, has_deadline))
+    def start(self, batch: Rows, wanted: tuple[str, ...], deadlines: tuple) -> Flight:
+        self.flights.append(Flight(batch, any(d is not None for d in deadlines)))
         return self.flights[-1]
 
     @property
