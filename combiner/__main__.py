@@ -2,16 +2,21 @@
 [--http-port P] [--workers N] [--metrics-port M] [--token-file F] [--tls-cert F --tls-key F]``.
 
 Starts N worker processes sharing the gRPC (and HTTP) port (SO_REUSEPORT: the kernel spreads
-connections over them) and serves their summed Prometheus metrics on the metrics port. A worker
+connections over them) and serves their summed Prometheus metrics on the metrics port. The
+ports are this deployment's alone: one that anything else holds (another deployment included)
+is refused with exit code 2 before any worker starts, and the supervisor holds them (bound,
+never listening) as long as it runs, so nothing else takes them while its workers restart
+(:func:`combiner.workers.claim_ports`). A worker
 that dies is restarted alone, the others serving meanwhile; one that keeps dying (5 restarts in a
 minute) stops them all, with exit code 1. SIGINT or SIGTERM drains every worker (each answers
 what it accepted, up to the config's ``drain_timeout_s``) and exits 0.
 
 The config file is watched: when it changes (``chorus regenerate-configs``) and is valid, a new
 set of workers starts on the same ports; once they all listen, the old ones drain and stop, so
-the endpoint answers throughout. The SHA-256 of the config every worker serves is written to
-``<config>.served`` (what ``regenerate-configs`` waits for). An invalid config is reported and
-the old one kept.
+the endpoint answers throughout. A reload that fails (an invalid config, workers that do not
+come up) is tried again every few seconds while the file stays as it is; the old config is
+served meanwhile. The SHA-256 of the config every worker serves is written to
+``<config>.served`` (what ``regenerate-configs`` and ``chorus up`` wait for).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from .auth import Credentials
 from .config import CombinerConfig
 from .worker import add_endpoint_arguments
-from .workers import Restarts, die_with_parent
+from .workers import PortInUse, Restarts, claim_ports, die_with_parent
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--workers must be at least 1")
     try:
         Credentials.load(args.token_file, args.tls_cert, args.tls_key)
-        drain = CombinerConfig.load(args.config).drain_timeout_s
+        worker_stop_s = CombinerConfig.load(args.config).stop_s()
     except (OSError, ValueError) as e:
         parser.error(str(e))
     argv = [sys.executable, "-m", "combiner.worker", "--config", str(args.config)]
@@ -53,13 +58,27 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("http_port", "token_file", "tls_cert", "tls_key"):
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    argv.append("--reuse-port")  # also what lets a reload's workers start beside the old
-    raise SystemExit(
-        supervise(argv, args.workers, args.host, args.metrics_port, drain, args.config)
-    )
+    argv.append("--reuse-port")  # what lets them, and a reload's workers, share the ports
+    ports = [p for p in (args.grpc_port, args.http_port) if p is not None]
+    try:
+        held = claim_ports(args.host, ports)
+        if args.metrics_port is not None:  # bound by this process alone, below
+            claim_ports(args.host, [args.metrics_port], hold=False)
+    except PortInUse as e:
+        _say(f"python -m combiner: {e.strerror}")
+        raise SystemExit(2) from None
+    try:
+        code = supervise(
+            argv, args.workers, args.host, args.metrics_port, worker_stop_s, args.config
+        )
+    finally:
+        for s in held:
+            s.close()
+    raise SystemExit(code)
 
 
 _READY_WAIT_S = 120.0
+_RELOAD_RETRY_S = 10.0
 
 
 def supervise(
@@ -67,9 +86,11 @@ def supervise(
     workers: int,
     host: str,
     metrics_port: int | None,
-    drain_s: float,
+    worker_stop_s: float,
     config: Path | None = None,
 ) -> int:
+    """Run and restart the workers until SIGINT/SIGTERM; ``worker_stop_s``: the longest a
+    worker may take to stop (it is killed only after that)."""
     metrics_dir = tempfile.mkdtemp(prefix="chorus-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     stop = threading.Event()
@@ -101,14 +122,18 @@ def supervise(
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=metrics_dir)
             start_http_server(metrics_port, addr=host, registry=registry)
+        retry_at = 0.0  # a reload that failed is tried again, after a while
         while not stop.wait(0.2):
             current = _digest(config)
-            if config is not None and current != served:
-                served = current
-                fresh = _reload(config, workers, start, stop, drain_s)
-                if fresh is not None:  # the new workers listen: the old ones drain and stop
+            if config is not None and current != served and time.monotonic() >= retry_at:
+                fresh = _reload(config, workers, start, stop)
+                if fresh is None:
+                    retry_at = time.monotonic() + _RELOAD_RETRY_S
+                    _say(f"trying the reload again in {_RELOAD_RETRY_S:.0f} s")
+                else:  # the new workers listen: the old ones drain and stop
+                    served, retry_at = current, 0.0
                     old, procs = procs, fresh
-                    _stop_all(old, drain_s + 5.0)
+                    _stop_all(old, worker_stop_s + 5.0)
                     if metrics_port is not None:
                         for proc in old:
                             mark_process_dead(proc.pid, metrics_dir)
@@ -134,7 +159,7 @@ def supervise(
                 procs[i] = start()[0]
         return 0
     finally:
-        _stop_all(procs, drain_s + 5.0)
+        _stop_all(procs, worker_stop_s + 5.0)
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
@@ -143,7 +168,6 @@ def _reload(
     workers: int,
     start: Callable[[], tuple[subprocess.Popen[bytes], Path]],
     stop: threading.Event,
-    drain_s: float,
 ) -> list[subprocess.Popen[bytes]] | None:
     """The config changed: start workers on it beside the running ones; once they listen,
     return them (the caller's old ones are drained here). None if the config is invalid or

@@ -7,7 +7,12 @@
 ``AsyncEnsembleClient`` is the asyncio twin. On the combiner's host, ``shared_memory=True``
 puts each call's input and output in a system shared-memory region of the client's (one per
 call in flight, reused, unlinked on ``close``) instead of in the request and response (the
-endpoint must allow it: ``chorus up --allow-client-shm``). ``token=`` sends the endpoint's
+endpoint must allow it: ``chorus up --allow-client-shm``). Its registrations belong to a
+session of this client's (a random secret sent as the ``chorus-shm-session`` header); when the
+endpoint no longer knows a region (a restarted or reloaded worker, another worker after a
+reconnect) the client registers it again and repeats the call once. A region whose call did not
+end in an answer (a timeout, a cancellation) is never reused: the server may still write into
+it, so it is unregistered and unlinked. ``token=`` sends the endpoint's
 bearer token; ``tls=True`` speaks TLS, trusting the system's authorities or
 ``root_certificates`` (a PEM file).
 
@@ -30,6 +35,7 @@ import itertools
 import math
 import os
 import threading
+import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -124,6 +130,9 @@ class Answer:
 
 
 _REGION_NAMES = itertools.count()
+SESSION_HEADER = "chorus-shm-session"  # the same as the endpoint's (combiner.client_shm)
+# statuses after which the server may still be working on the call (the client gave up first)
+_NO_ANSWER = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED", None}
 
 
 @dataclass
@@ -169,6 +178,18 @@ class _Regions:
         with self.lock:
             self.free.append(region)
 
+    def discard(self, region: _Region) -> None:
+        """Its call ended without an answer: the server may still write into it."""
+        with self.lock:
+            self.every.remove(region)
+
+
+def _forgotten(e: InferenceServerException) -> bool:
+    """The endpoint does not know a region of ours (see the module's docstring)."""
+    return (e.status() or "").endswith(
+        "FAILED_PRECONDITION"
+    ) and "unknown shared-memory region" in (e.message() or "")
+
 
 class _Common:
     """What the blocking and the asyncio client share: all but the calls themselves."""
@@ -188,7 +209,10 @@ class _Common:
         self._metadata: Any = None
         self._max_batch = 1
         self._regions = _Regions() if shared_memory else None
-        self._headers = {"authorization": f"Bearer {token}"} if token else None
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        if shared_memory:
+            headers[SESSION_HEADER] = uuid.uuid4().hex
+        self._headers = headers or None
         self._client = module.InferenceServerClient(
             url,
             channel_args=_CHANNEL_ARGS,
@@ -370,6 +394,7 @@ class EnsembleClient(_Common):
         with the members that made it, if they meet its quorum."""
         self.metadata()
         region = None
+        answered = False
         try:
             if self._regions is None:
                 inputs, outputs = self._build(x, grpcclient)
@@ -377,20 +402,33 @@ class EnsembleClient(_Common):
                 arrays = self._arrays(x)
                 region = self._region(self._shm_size(arrays))
                 inputs, outputs = self._build_shm(arrays, region, grpcclient)
-            result = self._client.infer(
-                self.model,
-                inputs,
-                outputs=outputs,
-                client_timeout=timeout_s,
-                parameters=self._parameters(deadline_ms),
-                headers=self._headers,
-            )
+
+            def call() -> Any:
+                return self._client.infer(
+                    self.model,
+                    inputs,
+                    outputs=outputs,
+                    client_timeout=timeout_s,
+                    parameters=self._parameters(deadline_ms),
+                    headers=self._headers,
+                )
+
+            try:
+                result = call()
+            except InferenceServerException as e:
+                if region is None or not _forgotten(e):
+                    answered = e.status() not in _NO_ANSWER
+                    raise
+                self._register(region)
+                result = call()
+            answered = True
             return self._answer(result, region)
         except InferenceServerException as e:
+            answered = answered or e.status() not in _NO_ANSWER
             raise _translate(e) from e
         finally:
-            if region is not None and self._regions is not None:
-                self._regions.give_back(region)
+            if region is not None:
+                self._release(region, answered)
 
     def _region(self, size: int) -> _Region:
         assert self._regions is not None
@@ -398,14 +436,31 @@ class EnsembleClient(_Common):
         if region is None:
             region = _Region.create(size)
             try:
-                self._client.register_system_shared_memory(
-                    region.name, "/" + region.name, region.size, headers=self._headers
-                )
+                self._register(region)
             except BaseException:
                 region.destroy()
                 raise
             self._regions.add(region)
         return region
+
+    def _register(self, region: _Region) -> None:
+        try:
+            self._client.register_system_shared_memory(
+                region.name, "/" + region.name, region.size, headers=self._headers
+            )
+        except InferenceServerException as e:
+            if not (e.status() or "").endswith("ALREADY_EXISTS"):
+                raise
+
+    def _release(self, region: _Region, answered: bool) -> None:
+        assert self._regions is not None
+        if answered:
+            self._regions.give_back(region)
+            return
+        self._regions.discard(region)
+        with contextlib.suppress(InferenceServerException):
+            self._client.unregister_system_shared_memory(region.name, headers=self._headers)
+        region.destroy()
 
     def close(self) -> None:
         """Unregister and unlink the client's shared memory, then close the channel."""
@@ -490,6 +545,7 @@ class AsyncEnsembleClient(_Common):
     ) -> Answer:
         await self.metadata()
         region = None
+        answered = False
         try:
             if self._regions is None:
                 inputs, outputs = self._build(x, aioclient)
@@ -497,20 +553,33 @@ class AsyncEnsembleClient(_Common):
                 arrays = self._arrays(x)
                 region = await self._region(self._shm_size(arrays))
                 inputs, outputs = self._build_shm(arrays, region, aioclient)
-            result = await self._client.infer(
-                self.model,
-                inputs,
-                outputs=outputs,
-                client_timeout=timeout_s,
-                parameters=self._parameters(deadline_ms),
-                headers=self._headers,
-            )
+
+            async def call() -> Any:
+                return await self._client.infer(
+                    self.model,
+                    inputs,
+                    outputs=outputs,
+                    client_timeout=timeout_s,
+                    parameters=self._parameters(deadline_ms),
+                    headers=self._headers,
+                )
+
+            try:
+                result = await call()
+            except InferenceServerException as e:
+                if region is None or not _forgotten(e):
+                    answered = e.status() not in _NO_ANSWER
+                    raise
+                await self._register(region)
+                result = await call()
+            answered = True
             return self._answer(result, region)
         except InferenceServerException as e:
+            answered = answered or e.status() not in _NO_ANSWER
             raise _translate(e) from e
         finally:
-            if region is not None and self._regions is not None:
-                self._regions.give_back(region)
+            if region is not None:
+                await self._release(region, answered)
 
     async def _region(self, size: int) -> _Region:
         assert self._regions is not None
@@ -518,14 +587,31 @@ class AsyncEnsembleClient(_Common):
         if region is None:
             region = _Region.create(size)
             try:
-                await self._client.register_system_shared_memory(
-                    region.name, "/" + region.name, region.size, headers=self._headers
-                )
+                await self._register(region)
             except BaseException:
                 region.destroy()
                 raise
             self._regions.add(region)
         return region
+
+    async def _register(self, region: _Region) -> None:
+        try:
+            await self._client.register_system_shared_memory(
+                region.name, "/" + region.name, region.size, headers=self._headers
+            )
+        except InferenceServerException as e:
+            if not (e.status() or "").endswith("ALREADY_EXISTS"):
+                raise
+
+    async def _release(self, region: _Region, answered: bool) -> None:
+        assert self._regions is not None
+        if answered:
+            self._regions.give_back(region)
+            return
+        self._regions.discard(region)
+        with contextlib.suppress(InferenceServerException):
+            await self._client.unregister_system_shared_memory(region.name, headers=self._headers)
+        region.destroy()
 
     async def close(self) -> None:
         """Unregister and unlink the client's shared memory, then close the channel."""

@@ -11,22 +11,34 @@ word, it opens only what a client may rightly hand it:
 * the region is never mapped: inputs are copied out with ``pread`` and outputs in with
   ``pwrite`` after checking the file's size, so a region truncated after registration gives
   INVALID_ARGUMENT, never a SIGBUS;
-* registrations belong to the connection that made them (gRPC's peer address; HTTP's remote
-  address): another connection can neither use, list nor unregister them, and unregistering
-  "all" means all of the caller's. They are capped per connection (count and bytes) and per
-  process (count: each holds a file descriptor); at the cap, the registrations of connections
-  that have closed are dropped first;
+* only a file with one name (a hard link to a pool region or to anything else is refused);
+* registrations belong to their owner (:class:`Caller`): a *session*, named by a secret the
+  client sends as the ``chorus-shm-session`` header (gRPC metadata or HTTP header) with every
+  call, or, over HTTP without one, the TCP connection itself. gRPC gives a servicer no
+  connection object (only the peer's address, which a later connection may reuse), so over gRPC
+  the header is required. Another caller can neither use, list nor unregister them, and
+  unregistering "all" means all of the caller's. A session's registrations are dropped once no
+  connection it was used from is open any more, a connection's when it closes (checked when a
+  client registers or asks their status, at most every few seconds, and at the cap). They are
+  capped per owner (count and bytes) and per process (count: each holds a file descriptor);
+* a region in use by a request (its output is written at the end) stays open until that request
+  ends, even if it is unregistered meanwhile: its file descriptor is closed by its last user, so
+  its number can never be reused by another file while a request still writes through it;
 * errors name the region, never whether some other file exists.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 import re
 import stat
-from dataclasses import dataclass
+import time
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -35,12 +47,59 @@ import psutil
 from .errors import RequestError
 from .shm import POOL_NAME
 
-__all__ = ["CLIENT_PREFIX", "ClientRegion", "ClientRegions"]
+__all__ = ["CLIENT_PREFIX", "SESSION_HEADER", "Caller", "ClientRegion", "ClientRegions"]
 
 log = logging.getLogger("chorus.combiner.shm")
 CLIENT_PREFIX = "chorus_client_"
 _KEY = re.compile(r"^/?(chorus_client_[A-Za-z0-9_.-]{1,200})$")
 _REGION_NAME = re.compile(r"^[\x21-\x7e]{1,256}$")
+SESSION_HEADER = "chorus-shm-session"
+_SESSION = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
+_SWEEP_EVERY_S = 2.0
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a call, as far as client shared memory goes: the ``chorus-shm-session``
+    header's value if it sent one, its peer address (``ipv4:host:port``, as gRPC names it) and,
+    over HTTP, its connection (an object that lives as long as the TCP connection)."""
+
+    session: str | None = None
+    peer: str = ""
+    connection: asyncio.BaseTransport | None = None
+
+    def owner(self) -> Hashable | None:
+        """The key its registrations are kept under; None for a gRPC caller without a session
+        (it has none)."""
+        if self.session is not None:
+            if not _SESSION.match(self.session):
+                raise _invalid(
+                    f"header {SESSION_HEADER!r} must be 32-128 letters, digits, '_' or '-' "
+                    "(a secret of the client's own, e.g. uuid4().hex)"
+                )
+            return ("session", self.session)
+        if self.connection is not None:
+            return ("connection", self.connection)
+        return None
+
+    def required_owner(self) -> Hashable:
+        owner = self.owner()
+        if owner is None:
+            raise _invalid(
+                f"client shared memory over gRPC needs the header {SESSION_HEADER!r} (32-128 "
+                "letters, digits, '_' or '-': a secret of the client's own, e.g. uuid4().hex) "
+                "on every call that registers or uses a region; the SDK sends one"
+            )
+        return owner
+
+
+@dataclass(eq=False)
+class _Holding:
+    """What one owner registered, and the connections it was seen on."""
+
+    regions: dict[str, ClientRegion] = field(default_factory=dict)
+    peers: set[str] = field(default_factory=set)
+    connection: asyncio.BaseTransport | None = None
 
 
 @dataclass(eq=False)
@@ -52,6 +111,19 @@ class ClientRegion:
     offset: int
     byte_size: int
     fd: int
+    users: int = 0  # requests holding it (see :meth:`held`)
+    registered: bool = True
+
+    @contextmanager
+    def held(self) -> Iterator[ClientRegion]:
+        """Keep the file open while a request uses it, unregistered meanwhile or not."""
+        self.users += 1
+        try:
+            yield self
+        finally:
+            self.users -= 1
+            if not self.registered and self.users == 0:
+                os.close(self.fd)
 
     def _span(self, offset: int, size: int, what: str) -> int:
         """The file position of ``size`` bytes at ``offset``, checked against the region as
@@ -89,11 +161,15 @@ class ClientRegion:
         self._span(offset, size, what)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Unregistered: the file is closed now, or by the last request that holds it."""
+        if self.registered:
+            self.registered = False
+            if self.users == 0:
+                os.close(self.fd)
 
 
 class ClientRegions:
-    """The regions each connection registered with this combiner process."""
+    """The regions each owner (session or connection) registered with this combiner process."""
 
     def __init__(
         self,
@@ -104,20 +180,23 @@ class ClientRegions:
         shm_dir: Path = Path("/dev/shm"),
     ) -> None:
         self.enabled = enabled
-        self._max_per_connection = max_per_connection
+        self._max_per_owner = max_per_connection
         self._max_bytes = max_bytes_per_connection
         self._max_total = max_total
         self._dir = shm_dir
-        self._by_peer: dict[str, dict[str, ClientRegion]] = {}
+        self._owners: dict[Hashable, _Holding] = {}
+        self._swept = time.monotonic()
 
     def __len__(self) -> int:
-        return sum(map(len, self._by_peer.values()))
+        return sum(len(h.regions) for h in self._owners.values())
 
-    def register(self, peer: str, name: str, key: str, offset: int, byte_size: int) -> None:
+    def register(self, caller: Caller, name: str, key: str, offset: int, byte_size: int) -> None:
         self._check_enabled()
+        owner = caller.required_owner()
+        self.sweep()
         if not _REGION_NAME.match(name):
             raise _invalid("a shared-memory region needs a name of 1-256 printable characters")
-        mine = self._by_peer.get(peer, {})
+        mine = self._owners[owner].regions if owner in self._owners else {}
         if name in mine:
             raise RequestError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -134,19 +213,19 @@ class ClientRegions:
                 f"shared-memory region {name!r}: offset must be >= 0 and byte_size > 0, "
                 f"got {offset} and {byte_size}"
             )
-        if len(mine) >= self._max_per_connection:
+        if len(mine) >= self._max_per_owner:
             raise _exhausted(
-                f"this connection has {len(mine)} shared-memory regions registered, the most "
+                f"this client has {len(mine)} shared-memory regions registered, the most "
                 "allowed; unregister some first"
             )
         used = sum(r.byte_size for r in mine.values())
         if used + byte_size > self._max_bytes:
             raise _exhausted(
-                f"region {name!r}: {byte_size} bytes more would put this connection's "
+                f"region {name!r}: {byte_size} bytes more would put this client's "
                 f"registered shared memory over {self._max_bytes} bytes"
             )
         if len(self) >= self._max_total:
-            self._forget_closed_connections()
+            self.sweep(force=True)
             if len(self) >= self._max_total:
                 raise _exhausted(
                     f"this endpoint holds {len(self)} shared-memory regions, the most it "
@@ -163,12 +242,16 @@ class ClientRegions:
         except BaseException:
             os.close(fd)
             raise
-        self._by_peer.setdefault(peer, {})[name] = ClientRegion(name, key, offset, byte_size, fd)
+        connection = caller.connection if caller.session is None else None
+        holding = self._owners.setdefault(owner, _Holding(connection=connection))
+        holding.peers.add(caller.peer)
+        holding.regions[name] = ClientRegion(name, key, offset, byte_size, fd)
 
     def _open(self, name: str, file_name: str) -> int:
         refused = _invalid(
             f"shared-memory region {name!r}: its key names no region this endpoint may open "
-            "(a regular file of the combiner's user, not a link, on this host)"
+            "(a regular file of the combiner's user with no other name, not a link, on this "
+            "host)"
         )
         try:
             fd = os.open(self._dir / file_name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -179,40 +262,56 @@ class ClientRegions:
                 ) from None
             raise refused from None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        # one name only: a hard link could give a client's key to a pool region's file
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1:
             os.close(fd)
             raise refused
         return fd
 
-    def unregister(self, peer: str, name: str | None = None) -> None:
+    def unregister(self, caller: Caller, name: str | None = None) -> None:
         """Forget one of the caller's regions (``name``) or all of them; an unknown name is
         fine, as on Triton."""
-        mine = self._by_peer.get(peer, {})
-        for region_name in [name] if name else list(mine):
-            region = mine.pop(region_name, None)
+        self._drop(caller.owner(), name)
+
+    def _drop(self, owner: Hashable | None, name: str | None = None) -> None:
+        holding = self._owners.get(owner) if owner is not None else None
+        if holding is None:
+            return
+        for region_name in [name] if name else list(holding.regions):
+            region = holding.regions.pop(region_name, None)
             if region is not None:
                 region.close()
-        if not mine:
-            self._by_peer.pop(peer, None)
+        if not holding.regions:
+            del self._owners[owner]
 
-    def get(self, peer: str, name: str) -> ClientRegion:
+    def get(self, caller: Caller, name: str) -> ClientRegion:
+        """The caller's region ``name``: use it at once, or hold it (:meth:`ClientRegion.held`)
+        across any wait."""
         self._check_enabled()
-        region = self._by_peer.get(peer, {}).get(name)
-        if region is None:
-            raise _invalid(
-                f"unknown shared-memory region {name!r}; register it first, on this connection"
+        holding = self._owners.get(caller.required_owner())
+        region = holding.regions.get(name) if holding is not None else None
+        if holding is None or region is None:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"unknown shared-memory region {name!r}; register it first (this client's "
+                "registrations are gone if its session or connection closed, or another "
+                "combiner process answers it now)",
             )
+        holding.peers.add(caller.peer)
         return region
 
-    def status(self, peer: str, name: str | None = None) -> list[ClientRegion]:
+    def status(self, caller: Caller, name: str | None = None) -> list[ClientRegion]:
         self._check_enabled()
+        self.sweep()
         if name:
-            return [self.get(peer, name)]
-        return list(self._by_peer.get(peer, {}).values())
+            return [self.get(caller, name)]
+        owner = caller.owner()
+        holding = self._owners.get(owner) if owner is not None else None
+        return list(holding.regions.values()) if holding is not None else []
 
     def close(self) -> None:
-        for peer in list(self._by_peer):
-            self.unregister(peer)
+        for owner in list(self._owners):
+            self._drop(owner)
 
     def _check_enabled(self) -> None:
         if not self.enabled:
@@ -220,17 +319,33 @@ class ClientRegions:
                 "client shared memory is off on this endpoint (start it with --allow-client-shm)"
             )
 
-    def _forget_closed_connections(self) -> None:
-        """Drop the registrations of connections that no longer exist."""
-        established = [
-            c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_ESTABLISHED
-        ]
-        open_ends = {_address(c.laddr) for c in established} | {
-            _address(c.raddr) for c in established
-        }
-        for peer in [p for p in self._by_peer if peer_address(p) not in open_ends]:
-            log.info("dropping the shared-memory registrations of closed connection %s", peer)
-            self.unregister(peer)
+    def sweep(self, force: bool = False) -> None:
+        """Drop the registrations of owners whose connections have all closed (at most every
+        few seconds, unless ``force``)."""
+        now = time.monotonic()
+        if not self._owners or (not force and now - self._swept < _SWEEP_EVERY_S):
+            return
+        self._swept = now
+        open_peers: set[tuple[str, int]] | None = None
+        for owner, holding in list(self._owners.items()):
+            if holding.connection is not None:
+                gone = holding.connection.is_closing()
+            else:
+                if open_peers is None:
+                    open_peers = _open_peers()
+                gone = not any(peer_address(p) in open_peers for p in holding.peers)
+            if gone:
+                log.info("dropping the shared-memory registrations of a closed client")
+                self._drop(owner)
+
+
+def _open_peers() -> set[tuple[str, int]]:
+    """The remote ends of this process's established TCP connections."""
+    return {
+        (str(c.raddr.ip), int(c.raddr.port))
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.status == psutil.CONN_ESTABLISHED and c.raddr
+    }
 
 
 def peer_address(peer: str) -> tuple[str, int] | None:
@@ -240,12 +355,6 @@ def peer_address(peer: str) -> tuple[str, int] | None:
     if not port.isdigit():
         return None
     return host.strip("[]"), int(port)
-
-
-def _address(addr: object) -> tuple[str, int] | None:
-    if not addr:
-        return None
-    return str(addr.ip), int(addr.port)  # type: ignore[attr-defined]
 
 
 def _invalid(message: str) -> RequestError:

@@ -23,6 +23,9 @@ class _Strict(BaseModel):
 
 _HEADER_ROOM = 1 << 16
 _VARIABLE_LIMIT = 64 << 20
+# protobuf bytes of one value of a typed contents field (packed), at most: floats are fixed,
+# integers varints; raw contents are the itemsize, never more
+_WIRE_BYTES = {"FP16": 4, "BF16": 4, "FP32": 4, "FP64": 8, "BOOL": 1}
 
 
 class TensorInfo(_Strict):
@@ -123,6 +126,19 @@ class CombinerConfig(_Strict):
     max_requests_in_flight: int = Field(
         1024, ge=1, description="requests one worker serves at once; more get RESOURCE_EXHAUSTED"
     )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="client connections one worker keeps open, per protocol (also bounded by "
+        "its file descriptors); past it, the longest-idle HTTP connection is closed and gRPC "
+        "refuses new connections",
+    )
+    idle_timeout_s: float = Field(
+        30.0, gt=0, description="a client connection with no request for this long is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="an HTTP request body must arrive within this (slow senders)"
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"
     )
@@ -216,6 +232,26 @@ class CombinerConfig(_Strict):
             return _VARIABLE_LIMIT
         elements = sum(self.max_batch_size * math.prod(t.shape) for t in self.inputs)
         return max(data, 32 * elements) + _HEADER_ROOM
+
+    def grpc_request_limit(self) -> int:
+        """The largest gRPC message accepted: the inputs' bytes as protobuf carries them (raw,
+        or typed contents: at most 10 bytes a value, a varint), not JSON's allowance."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        if self.input_bytes() is None:
+            return _VARIABLE_LIMIT
+        wire = sum(
+            self.max_batch_size * math.prod(t.shape) * _WIRE_BYTES.get(t.dtype, 10)
+            for t in self.inputs
+        )
+        return wire + _HEADER_ROOM
+
+    def stop_s(self) -> float:
+        """The longest a worker takes to stop: the drain (requests in flight), then the
+        requests parked meanwhile (up to the drain again, 5 s at least), then the calls still
+        running on Triton (never cancelled: kept up to the member timeout), and a margin."""
+        drain = self.drain_timeout_s
+        return drain + max(drain, 5.0) + max(drain, self.member_timeout_ms / 1000.0) + 5.0
 
     def quorum_count(self) -> int:
         """How many members must answer."""

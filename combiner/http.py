@@ -7,11 +7,14 @@ same ``ModelInferRequest`` the gRPC endpoint takes and goes through the same
 binary part when the client asked (``binary_data``, as ``tritonclient.http`` does by default).
 Bodies are read within the ensemble's request limit, and inflated within it too
 (:mod:`combiner.body`). Every error, the server's own (an unknown route, a wrong method, a body
-too large) included, is ``{"error": "..."}`` with the HTTP status of its gRPC code.
+too large) included, is ``{"error": "..."}`` with the HTTP status of its gRPC code. JSON is JSON
+both ways: a request's ``NaN``/``Infinity`` (which Python's json would take) and a value that no
+finite number of its datatype holds are refused naming the input, and no body carries them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -27,7 +30,9 @@ from tritonclient.utils import triton_to_np_dtype
 from . import __version__
 from .auth import Credentials
 from .body import BodyError, read_body
+from .client_shm import SESSION_HEADER, Caller
 from .config import TensorInfo
+from .connections import add_busy_tracking
 from .errors import RequestError
 from .service import EnsembleService
 
@@ -36,6 +41,7 @@ __all__ = ["make_app"]
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 _STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.ALREADY_EXISTS: 409,
@@ -58,6 +64,7 @@ def make_app(service: EnsembleService, credentials: Credentials | None = None) -
     )
     app[_SERVICE] = service
     app[_CREDENTIALS] = credentials or Credentials()
+    add_busy_tracking(app)  # which connections are idle (combiner.connections)
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     app.router.add_get("/v2/health/live", _live)
@@ -113,13 +120,16 @@ async def _authorized(request: web.Request, handler: Handler) -> web.StreamRespo
     return response
 
 
-def _peer(request: web.Request) -> str:
-    """The connection, named as gRPC names its peers (``ipv4:host:port``)."""
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if not peer:
-        return "unknown"
-    host, port = peer[0], peer[1]
-    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+def _caller(request: web.Request) -> Caller:
+    """Who calls, for client shared memory: its session header, its peer (named as gRPC names
+    its peers, ``ipv4:host:port``) and its connection."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport else None
+    address = "unknown"
+    if peer:
+        host, port = peer[0], peer[1]
+        address = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+    return Caller(request.headers.get(SESSION_HEADER), address, transport)
 
 
 def _refusal(e: RequestError) -> web.Response:
@@ -174,18 +184,18 @@ async def _shm_register(request: web.Request) -> web.Response:
     if not _is_int(offset) or not _is_int(size):
         raise _invalid("'offset' and 'byte_size' must be 64-bit integers")
     request.app[_SERVICE].regions.register(
-        _peer(request), request.match_info["region"], doc["key"], offset, size
+        _caller(request), request.match_info["region"], doc["key"], offset, size
     )
     return web.Response(status=200)
 
 
 async def _shm_unregister(request: web.Request) -> web.Response:
-    request.app[_SERVICE].regions.unregister(_peer(request), request.match_info.get("region"))
+    request.app[_SERVICE].regions.unregister(_caller(request), request.match_info.get("region"))
     return web.Response(status=200)
 
 
 async def _shm_status(request: web.Request) -> web.Response:
-    found = request.app[_SERVICE].regions.status(_peer(request), request.match_info.get("region"))
+    found = request.app[_SERVICE].regions.status(_caller(request), request.match_info.get("region"))
     return web.json_response(
         [
             {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
@@ -241,9 +251,16 @@ async def _model_config(request: web.Request) -> web.Response:
 async def _infer(request: web.Request) -> web.StreamResponse:
     service = request.app[_SERVICE]
     name, version = _names(request)
-    body = await read_body(request, service.config.request_limit())
+    service.check_room()  # before reading a byte of the body
+    try:
+        async with asyncio.timeout(service.config.body_timeout_s):  # slow senders
+            body = await read_body(request, service.config.request_limit())
+    except TimeoutError:
+        raise BodyError(
+            408, f"the request body did not arrive within {service.config.body_timeout_s:g} s"
+        ) from None
     proto, binary_outputs = _to_proto(body, request.headers.get(_HEADER_LENGTH), name, version)
-    answer = await service.infer(proto, peer=_peer(request))
+    answer = await service.infer(proto, caller=_caller(request))
     response = _from_proto(answer, binary_outputs)
     if "Accept-Encoding" in request.headers:
         response.enable_compression()
@@ -285,9 +302,11 @@ def _to_proto(
             )
         header, binary = body[:length], body[length:]
     try:
-        doc = json.loads(header)
+        doc = json.loads(header, parse_constant=_not_json)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _invalid(f"the request is not valid JSON: {type(e).__name__}: {e}") from None
+    except _NotJSON as e:
+        raise _invalid(f"the request is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise _invalid("the request must be a JSON object with 'inputs'")
     try:
@@ -397,10 +416,26 @@ def _json_bytes(name: str, datatype: str, shape: list[int], data: object) -> byt
             f"input {name!r}: 'data' has {len(values)} values; shape {shape} needs {expected}"
         )
     try:
-        with np.errstate(over="ignore"):  # a float too large for FP16/FP32 is inf, as in numpy
-            return np.asarray(values, dtype=dtype).tobytes()
+        with np.errstate(over="ignore"):  # a float too large for FP16/FP32 is inf: refused below
+            array = np.asarray(values, dtype=dtype)
     except (TypeError, ValueError, OverflowError) as e:
         raise _invalid(f"input {name!r}: 'data' is not a list of {datatype} values ({e})") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        at = int(np.flatnonzero(~np.isfinite(array))[0])
+        raise _invalid(
+            f"input {name!r}: 'data' value {values[at]!r} at index {at} is not a finite "
+            f"{datatype} number (inputs must be finite)"
+        )
+    return array.tobytes()
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _not_json(constant: str) -> None:
+    """What Python's json would read as a float, but JSON does not have."""
+    raise _NotJSON(f"{constant} is not a JSON number (inputs must be finite)")
 
 
 def _flatten(data: object, most: int, name: str) -> list[int | float]:
@@ -457,7 +492,13 @@ def _from_proto(
             tensor["data"] = np.frombuffer(raw, dtype=triton_to_np_dtype(out.datatype)).tolist()
         outputs.append(tensor)
     doc["outputs"] = outputs
-    header = json.dumps(doc).encode()
+    try:  # answers are finite (combiner.combination): this only keeps the body JSON, whatever
+        header = json.dumps(doc, allow_nan=False).encode()
+    except ValueError:
+        raise RequestError(
+            grpc.StatusCode.INTERNAL,
+            "the answer holds a NaN or infinite value, which JSON cannot carry",
+        ) from None
     if not parts:
         return web.Response(body=header, content_type="application/json")
     return web.Response(

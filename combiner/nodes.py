@@ -121,11 +121,14 @@ class Nodes:
         """Wait up to ``timeout`` for the calls still running on every node."""
         await asyncio.gather(*(n.upstream.calls.drain(timeout) for n in self.nodes.values()))
 
-    async def close(self) -> None:
-        """Stop watching, give the shared memory back, close the channels (after
-        :meth:`drain_calls`)."""
+    async def close(self, calls_s: float) -> None:
+        """Stop watching; wait up to ``calls_s`` for the calls still running on every node (a
+        channel closed with calls on it cancels them, which can crash Triton 2.51); give the
+        shared memory back (a region still written into is kept registered) and close the
+        channels."""
         await self._tasks.cancel()
+        await self.drain_calls(calls_s)
         for n in self.nodes.values():
             if n.pool is not None:
                 await n.pool.close()
-            await n.upstream.close(drain_s=0.0)
+            await n.upstream.close(drain_s=0.0)  # drained above, as far as the timeout allows

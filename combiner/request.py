@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import triton_to_np_dtype
 
 from .batching import Rows
-from .client_shm import ClientRegion, ClientRegions
+from .client_shm import Caller, ClientRegion, ClientRegions
 from .config import CombinerConfig, TensorInfo
 from .errors import RequestError
 
@@ -26,6 +26,7 @@ __all__ = ["RequestError", "RequestReader"]
 
 # A deadline longer than a day is a day (and never a timer past what the loop can schedule).
 _LONGEST_DEADLINE_MS = 86_400_000.0
+_NOBODY = Caller()  # a caller with no shared memory of its own (tests, internal requests)
 
 # Where a request may carry a tensor's values without raw_input_contents.
 _TYPED_FIELD = {
@@ -80,9 +81,8 @@ class RequestReader:
             seconds = remaining if seconds is None else min(seconds, remaining)
         return seconds
 
-    def parse(self, request: service_pb2.ModelInferRequest, peer: str = "") -> Rows:
-        """The request's inputs; ``peer``: the connection whose shared-memory regions it may
-        name."""
+    def parse(self, request: service_pb2.ModelInferRequest, caller: Caller = _NOBODY) -> Rows:
+        """The request's inputs; ``caller``: whose shared-memory regions it may name."""
         expected = ", ".join(self._inputs)
         raw = list(request.raw_input_contents)
         in_band = [t for t in request.inputs if "shared_memory_region" not in t.parameters]
@@ -130,7 +130,14 @@ class RequestReader:
                         f"input {tensor.name!r}: shared_memory_byte_size is {size}; shape "
                         f"{list(shape)} of {info.dtype} needs {need}"
                     )
-                content = self.regions.get(peer, region).read(
+                if need > self.config.request_limit():  # bounded before it is read
+                    raise RequestError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"input {tensor.name!r}: shape {list(shape)} of {info.dtype} is "
+                        f"{need} bytes, over this endpoint's limit of "
+                        f"{self.config.request_limit()} bytes a request",
+                    )
+                content = self.regions.get(caller, region).read(
                     offset, need, f"input {tensor.name!r}"
                 )
             else:
@@ -141,6 +148,7 @@ class RequestReader:
                     f"input {tensor.name!r} carries {len(content)} bytes; shape {list(shape)} "
                     f"of {info.dtype} needs {need}"
                 )
+            _check_finite(tensor.name, content, info, shape)
             data[tensor.name] = content
             shapes[tensor.name] = shape
         missing = [n for n in self._inputs if n not in data]
@@ -152,10 +160,11 @@ class RequestReader:
         return Rows.of(batch, data, shapes)
 
     def requested_outputs(
-        self, request: service_pb2.ModelInferRequest, peer: str = ""
+        self, request: service_pb2.ModelInferRequest, caller: Caller = _NOBODY
     ) -> tuple[list[str], dict[str, tuple[ClientRegion, int, int]]]:
         """The outputs asked for (all, if none is named), and where in shared memory those
-        asked there go: name -> (region, offset, byte size available)."""
+        asked there go: name -> (region, offset, byte size available). The caller holds those
+        regions (:meth:`ClientRegion.held`) until it has written them, before any wait."""
         if not request.outputs:
             return list(self._outputs), {}
         names = []
@@ -167,10 +176,11 @@ class RequestReader:
                 )
             if out.name in names:
                 raise _invalid(f"output {out.name!r} is asked for twice")
+            _check_not_classification(out)
             if "shared_memory_region" in out.parameters:
                 what = f"output {out.name!r}"
                 region_name, offset, size = _placement(out.parameters, what)
-                region = self.regions.get(peer, region_name)
+                region = self.regions.get(caller, region_name)
                 if size is None:
                     size = region.byte_size - offset
                 region.check(offset, size, what)
@@ -195,6 +205,41 @@ def _placement(params: Any, what: str) -> tuple[str, int, int | None]:
             else:
                 size = value
     return region, offset or 0, size
+
+
+def _check_finite(name: str, content: bytes, info: TensorInfo, shape: tuple[int, ...]) -> None:
+    """A floating-point input holds only finite numbers: NaN and inf are refused, whichever way
+    they came (so that no answer is made of them)."""
+    dtype = np.dtype(triton_to_np_dtype(info.dtype))
+    if dtype.kind != "f" or not content:
+        return
+    values = np.frombuffer(content, dtype=dtype)
+    low, high = values.min(), values.max()  # NaN if any is: no array of flags on the way
+    if np.isfinite(low) and np.isfinite(high):
+        return
+    flat = int(np.flatnonzero(~np.isfinite(values))[0])
+    where = np.unravel_index(flat, shape)
+    raise _invalid(
+        f"input {name!r} is not finite: {values[flat]} at row {where[0]} (index "
+        f"{list(map(int, where))}); inputs must be finite numbers"
+    )
+
+
+def _check_not_classification(
+    out: service_pb2.ModelInferRequest.InferRequestedOutputTensor,
+) -> None:
+    """Triton's classification extension (``class_count``) is not served: an answer is the
+    full output, so asking for its top classes is refused rather than silently ignored."""
+    if "classification" not in out.parameters:
+        return
+    param = out.parameters["classification"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param") and getattr(param, kind) == 0:
+        return  # 0: no classification, as in Triton
+    raise _invalid(
+        f"output {out.name!r}: parameter 'classification' (class_count) is not supported; "
+        "ask for the full output and take its top classes"
+    )
 
 
 def _invalid(message: str) -> RequestError:

@@ -4,8 +4,10 @@ Every RPC translates to and from :class:`EnsembleService`; every failure is answ
 gRPC status in the protocol (a bug is INTERNAL, never UNKNOWN). Messages larger than the
 ensemble's request limit are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read.
 
-:func:`serve` runs until ``stop`` is set, then stops accepting, answers what it accepted (up to
-the drain timeout), lets the batches in flight end and gives back its shared memory.
+:func:`serve` runs until ``stop`` is set, then answers what it accepted (up to the drain
+timeout), stops listening, answers what reached it meanwhile, lets the batches and the calls
+on Triton end (never cancelling one) and gives back its shared memory. What clients may hold
+open (connections, streams, idle time) is bounded (:mod:`combiner.connections`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 
 from . import __version__
 from .auth import HEALTH_METHODS, Credentials
+from .client_shm import SESSION_HEADER, Caller
 from .config import CombinerConfig, TensorInfo
+from .connections import BoundedSite, connection_limit
 from .errors import RequestError
 from .http import make_app
 from .nodes import Nodes
@@ -36,8 +40,10 @@ log = logging.getLogger("chorus.combiner")
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
-# after the drain, how long the refusals of parked requests may take to go out
+# after the drain, how long the requests parked meanwhile may take to be answered, at least
 _LAST_ANSWERS_S = 5.0
+_CONTROL_ROOM = 64  # RPCs beyond the requests in flight: health, metadata, registrations
+_STREAMS_PER_CONNECTION = 256
 
 
 class _Undecodable:
@@ -138,19 +144,19 @@ class GrpcEndpoint:
     @_answered
     async def SystemSharedMemoryRegister(self, request, context):
         self.service.regions.register(
-            context.peer(), request.name, request.key, request.offset, request.byte_size
+            _caller(context), request.name, request.key, request.offset, request.byte_size
         )
         return service_pb2.SystemSharedMemoryRegisterResponse()
 
     @_answered
     async def SystemSharedMemoryUnregister(self, request, context):
-        self.service.regions.unregister(context.peer(), request.name or None)
+        self.service.regions.unregister(_caller(context), request.name or None)
         return service_pb2.SystemSharedMemoryUnregisterResponse()
 
     @_answered
     async def SystemSharedMemoryStatus(self, request, context):
         response = service_pb2.SystemSharedMemoryStatusResponse()
-        for r in self.service.regions.status(context.peer(), request.name or None):
+        for r in self.service.regions.status(_caller(context), request.name or None):
             response.regions[r.name].CopyFrom(
                 service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(
                     name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
@@ -162,11 +168,18 @@ class GrpcEndpoint:
 
     @_answered
     async def ModelInfer(self, request, context):
-        return await self.service.infer(request, context.time_remaining(), context.peer())
+        return await self.service.infer(request, context.time_remaining(), _caller(context))
 
     def _check_model(self, name: str, version: str) -> None:
         if not self.service.is_ours(name, version):
             raise RequestError(grpc.StatusCode.NOT_FOUND, self.service.not_found(name, version))
+
+
+def _caller(context: grpc.aio.ServicerContext) -> Caller:
+    """Who calls, for client shared memory: its session header, and its peer (gRPC shows a
+    servicer no connection object)."""
+    session = next((v for k, v in context.invocation_metadata() or () if k == SESSION_HEADER), None)
+    return Caller(session if isinstance(session, str) else None, context.peer())
 
 
 _SERVICE = "inference.GRPCInferenceService"
@@ -269,14 +282,22 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
     key = Path(config.triton_key_file).read_text().strip() if config.triton_key_file else None
     service = EnsembleService(config, Nodes(config, key))
     drain = config.drain_timeout_s
+    last_answers = max(drain, _LAST_ANSWERS_S)
     credentials = listen.credentials
     await service.start()  # before listening: a connection accepted means a working endpoint
+    connections = connection_limit(config.max_connections)
     server = grpc.aio.server(
         interceptors=[_TokenCheck(credentials)] if credentials.token else None,
+        # refused (RESOURCE_EXHAUSTED) before its message is read; room for health checks
+        maximum_concurrent_rpcs=config.max_requests_in_flight + _CONTROL_ROOM,
         options=[
-            ("grpc.max_receive_message_length", config.request_limit()),
+            ("grpc.max_receive_message_length", config.grpc_request_limit()),
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.so_reuseport", int(listen.reuse_port)),
+            ("grpc.max_allowed_incoming_connections", connections),
+            ("grpc.max_connection_idle_ms", int(config.idle_timeout_s * 1000)),
+            ("grpc.server_handshake_timeout_ms", 10_000),
+            ("grpc.max_concurrent_streams", _STREAMS_PER_CONNECTION),
         ],
     )
     handlers = _handlers(GrpcEndpoint(service))
@@ -286,18 +307,20 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
         make_app(service, credentials),
         access_log=None,
         auto_decompress=False,  # bodies are inflated within the limit (combiner.body)
-        shutdown_timeout=_LAST_ANSWERS_S,
+        shutdown_timeout=last_answers,
+        keepalive_timeout=config.idle_timeout_s,  # from a connection's start, too
     )
     await runner.setup()
     address = f"{listen.host}:{listen.grpc_port}"
     try:
         if listen.http_port is not None:
-            await web.TCPSite(
+            await BoundedSite(
                 runner,
                 listen.host,
                 listen.http_port,
                 reuse_port=listen.reuse_port or None,
                 ssl_context=credentials.ssl_context(),
+                limit=connections,
             ).start()
         tls = credentials.grpc_credentials()
         bound = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
@@ -317,11 +340,12 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
         log.info("stopping: answering the requests in flight (up to %.0f s)", drain)
         await service.drain(drain)
     finally:
-        # Stop listening (gRPC also tells its clients to go away), and only then refuse the
-        # requests parked meanwhile: a closed-loop client that had sent its next request is
-        # answered UNAVAILABLE, never cut (gRPC cancels what it received but had not handed
-        # to the servicer when it shuts down, so nothing should be waiting there).
-        stopping = asyncio.gather(server.stop(grace=_LAST_ANSWERS_S), runner.cleanup())
+        # Stop listening (gRPC also tells its clients to go away), and only then serve the
+        # requests parked meanwhile: they reached a listener, so they are answered, and what
+        # their clients send next goes to a listener that is not closing (gRPC cancels what it
+        # received but had not handed to the servicer when it shuts down, which is why they
+        # were taken in and parked rather than left there).
+        stopping = asyncio.gather(server.stop(grace=last_answers), runner.cleanup())
         await asyncio.sleep(0.05)
         service.release()
         await stopping

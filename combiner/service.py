@@ -3,7 +3,8 @@
 Per request: check it against the ensemble's tensors (:mod:`combiner.request`: a bad one gets
 INVALID_ARGUMENT naming the problem, and touches no member), put it in a batch
 (:mod:`combiner.batching`), wait for the batch's members (:mod:`combiner.predict`) until the
-request's own deadline, combine the answers of those that made it
+request's own deadline (stopping as much before it as answers lately took to be ready, so that
+the answer is out by the deadline), combine the answers of those that made it
 (:mod:`combiner.combination`) if they meet the quorum, and shape the response. The gRPC and
 HTTP endpoints (:mod:`combiner.server`, :mod:`combiner.http`) only translate to and from it.
 
@@ -16,6 +17,7 @@ UNAVAILABLE at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -25,7 +27,7 @@ from tritonclient.grpc import service_pb2
 
 from . import metrics
 from .batching import Batcher, Placement, Rows
-from .client_shm import ClientRegion, ClientRegions
+from .client_shm import Caller, ClientRegion, ClientRegions
 from .combination import Combination
 from .config import CombinerConfig, TensorInfo
 from .errors import RequestError
@@ -36,6 +38,8 @@ from .request import RequestReader
 __all__ = ["EnsembleService", "RequestError"]
 
 log = logging.getLogger("chorus.combiner")
+
+_NOBODY = Caller()
 
 # After the drain: wait for this long a quiet (no new request), at most _SETTLE_MAX_S.
 _SETTLE_QUIET_S = 0.05
@@ -70,6 +74,7 @@ class EnsembleService:
             else None
         )
         self._quorum = config.quorum_count()
+        self._lead = _Lead()
         self._member_names = tuple(m.name for m in config.members)
         self._in_flight = 0  # requests being served (not those parked while stopping)
         self._draining = False
@@ -82,27 +87,29 @@ class EnsembleService:
         await self.nodes.start()
 
     async def close(self, drain_s: float) -> None:
-        """After the endpoints stopped taking requests: let the batches and the calls still
-        running end (up to ``drain_s`` in all: a call may still write into the shared memory),
-        then give the shared memory back."""
+        """After the endpoints stopped taking requests: let the batches end (up to
+        ``drain_s``), then the calls still running on Triton, which are never cancelled: they
+        are kept until they end, up to the member timeout (a call may still write into the
+        shared memory, and cancelling one can crash Triton 2.51); then give the shared memory
+        back."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + drain_s
+        began = loop.time()
         if self._batcher is not None:
             await self._batcher.close()
-        await self.predictor.close(max(0.0, until - loop.time()))
-        await self.nodes.drain_calls(max(0.0, until - loop.time()))
-        await self.nodes.close()
+        await self.predictor.close(max(0.0, began + drain_s - loop.time()))
+        calls_until = began + max(drain_s, self.config.member_timeout_ms / 1000.0)
+        await self.nodes.close(max(0.0, calls_until - loop.time()))
         self.regions.close()
 
     def ready(self) -> bool:
         return self.nodes.ready and not self._draining
 
     async def drain(self, timeout: float) -> bool:
-        """Stop taking requests: a new one is parked (and refused with UNAVAILABLE once the
-        endpoints have stopped listening, see :meth:`release`); wait up to ``timeout`` for
-        those in flight to be answered, then until no new request has come for a moment (a
-        client that got its answer sends its next one: it is parked, not left in transit).
-        Whether every request in flight was answered."""
+        """Stop taking requests for now: a new one is parked (and served once the endpoints
+        have stopped listening, see :meth:`release`); wait up to ``timeout`` for those in
+        flight to be answered, then until no new request has come for a moment (a client that
+        got its answer sends its next one: it is parked, not left in transit). Whether every
+        request in flight was answered."""
         self._draining = True
         loop = asyncio.get_running_loop()
         self._last_arrival = loop.time()
@@ -120,9 +127,22 @@ class EnsembleService:
         return True
 
     def release(self) -> None:
-        """Refuse the requests parked while draining (the endpoints have stopped listening, so
-        their clients' retries go elsewhere rather than into this closing server)."""
+        """Serve the requests parked while draining: they reached a listener, so they are
+        answered; the endpoints have stopped listening, so what their clients send next goes
+        elsewhere rather than into this closing server."""
         self._released.set()
+
+    def check_room(self) -> None:
+        """Refuse a request before its body is read when this worker serves all it takes."""
+        if self._in_flight >= self.config.max_requests_in_flight:
+            raise self._full()
+
+    def _full(self) -> RequestError:
+        return RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{self.config.max_requests_in_flight} requests are in flight on this worker, "
+            "the most it takes; retry later",
+        )
 
     def extensions(self) -> list[str]:
         """The KServe/Triton protocol extensions both endpoints implement."""
@@ -139,22 +159,20 @@ class EnsembleService:
         self,
         request: service_pb2.ModelInferRequest,
         remaining: float | None = None,
-        peer: str = "",
+        caller: Caller = _NOBODY,
     ) -> service_pb2.ModelInferResponse:
         """Answer one request. ``remaining``: seconds the client still waits, if it said;
-        ``peer``: the connection it came on (its shared-memory regions are that
-        connection's). Every refusal or failure is a RequestError carrying its status."""
-        if self._draining:
+        ``caller``: who sent it (the shared-memory regions it may name are its own). Every
+        refusal or failure is a RequestError carrying its status."""
+        if self._draining and not self._released.is_set():
             self._last_arrival = asyncio.get_running_loop().time()
             await self._released.wait()
-            metrics.REQUESTS.labels(grpc.StatusCode.UNAVAILABLE.name).inc()
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the endpoint is stopping; retry")
         began = time.perf_counter()
         code = grpc.StatusCode.OK
         self._in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
-            return await self._infer(request, remaining, peer)
+            return await self._infer(request, remaining, caller)
         except RequestError as e:
             code = e.code
             raise
@@ -174,7 +192,7 @@ class EnsembleService:
             metrics.LATENCY.observe(time.perf_counter() - began)
 
     async def _infer(
-        self, request: service_pb2.ModelInferRequest, remaining: float | None, peer: str
+        self, request: service_pb2.ModelInferRequest, remaining: float | None, caller: Caller
     ) -> service_pb2.ModelInferResponse:
         if not self.is_ours(request.model_name, request.model_version):
             raise RequestError(
@@ -182,13 +200,22 @@ class EnsembleService:
                 self.not_found(request.model_name, request.model_version),
             )
         if self._in_flight > self.config.max_requests_in_flight:
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.config.max_requests_in_flight} requests are in flight on this worker, "
-                "the most it takes; retry later",
-            )
-        inputs = self.reader.parse(request, peer)
-        wanted, placed = self.reader.requested_outputs(request, peer)
+            raise self._full()
+        inputs = self.reader.parse(request, caller)
+        wanted, placed = self.reader.requested_outputs(request, caller)
+        with contextlib.ExitStack() as held:  # the client's regions stay open until written
+            for region, _, _ in placed.values():
+                held.enter_context(region.held())
+            return await self._answer(request, inputs, tuple(wanted), placed, remaining)
+
+    async def _answer(
+        self,
+        request: service_pb2.ModelInferRequest,
+        inputs: Rows,
+        wanted: tuple[str, ...],
+        placed: dict[str, tuple[ClientRegion, int, int]],
+        remaining: float | None,
+    ) -> service_pb2.ModelInferResponse:
         deadline = self.reader.deadline(request, remaining)
         reason = self.nodes.reason  # a bad request is bad whether Triton is there or not
         if reason is not None:
@@ -196,14 +223,17 @@ class EnsembleService:
                 grpc.StatusCode.UNAVAILABLE, f"the members are not reachable: {reason}"
             )
         loop = asyncio.get_running_loop()
-        deadline_at = None if deadline is None else loop.time() + deadline
-        where = await self._place(inputs, tuple(wanted), deadline_at)
+        due = None if deadline is None else time.monotonic() + deadline
+        # stop waiting a little early: the answer must be out by the deadline, not begun
+        stop_at = None if deadline is None else loop.time() + deadline - self._lead.of(deadline)
+        where = await self._place(inputs, wanted, stop_at)
         prediction = where.flight
+        at_deadline = False
         try:
-            async with asyncio.timeout_at(deadline_at):
+            async with asyncio.timeout_at(stop_at):
                 await asyncio.shield(prediction.finished)
         except TimeoutError:
-            pass  # answer with the members that made it
+            at_deadline = True  # answer with the members that made it
         finally:
             prediction.leave()  # also when the client went away: it stops only its own wait
         contributors = tuple(m for m in self._member_names if m in prediction.answers)
@@ -212,20 +242,25 @@ class EnsembleService:
             assert deadline is not None
             missing[name] = f"no answer within {deadline * 1000:.0f} ms"
         if len(contributors) < self._quorum:
+            if at_deadline and due is not None:
+                self._lead.observe(time.monotonic() - due)
             raise _below_quorum(contributors, self._member_names, self._quorum, missing)
         outputs = await self.combination.outputs(
-            prediction, contributors, where.start, where.stop, tuple(wanted)
+            prediction, contributors, where.start, where.stop, wanted
         )
         if missing:
             metrics.PARTIAL.inc()
-        return self._response(request.id, outputs, contributors, missing, placed)
+        response = self._response(request.id, outputs, contributors, missing, placed)
+        if at_deadline and due is not None:
+            self._lead.observe(time.monotonic() - due)
+        return response
 
     async def _place(
         self, inputs: Rows, wanted: tuple[str, ...], deadline_at: float | None
     ) -> Placement[Prediction]:
         if self._batcher is not None:
             return await self._batcher.submit(inputs, wanted, deadline_at)
-        prediction = self.predictor.start(inputs, wanted, deadline_at is not None)
+        prediction = self.predictor.start(inputs, wanted, (deadline_at,))
         prediction.expect(1)
         return Placement(prediction, 0, inputs.batch)
 
@@ -265,6 +300,27 @@ class EnsembleService:
             else:
                 response.raw_output_contents.append(data)
         return response
+
+
+class _Lead:
+    """How long before its deadline a request stops waiting for the members, so that its answer
+    is ready by the deadline (reading the members' answers, combining them and shaping the
+    response take time, more when many requests are due at once): the 99th percentile of how
+    late the answers at a deadline were ready, tracked step by step (each late one moves it up
+    a step, each one on time down a 99th of a step), never more than a tenth of the deadline."""
+
+    _STEP_S = 0.0002
+
+    def __init__(self) -> None:
+        self._lead = 0.0
+
+    def of(self, deadline: float) -> float:
+        return min(self._lead, deadline / 10)
+
+    def observe(self, late: float) -> None:
+        """An answer at its deadline was ready ``late`` seconds after it (< 0: before)."""
+        step = self._STEP_S if late > 0 else -self._STEP_S / 99
+        self._lead = max(0.0, self._lead + step)
 
 
 def _below_quorum(

@@ -19,9 +19,11 @@ import signal
 from pathlib import Path
 
 import uvloop
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .auth import Credentials
 from .config import CombinerConfig
+from .connections import raise_file_limit
 from .server import Listen, serve
 
 
@@ -46,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("grpc._cython.cygrpc").addFilter(_quiet_gone_clients)
+    logging.getLogger("aiohttp.server").addFilter(_one_line_for_bad_requests)
     config = CombinerConfig.load(args.config)
+    raise_file_limit()  # every client connection holds a descriptor (combiner.connections)
     try:
         credentials = Credentials.load(args.token_file, args.tls_cert, args.tls_key)
     except (OSError, ValueError) as e:
@@ -63,6 +67,17 @@ def _quiet_gone_clients(record: logging.LogRecord) -> bool:
     gone (its deadline passed as the answer was sent): a race inside grpc.aio, harmless, and
     under a storm of short client timeouts it would fill the log with tracebacks."""
     return not str(record.msg).startswith("ExecuteBatchError raised in core")
+
+
+def _one_line_for_bad_requests(record: logging.LogRecord) -> bool:
+    """A malformed HTTP request (answered 400) is the client's doing: one line in the log, not
+    a traceback that anyone can make the combiner write, as often as they like."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        record.msg, record.args = "malformed HTTP request, answered 400: %s", (error.message,)
+        record.exc_info, record.exc_text, record.levelno = None, None, logging.INFO
+        record.levelname = "INFO"
+    return True
 
 
 async def _run(config: CombinerConfig, listen: Listen) -> None:

@@ -4,11 +4,14 @@ processes it supervises (Triton, the combiner, its workers)."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import signal
+import socket
 import time
 from collections import deque
+from collections.abc import Iterable
 
-__all__ = ["Restarts", "die_with_parent"]
+__all__ = ["PortInUse", "Restarts", "claim_ports", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -16,6 +19,58 @@ _PR_SET_PDEATHSIG = 1
 def die_with_parent() -> None:
     """Run in a child between fork and exec: it gets SIGKILL when its parent dies."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class PortInUse(OSError):
+    """Another process (another deployment, or anything else) has a port we were to serve on."""
+
+
+def claim_ports(host: str, ports: Iterable[int], hold: bool = True) -> list[socket.socket]:
+    """Take ``ports`` on ``host`` for one deployment, or raise :class:`PortInUse` naming the
+    first that is taken.
+
+    Each is probed with a socket that does not set SO_REUSEPORT: its bind fails while any
+    socket is bound there, whoever made it (a second ``chorus up`` on the same port included,
+    though its workers would set SO_REUSEPORT). With ``hold``, a socket that sets SO_REUSEPORT
+    is then bound in its place and kept, never listening (so it takes no connection): the
+    deployment's own workers (same user, SO_REUSEPORT) bind beside it, including a reload's new
+    set and a worker restarted while the others are gone, but no process that does not set
+    SO_REUSEPORT can take the port meanwhile, and no other user can (the kernel shares a port
+    between sockets of one user only). Close the returned sockets to give the ports up."""
+    held: list[socket.socket] = []
+    try:
+        for port in ports:
+            for family, kind, proto, _, address in _addresses(host, port):
+                with socket.socket(family, kind, proto) as probe:
+                    try:
+                        probe.bind(address)
+                    except OSError as e:
+                        if e.errno == errno.EADDRINUSE:
+                            raise PortInUse(
+                                e.errno,
+                                f"port {port} on {host} is in use (another deployment or "
+                                "program listens there); choose another port or stop it",
+                            ) from None
+                        raise
+                if hold:
+                    keeper = socket.socket(family, kind, proto)
+                    held.append(keeper)
+                    keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    keeper.bind(address)
+    except BaseException:
+        for s in held:
+            s.close()
+        raise
+    return held
+
+
+def _addresses(host: str, port: int) -> list[tuple]:  # type: ignore[type-arg]
+    """Where a server listening on ``host:port`` binds (both families for ``localhost``)."""
+    found = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    unique = {(f, a[:2]): (f, t, p, c, a) for f, t, p, c, a in found}
+    return list(unique.values())
 
 
 class Restarts:

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from combiner.workers import PortInUse, claim_ports
+
 from .errors import ChorusError, SpecError
 from .hardware import Device, discover, load_hardware
 from .plan import Plan, load_plan, plan_ensemble, plan_table
@@ -162,6 +164,10 @@ def up(
     _check_files(token_file=token_file, tls_cert=tls_cert, tls_key=tls_key)
     if (tls_cert is None) != (tls_key is None):
         raise SpecError("--tls-cert/--tls-key", "", "TLS needs both a certificate and a key")
+    try:  # before any long step: the combiner's supervisor refuses them too, later
+        claim_ports(host, [p for p in (grpc_port, http_port, metrics_port) if p], hold=False)
+    except PortInUse as e:
+        raise SpecError("--grpc-port/--http-port/--metrics-port", "", str(e.strerror)) from None
     workdir = _workdir(ensemble, workdir)
     plan = load_plan(plan_file) if plan_file else _plan(ensemble, None, profile, workdir)
     stop = threading.Event()
@@ -254,15 +260,26 @@ def profile(
     Console().print(table)
     host = measured.host
     if host is not None:
+        bounds = {name: (low, high) for name, low, high in host.bounds}
+
+        def cost(name: str) -> str:
+            value = getattr(host, name)
+            if value is None:
+                return "not measured (see below)"
+            low, high = bounds.get(name, (value, value))
+            return f"{value:.2f} ms ({low:.2f} to {high:.2f})" if low != high else f"{value:.2f} ms"
+
         console.print(
-            f"serving, per request of {host.rows} rows through the combiner: CPU beyond the "
-            f"members' calls {host.combiner_cpu_ms:.2f} ms, client CPU "
-            f"{host.client_cpu_ms:.2f} ms, {host.call_cpu_ms:+.2f} ms CPU per member call "
-            f"(beyond Triton's, one at a time), {host.latency_ms:.2f} ms added to the slowest "
-            f"member's call ({host.sequential_call_ms:+.2f} ms to each, called one after "
-            "another); share of the cores kept busy: "
+            f"serving, per request of {host.rows} rows through the combiner (medians over the "
+            f"measuring rounds, their range in brackets): CPU beyond the members' calls "
+            f"{cost('combiner_cpu_ms')}, client CPU {cost('client_cpu_ms')}, CPU per member "
+            f"call beyond Triton's one at a time {cost('call_cpu_ms')}, added to the slowest "
+            f"member's call {cost('latency_ms')}, to each call when called one after another "
+            f"{cost('sequential_call_ms')}; share of the cores kept busy: "
             + ("all" if host.busy_share is None else f"{host.busy_share:.0%}")
         )
+        for name, reason in host.unmeasured:
+            console.print(f"  {name}: {reason}")
     console.print(f"wrote {output}")
 
 

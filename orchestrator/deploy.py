@@ -185,7 +185,12 @@ def switch(
     config_path, new_config = combiner if combiner else (None, None)
     if tritons and config_path is not None and new_config is not None and config_path.is_file():
         old_config = CombinerConfig.load(config_path)
-        _serve_config(config_path, narrowed(old_config, new_config), say, wait_s)
+        if not _serve_config(config_path, narrowed(old_config, new_config), say, wait_s):
+            raise ChorusError(
+                f"the running combiner did not take the narrowed config {config_path} within "
+                f"{wait_s:g} s, so no member was loaded again (its batches could exceed the new "
+                "limits); see the combiner's log, then run regenerate-configs again"
+            )
     done = []
     headers = dict(key_metadata(key))
     for node in nodes:
@@ -216,12 +221,12 @@ def switch(
 
 def _serve_config(
     path: Path, config: CombinerConfig, say: Callable[[str], None], wait_s: float
-) -> None:
+) -> bool:
     """Write the combiner's config; if a combiner served the one it replaces, wait until it
-    serves this one."""
+    serves this one. False if it did not in time."""
     text = config.model_dump_json(indent=2) + "\n"
     if path.is_file() and path.read_text() == text:
-        return
+        return True
     running = False
     with contextlib.suppress(OSError):
         running = served_file(path).read_text().strip() == config_hash(path)
@@ -234,6 +239,8 @@ def _serve_config(
             f"the combiner did not report serving {path} within {wait_s:g} s "
             "(is one running with this config?)"
         )
+        return False
+    return True
 
 
 def _client(tritons: Mapping[str, str], node: str) -> grpcclient.InferenceServerClient:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from google.protobuf import json_format
 from combiner.config import CombinerConfig, MemberRoute, NodeRoute, TensorInfo
 from combiner.workers import Restarts
 
-from .deploy import write_key
+from .deploy import config_hash, served_file, write_key
 from .errors import ChorusError, LaunchError
 from .hardware import Device, discover
 from .launch import ManagedProcess, ServerBinary, TritonServer, find_tritonserver, free_port
@@ -200,6 +199,7 @@ class Deployment:
         self.metrics_port = metrics_port
         self.triton: TritonServer | None = None
         self.combiner: ManagedProcess | None = None
+        self._combiner_stop_s = 15.0
         self.endpoints: Endpoints | None = None
 
     def start(self) -> Endpoints:
@@ -305,15 +305,13 @@ class Deployment:
         if (repo / fanout_name(self.ensemble)).is_dir():  # its batch limit follows the members'
             with grpcclient.InferenceServerClient(self.triton.grpc_url) as client:
                 client.load_model(fanout_name(self.ensemble), headers=headers)
-        if self.combiner is not None:
-            self.combiner.stop()
+        self._stop_combiner()
         self._start_combiner(time.monotonic() + self.timeout_s)
         return reloaded
 
     def _start_combiner(self, deadline: float) -> None:
         assert self.triton is not None
-        if self.combiner is not None:  # a previous run: what it left behind goes first
-            self.combiner.stop()
+        self._stop_combiner()  # a previous run: what it left behind goes first
         config_file = self.workdir / "combiner.json"
         local = self.triton.host in ("127.0.0.1", "localhost", "::1")
         config = combiner_config(
@@ -334,6 +332,8 @@ class Deployment:
             {**config.model_dump(), **update, **self.combiner_options}
         )
         config.save(config_file)
+        self._combiner_stop_s = config.stop_s() + 15.0  # its supervisor waits stop_s() + 5
+        served_file(config_file).unlink(missing_ok=True)  # an earlier run's is no sign of this
         argv = [
             sys.executable,
             "-m",
@@ -366,7 +366,13 @@ class Deployment:
             stop_signal=signal.SIGTERM,
         )
         self.combiner.start()
-        _wait_combiner_ready(self.combiner, f"{self.host}:{self.port}", deadline)
+        _wait_combiner_ready(self.combiner, config_file, deadline)
+
+    def _stop_combiner(self) -> None:
+        """SIGTERM, then as long as it may take: its workers answer what they accepted, and
+        the calls they still have on Triton end (a kill would cancel them)."""
+        if self.combiner is not None:
+            self.combiner.stop(self._combiner_stop_s)
 
     def processes(self) -> list[ManagedProcess]:
         """The processes started so far: Triton, then the combiner."""
@@ -376,8 +382,7 @@ class Deployment:
     def stop(self) -> None:
         """Stop the combiner (it answers what it accepted, up to the drain timeout), then
         Triton; safe to call more than once."""
-        if self.combiner is not None:
-            self.combiner.stop(self.drain_timeout_s + 15.0)
+        self._stop_combiner()
         if self.triton is not None:
             self.triton.stop()
 
@@ -403,18 +408,20 @@ def _check_servable(ensemble: Ensemble, plan: Plan) -> None:
         )
 
 
-def _wait_combiner_ready(process: ManagedProcess, address: str, deadline: float) -> None:
-    """Wait until the combiner listens on ``address`` (a worker listens only once its service
-    has started; with or without TLS, a connection is the one sign every endpoint gives)."""
-    host, _, port = address.rpartition(":")
+def _wait_combiner_ready(process: ManagedProcess, config_file: Path, deadline: float) -> None:
+    """Wait until every worker of this combiner listens: its supervisor then writes the digest
+    of the config they serve beside it. (Not a connection to the port: another deployment's
+    listener would answer that; the supervisor refuses a port anything else holds, and exits.)"""
+    digest = config_hash(config_file)
     while True:
         code = process.exited()
         if code is not None:
             raise process.failure(f"exited with code {code} before it was ready")
         if time.monotonic() > deadline:
-            raise process.failure(f"was not ready on {address} in time")
+            raise process.failure("was not ready in time")
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            if served_file(config_file).read_text().strip() == digest:
                 return
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.05)

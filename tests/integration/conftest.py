@@ -141,9 +141,11 @@ class Up:
 
 
 @pytest.fixture
-def chorus_up(ensemble_file: Path, profile_file: Path, tmp_path: Path) -> Iterator[Up]:
+def chorus_up(
+    request: pytest.FixtureRequest, ensemble_file: Path, profile_file: Path, tmp_path: Path
+) -> Iterator[Up]:
     """``chorus up --workers 2``, as a user runs it (stderr to a file: a pipe nobody reads
-    could fill up and block it)."""
+    could fill up and block it); more flags by indirect parametrization."""
     port = free_port()
     argv = [
         sys.executable,
@@ -163,6 +165,7 @@ def chorus_up(ensemble_file: Path, profile_file: Path, tmp_path: Path) -> Iterat
         "2",
         "--workdir",
         str(tmp_path / "work"),
+        *getattr(request, "param", ()),
     ]
     log = tmp_path / "stderr.txt"
     with (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from combiner.client import AsyncEnsembleClient, EnsembleClient
 from tests.integration.test_serving import direct_combination
 
 SHM = Path("/dev/shm")
+# over gRPC a client's registrations belong to its session: a secret header of its own
+H = {"chorus-shm-session": uuid.uuid4().hex}
+OTHER = {"chorus-shm-session": uuid.uuid4().hex}
 
 
 def combiner_regions(url: str) -> set[str]:
@@ -75,24 +79,24 @@ def test_stock_grpc_client_with_input_and_output_in_shared_memory(ensemble, endp
     x = np.random.default_rng(9).random((3, 1, 8, 8), np.float32)
     shm.set_shared_memory_region(handle, [x])
     with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
-        client.register_system_shared_memory(name, "/" + name, 4096)
+        client.register_system_shared_memory(name, "/" + name, 4096, headers=H)
         try:
             tensor = grpcclient.InferInput("image", [3, 1, 8, 8], "FP32")
             tensor.set_shared_memory(name, x.nbytes)
             out = grpcclient.InferRequestedOutput("logits")
             out.set_shared_memory(name, 3 * 10 * 4, offset=1024)
-            client.infer("digits", [tensor], outputs=[out])
+            client.infer("digits", [tensor], outputs=[out], headers=H)
             got = shm.get_contents_as_numpy(handle, np.float32, (3, 10), offset=1024)
             np.testing.assert_allclose(got, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
 
             small = grpcclient.InferRequestedOutput("logits")
             small.set_shared_memory(name, 16, offset=1024)
             with pytest.raises(InferenceServerException, match="needs 120 bytes"):
-                client.infer("digits", [tensor], outputs=[small])
+                client.infer("digits", [tensor], outputs=[small], headers=H)
         finally:
-            client.unregister_system_shared_memory(name)
+            client.unregister_system_shared_memory(name, headers=H)
         with pytest.raises(InferenceServerException, match="unknown shared-memory region"):
-            client.infer("digits", [tensor])
+            client.infer("digits", [tensor], headers=H)
 
 
 def test_stock_http_client_with_shared_memory(ensemble, endpoints, region):
@@ -119,28 +123,30 @@ def test_bad_registrations_are_refused_by_name(endpoints, region):
     name, _ = region
     with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
         with pytest.raises(InferenceServerException, match="names no region this endpoint may"):
-            client.register_system_shared_memory("ghost", "/chorus_client_no_such_key", 64)
+            client.register_system_shared_memory(
+                "ghost", "/chorus_client_no_such_key", 64, headers=H
+            )
         with pytest.raises(InferenceServerException, match="exceed its 4096 bytes"):
-            client.register_system_shared_memory(name, "/" + name, 8192)
-        client.register_system_shared_memory(name, "/" + name, 4096)
+            client.register_system_shared_memory(name, "/" + name, 8192, headers=H)
+        client.register_system_shared_memory(name, "/" + name, 4096, headers=H)
         try:
             with pytest.raises(InferenceServerException, match="already registered"):
-                client.register_system_shared_memory(name, "/" + name, 4096)
+                client.register_system_shared_memory(name, "/" + name, 4096, headers=H)
             tensor = grpcclient.InferInput("image", [100, 1, 8, 8], "FP32")
             tensor.set_shared_memory(name, 100 * 64 * 4)
             with pytest.raises(InferenceServerException, match="exceeds the maximum batch"):
-                client.infer("digits", [tensor])
+                client.infer("digits", [tensor], headers=H)
             tensor = grpcclient.InferInput("image", [20, 1, 8, 8], "FP32")
             tensor.set_shared_memory(name, 20 * 64 * 4)
             with pytest.raises(InferenceServerException, match="do not fit shared-memory region"):
-                client.infer("digits", [tensor])
+                client.infer("digits", [tensor], headers=H)
         finally:
-            client.unregister_system_shared_memory(name)
+            client.unregister_system_shared_memory(name, headers=H)
 
 
 def refused(client, name: str, key: str, size: int = 64) -> str:
     with pytest.raises(InferenceServerException) as e:
-        client.register_system_shared_memory(name, key, size)
+        client.register_system_shared_memory(name, key, size, headers=H)
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT", e.value
     return e.value.message()
 
@@ -159,7 +165,7 @@ def test_nothing_but_a_clients_own_region_can_be_registered(endpoints, still_ser
             for key in (pool[0], triton_own[0], link.name, "..", "../etc/passwd", ""):
                 message = refused(client, "evil", "/" + key)
                 assert str(victim) not in message
-            assert client.get_system_shared_memory_status(as_json=True) == {}
+            assert client.get_system_shared_memory_status(as_json=True, headers=H) == {}
     finally:
         link.unlink()
     assert victim.read_bytes() == b"precious" * 100
@@ -174,20 +180,20 @@ def test_a_region_truncated_after_registration_is_refused_and_the_worker_lives(
         x = np.random.default_rng(4).random((8, 1, 8, 8), np.float32)
         shm.set_shared_memory_region(handle, [x])
         with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
-            client.register_system_shared_memory(name, "/" + name, 1 << 16)
+            client.register_system_shared_memory(name, "/" + name, 1 << 16, headers=H)
             os.truncate(SHM / name, 128)  # what used to kill the worker with SIGBUS
             tensor = grpcclient.InferInput("image", [8, 1, 8, 8], "FP32")
             tensor.set_shared_memory(name, x.nbytes)
             with pytest.raises(InferenceServerException) as e:
-                client.infer("digits", [tensor])
+                client.infer("digits", [tensor], headers=H)
             assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
             assert "shrank to 128 bytes" in e.value.message()
-            client.unregister_system_shared_memory(name)
+            client.unregister_system_shared_memory(name, headers=H)
     finally:
         shm.destroy_shared_memory_region(handle)
 
 
-def test_registrations_are_per_connection_and_capped(endpoints, still_serving):
+def test_registrations_are_per_session_and_capped(endpoints, still_serving):
     name = f"chorus_client_many_{os.getpid()}"
     handle = shm.create_shared_memory_region(name, "/" + name, 4096)
     try:
@@ -199,18 +205,20 @@ def test_registrations_are_per_connection_and_capped(endpoints, still_serving):
             ) as other,
         ):
             for i in range(64):
-                mine.register_system_shared_memory(f"r{i}", "/" + name, 4096)
+                mine.register_system_shared_memory(f"r{i}", "/" + name, 4096, headers=H)
             with pytest.raises(InferenceServerException) as e:
-                mine.register_system_shared_memory("r64", "/" + name, 4096)
+                mine.register_system_shared_memory("r64", "/" + name, 4096, headers=H)
             assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
             assert "the most allowed" in e.value.message()
-            other.unregister_system_shared_memory()  # "all": all of *its* regions
-            assert len(mine.get_system_shared_memory_status(as_json=True)["regions"]) == 64
+            other.unregister_system_shared_memory(headers=OTHER)  # "all": all of *its* regions
+            assert (
+                len(mine.get_system_shared_memory_status(as_json=True, headers=H)["regions"]) == 64
+            )
             with pytest.raises(InferenceServerException, match="unknown shared-memory region"):
                 tensor = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
                 tensor.set_shared_memory("r0", 256)
-                other.infer("digits", [tensor])  # another connection cannot use them
-            mine.unregister_system_shared_memory()
-            assert mine.get_system_shared_memory_status(as_json=True) == {}
+                other.infer("digits", [tensor], headers=OTHER)  # another session cannot use them
+            mine.unregister_system_shared_memory(headers=H)
+            assert mine.get_system_shared_memory_status(as_json=True, headers=H) == {}
     finally:
         shm.destroy_shared_memory_region(handle)

@@ -44,6 +44,24 @@ def sleeping(seconds: float, value: float = 99.0) -> str:
     )
 
 
+def short(value: float = 7.0) -> str:
+    """A member that answers one row fewer than it was asked for (``value`` everywhere)."""
+    return (
+        "responses.append(pb_utils.InferenceResponse([pb_utils.Tensor('y', "
+        f"np.full((max(len(x) - 1, 0), 3), {value}, dtype=np.float32))]))"
+    )
+
+
+def overflowing(threshold: float = 1e37) -> str:
+    """A member that answers NaN on the rows whose first value is above ``threshold`` (as a
+    model that overflows on a large input), 1.0 elsewhere."""
+    return (
+        f"y = np.where(x[:, :1] > {threshold}, np.nan, 1.0).astype(np.float32)\n            "
+        "responses.append(pb_utils.InferenceResponse([pb_utils.Tensor('y', "
+        "np.repeat(y, 3, axis=1))]))"
+    )
+
+
 BROKEN = "raise RuntimeError('this member is broken on purpose')"
 CONFIG = """name: "{name}"
 backend: "python"
@@ -116,22 +134,25 @@ def toy_config(triton: TritonServer, root: Path, members: Sequence[str], **field
 
 @contextmanager
 def combiner(
-    root: Path, name: str, config: dict, *args: str
+    root: Path, name: str, config: dict, *args: str, wrapper: Sequence[str] = ()
 ) -> Iterator[tuple[ManagedProcess, str]]:
-    """``python -m combiner`` on ``config`` (a dict of CombinerConfig fields); yields the
-    process and its gRPC address."""
+    """``python -m combiner`` on ``config`` (a dict of CombinerConfig fields), run through
+    ``wrapper`` (a command prefix, e.g. ``prlimit ...``); yields the process and its gRPC
+    address."""
     path = root / f"{name}.json"
-    CombinerConfig.model_validate(config).save(path)
+    validated = CombinerConfig.model_validate(config)
+    validated.save(path)
     port = free_port()
+    argv = [sys.executable, "-m", "combiner", "--config", str(path), "--grpc-port", str(port)]
     process = ManagedProcess(
         name,
-        [sys.executable, "-m", "combiner", "--config", str(path), "--grpc-port", str(port), *args],
+        [*wrapper, *argv, *args],
         root / f"{name}.log",
         stop_signal=signal.SIGTERM,
     )
     process.start()
     try:
-        _wait_combiner_ready(process, f"127.0.0.1:{port}", time.monotonic() + 60)
+        _wait_combiner_ready(process, path, time.monotonic() + 60)
         yield process, f"127.0.0.1:{port}"
     finally:
-        process.stop()
+        process.stop(validated.stop_s() + 15.0)

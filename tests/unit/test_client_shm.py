@@ -11,13 +11,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tritonclient.grpc import service_pb2
 
-from combiner.client_shm import ClientRegions
+from combiner.batching import Rows
+from combiner.client_shm import Caller, ClientRegions
+from combiner.config import CombinerConfig
 from combiner.errors import RequestError
+from combiner.request import RequestReader
 from combiner.shm import unlink_stale
 
-PEER = "ipv4:127.0.0.1:40001"
-OTHER = "ipv4:127.0.0.1:40002"
+PEER = Caller("a" * 32, "ipv4:127.0.0.1:40001")
+OTHER = Caller("b" * 32, "ipv4:127.0.0.1:40002")
 
 
 def region_file(folder: Path, name: str, size: int = 4096) -> Path:
@@ -89,14 +93,17 @@ def test_a_region_truncated_after_registration_is_refused_not_a_crash(tmp_path):
     regions.close()
 
 
-def test_registrations_belong_to_their_connection(tmp_path):
+def test_registrations_belong_to_their_session(tmp_path):
     region_file(tmp_path, "chorus_client_a")
     region_file(tmp_path, "chorus_client_b")
     regions = ClientRegions(enabled=True, shm_dir=tmp_path)
     regions.register(PEER, "mine", "/chorus_client_a", 0, 4096)
-    regions.register(OTHER, "mine", "/chorus_client_b", 0, 4096)  # same name, other connection
-    with refused(match="unknown shared-memory region 'theirs'"):
+    regions.register(OTHER, "mine", "/chorus_client_b", 0, 4096)  # same name, other session
+    with refused(grpc.StatusCode.FAILED_PRECONDITION, "unknown shared-memory region 'theirs'"):
         regions.get(OTHER, "theirs")
+    same_port = Caller("d" * 32, PEER.peer)  # another session from the same address
+    with refused(grpc.StatusCode.FAILED_PRECONDITION, "unknown shared-memory region 'mine'"):
+        regions.get(same_port, "mine")
     assert [r.key for r in regions.status(OTHER)] == ["/chorus_client_b"]
     regions.unregister(OTHER)  # "all": all of the caller's
     assert regions.status(OTHER) == []
@@ -125,7 +132,7 @@ def test_registrations_are_capped_per_connection_and_per_process(tmp_path):
     regions.register(OTHER, "r", "/chorus_client_3", 0, 100)
     # at the process's cap, registrations of connections that no longer exist (these peers
     # never did) make room; here all of them go, and the newcomer fits
-    regions.register("ipv4:127.0.0.1:40003", "r", "/chorus_client_4", 0, 100)
+    regions.register(Caller("c" * 32, "ipv4:127.0.0.1:40003"), "r", "/chorus_client_4", 0, 100)
     assert regions.status(PEER) == [] and len(regions) == 1
     regions.close()
 
@@ -152,3 +159,69 @@ def test_stale_pool_regions_are_removed_and_what_cannot_be_is_skipped(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"chorus_{dead}_1", f"chorus_{os.getpid()}_0", "chorus_client_1_0"]
     )
+
+
+def test_a_grpc_caller_without_a_session_header_is_told_to_send_one(tmp_path):
+    region_file(tmp_path, "chorus_client_a")
+    regions = ClientRegions(enabled=True, shm_dir=tmp_path)
+    with refused(match="needs the header 'chorus-shm-session'"):
+        regions.register(Caller(None, "ipv4:127.0.0.1:40001"), "r", "/chorus_client_a", 0, 64)
+    with refused(match="must be 32-128 letters"):
+        regions.register(Caller("short", "ipv4:127.0.0.1:40001"), "r", "/chorus_client_a", 0, 64)
+
+
+def test_a_hard_link_is_refused_whatever_it_points_at(tmp_path):
+    pool = region_file(tmp_path, "chorus_4242_0")
+    os.link(pool, tmp_path / "chorus_client_x")
+    regions = ClientRegions(enabled=True, shm_dir=tmp_path)
+    with refused(match="names no region this endpoint may open"):
+        regions.register(PEER, "r", "/chorus_client_x", 0, 64)
+
+
+def test_an_unregistered_region_stays_open_until_its_last_request_ends(tmp_path):
+    """The fd of a region a request still writes through is never closed under it (its number
+    could go to the next file opened, another client's region)."""
+    path = region_file(tmp_path, "chorus_client_a")
+    region_file(tmp_path, "chorus_client_b")
+    regions = ClientRegions(enabled=True, shm_dir=tmp_path)
+    regions.register(PEER, "a", "/chorus_client_a", 0, 4096)
+    region = regions.get(PEER, "a")
+    with region.held():
+        regions.unregister(PEER, "a")  # the client lets go while its request is running
+        regions.register(OTHER, "b", "/chorus_client_b", 0, 4096)  # opens the next free fd
+        assert regions.get(OTHER, "b").fd != region.fd
+        region.write(0, b"\x07" * 8, "output 'y'")  # the answer still goes to a's file
+    assert path.read_bytes()[:8] == b"\x07" * 8
+    assert (tmp_path / "chorus_client_b").read_bytes() == bytes(4096)
+    with pytest.raises(OSError):
+        os.fstat(region.fd)  # closed by its last user
+    regions.close()
+
+
+def test_an_input_from_shared_memory_is_bounded_before_it_is_read(tmp_path):
+    region_file(tmp_path, "chorus_client_a", 1 << 16)
+    regions = ClientRegions(enabled=True, shm_dir=tmp_path)
+    regions.register(PEER, "a", "/chorus_client_a", 0, 1 << 16)
+    config = CombinerConfig.model_validate(
+        {
+            "name": "e",
+            "triton_url": "127.0.0.1:1",
+            "max_batch_size": 4,
+            "max_request_bytes": 4096,
+            "inputs": [{"name": "x", "dtype": "FP32", "shape": [-1]}],
+            "outputs": [{"name": "y", "dtype": "FP32", "shape": [3]}],
+            "members": [
+                {"name": "m", "max_batch_size": 4, "inputs": {"x": "x"}, "outputs": {"y": "y"}}
+            ],
+        }
+    )
+    reader = RequestReader(config, {t.name: t for t in config.outputs}, regions)
+    request = service_pb2.ModelInferRequest(model_name="e")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[4, 1 << 28])
+    tensor.parameters["shared_memory_region"].string_param = "a"
+    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "over this endpoint's limit of 4096"):
+        reader.parse(request, PEER)
+    tensor.shape[:] = [1, 16]
+    rows = reader.parse(request, PEER)
+    assert isinstance(rows, Rows) and rows.nbytes("x") == 64
+    regions.close()

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from combiner.client_shm import ClientRegions
+from combiner.client_shm import Caller, ClientRegions
 from combiner.config import CombinerConfig, MemberRoute, TensorInfo
 from combiner.errors import RequestError
 from combiner.http import _to_proto
@@ -37,18 +37,22 @@ ALLOWED = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,  # a shared-memory region this caller never registered
 }
 FUZZ = settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
 )
 
 
+CALLER = Caller("f" * 32, "ipv4:127.0.0.1:1")
+
+
 def decode(request: service_pb2.ModelInferRequest, enabled: bool = False) -> None:
     """What the service does with a request before any member is called."""
     reader = RequestReader(CONFIG, OUTPUTS, ClientRegions(enabled=enabled))
     try:
-        reader.parse(request, "ipv4:127.0.0.1:1")
-        reader.requested_outputs(request, "ipv4:127.0.0.1:1")
+        reader.parse(request, CALLER)
+        reader.requested_outputs(request, CALLER)
         seconds = reader.deadline(request, None)
         assert seconds is None or (math.isfinite(seconds) and seconds > 0)
     except RequestError as e:

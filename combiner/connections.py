@@ -1,0 +1,121 @@
+"""Bounds on what clients can hold open: connections, idle time, file descriptors.
+
+A worker's file descriptors are finite (1024 under many shells and systemd units), and every
+client connection holds one: without a bound, a neighbour opening idle connections exhausts
+them and the worker can accept nothing, not even a health check. So:
+
+* at start, the worker raises its soft file limit to the hard one (:func:`raise_file_limit`);
+* each protocol keeps at most :func:`connection_limit` connections: the configured
+  ``max_connections``, and at most a share of the descriptors left after a reserve for the
+  worker's own files (shared memory, Triton's channel, logs);
+* gRPC enforces its share itself (``grpc.max_allowed_incoming_connections``: a connection past
+  it is closed at once), closes connections idle for ``idle_timeout_s`` and gives a client 10 s
+  to finish its handshake;
+* HTTP (:class:`BoundedSite`): at the limit, a new connection closes the longest-idle one (no
+  request in progress); if every connection is busy, the newcomer is answered 503 and closed.
+  aiohttp closes a connection with no request for ``idle_timeout_s`` (its keep-alive timeout,
+  which also runs from the connection's start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import resource
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+__all__ = ["BoundedSite", "add_busy_tracking", "connection_limit", "raise_file_limit"]
+
+_RESERVE = 128  # descriptors kept for the worker's own files
+_PROTOCOLS = 2  # gRPC and HTTP share what is left
+
+
+def raise_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one; the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):  # not ours to raise: keep the soft one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_limit(configured: int) -> int:
+    """Connections one protocol of this worker may hold."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, (soft - _RESERVE) // _PROTOCOLS))
+
+
+_BUSY: web.AppKey[set[RequestHandler]] = web.AppKey("busy", set)
+
+
+@web.middleware
+async def track_busy(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """Mark the request's connection busy while it is handled."""
+    busy = request.app[_BUSY]
+    protocol = request.protocol
+    busy.add(protocol)
+    try:
+        return await handler(request)
+    finally:
+        busy.discard(protocol)
+
+
+def add_busy_tracking(app: web.Application) -> None:
+    app[_BUSY] = set()
+    app.middlewares.insert(0, track_busy)
+
+
+_REFUSAL = json.dumps({"error": "this endpoint has all the connections it takes; retry"}).encode()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past the limit while every other is busy: 503, then closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(_REFUSAL)}\r\nConnection: close\r\n\r\n".encode()
+            + _REFUSAL
+        )
+        transport.close()
+
+
+class BoundedSite(web.TCPSite):
+    """aiohttp's TCP site, holding at most ``limit`` connections (see the module's
+    docstring). The app must have busy tracking (:func:`add_busy_tracking`)."""
+
+    def __init__(self, runner: web.AppRunner, *args, limit: int, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(runner, *args, **kwargs)
+        self._limit = limit
+        self._busy = runner.app[_BUSY]
+
+    def _protocol(self) -> asyncio.Protocol:
+        server = self._runner.server
+        assert server is not None
+        open_ = [h for h in server.connections if h.transport is not None]  # oldest first
+        if len(open_) >= self._limit:
+            idle = next((h for h in open_ if h not in self._busy), None)
+            if idle is None:
+                return _Refused()
+            idle.force_close()
+        return server()
+
+    async def start(self) -> None:  # TCPSite.start, with the bounded protocol factory
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
