@@ -82,13 +82,6 @@ class CombinerConfig(_Strict):
         description="how long a batch waits for a member before counting it missing; its call "
         "is left to finish on Triton (never cancelled) and its answer dropped",
     )
-    max_late_batches: int = Field(
-        16,
-        ge=1,
-        description="batches one member may still be running after everyone stopped waiting "
-        "for them (their requests' deadlines, or the member timeout); beyond this the member "
-        "is not called (it counts as missing) until some of them end",
-    )
     quorum: int | None = Field(None, ge=1, description="members that must answer; None: all")
     shared_memory: bool = Field(
         False,

@@ -141,7 +141,6 @@ def toy(tmp_path_factory):
             ["a", "b", "hung"],
             quorum=2,
             member_timeout_ms=400,
-            max_late_batches=2,
             max_in_flight=1,
         )
         slow = toy_config(
