@@ -54,6 +54,7 @@ from .upstream import MemberError
 __all__ = ["Prediction", "Predictor", "fanout_output"]
 
 log = logging.getLogger("chorus.combiner")
+_TIMER_SLACK_S = 0.01  # how early asyncio may run a timer (its clock's resolution)
 
 
 def fanout_output(member: str, base: str) -> str:
@@ -381,10 +382,12 @@ class Predictor:
         if since is None:
             if p.abandoned:
                 return  # nobody waits: the batch's end marks it
-            if asyncio.get_running_loop().time() >= until:
+            # the loop runs a timer up to its clock's resolution early: the member timeout is
+            # what ended the wait unless the lane judged the batch too late to be answered
+            early = asyncio.get_running_loop().time() < until - _TIMER_SLACK_S
+            if lane.took is None or not early:
                 why = f"none ended within the member timeout ({self._timeout_ms:g} ms)"
             else:
-                assert lane.took is not None
                 why = (
                     f"it would not answer by the deadline (a batch takes it about "
                     f"{lane.took * 1000:.0f} ms)"

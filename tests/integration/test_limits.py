@@ -113,7 +113,7 @@ BAD_HTTP = {
         b'"FP32", "shape": [1, 1, 8, 8], "data": ' + json.dumps([0.0] * 64).encode() + b"}]}",
         {},
         400,
-        "positive, finite",
+        "NaN is not a JSON number",  # Python's json would read it; JSON has no NaN
     ),
     "a deadline of 2**70": (
         "POST",
