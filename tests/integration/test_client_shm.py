@@ -153,7 +153,11 @@ def refused(client, name: str, key: str, size: int = 64) -> str:
 
 def test_nothing_but_a_clients_own_region_can_be_registered(endpoints, still_serving, tmp_path):
     """Triton's own IPC regions, the combiner's pool, a link to a file, a path: refused."""
-    pool = sorted(p.name for p in SHM.glob("chorus_*") if not p.name.startswith("chorus_client"))
+    with grpcclient.InferenceServerClient(endpoints.triton_grpc) as triton:  # this deployment's
+        status = triton.get_system_shared_memory_status(
+            as_json=True, headers=dict(endpoints.triton_headers)
+        )
+    pool = sorted(r["key"].lstrip("/") for r in status.get("regions", {}).values())
     triton_own = sorted(p.name for p in SHM.glob("triton_python_backend_shm_region_*"))
     assert pool and triton_own  # what a hostile client would aim at is there
     victim = tmp_path / "victim.txt"

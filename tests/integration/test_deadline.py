@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from combiner.client import DeadlineExceeded, EnsembleClient
-from combiner.rules import softmax
+from tests.integration.test_serving import softmax
 from tests.integration.toy import BROKEN, combiner, sleeping, toy_config, toy_triton
 
 

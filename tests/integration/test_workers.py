@@ -118,7 +118,9 @@ def test_sixty_four_concurrent_requests_each_get_their_own_answer(two_workers, e
         before, "chorus_batched_requests_count"
     )
     assert requests == 64  # every request went through the batching stage, once
-    assert 1 <= batches <= 64  # how many shared a batch depends on timing: see test_batching
+    # how many shared a batch depends on timing (see test_batching), but 64 requests sent at
+    # once never each get a batch of their own
+    assert 1 <= batches < 64
 
 
 def test_client_shared_memory_is_off_unless_allowed(two_workers):
