@@ -1,11 +1,14 @@
 """Soak: the digits ensemble under ``chorus up --workers 2`` for minutes, with faults.
 
-    python -m benchmarks.soak [--minutes 10] [--concurrency 64]
+    python -m benchmarks.soak [--minutes 10] [--concurrency 64] [--shm-share 0.25]
 
 Closed-loop gRPC clients, each on a connection of its own, send distinct inputs (1-4 rows drawn
 at random from 4,096 random images) and check every answer against the ensemble computed
-directly with onnxruntime. Meanwhile a fault schedule: Triton is SIGKILLed at 20% and 80% of
-the run, a combiner worker at 50%. Nobody restarts anything but Chorus itself.
+directly with onnxruntime; ``--shm-share`` of them use the SDK with client shared memory
+(``chorus up --allow-client-shm``: inputs and outputs in their own regions). Meanwhile a fault
+schedule: Triton is SIGKILLed at 20% and 80% of the run, a combiner worker at 50%, and the
+combiner's config is changed at 65% (a reload: a new set of workers, the old ones drained).
+Nobody restarts anything but Chorus itself.
 
 Reported (and kept in benchmarks/results/soak.md): requests sent, correct, wrong, errors by
 code inside and outside the fault windows (a window is the 10 s after a fault: the goal is
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -37,6 +41,7 @@ import psutil
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from benchmarks.report import publish
+from combiner.client import AsyncEnsembleClient, EnsembleError
 from combiner.rules import softmax
 from examples.digits.train import HERE, load_split, train_members
 from orchestrator.launch import free_port
@@ -131,6 +136,43 @@ async def client(
                 tally.wrong += 1
 
 
+async def shm_client(
+    address: str,
+    images: np.ndarray,
+    expected: np.ndarray,
+    tally: Tally,
+    stop: asyncio.Event,
+    seed: int,
+) -> None:
+    """A client of the SDK whose inputs and outputs go through its own shared memory."""
+    rng = random.Random(seed)
+    async with AsyncEnsembleClient(address, model="digits", shared_memory=True) as sdk:
+        while not stop.is_set():
+            rows = rng.sample(range(len(images)), rng.randint(1, 4))
+            tally.sent += 1
+            try:
+                answer = await sdk.infer(images[rows], timeout_s=CLIENT_TIMEOUT_S)
+            except EnsembleError as e:
+                if e.code == "DEADLINE_EXCEEDED":
+                    tally.lost += 1
+                else:
+                    tally.errors.append((time.monotonic(), e.code or type(e).__name__))
+                await asyncio.sleep(0.05)
+                continue
+            if np.allclose(answer.outputs["logits"], expected[rows], rtol=1e-4, atol=1e-6):
+                tally.correct += 1
+                tally.oks.append(time.monotonic())
+            else:
+                tally.wrong += 1
+
+
+def reload(config: Path) -> None:
+    """Change the combiner's config (a valid change): its supervisor starts new workers."""
+    doc = json.loads(config.read_text())
+    doc["batch_fill_ms"] = float(doc.get("batch_fill_ms", 5.0)) + 0.5
+    config.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 async def run_load(
     address: str,
     images: np.ndarray,
@@ -139,11 +181,17 @@ async def run_load(
     seconds: float,
     faults: list[tuple[float, str]],
     up: subprocess.Popen[str],
+    shm_clients: int,
+    config: Path,
 ) -> tuple[Tally, list[tuple[float, str, int]]]:
     tally = Tally()
     stop = asyncio.Event()
     tasks = [
-        asyncio.create_task(client(address, images, expected, tally, stop, seed))
+        asyncio.create_task(
+            (shm_client if seed < shm_clients else client)(
+                address, images, expected, tally, stop, seed
+            )
+        )
         for seed in range(concurrency)
     ]
     began = time.monotonic()
@@ -151,6 +199,11 @@ async def run_load(
     for at, what in faults:
         await asyncio.sleep(max(0.0, began + at - time.monotonic()))
         tree = roles(up.pid)
+        if what == "reload":
+            reload(config)
+            done.append((time.monotonic(), what, 0))
+            print(f"{time.monotonic() - began:7.1f} s: changed {config}", flush=True)
+            continue
         victim = tree["tritonserver"][0] if what == "Triton" else tree["combiner workers"][0]
         os.kill(victim, signal.SIGKILL)
         done.append((time.monotonic(), what, victim))
@@ -165,6 +218,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--shm-share", type=float, default=0.25, help="share of the clients on shared memory"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/soak.md"))
     args = parser.parse_args()
     seconds = args.minutes * 60
@@ -183,7 +239,7 @@ def main() -> None:
     argv = [sys.executable, "-m", "orchestrator", "up", str(HERE / "ensemble.yaml")]
     argv += ["--profile", str(profile), "--workers", "2", "--workdir", str(work / "up")]
     argv += ["--grpc-port", str(port), "--http-port", str(free_port())]
-    argv += ["--metrics-port", str(free_port())]
+    argv += ["--metrics-port", str(free_port()), "--allow-client-shm"]
     log = work / "chorus-up.txt"
     with log.open("w") as errors:
         up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True)
@@ -193,10 +249,22 @@ def main() -> None:
         raise SystemExit(f"chorus up did not start: {line}\n{log.read_text()}")
     time.sleep(2.0)  # both workers listening
     start_rss = {role: rss_mib(pids) for role, pids in roles(up.pid).items()}
-    faults = [(0.2 * seconds, "Triton"), (0.5 * seconds, "worker"), (0.8 * seconds, "Triton")]
+    faults = [(0.2 * seconds, "Triton"), (0.5 * seconds, "worker")]
+    faults += [(0.65 * seconds, "reload"), (0.8 * seconds, "Triton")]
+    shm_clients = round(args.shm_share * args.concurrency)
     began = time.monotonic()
     tally, done = asyncio.run(
-        run_load(f"127.0.0.1:{port}", images, expected, args.concurrency, seconds, faults, up)
+        run_load(
+            f"127.0.0.1:{port}",
+            images,
+            expected,
+            args.concurrency,
+            seconds,
+            faults,
+            up,
+            shm_clients,
+            work / "up" / "combiner.json",
+        )
     )
     elapsed = time.monotonic() - began
     end_rss = {role: rss_mib(pids) for role, pids in roles(up.pid).items()}
@@ -211,13 +279,14 @@ def main() -> None:
     recovery = []
     for i, (killed, what, pid) in enumerate(done):
         until = kills[i + 1] if i + 1 < len(kills) else float("inf")
-        errors = [t for t, _ in tally.errors if killed <= t < until]
-        last = max(errors, default=killed)
+        caused = [t for t, _ in tally.errors if killed <= t < until]
+        last = max(caused, default=killed)
         back = min((t for t in tally.oks if t > last), default=float("nan"))
-        recovery.append((what, pid, len(errors), back - killed))
+        recovery.append((what, pid, len(caused), back - killed))
 
     command = (
         f"python -m benchmarks.soak --minutes {args.minutes:g} --concurrency {args.concurrency}"
+        f" --shm-share {args.shm_share:g}"
     )
     lines = [
         "# Soak with faults",
@@ -226,7 +295,8 @@ def main() -> None:
         "clients, the combiner and Triton)",
         "",
         f"Ran {elapsed:.0f} s with {args.concurrency} closed-loop gRPC clients, each on its own "
-        "connection, 1-4 distinct rows per request, every answer checked against onnxruntime.",
+        f"connection ({shm_clients} of them the SDK with client shared memory), 1-4 distinct "
+        "rows per request, every answer checked against onnxruntime.",
         "",
         "| sent | correct | wrong | lost | errors in fault windows | errors outside |",
         "|---:|---:|---:|---:|---|---|",
@@ -238,7 +308,12 @@ def main() -> None:
         "",
         "| fault | pid | errors it caused | back after (s) |",
         "|---|---:|---:|---:|",
-        *(f"| {w} SIGKILLed | {p} | {n} | {b:.2f} |" for w, p, n, b in recovery),
+        *(
+            f"| {w} SIGKILLed | {p} | {n} | {b:.2f} |"
+            if w != "reload"
+            else f"| config changed (reload) | - | {n} | {b:.2f} |"
+            for w, p, n, b in recovery
+        ),
         "",
         "Back after: from the kill to the first correct answer after the last error it caused.",
         "",
