@@ -102,8 +102,14 @@ def supervise(
         nonlocal started
         started += 1
         ready = Path(metrics_dir) / f"ready-{started}"
+        # a group of its own: a terminal's Ctrl-C (or any signal to the supervisor's group)
+        # reaches the supervisor alone, which drains them once; a second signal would make a
+        # worker exit at once, cutting requests and cancelling its calls on Triton
         proc = subprocess.Popen(
-            [*argv, "--ready-file", str(ready)], env=env, preexec_fn=die_with_parent
+            [*argv, "--ready-file", str(ready)],
+            env=env,
+            preexec_fn=die_with_parent,
+            process_group=0,
         )
         return proc, ready
 

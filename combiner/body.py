@@ -76,5 +76,5 @@ async def inflate(data: bytes, encoding: str, limit: int) -> bytes:
 
 def _too_large(limit: int, why: str) -> BodyError:
     return BodyError(
-        413, f"the request is too large: {why} than the {limit} bytes this ensemble takes"
+        413, f"the request is too large ({why}): this ensemble takes at most {limit} bytes"
     )

@@ -10,11 +10,12 @@ call in flight, reused, unlinked on ``close``) instead of in the request and res
 endpoint must allow it: ``chorus up --allow-client-shm``). Its registrations belong to a
 session of this client's (a random secret sent as the ``chorus-shm-session`` header); when the
 endpoint no longer knows a region (a restarted or reloaded worker, another worker after a
-reconnect) the client registers it again and repeats the call once. A region whose call did not
-end in an answer (a timeout, a cancellation) is never reused: the server may still write into
-it, so it is unregistered and unlinked. ``token=`` sends the endpoint's
-bearer token; ``tls=True`` speaks TLS, trusting the system's authorities or
-``root_certificates`` (a PEM file).
+reconnect) the client registers it again and repeats the call (three tries in all). A region
+whose call did not end in an answer (a timeout, a cancellation) is never reused: the server may
+still write into it, so it is unregistered and unlinked. Regions have random names and are
+never opened if they exist (a pid is no identity across PID namespaces sharing /dev/shm).
+``token=`` sends the endpoint's bearer token; ``tls=True`` speaks TLS, trusting the system's
+authorities or ``root_certificates`` (a PEM file).
 
 Errors are one small tree, translated from gRPC's at
 this edge::
@@ -34,6 +35,7 @@ import contextlib
 import itertools
 import math
 import os
+import secrets
 import threading
 import uuid
 from collections.abc import Mapping
@@ -133,6 +135,9 @@ _REGION_NAMES = itertools.count()
 SESSION_HEADER = "chorus-shm-session"  # the same as the endpoint's (combiner.client_shm)
 # statuses after which the server may still be working on the call (the client gave up first)
 _NO_ANSWER = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED", None}
+# a region the endpoint forgot is registered again, and the call repeated, this many times at
+# most (a reconnect may land on another worker between the registration and the call)
+_REGISTER_TRIES = 3
 
 
 @dataclass
@@ -144,9 +149,17 @@ class _Region:
 
     @classmethod
     def create(cls, size: int) -> _Region:
-        name = f"chorus_client_{os.getpid()}_{next(_REGION_NAMES)}"
+        """A new segment of this client's own: a random name, and never one that exists (a
+        pid is no identity across PID namespaces that share /dev/shm)."""
         size = max(1 << 16, 1 << (size - 1).bit_length())
-        return cls(name, size, shm.create_shared_memory_region(name, "/" + name, size), {})
+        for _ in range(8):
+            name = f"chorus_client_{os.getpid()}_{secrets.token_hex(8)}_{next(_REGION_NAMES)}"
+            try:
+                handle = shm.create_shared_memory_region(name, "/" + name, size, create_only=True)
+            except shm.SharedMemoryException:
+                continue  # the name exists: another one
+            return cls(name, size, handle, {})
+        raise EnsembleError("could not create a shared-memory region of the client's own")
 
     def destroy(self) -> None:
         shm.destroy_shared_memory_region(self.handle)
@@ -413,14 +426,16 @@ class EnsembleClient(_Common):
                     headers=self._headers,
                 )
 
-            try:
-                result = call()
-            except InferenceServerException as e:
-                if region is None or not _forgotten(e):
-                    answered = e.status() not in _NO_ANSWER
-                    raise
-                self._register(region)
-                result = call()
+            for attempt in range(_REGISTER_TRIES):
+                try:
+                    result = call()
+                    break
+                except InferenceServerException as e:
+                    last = attempt == _REGISTER_TRIES - 1
+                    if region is None or not _forgotten(e) or last:
+                        answered = e.status() not in _NO_ANSWER
+                        raise
+                    self._register(region)
             answered = True
             return self._answer(result, region)
         except InferenceServerException as e:
@@ -564,14 +579,16 @@ class AsyncEnsembleClient(_Common):
                     headers=self._headers,
                 )
 
-            try:
-                result = await call()
-            except InferenceServerException as e:
-                if region is None or not _forgotten(e):
-                    answered = e.status() not in _NO_ANSWER
-                    raise
-                await self._register(region)
-                result = await call()
+            for attempt in range(_REGISTER_TRIES):
+                try:
+                    result = await call()
+                    break
+                except InferenceServerException as e:
+                    last = attempt == _REGISTER_TRIES - 1
+                    if region is None or not _forgotten(e) or last:
+                        answered = e.status() not in _NO_ANSWER
+                        raise
+                    await self._register(region)
             answered = True
             return self._answer(result, region)
         except InferenceServerException as e:

@@ -111,6 +111,7 @@ class ClientRegion:
     offset: int
     byte_size: int
     fd: int
+    file: tuple[int, int] = (0, 0)  # (device, inode): one client's file is never another's
     users: int = 0  # requests holding it (see :meth:`held`)
     registered: bool = True
 
@@ -233,11 +234,22 @@ class ClientRegions:
                 )
         fd = self._open(name, match.group(1))
         try:
-            size = os.fstat(fd).st_size
-            if offset + byte_size > size:
+            info = os.fstat(fd)
+            if offset + byte_size > info.st_size:
                 raise _invalid(
                     f"shared-memory region {name!r}: offset {offset} + byte_size {byte_size} "
-                    f"exceed its {size} bytes"
+                    f"exceed its {info.st_size} bytes"
+                )
+            file = (info.st_dev, info.st_ino)
+            if any(
+                r.file == file
+                for other, holding in self._owners.items()
+                if other != owner
+                for r in holding.regions.values()
+            ):  # two clients on one file would read and write each other's tensors
+                raise _invalid(
+                    f"shared-memory region {name!r}: its file is registered by another client; "
+                    "use a region of your own"
                 )
         except BaseException:
             os.close(fd)
@@ -245,7 +257,7 @@ class ClientRegions:
         connection = caller.connection if caller.session is None else None
         holding = self._owners.setdefault(owner, _Holding(connection=connection))
         holding.peers.add(caller.peer)
-        holding.regions[name] = ClientRegion(name, key, offset, byte_size, fd)
+        holding.regions[name] = ClientRegion(name, key, offset, byte_size, fd, file)
 
     def _open(self, name: str, file_name: str) -> int:
         refused = _invalid(

@@ -155,7 +155,10 @@ def _check_finite(
 ) -> None:
     """Refuse a request's answer that holds NaN or inf, saying where it came from."""
     for name, array in outputs.items():
-        if array.dtype.kind not in "fc" or np.isfinite(array).all():
+        if array.dtype.kind not in "fc" and array.dtype.name != "bfloat16":
+            continue
+        array = array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+        if np.isfinite(array).all():
             continue
         bad_rows = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
         shown = ", ".join(map(str, bad_rows[:8])) + (", ..." if len(bad_rows) > 8 else "")

@@ -11,8 +11,9 @@ them and the worker can accept nothing, not even a health check. So:
 * gRPC enforces its share itself (``grpc.max_allowed_incoming_connections``: a connection past
   it is closed at once), closes connections idle for ``idle_timeout_s`` and gives a client 10 s
   to finish its handshake;
-* HTTP (:class:`BoundedSite`): at the limit, a new connection closes the longest-idle one (no
-  request in progress); if every connection is busy, the newcomer is answered 503 and closed.
+* HTTP (:class:`BoundedSite`): at the limit, a new connection closes the newest idle one (no
+  request in progress: a flood is recent, a client keeping its connection is not); if every
+  connection is busy, the newcomer is answered 503 and closed. A TLS handshake has 10 s.
   aiohttp closes a connection with no request for ``idle_timeout_s`` (its keep-alive timeout,
   which also runs from the connection's start).
 """
@@ -30,6 +31,7 @@ from aiohttp.web_protocol import RequestHandler
 __all__ = ["BoundedSite", "add_busy_tracking", "connection_limit", "raise_file_limit"]
 
 _RESERVE = 128  # descriptors kept for the worker's own files
+_HANDSHAKE_S = 10.0
 _PROTOCOLS = 2  # gRPC and HTTP share what is left
 
 
@@ -101,7 +103,8 @@ class BoundedSite(web.TCPSite):
         assert server is not None
         open_ = [h for h in server.connections if h.transport is not None]  # oldest first
         if len(open_) >= self._limit:
-            idle = next((h for h in open_ if h not in self._busy), None)
+            # the newest idle one: a flood is recent, a client that keeps its connection is not
+            idle = next((h for h in reversed(open_) if h not in self._busy), None)
             if idle is None:
                 return _Refused()
             idle.force_close()
@@ -118,4 +121,6 @@ class BoundedSite(web.TCPSite):
             backlog=self._backlog,
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
+            # a TLS handshake that never ends holds a descriptor no handler counts yet
+            ssl_handshake_timeout=_HANDSHAKE_S if self._ssl_context else None,
         )

@@ -415,6 +415,21 @@ def _json_bytes(name: str, datatype: str, shape: list[int], data: object) -> byt
         raise _invalid(
             f"input {name!r}: 'data' has {len(values)} values; shape {shape} needs {expected}"
         )
+    if np.dtype(dtype).kind in "iu":  # numpy would wrap 300 into an INT8 44, or cut 1.7 to 1
+        info = np.iinfo(dtype)
+        bad = next(
+            (
+                (i, v)
+                for i, v in enumerate(values)
+                if isinstance(v, bool) or not isinstance(v, int) or not info.min <= v <= info.max
+            ),
+            None,
+        )
+        if bad is not None and np.dtype(dtype).kind != "b":
+            raise _invalid(
+                f"input {name!r}: 'data' value {bad[1]!r} at index {bad[0]} is not a {datatype} "
+                f"integer (from {info.min} to {info.max})"
+            )
     try:
         with np.errstate(over="ignore"):  # a float too large for FP16/FP32 is inf: refused below
             array = np.asarray(values, dtype=dtype)

@@ -211,9 +211,12 @@ def _check_finite(name: str, content: bytes, info: TensorInfo, shape: tuple[int,
     """A floating-point input holds only finite numbers: NaN and inf are refused, whichever way
     they came (so that no answer is made of them)."""
     dtype = np.dtype(triton_to_np_dtype(info.dtype))
-    if dtype.kind != "f" or not content:
+    bfloat16 = info.dtype == "BF16"  # numpy sees ml_dtypes' bfloat16 as kind "V"
+    if (dtype.kind != "f" and not bfloat16) or not content:
         return
     values = np.frombuffer(content, dtype=dtype)
+    if bfloat16:
+        values = values.astype(np.float32)
     low, high = values.min(), values.max()  # NaN if any is: no array of flags on the way
     if np.isfinite(low) and np.isfinite(high):
         return

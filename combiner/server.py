@@ -42,8 +42,10 @@ Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 # after the drain, how long the requests parked meanwhile may take to be answered, at least
 _LAST_ANSWERS_S = 5.0
-_CONTROL_ROOM = 64  # RPCs beyond the requests in flight: health, metadata, registrations
-_STREAMS_PER_CONNECTION = 256
+# (no maximum_concurrent_rpcs: gRPC counts a call from its headers, so streams that never send
+# their message would hold every place, health checks' included; the in-flight cap is the
+# service's, once a message, bounded in size, has arrived)
+_STREAMS_PER_CONNECTION = 64
 
 
 class _Undecodable:
@@ -288,8 +290,6 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
     connections = connection_limit(config.max_connections)
     server = grpc.aio.server(
         interceptors=[_TokenCheck(credentials)] if credentials.token else None,
-        # refused (RESOURCE_EXHAUSTED) before its message is read; room for health checks
-        maximum_concurrent_rpcs=config.max_requests_in_flight + _CONTROL_ROOM,
         options=[
             ("grpc.max_receive_message_length", config.grpc_request_limit()),
             ("grpc.max_send_message_length", 2**31 - 1),

@@ -11,6 +11,8 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
+import psutil
+
 __all__ = ["PortInUse", "Restarts", "claim_ports", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1
@@ -29,39 +31,56 @@ def claim_ports(host: str, ports: Iterable[int], hold: bool = True) -> list[sock
     """Take ``ports`` on ``host`` for one deployment, or raise :class:`PortInUse` naming the
     first that is taken.
 
-    Each is probed with a socket that does not set SO_REUSEPORT: its bind fails while any
-    socket is bound there, whoever made it (a second ``chorus up`` on the same port included,
-    though its workers would set SO_REUSEPORT). With ``hold``, a socket that sets SO_REUSEPORT
-    is then bound in its place and kept, never listening (so it takes no connection): the
-    deployment's own workers (same user, SO_REUSEPORT) bind beside it, including a reload's new
-    set and a worker restarted while the others are gone, but no process that does not set
-    SO_REUSEPORT can take the port meanwhile, and no other user can (the kernel shares a port
-    between sockets of one user only). Close the returned sockets to give the ports up."""
+    Each is probed with a socket that sets neither SO_REUSEADDR nor SO_REUSEPORT: its bind
+    fails while any socket is bound there, whoever made it (a second ``chorus up`` on the same
+    port included, though its workers would set SO_REUSEPORT). A failure is "in use" only when
+    something listens on the port: the ends of connections closed a moment ago (TIME_WAIT,
+    FIN_WAIT2, left by a deployment that just stopped) fail the probe too, and are no one's.
+    With ``hold``, a socket that sets SO_REUSEPORT is then bound in its place and kept, never
+    listening (so it takes no connection): the deployment's own workers (same user,
+    SO_REUSEPORT) bind beside it, including a reload's new set and a worker restarted while the
+    others are gone, and no other user can (the kernel shares a port between sockets of one user
+    only). While closed connections linger the keeper also needs SO_REUSEADDR, and then a
+    process that sets SO_REUSEADDR could bind the port while no worker listens. Close the
+    returned sockets to give the ports up."""
     held: list[socket.socket] = []
     try:
         for port in ports:
             for family, kind, proto, _, address in _addresses(host, port):
+                lingering = False
                 with socket.socket(family, kind, proto) as probe:
                     try:
                         probe.bind(address)
                     except OSError as e:
-                        if e.errno == errno.EADDRINUSE:
+                        if e.errno != errno.EADDRINUSE:
+                            raise
+                        if _listened(port):
                             raise PortInUse(
                                 e.errno,
                                 f"port {port} on {host} is in use (another deployment or "
                                 "program listens there); choose another port or stop it",
                             ) from None
-                        raise
+                        lingering = True  # only closed connections' ends: no one's
                 if hold:
                     keeper = socket.socket(family, kind, proto)
                     held.append(keeper)
                     keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if lingering:
+                        keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     keeper.bind(address)
     except BaseException:
         for s in held:
             s.close()
         raise
     return held
+
+
+def _listened(port: int) -> bool:
+    """Whether any socket on this host listens on TCP ``port`` (any address)."""
+    return any(
+        c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        for c in psutil.net_connections(kind="tcp")
+    )
 
 
 def _addresses(host: str, port: int) -> list[tuple]:  # type: ignore[type-arg]

@@ -5,6 +5,9 @@ cancellation (``request.is_cancelled()``)."""
 
 from __future__ import annotations
 
+import http.client as http_client
+import json
+import os
 import signal
 import threading
 import time
@@ -16,6 +19,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from combiner.client import EnsembleClient
+from orchestrator.launch import free_port
 from tests.integration.toy import combiner, toy_config, toy_triton
 
 
@@ -112,3 +116,55 @@ def test_requests_in_flight_and_arriving_at_sigterm_are_answered_never_cut(stack
     assert all(o.startswith("StatusCode.UNAVAILABLE") and "connect" in o.lower() for o in others), (
         others
     )
+
+
+def test_ctrl_c_to_the_whole_process_group_still_drains_and_cancels_nothing(stack):
+    """A terminal's Ctrl-C signals every process of its group: the workers must not take it
+    as a second signal (exit at once), which cut the request and cancelled its call."""
+    root, triton, record = stack
+    record.unlink(missing_ok=True)
+    config = toy_config(triton, root, ["a", "b", "slow"], drain_timeout_s=10.0)
+    with combiner(root, "combiner-ctrl-c", config) as (process, address):
+        assert process.proc is not None
+        answers: list[object] = []
+
+        def ask() -> None:
+            with EnsembleClient(address) as client:
+                try:
+                    answers.append(client.infer(np.ones((1, 4), np.float32)).contributors)
+                except Exception as e:
+                    answers.append(e)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        time.sleep(1.0)  # the request waits for the slow member
+        os.killpg(process.proc.pid, signal.SIGINT)  # ManagedProcess: a session, so a group
+        code = process.proc.wait(timeout=60)
+        asking.join(timeout=30)
+    assert code == 0, process.log.read_text()[-3000:]
+    assert answers == [("a", "b", "slow")]
+    until = time.monotonic() + 10
+    while not record.exists() and time.monotonic() < until:
+        time.sleep(0.1)
+    assert record.read_text().split() == ["False"]
+
+
+def test_a_restart_on_the_same_ports_after_clients_were_connected_is_not_refused(stack):
+    """Closed connections' ends (FIN_WAIT2, TIME_WAIT) made the port look in use."""
+    root, triton, _ = stack
+    config = toy_config(triton, root, ["a", "b"])
+    port, http = free_port(), free_port()
+    for round_ in range(2):
+        with combiner(
+            root, f"combiner-restart-{round_}", config, "--http-port", str(http), port=port
+        ) as (process, address):
+            body = json.dumps(
+                {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
+            )
+            connection = http_client.HTTPConnection("127.0.0.1", http, timeout=10)
+            connection.request("POST", "/v2/models/toy/infer", body=body)  # kept alive
+            assert connection.getresponse().read()
+            with EnsembleClient(address) as client:
+                assert client.predict(np.ones((1, 4), np.float32)).shape == (1, 3)
+        assert process.proc is not None and process.proc.returncode == 0
+        connection.close()

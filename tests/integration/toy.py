@@ -134,7 +134,12 @@ def toy_config(triton: TritonServer, root: Path, members: Sequence[str], **field
 
 @contextmanager
 def combiner(
-    root: Path, name: str, config: dict, *args: str, wrapper: Sequence[str] = ()
+    root: Path,
+    name: str,
+    config: dict,
+    *args: str,
+    wrapper: Sequence[str] = (),
+    port: int | None = None,
 ) -> Iterator[tuple[ManagedProcess, str]]:
     """``python -m combiner`` on ``config`` (a dict of CombinerConfig fields), run through
     ``wrapper`` (a command prefix, e.g. ``prlimit ...``); yields the process and its gRPC
@@ -142,7 +147,7 @@ def combiner(
     path = root / f"{name}.json"
     validated = CombinerConfig.model_validate(config)
     validated.save(path)
-    port = free_port()
+    port = port or free_port()
     argv = [sys.executable, "-m", "combiner", "--config", str(path), "--grpc-port", str(port)]
     process = ManagedProcess(
         name,

@@ -225,3 +225,17 @@ def test_an_input_from_shared_memory_is_bounded_before_it_is_read(tmp_path):
     rows = reader.parse(request, PEER)
     assert isinstance(rows, Rows) and rows.nbytes("x") == 64
     regions.close()
+
+
+def test_a_file_registered_by_one_client_is_refused_to_another(tmp_path):
+    """Two clients on one file would read and write each other's tensors (two SDK clients of
+    the same pid in two PID namespaces named their regions alike)."""
+    region_file(tmp_path, "chorus_client_1_0")
+    regions = ClientRegions(enabled=True, shm_dir=tmp_path)
+    regions.register(PEER, "a", "/chorus_client_1_0", 0, 4096)
+    regions.register(PEER, "again", "/chorus_client_1_0", 0, 4096)  # its own, twice: fine
+    with refused(match="registered by another client"):
+        regions.register(OTHER, "b", "/chorus_client_1_0", 0, 4096)
+    regions.unregister(PEER)
+    regions.register(OTHER, "b", "/chorus_client_1_0", 0, 4096)  # free again
+    regions.close()
