@@ -114,12 +114,14 @@ def supervise(
         return proc, ready
 
     served = _digest(config)
-    generation = [start() for _ in range(workers)]
-    procs = [p for p, _ in generation]
+    current = [start() for _ in range(workers)]  # each worker and its ready file
+    procs = [p for p, _ in current]
     restarts = Restarts()
+    reported = False  # whether <config>.served says what every worker serves
     try:
-        if config is not None and _wait_listening(generation, stop):
+        if config is not None and _wait_listening(current, stop):
             _write_served(config, served)
+            reported = True
         if metrics_port is not None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             from prometheus_client import CollectorRegistry, start_http_server
@@ -130,15 +132,19 @@ def supervise(
             start_http_server(metrics_port, addr=host, registry=registry)
         retry_at = 0.0  # a reload that failed is tried again, after a while
         while not stop.wait(0.2):
-            current = _digest(config)
-            if config is not None and current != served and time.monotonic() >= retry_at:
-                fresh = _reload(config, workers, start, stop)
+            current_digest = _digest(config)
+            if config is not None and not reported and _all_listen(current):
+                _write_served(config, served)  # (a worker of the first set had to restart)
+                reported = True
+            if config is not None and current_digest != served and time.monotonic() >= retry_at:
+                fresh = _reload(config, workers, start, stop, worker_stop_s)
                 if fresh is None:
                     retry_at = time.monotonic() + _RELOAD_RETRY_S
                     _say(f"trying the reload again in {_RELOAD_RETRY_S:.0f} s")
                 else:  # the new workers listen: the old ones drain and stop
-                    served, retry_at = current, 0.0
-                    old, procs = procs, fresh
+                    served, retry_at, reported = current_digest, 0.0, True
+                    old, current = procs, fresh
+                    procs = [p for p, _ in current]
                     _stop_all(old, worker_stop_s + 5.0)
                     if metrics_port is not None:
                         for proc in old:
@@ -162,7 +168,8 @@ def supervise(
                     mark_process_dead(proc.pid, metrics_dir)
                 if stop.wait(delay):
                     break
-                procs[i] = start()[0]
+                current[i] = start()
+                procs[i] = current[i][0]
         return 0
     finally:
         _stop_all(procs, worker_stop_s + 5.0)
@@ -174,7 +181,8 @@ def _reload(
     workers: int,
     start: Callable[[], tuple[subprocess.Popen[bytes], Path]],
     stop: threading.Event,
-) -> list[subprocess.Popen[bytes]] | None:
+    worker_stop_s: float,
+) -> list[tuple[subprocess.Popen[bytes], Path]] | None:
     """The config changed: start workers on it beside the running ones; once they listen,
     return them (the caller's old ones are drained here). None if the config is invalid or
     they did not come up (the old ones keep serving)."""
@@ -187,9 +195,9 @@ def _reload(
     generation = [start() for _ in range(workers)]
     if not _wait_listening(generation, stop):
         _say("the new workers did not come up; still serving the old config")
-        _stop_all([p for p, _ in generation], 5.0)
+        _stop_all([p for p, _ in generation], worker_stop_s + 5.0)  # some may have answered
         return None
-    return [p for p, _ in generation]
+    return generation
 
 
 def _wait_listening(
@@ -205,6 +213,10 @@ def _wait_listening(
             return False
         time.sleep(0.05)
     return True
+
+
+def _all_listen(generation: list[tuple[subprocess.Popen[bytes], Path]]) -> bool:
+    return all(p.poll() is None and ready.exists() for p, ready in generation)
 
 
 def _digest(config: Path | None) -> str | None:
