@@ -3,6 +3,7 @@ the next start after a kill -9."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -13,6 +14,7 @@ import tritonclient.grpc as grpcclient
 
 from combiner.client import EnsembleClient
 from orchestrator.up import Deployment
+from tests.integration.processes import descendants
 from tests.integration.test_serving import direct_combination
 
 SHM = Path("/dev/shm")
@@ -49,9 +51,13 @@ def test_inputs_go_through_shared_memory_and_nothing_is_left_behind(
         first = triton_regions(endpoints)
         assert first and first <= chorus_segments()  # registered with Triton, on this host
 
-        # kill -9 the whole combiner (supervisor, worker and all): its regions stay behind
+        # kill -9 the whole combiner (supervisor, workers, and Python's resource tracker, which
+        # would unlink what a dead worker left; each worker has a process group of its own)
         assert deployment.combiner is not None and deployment.combiner.pid is not None
-        os.killpg(deployment.combiner.pid, signal.SIGKILL)
+        tree = [deployment.combiner.pid, *descendants(deployment.combiner.pid)]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         deployment.combiner.proc.wait()  # type: ignore[union-attr]
         time.sleep(0.2)
         assert first <= chorus_segments()
