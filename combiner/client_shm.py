@@ -47,7 +47,7 @@ import psutil
 from .errors import RequestError
 from .shm import POOL_NAME
 
-__all__ = ["CLIENT_PREFIX", "SESSION_HEADER", "Caller", "ClientRegion", "ClientRegions"]
+__all__ = ["CLIENT_PREFIX", "NOBODY", "SESSION_HEADER", "Caller", "ClientRegion", "ClientRegions"]
 
 log = logging.getLogger("chorus.combiner.shm")
 CLIENT_PREFIX = "chorus_client_"
@@ -91,6 +91,9 @@ class Caller:
                 "on every call that registers or uses a region; the SDK sends one"
             )
         return owner
+
+
+NOBODY = Caller()  # a caller with no regions: internal requests, or client shm off
 
 
 @dataclass(eq=False)

@@ -30,7 +30,7 @@ from tritonclient.utils import triton_to_np_dtype
 from . import __version__
 from .auth import Credentials
 from .body import BodyError, read_body
-from .client_shm import SESSION_HEADER, Caller
+from .client_shm import NOBODY, SESSION_HEADER, Caller
 from .config import TensorInfo
 from .connections import add_busy_tracking
 from .errors import RequestError
@@ -260,7 +260,9 @@ async def _infer(request: web.Request) -> web.StreamResponse:
             408, f"the request body did not arrive within {service.config.body_timeout_s:g} s"
         ) from None
     proto, binary_outputs = _to_proto(body, request.headers.get(_HEADER_LENGTH), name, version)
-    answer = await service.infer(proto, caller=_caller(request))
+    answer = await service.infer(
+        proto, caller=_caller(request) if service.regions.enabled else NOBODY
+    )
     response = _from_proto(answer, binary_outputs)
     if "Accept-Encoding" in request.headers:
         response.enable_compression()

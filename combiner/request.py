@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import triton_to_np_dtype
 
 from .batching import Rows
-from .client_shm import Caller, ClientRegion, ClientRegions
+from .client_shm import NOBODY, Caller, ClientRegion, ClientRegions
 from .config import CombinerConfig, TensorInfo
 from .errors import RequestError
 
@@ -26,7 +26,6 @@ __all__ = ["RequestError", "RequestReader"]
 
 # A deadline longer than a day is a day (and never a timer past what the loop can schedule).
 _LONGEST_DEADLINE_MS = 86_400_000.0
-_NOBODY = Caller()  # a caller with no shared memory of its own (tests, internal requests)
 
 # Where a request may carry a tensor's values without raw_input_contents.
 _TYPED_FIELD = {
@@ -81,7 +80,7 @@ class RequestReader:
             seconds = remaining if seconds is None else min(seconds, remaining)
         return seconds
 
-    def parse(self, request: service_pb2.ModelInferRequest, caller: Caller = _NOBODY) -> Rows:
+    def parse(self, request: service_pb2.ModelInferRequest, caller: Caller = NOBODY) -> Rows:
         """The request's inputs; ``caller``: whose shared-memory regions it may name."""
         expected = ", ".join(self._inputs)
         raw = list(request.raw_input_contents)
@@ -160,7 +159,7 @@ class RequestReader:
         return Rows.of(batch, data, shapes)
 
     def requested_outputs(
-        self, request: service_pb2.ModelInferRequest, caller: Caller = _NOBODY
+        self, request: service_pb2.ModelInferRequest, caller: Caller = NOBODY
     ) -> tuple[list[str], dict[str, tuple[ClientRegion, int, int]]]:
         """The outputs asked for (all, if none is named), and where in shared memory those
         asked there go: name -> (region, offset, byte size available). The caller holds those

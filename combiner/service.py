@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2
 
 from . import metrics
 from .batching import Batcher, Placement, Rows
-from .client_shm import Caller, ClientRegion, ClientRegions
+from .client_shm import NOBODY, Caller, ClientRegion, ClientRegions
 from .combination import Combination
 from .config import CombinerConfig, TensorInfo
 from .errors import RequestError
@@ -38,8 +38,6 @@ from .request import RequestReader
 __all__ = ["EnsembleService", "RequestError"]
 
 log = logging.getLogger("chorus.combiner")
-
-_NOBODY = Caller()
 
 # After the drain: wait for this long a quiet (no new request), at most _SETTLE_MAX_S.
 _SETTLE_QUIET_S = 0.05
@@ -159,7 +157,7 @@ class EnsembleService:
         self,
         request: service_pb2.ModelInferRequest,
         remaining: float | None = None,
-        caller: Caller = _NOBODY,
+        caller: Caller = NOBODY,
     ) -> service_pb2.ModelInferResponse:
         """Answer one request. ``remaining``: seconds the client still waits, if it said;
         ``caller``: who sent it (the shared-memory regions it may name are its own). Every
