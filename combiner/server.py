@@ -26,7 +26,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 
 from . import __version__
 from .auth import HEALTH_METHODS, Credentials
-from .client_shm import SESSION_HEADER, Caller
+from .client_shm import NOBODY, SESSION_HEADER, Caller
 from .config import CombinerConfig, TensorInfo
 from .connections import BoundedSite, connection_limit
 from .errors import RequestError
@@ -45,7 +45,7 @@ _LAST_ANSWERS_S = 5.0
 # (no maximum_concurrent_rpcs: gRPC counts a call from its headers, so streams that never send
 # their message would hold every place, health checks' included; the in-flight cap is the
 # service's, once a message, bounded in size, has arrived)
-_STREAMS_PER_CONNECTION = 64
+_STREAM_ROOM = 64  # a connection's streams beyond the requests in flight: health, metadata
 
 
 class _Undecodable:
@@ -170,7 +170,8 @@ class GrpcEndpoint:
 
     @_answered
     async def ModelInfer(self, request, context):
-        return await self.service.infer(request, context.time_remaining(), _caller(context))
+        caller = _caller(context) if self.service.regions.enabled else NOBODY  # (per request)
+        return await self.service.infer(request, context.time_remaining(), caller)
 
     def _check_model(self, name: str, version: str) -> None:
         if not self.service.is_ours(name, version):
@@ -297,7 +298,9 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
             ("grpc.max_allowed_incoming_connections", connections),
             ("grpc.max_connection_idle_ms", int(config.idle_timeout_s * 1000)),
             ("grpc.server_handshake_timeout_ms", 10_000),
-            ("grpc.max_concurrent_streams", _STREAMS_PER_CONNECTION),
+            # one client may keep as many calls in flight as the worker takes (fewer: a client
+            # opening streams before it has the server's settings gets some refused)
+            ("grpc.max_concurrent_streams", config.max_requests_in_flight + _STREAM_ROOM),
         ],
     )
     handlers = _handlers(GrpcEndpoint(service))
