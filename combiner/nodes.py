@@ -86,23 +86,17 @@ class Nodes:
 
     @property
     def ready(self) -> bool:
-        return self.reason is None
+        return not self.stranded
 
     @property
-    def reason(self) -> str | None:
-        """Why some member has no node ready to run it; None when every member has one."""
-        if all(n.watch.ready for n in self.nodes.values()):  # the usual case, on every request
-            return None
-        stranded = [
+    def stranded(self) -> list[str]:
+        """The members no ready node runs; none, the usual case, on every request. (Why: each
+        watch logs it, in gRPC's words, which name Triton's address: not for clients.)"""
+        if all(n.watch.ready for n in self.nodes.values()):
+            return []
+        return [
             m for m in self._members if not any(self.nodes[n].watch.ready for n in self._placed[m])
         ]
-        if not stranded:
-            return None
-        down = [n for n in self.nodes.values() if not n.watch.ready]
-        if len(self.nodes) == 1:
-            return down[0].watch.reason
-        why = "; ".join(f"{n.name}: {n.watch.reason}" for n in down)
-        return f"no node is ready for {', '.join(stranded)} ({why})"
 
     async def start(self) -> None:
         """Reclaim what stopped combiners left in shared memory; probe every node once, then

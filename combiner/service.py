@@ -215,10 +215,12 @@ class EnsembleService:
         remaining: float | None,
     ) -> service_pb2.ModelInferResponse:
         deadline = self.reader.deadline(request, remaining)
-        reason = self.nodes.reason  # a bad request is bad whether Triton is there or not
-        if reason is not None:
+        stranded = self.nodes.stranded  # a bad request is bad whether Triton is there or not
+        if stranded:  # the watch logged why, in gRPC's words: they name Triton's address
             raise RequestError(
-                grpc.StatusCode.UNAVAILABLE, f"the members are not reachable: {reason}"
+                grpc.StatusCode.UNAVAILABLE,
+                f"the members are not reachable: {', '.join(stranded)} (Triton unavailable; "
+                "the error is in the combiner's log)",
             )
         loop = asyncio.get_running_loop()
         due = None if deadline is None else time.monotonic() + deadline

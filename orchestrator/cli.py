@@ -434,7 +434,6 @@ def node(
     host: Annotated[str, typer.Option(help="address Triton listens on")] = "127.0.0.1",
     grpc_port: Annotated[int, typer.Option()] = 8001,
     http_port: Annotated[int, typer.Option()] = 8000,
-    metrics_port: Annotated[int, typer.Option()] = 8002,
     workdir: Annotated[Path, typer.Option(help="where the Python backend's files go")] = Path(
         "/tmp/chorus-node"
     ),
@@ -444,9 +443,7 @@ def node(
     same command for a compose service and a pod; the container restarts it."""
     from .deploy import serve_node
 
-    serve_node(
-        repo.resolve(), workdir.resolve(), key_file, host, grpc_port, http_port, metrics_port
-    )
+    serve_node(repo.resolve(), workdir.resolve(), key_file, host, grpc_port, http_port)
 
 
 @app.command()

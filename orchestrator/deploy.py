@@ -95,7 +95,6 @@ def serve_node(
     host: str,
     grpc_port: int,
     http_port: int,
-    metrics_port: int,
     binary: ServerBinary | None = None,
 ) -> NoReturn:
     """Become this node's tritonserver (exec): the rendered repository, every model in it
@@ -105,7 +104,7 @@ def serve_node(
         raise SpecError(repo, "", "no model to serve: render the node's repository first")
     key = read_key(key_file)
     server = TritonServer(repo, workdir, models, host, binary or find_tritonserver(), key=key)
-    server.grpc_port, server.http_port, server.metrics_port = grpc_port, http_port, metrics_port
+    server.grpc_port, server.http_port = grpc_port, http_port
     argv, env = server.command()
     os.execve(argv[0], argv, env)
 

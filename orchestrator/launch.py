@@ -283,7 +283,6 @@ class TritonServer:
             key = secrets.token_hex(32)  # [0-9a-f]: Triton parses it
         self.key = key
         self.grpc_port = self.http_port = 0
-        self.metrics_port = 0  # unused: Triton's metrics are off (see command())
         self.process: ManagedProcess | None = None
 
     @property

@@ -1,7 +1,8 @@
 """What Chorus gives away: Triton's key only on the calls Triton restricts (never on a health
 probe, which whoever holds Triton's port while it restarts would answer), no Triton metrics
 port, and to a client only the name and status code of a member that failed, never the
-member's own error text (a traceback with paths, or values of other clients' rows)."""
+member's own error text (a traceback with paths, or values of other clients' rows), nor
+Triton's address when the members cannot be reached."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import psutil
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from combiner.client import EnsembleClient
+from combiner.client import EnsembleClient, Unavailable
 from combiner.upstream import KEY_HEADER, MemberError, Upstream
 from combiner.watch import TritonWatch
 from orchestrator.launch import TritonServer, free_port
@@ -141,3 +142,20 @@ def test_a_failed_member_is_named_with_its_status_code_and_its_text_stays_in_the
     for private in ("broken on purpose", "RuntimeError", "model.py", str(root), "At:", "\n"):
         assert private not in answer.missing, answer.missing
     assert "broken on purpose" in log and "model.py" in log
+
+
+def test_unreachable_members_are_named_to_the_client_and_tritons_address_stays_in_the_log(
+    toy: tuple[Path, TritonServer],
+) -> None:
+    root, triton = toy
+    port = free_port()  # nothing listens there: gRPC's error names this address
+    config = toy_config(triton, root, ["a", "b"], triton_url=f"127.0.0.1:{port}")
+    with combiner(root, "unreachable", config) as (process, address):
+        with EnsembleClient(address) as client, pytest.raises(Unavailable) as refused:
+            client.infer(np.ones((2, 4), np.float32))
+        log = process.log.read_text()
+    told = str(refused.value)
+    for private in (str(port), "127.0.0.1", "ipv4", "connect"):
+        assert private not in told, told
+    assert "the members are not reachable: a, b" in told, told
+    assert f"127.0.0.1:{port}" in log  # the operator still reads gRPC's own text

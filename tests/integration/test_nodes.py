@@ -32,10 +32,10 @@ GIB = 1 << 30
 @contextmanager
 def node(repo: Path, key_file: Path, workdir: Path) -> Iterator[tuple[str, str]]:
     """``chorus node`` on a repository: (gRPC address, HTTP address) once ready."""
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    grpc_port, http_port = free_port(), free_port()
     argv = [sys.executable, "-m", "orchestrator", "node", str(repo), "--key-file", str(key_file)]
     argv += ["--grpc-port", str(grpc_port), "--http-port", str(http_port)]
-    argv += ["--metrics-port", str(metrics_port), "--workdir", str(workdir)]
+    argv += ["--workdir", str(workdir)]
     process = ManagedProcess("node", argv, workdir / "node.log")
     process.start()
     try:
@@ -205,7 +205,7 @@ def test_regenerate_configs_switches_a_running_deployment_in_place(
     before = {m.name: (repo / m.name / "config.pbtxt").read_bytes() for m in ensemble.members}
     argv = [sys.executable, "-m", "orchestrator", "node", str(repo), "--key-file", str(key_file)]
     argv += ["--grpc-port", str(grpc_port), "--http-port", str(http_port := free_port())]
-    argv += ["--metrics-port", str(free_port()), "--workdir", str(tmp_path / "n0")]
+    argv += ["--workdir", str(tmp_path / "n0")]
     triton = ManagedProcess("node", argv, tmp_path / "node.log")
     triton.start()
     try:
