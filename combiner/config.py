@@ -130,7 +130,10 @@ class CombinerConfig(_Strict):
         30.0, gt=0, description="a client connection with no request for this long is closed"
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="an HTTP request body must arrive within this (slow senders)"
+        30.0,
+        gt=0,
+        description="an HTTP request body, or a gRPC request message, must arrive within this "
+        "(slow senders)",
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"

@@ -13,7 +13,8 @@ them and the worker can accept nothing, not even a health check. So:
   to finish its handshake;
 * HTTP (:class:`BoundedSite`): at the limit, a new connection closes the newest idle one (no
   request in progress: a flood is recent, a client keeping its connection is not); if every
-  connection is busy, the newcomer is answered 503 and closed. A TLS handshake has 10 s.
+  connection is busy, the newcomer is answered 503 and closed (after reading its request, for
+  at most a second). A TLS handshake has 10 s.
   aiohttp closes a connection with no request for ``idle_timeout_s`` (its keep-alive timeout,
   which also runs from the connection's start).
 """
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import resource
+import typing
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -77,16 +79,38 @@ _REFUSAL = json.dumps({"error": "this endpoint has all the connections it takes;
 
 
 class _Refused(asyncio.Protocol):
-    """A connection past the limit while every other is busy: 503, then closed."""
+    """A connection past the limit while every other is busy: 503, then closed once the client
+    has sent its request (closing with it unread would reset the connection, and the client
+    might read the reset instead of the 503), or after a second, or past 64 KiB of it."""
+
+    _LINGER_S = 1.0
+    _LINGER_BYTES = 64 * 1024
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
+        # (uvloop's transports are not asyncio.Transport instances: no isinstance check here;
+        # an assert on one made every refusal fail, leaving the client without an answer)
+        transport = typing.cast(asyncio.Transport, transport)
+        self._transport, self._read = transport, 0
         transport.write(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(_REFUSAL)}\r\nConnection: close\r\n\r\n".encode()
             + _REFUSAL
         )
-        transport.close()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(self._LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:  # read and dropped
+        self._read += len(data)
+        if self._read > self._LINGER_BYTES:
+            self._transport.close()
+
+    def eof_received(self) -> bool:
+        self._transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
 
 
 class BoundedSite(web.TCPSite):

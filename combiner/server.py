@@ -2,7 +2,9 @@
 
 Every RPC translates to and from :class:`EnsembleService`; every failure is answered with a
 gRPC status in the protocol (a bug is INTERNAL, never UNKNOWN). Messages larger than the
-ensemble's request limit are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read.
+ensemble's request limit are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read;
+a message that does not arrive within ``body_timeout_s`` of its call is answered
+DEADLINE_EXCEEDED.
 
 :func:`serve` runs until ``stop`` is set, then answers what it accepted (up to the drain
 timeout), stops listening, answers what reached it meanwhile, lets the batches and the calls
@@ -49,10 +51,25 @@ _STREAM_ROOM = 64  # a connection's streams beyond the requests in flight: healt
 
 
 class _Undecodable:
-    """What a request that is not a valid protobuf of its type decodes to."""
+    """What a request that is not a valid protobuf of its type decodes to, or that never came."""
 
-    def __init__(self, kind: str, error: Exception) -> None:
-        self.message = f"the request is not a valid {kind} protobuf ({error})"
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
+        self.message, self.code = message, code
+
+    @classmethod
+    def invalid(cls, kind: str, error: Exception) -> _Undecodable:
+        return cls(f"the request is not a valid {kind} protobuf ({error})")
+
+    @classmethod
+    def late(cls, timeout_s: float) -> _Undecodable:
+        return cls(
+            f"the request message did not arrive within {timeout_s:g} s",
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+
+    @classmethod
+    def none(cls) -> _Undecodable:
+        return cls("the call ended without a request message")
 
 
 def _answered(method: Handler) -> Handler:
@@ -62,7 +79,7 @@ def _answered(method: Handler) -> Handler:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             if isinstance(request, _Undecodable):
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                raise RequestError(request.code, request.message)
             return await method(self, request, context)
         except RequestError as e:
             code, message = e.code, str(e)
@@ -188,10 +205,14 @@ def _caller(context: grpc.aio.ServicerContext) -> Caller:
 _SERVICE = "inference.GRPCInferenceService"
 
 
-def _handlers(endpoint: GrpcEndpoint) -> dict[str, grpc.RpcMethodHandler]:
+def _handlers(endpoint: GrpcEndpoint, timeout_s: float) -> dict[str, grpc.RpcMethodHandler]:
     """The KServe v2 service's handlers, as the generated code builds them, but with requests
     that do not decode answered INVALID_ARGUMENT (grpc would say UNKNOWN, and log a traceback
-    each time) and the RPCs Chorus does not serve answered UNIMPLEMENTED by name."""
+    each time) and the RPCs Chorus does not serve answered UNIMPLEMENTED by name.
+
+    The unary RPCs are served as stream-unary (the wire is the same for a unary client) so that
+    their message is awaited under ``timeout_s``: a stream that sends its headers and never its
+    message would otherwise hold its place until the connection closes."""
     service = service_pb2.DESCRIPTOR.services_by_name[_SERVICE.rsplit(".", 1)[1]]
     handlers = {}
     for method in service.methods:
@@ -203,12 +224,31 @@ def _handlers(endpoint: GrpcEndpoint) -> dict[str, grpc.RpcMethodHandler]:
                 _unimplemented_stream(method.name)
             )
             continue
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(endpoint, method.name) if implemented else _unimplemented(method.name),
+        handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+            _one_message(getattr(endpoint, method.name), timeout_s)
+            if implemented
+            else _unimplemented_stream(method.name),
             request_deserializer=_tolerant(request_type),
             response_serializer=response_type.SerializeToString,
         )
     return handlers
+
+
+def _one_message(
+    method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], timeout_s: float
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """A unary method, fed the first message of its stream once it arrives within
+    ``timeout_s`` (a message that does not is answered DEADLINE_EXCEEDED)."""
+
+    async def handler(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async with asyncio.timeout(timeout_s):
+                request = await anext(aiter(requests), None)
+        except TimeoutError:
+            request = _Undecodable.late(timeout_s)
+        return await method(request if request is not None else _Undecodable.none(), context)
+
+    return handler
 
 
 def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
@@ -216,7 +256,7 @@ def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
         try:
             return message_type.FromString(data)
         except Exception as e:  # DecodeError, or anything protobuf may raise on bad bytes
-            return _Undecodable(message_type.__name__, e)
+            return _Undecodable.invalid(message_type.__name__, e)
 
     return deserialize
 
@@ -245,17 +285,15 @@ class _TokenCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, credentials: Credentials) -> None:
         self._credentials = credentials
 
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async def deny(requests: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "this endpoint needs the metadata 'authorization: Bearer <token>'",
             )
 
-        async def deny_stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
-            await deny(None, context)
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
+        # (neither reads the request: a stream that never sends it holds nothing)
+        self._deny = grpc.stream_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
@@ -303,7 +341,7 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
             ("grpc.max_concurrent_streams", config.max_requests_in_flight + _STREAM_ROOM),
         ],
     )
-    handlers = _handlers(GrpcEndpoint(service))
+    handlers = _handlers(GrpcEndpoint(service), config.body_timeout_s)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
     server.add_registered_method_handlers(_SERVICE, handlers)  # looked up in C, per call
     runner = web.AppRunner(

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import uvloop
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("grpc._cython.cygrpc").addFilter(_quiet_gone_clients)
-    logging.getLogger("aiohttp.server").addFilter(_one_line_for_bad_requests)
+    logging.getLogger("aiohttp.server").addFilter(_BadRequests())
     config = CombinerConfig.load(args.config)
     raise_file_limit()  # every client connection holds a descriptor (combiner.connections)
     try:
@@ -69,15 +70,36 @@ def _quiet_gone_clients(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("ExecuteBatchError raised in core")
 
 
-def _one_line_for_bad_requests(record: logging.LogRecord) -> bool:
+class _BadRequests(logging.Filter):
     """A malformed HTTP request (answered 400) is the client's doing: one line in the log, not
-    a traceback that anyone can make the combiner write, as often as they like."""
-    error = record.exc_info[1] if record.exc_info else None
-    if isinstance(error, HttpProcessingError):
-        record.msg, record.args = "malformed HTTP request, answered 400: %s", (error.message,)
+    a traceback, and at most ``burst`` of them a minute (then one line saying how many were
+    left out): otherwise anyone could make the combiner write as much as they like."""
+
+    def __init__(self, burst: int = 10, period_s: float = 60.0) -> None:
+        super().__init__()
+        self._burst, self._period = burst, period_s
+        self._since, self._logged, self._dropped = -period_s, 0, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._since >= self._period:
+            dropped, self._since, self._logged, self._dropped = self._dropped, now, 0, 0
+        else:
+            dropped = 0
+        if self._logged >= self._burst:
+            self._dropped += 1
+            return False
+        self._logged += 1
+        record.msg, record.args = "malformed HTTP request, answered 400: %s%s", (
+            error.message,
+            f" ({dropped} more in the last minute, not logged)" if dropped else "",
+        )
         record.exc_info, record.exc_text, record.levelno = None, None, logging.INFO
         record.levelname = "INFO"
-    return True
+        return True
 
 
 async def _run(config: CombinerConfig, listen: Listen) -> None:

@@ -4,13 +4,14 @@ fresh clients throughout."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
 import resource
 import socket
 import time
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -22,21 +23,37 @@ from tests.integration.toy import combiner, toy_config, toy_triton
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory):
-    """A combiner whose file limit is 1024 (soft and hard), as many shells and units give."""
+def triton(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
-    http = free_port()
     with toy_triton(root, {}) as (_, triton):
-        config = toy_config(triton, root, ["a", "b"], body_timeout_s=1.0)
-        with combiner(
-            root,
-            "combiner-limited",
-            config,
-            "--http-port",
-            str(http),
-            wrapper=["prlimit", "--nofile=1024:1024"],
-        ) as (process, address):
-            yield process, address, f"127.0.0.1:{http}"
+        yield root, triton
+
+
+@pytest.fixture(scope="module")
+def limited(triton):
+    """A combiner whose file limit is 1024 (soft and hard), as many shells and units give."""
+    root, server = triton
+    http = free_port()
+    config = toy_config(server, root, ["a", "b"], body_timeout_s=1.0)
+    with combiner(
+        root,
+        "combiner-limited",
+        config,
+        "--http-port",
+        str(http),
+        wrapper=["prlimit", "--nofile=1024:1024"],
+    ) as (process, address):
+        yield process, address, f"127.0.0.1:{http}"
+
+
+@pytest.fixture(scope="module")
+def two_connections(triton):
+    """A combiner that keeps at most 2 HTTP connections."""
+    root, server = triton
+    http = free_port()
+    config = toy_config(server, root, ["a", "b"], body_timeout_s=5.0, max_connections=2)
+    with combiner(root, "combiner-two", config, "--http-port", str(http)) as (_, address):
+        yield address, f"127.0.0.1:{http}"
 
 
 def fresh_answers(address: str, http: str) -> None:
@@ -89,16 +106,20 @@ def test_a_slow_body_is_cut_off_and_the_worker_serves_on(limited):
 
 
 def test_a_malformed_request_is_answered_400_without_a_traceback_in_the_log(limited):
+    """Each is answered 400; the log gets one line for each of the first ten a minute, and no
+    traceback: a client cannot make the combiner write as much as it likes."""
     process, address, http = limited
     host, _, port = http.rpartition(":")
-    before = process.log.read_text()
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(b"POST /v2/models/toy/infer HTTP/1.1\r\nContent-Length: nope\r\n\r\n")
-        reply = s.recv(4096)
-    assert reply.split(b" ", 2)[1] == b"400", reply
+    before = len(process.log.read_text())
+    for _ in range(50):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v2/models/toy/infer HTTP/1.1\r\nContent-Length: nope\r\n\r\n")
+            reply = s.recv(4096)
+        assert reply.split(b" ", 2)[1] == b"400", reply
     fresh_answers(address, http)
-    with contextlib.suppress(FileNotFoundError):
-        assert "Traceback" not in process.log.read_text()[len(before) :]
+    written = process.log.read_text()[before:]
+    assert "Traceback" not in written
+    assert 1 <= written.count("malformed HTTP request, answered 400") <= 10, written
 
 
 def test_a_binary_message_over_the_grpc_limit_is_refused_before_it_is_read(endpoints):
@@ -112,3 +133,54 @@ def test_a_binary_message_over_the_grpc_limit_is_refused_before_it_is_read(endpo
         with pytest.raises(InferenceServerException) as e:
             client.infer("digits", [tensor])
     assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", e.value.message()
+
+
+def test_a_grpc_call_whose_message_never_comes_is_ended_and_the_worker_serves_on(limited):
+    """A stream that sends its headers and never its message used to hold its place until the
+    connection closed; now it is answered within the body timeout (1 s here)."""
+    _, address, http = limited
+
+    async def never_sent():
+        await asyncio.Event().wait()  # the message never comes
+        yield b""
+
+    async def call() -> tuple[grpc.StatusCode, str, float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            infer = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")
+            start = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await infer(never_sent(), timeout=10)
+            return e.value.code(), e.value.details() or "", time.monotonic() - start
+
+    code, details, waited = asyncio.run(call())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not arrive within 1 s" in details, details
+    assert waited < 5, waited
+    fresh_answers(address, http)
+
+
+def test_a_connection_past_the_limit_reads_its_503_rather_than_a_reset(two_connections):
+    """Both connections the worker keeps are busy (their bodies come slowly); a third client's
+    request is answered 503 with its JSON, and the connection ends with a FIN, not a reset."""
+    _, http = two_connections
+    host, _, port = http.rpartition(":")
+    head = (
+        b"POST /v2/models/toy/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n"
+    )
+    busy = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+    try:
+        for s in busy:
+            s.sendall(head + b'{"inputs": ')  # and the rest later
+        time.sleep(0.3)  # both are in their handlers
+        for _ in range(20):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(head + b" " * 1000)
+                reply = b""
+                while chunk := s.recv(4096):  # a reset raises ConnectionResetError here
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 503"), reply
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"].startswith("this endpoint")
+    finally:
+        for s in busy:
+            s.close()
