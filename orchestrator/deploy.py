@@ -205,8 +205,16 @@ def switch(
                 say(f"[{node}] loading {name}")
                 _control(client.load_model, name, headers, node)
                 done.append(name if len(nodes) == 1 else f"{node}/{name}")
-    if config_path is not None and new_config is not None:
-        _serve_config(config_path, new_config, say, wait_s)
+    if (
+        config_path is not None
+        and new_config is not None
+        and not _serve_config(config_path, new_config, say, wait_s)
+    ):
+        raise ChorusError(
+            f"the running combiner did not take the new config {config_path} within "
+            f"{wait_s:g} s, so no member was unloaded (it may still send them calls); see the "
+            "combiner's log, then run regenerate-configs again"
+        )
     for node in nodes:
         if not removed[node] or node not in tritons:
             continue
