@@ -32,7 +32,7 @@ ROUND = """
 import inspect, json, sys
 from benchmarks.baselines import add_baselines, load, requests_for, served
 from examples.digits.train import HERE, load_split
-from orchestrator.spec import load_ensemble
+from orchestrator.planning.spec import load_ensemble
 
 seconds = float(sys.argv[1])
 ensemble = load_ensemble(HERE / "ensemble.yaml")

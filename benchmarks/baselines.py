@@ -41,9 +41,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from benchmarks.report import publish
 from examples.digits.train import HERE, load_split, train_members
-from orchestrator.bench import Load, closed_loop
-from orchestrator.spec import Ensemble, load_ensemble
-from orchestrator.up import Deployment
+from orchestrator.deploying.up import Deployment
+from orchestrator.measuring.bench import Load, closed_loop
+from orchestrator.planning.spec import Ensemble, load_ensemble
 from tests.onnx_models import linear
 
 CONCURRENCY = (1, 8, 64)

@@ -24,7 +24,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from benchmarks.report import publish
-from orchestrator.launch import free_port
+from orchestrator.deploying.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 V2 = Path(sysconfig.get_paths()["purelib"]) / "compose" / "docker-compose"

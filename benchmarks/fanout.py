@@ -17,9 +17,9 @@ from pathlib import Path
 from benchmarks.report import publish
 from combiner.client import AsyncEnsembleClient
 from examples.digits.train import HERE, load_split, train_members
-from orchestrator.bench import Load, closed_loop
-from orchestrator.spec import load_ensemble
-from orchestrator.up import Deployment
+from orchestrator.deploying.up import Deployment
+from orchestrator.measuring.bench import Load, closed_loop
+from orchestrator.planning.spec import load_ensemble
 
 
 def load(url: str, x, batch: int, concurrency: int, seconds: float, deadline_ms) -> Load:

@@ -38,7 +38,7 @@ import numpy as np
 
 from benchmarks.report import publish
 from benchmarks.scenarios import SCENARIOS, GiB, Scenario, v100_profile
-from orchestrator.allocate import (
+from orchestrator.planning.allocate import (
     Problem,
     SearchResult,
     evaluate,

@@ -5,7 +5,8 @@
 Random small cases (3 members, 2 devices, 0-3 instances per member and device, batch sizes
 1-64), where trying every allocation is possible: the greedy's predicted throughput as a
 fraction of the optimum, and how many allocations each evaluated. Then the time to plan
-12 members onto 16 GPUs. All throughputs are the cost model's predictions (orchestrator.allocate).
+12 members onto 16 GPUs. All throughputs are the cost model's predictions
+(orchestrator.planning.allocate).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import publish
-from orchestrator.allocate import exhaustive, greedy, problem
-from orchestrator.hardware import Device
-from orchestrator.profile import Curve, Profile
+from orchestrator.planning.allocate import exhaustive, greedy, problem
+from orchestrator.planning.hardware import Device
+from orchestrator.planning.profile import Curve, Profile
 
 GiB = 1 << 30
 SIZES = (1, 2, 4, 8, 16, 32, 64)

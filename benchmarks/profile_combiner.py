@@ -38,8 +38,8 @@ from benchmarks.baselines import (
 )
 from benchmarks.report import publish
 from examples.digits.train import HERE, load_split, train_members
-from orchestrator.launch import free_port
-from orchestrator.spec import load_ensemble
+from orchestrator.deploying.launch import free_port
+from orchestrator.planning.spec import load_ensemble
 
 
 class _Canned(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]

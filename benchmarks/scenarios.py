@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.hardware import Device
-from orchestrator.profile import Curve, Profile
+from orchestrator.planning.hardware import Device
+from orchestrator.planning.profile import Curve, Profile
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -8,7 +8,7 @@ the combiner at the same closed-loop client load, side by side in one run:
 * Chorus's plan (worst-fit + the search on the measured profile), members called
   concurrently;
 * the paper's baseline: one instance per member spread by worst-fit, each at the batch size
-  best for it among those that fit beside the others (orchestrator.allocate.worst_fit), run
+  best for it among those that fit beside the others (orchestrator.planning.allocate.worst_fit), run
   two ways, each predicted with its own execution model: sequential (members one after
   another, one client at a time, as the paper's: predicted 1 / sum_m(1 / T_m)) and concurrent
   (predicted by the cost model Chorus plans with);
@@ -37,11 +37,12 @@ from pathlib import Path
 
 from benchmarks.report import publish
 from examples.digits.train import HERE, load_split, train_members
-from orchestrator.allocate import SearchResult, problem, worst_fit
-from orchestrator.bench import Load, ensemble_load, member_load
-from orchestrator.hardware import discover
-from orchestrator.measure import measure_profile
-from orchestrator.plan import (
+from orchestrator.deploying.up import Deployment
+from orchestrator.measuring.bench import Load, ensemble_load, member_load
+from orchestrator.measuring.measure import measure_profile
+from orchestrator.planning.allocate import SearchResult, problem, worst_fit
+from orchestrator.planning.hardware import discover
+from orchestrator.planning.plan import (
     Plan,
     make_plan,
     one_instance_each,
@@ -49,9 +50,8 @@ from orchestrator.plan import (
     predict,
     predict_sequential,
 )
-from orchestrator.profile import Curve, Profile
-from orchestrator.spec import Ensemble, load_ensemble
-from orchestrator.up import Deployment
+from orchestrator.planning.profile import Curve, Profile
+from orchestrator.planning.spec import Ensemble, load_ensemble
 
 
 def serve_and_load(ensemble: Ensemble, plan: Plan, work: Path, x, args, fan_out, clients):

@@ -42,12 +42,12 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from benchmarks.report import publish
 from combiner.client import AsyncEnsembleClient, EnsembleError
-from combiner.rules import softmax
+from combiner.stages.rules import softmax
 from examples.digits.train import HERE, load_split, train_members
-from orchestrator.launch import free_port
-from orchestrator.measure import measure_profile
-from orchestrator.profile import save_profile
-from orchestrator.spec import Ensemble, load_ensemble
+from orchestrator.deploying.launch import free_port
+from orchestrator.measuring.measure import measure_profile
+from orchestrator.planning.profile import save_profile
+from orchestrator.planning.spec import Ensemble, load_ensemble
 
 WINDOW_S = 10.0
 CLIENT_TIMEOUT_S = 60.0

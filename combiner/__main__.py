@@ -34,10 +34,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .auth import Credentials
-from .config import CombinerConfig
-from .worker import add_endpoint_arguments
-from .workers import PortInUse, Restarts, claim_ports, die_with_parent
+from combiner.config import CombinerConfig
+from combiner.endpoints.auth import Credentials
+from combiner.worker import add_endpoint_arguments
+from combiner.workers import PortInUse, Restarts, claim_ports, die_with_parent
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,7 +132,7 @@ class Answer:
 
 
 _REGION_NAMES = itertools.count()
-SESSION_HEADER = "chorus-shm-session"  # the same as the endpoint's (combiner.client_shm)
+SESSION_HEADER = "chorus-shm-session"  # the same as the endpoint's (combiner.endpoints.client_shm)
 # statuses after which the server may still be working on the call (the client gave up first)
 _NO_ANSWER = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED", None}
 # a region the endpoint forgot is registered again, and the call repeated, this many times at

@@ -69,7 +69,7 @@ class CombinerConfig(_Strict):
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     members: tuple[MemberRoute, ...]
-    rule: str = Field("mean", description="a rule of combiner.rules, or 'module:function'")
+    rule: str = Field("mean", description="a rule of combiner.stages.rules, or 'module:function'")
     rule_path: tuple[str, ...] = Field((), description="folders to import a user rule from")
     softmax: bool = False
     uncertainty: tuple[Literal["entropy", "mutual_information", "variance", "agreement"], ...] = ()

@@ -22,10 +22,10 @@ from pathlib import Path
 import uvloop
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .auth import Credentials
-from .config import CombinerConfig
-from .connections import raise_file_limit
-from .server import Listen, serve
+from combiner.config import CombinerConfig
+from combiner.endpoints.auth import Credentials
+from combiner.endpoints.connections import raise_file_limit
+from combiner.endpoints.server import Listen, serve
 
 
 def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("grpc._cython.cygrpc").addFilter(_quiet_gone_clients)
     logging.getLogger("aiohttp.server").addFilter(_BadRequests())
     config = CombinerConfig.load(args.config)
-    raise_file_limit()  # every client connection holds a descriptor (combiner.connections)
+    raise_file_limit()  # each client connection holds a descriptor (endpoints.connections)
     try:
         credentials = Credentials.load(args.token_file, args.tls_cert, args.tls_key)
     except (OSError, ValueError) as e:
@@ -93,9 +93,12 @@ class _BadRequests(logging.Filter):
             self._dropped += 1
             return False
         self._logged += 1
-        record.msg, record.args = "malformed HTTP request, answered 400: %s%s", (
-            error.message,
-            f" ({dropped} more in the last minute, not logged)" if dropped else "",
+        record.msg, record.args = (
+            "malformed HTTP request, answered 400: %s%s",
+            (
+                error.message,
+                f" ({dropped} more in the last minute, not logged)" if dropped else "",
+            ),
         )
         record.exc_info, record.exc_text, record.levelno = None, None, logging.INFO
         record.levelname = "INFO"

@@ -1,12 +1,17 @@
 """Chorus's control plane: read the ensemble, see the hardware, render Triton's model repository,
 launch Triton and the combiner. It never sits on the request path."""
 
-from .errors import ChorusError, InfeasibleError, LaunchError, SpecError
-from .hardware import Device, discover
-from .launch import TritonServer, find_tritonserver
-from .render import InstanceGroup, pick_backend, render_config, render_repository
-from .spec import Ensemble, Member, Tensor, load_ensemble
-from .up import Deployment, Endpoints
+from orchestrator.deploying.launch import TritonServer, find_tritonserver
+from orchestrator.deploying.render import (
+    InstanceGroup,
+    pick_backend,
+    render_config,
+    render_repository,
+)
+from orchestrator.deploying.up import Deployment, Endpoints
+from orchestrator.errors import ChorusError, InfeasibleError, LaunchError, SpecError
+from orchestrator.planning.hardware import Device, discover
+from orchestrator.planning.spec import Ensemble, Member, Tensor, load_ensemble
 
 __all__ = [
     "ChorusError",

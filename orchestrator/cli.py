@@ -17,14 +17,19 @@ from rich.table import Table
 from rich.text import Text
 
 from combiner.workers import PortInUse, claim_ports
-
-from .errors import ChorusError, SpecError
-from .hardware import Device, discover, load_hardware
-from .plan import Plan, load_plan, plan_ensemble, plan_table
-from .profile import Profile, load_profile, save_profile
-from .render import Backend, describe_changes, fanout_name, pick_backend, render_plan
-from .spec import Ensemble, load_ensemble
-from .up import Deployment
+from orchestrator.deploying.render import (
+    Backend,
+    describe_changes,
+    fanout_name,
+    pick_backend,
+    render_plan,
+)
+from orchestrator.deploying.up import Deployment
+from orchestrator.errors import ChorusError, SpecError
+from orchestrator.planning.hardware import Device, discover, load_hardware
+from orchestrator.planning.plan import Plan, load_plan, plan_ensemble, plan_table
+from orchestrator.planning.profile import Profile, load_profile, save_profile
+from orchestrator.planning.spec import Ensemble, load_ensemble
 
 __all__ = ["app", "main"]
 
@@ -70,7 +75,7 @@ def _profile(ensemble: Ensemble, profile: Path | None, workdir: Path) -> tuple[P
         if set(cached.members) >= {m.name for m in ensemble.members}:
             console.print(f"using the cached profile {cache} ('chorus profile' measures again)")
             return cached, cache
-    from .measure import measure_profile
+    from orchestrator.measuring.measure import measure_profile
 
     console.print("no profile yet: measuring every member on this machine's Triton")
     measured = measure_profile(ensemble, workdir)
@@ -231,7 +236,7 @@ def profile(
     """Measure each member on a real Triton: memory per instance, latency, busy time and
     Triton's CPU per batch size; then what a request costs beyond its members, through the
     combiner."""
-    from .measure import measure_profile
+    from orchestrator.measuring.measure import measure_profile
 
     ensemble = load_ensemble(ensemble_file)
     workdir = _workdir(ensemble, workdir)
@@ -307,7 +312,7 @@ def plan(
     if output:
         output.write_text(result.to_json())
     if png:
-        from .picture import draw_plan
+        from orchestrator.planning.picture import draw_plan
 
         draw_plan(result, png)
         console.print(f"wrote {png}")
@@ -358,9 +363,9 @@ def regenerate_configs(
 ) -> None:
     """Re-detect the hardware, plan again, rewrite the configs; print what changed. With the
     running Tritons' addresses, they switch to the new configs in place."""
-    from .deploy import new_key, switch
-    from .launch import find_tritonserver
-    from .up import combiner_config
+    from orchestrator.deploying.deploy import new_key, switch
+    from orchestrator.deploying.launch import find_tritonserver
+    from orchestrator.deploying.up import combiner_config
 
     ensemble = load_ensemble(ensemble_file)
     workdir = _workdir(ensemble, workdir)
@@ -441,7 +446,7 @@ def node(
     """Serve one node's part of a plan: become its tritonserver (every model in the
     repository loaded, explicit model control, every API but health behind the key). The
     same command for a compose service and a pod; the container restarts it."""
-    from .deploy import serve_node
+    from orchestrator.deploying.deploy import serve_node
 
     serve_node(repo.resolve(), workdir.resolve(), key_file, host, grpc_port, http_port)
 
@@ -460,7 +465,7 @@ def tune(
     workdir: WorkdirOpt = None,
 ) -> None:
     """The greedy search, measured on the live Triton: each candidate applied and loaded."""
-    from .tune import tune as run_tune
+    from orchestrator.measuring.tune import tune as run_tune
 
     ensemble = load_ensemble(ensemble_file)
     workdir = _workdir(ensemble, workdir)
@@ -554,7 +559,7 @@ def render(
     ensemble = load_ensemble(ensemble_file)
     result = load_plan(plan_file)
     if target == "kubernetes":
-        from .kubernetes import render_kubernetes
+        from orchestrator.deploying.kubernetes import render_kubernetes
 
         files = render_kubernetes(
             ensemble,
@@ -570,8 +575,8 @@ def render(
         for path in files:
             print(f"wrote {path}")
         return
-    from .launch import find_tritonserver
-    from .render import render_node
+    from orchestrator.deploying.launch import find_tritonserver
+    from orchestrator.deploying.render import render_node
 
     backend = backend or pick_backend(find_tritonserver().backends)
     if node is None:

@@ -18,13 +18,13 @@ from rich.console import Console
 from rich.table import Table
 
 from combiner.client import EnsembleClient
-from orchestrator.bench import ensemble_load
-from orchestrator.hardware import discover
-from orchestrator.measure import measure_profile
-from orchestrator.plan import plan_ensemble, plan_table
-from orchestrator.profile import save_profile
-from orchestrator.spec import Ensemble, load_ensemble
-from orchestrator.up import Deployment
+from orchestrator.deploying.up import Deployment
+from orchestrator.measuring.bench import ensemble_load
+from orchestrator.measuring.measure import measure_profile
+from orchestrator.planning.hardware import discover
+from orchestrator.planning.plan import plan_ensemble, plan_table
+from orchestrator.planning.profile import save_profile
+from orchestrator.planning.spec import Ensemble, load_ensemble
 
 from .train import HERE, Split, load_split, train_members
 

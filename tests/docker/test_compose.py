@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from orchestrator.launch import free_port
+from orchestrator.deploying.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 V2 = Path(sysconfig.get_paths()["purelib"]) / "compose" / "docker-compose"

@@ -16,13 +16,13 @@ import pytest
 
 from combiner.client import EnsembleClient
 from examples.digits.train import HERE, Split, load_split, train_members
-from orchestrator.hardware import discover
-from orchestrator.launch import free_port
-from orchestrator.measure import measure_profile
-from orchestrator.plan import Plan, one_instance_each
-from orchestrator.profile import Profile, save_profile
-from orchestrator.spec import Ensemble, load_ensemble
-from orchestrator.up import Deployment, Endpoints
+from orchestrator.deploying.launch import free_port
+from orchestrator.deploying.up import Deployment, Endpoints
+from orchestrator.measuring.measure import measure_profile
+from orchestrator.planning.hardware import discover
+from orchestrator.planning.plan import Plan, one_instance_each
+from orchestrator.planning.profile import Profile, save_profile
+from orchestrator.planning.spec import Ensemble, load_ensemble
 from tests.integration.processes import command_name, descendants
 from tests.integration.test_serving import direct_combination
 

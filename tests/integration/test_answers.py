@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from combiner.client import AsyncEnsembleClient, EnsembleClient, InvalidRequest, ServerError
-from orchestrator.launch import free_port
+from orchestrator.deploying.launch import free_port
 from tests.integration.toy import combiner, overflowing, short, toy_config, toy_triton
 
 FLT_MAX = float(np.finfo(np.float32).max)

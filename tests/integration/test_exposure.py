@@ -17,9 +17,9 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from combiner.client import EnsembleClient, Unavailable
-from combiner.upstream import KEY_HEADER, MemberError, Upstream
-from combiner.watch import TritonWatch
-from orchestrator.launch import TritonServer, free_port
+from combiner.triton.upstream import KEY_HEADER, MemberError, Upstream
+from combiner.triton.watch import TritonWatch
+from orchestrator.deploying.launch import TritonServer, free_port
 from tests.integration.toy import BROKEN, combiner, toy_config, toy_triton
 
 KEY = f"triton-grpc-protocol-{KEY_HEADER}"

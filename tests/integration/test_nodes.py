@@ -17,13 +17,13 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from combiner.client import EnsembleClient, EnsembleError
-from combiner.upstream import key_metadata
-from orchestrator.deploy import new_key
-from orchestrator.hardware import Device
-from orchestrator.launch import ManagedProcess, free_port
-from orchestrator.plan import Plan
-from orchestrator.render import render_plan
-from orchestrator.up import combiner_config
+from combiner.triton.upstream import key_metadata
+from orchestrator.deploying.deploy import new_key
+from orchestrator.deploying.launch import ManagedProcess, free_port
+from orchestrator.deploying.render import render_plan
+from orchestrator.deploying.up import combiner_config
+from orchestrator.planning.hardware import Device
+from orchestrator.planning.plan import Plan
 from tests.integration.test_serving import direct_combination
 
 GIB = 1 << 30

@@ -10,9 +10,9 @@ import yaml
 
 from combiner.client import EnsembleClient
 from combiner.config import CombinerConfig
-from orchestrator.launch import free_port
-from orchestrator.spec import load_ensemble
-from orchestrator.up import Deployment
+from orchestrator.deploying.launch import free_port
+from orchestrator.deploying.up import Deployment
+from orchestrator.planning.spec import load_ensemble
 from tests.integration.test_workers import metric
 from tests.onnx_models import linear
 

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 
 from combiner.client import EnsembleClient
-from orchestrator.measure import batch_sizes
-from orchestrator.plan import plan_ensemble
-from orchestrator.profile import HOST_COSTS
-from orchestrator.render import parse_config
+from orchestrator.deploying.render import parse_config
+from orchestrator.measuring.measure import batch_sizes
+from orchestrator.planning.plan import plan_ensemble
+from orchestrator.planning.profile import HOST_COSTS
 from tests.integration.test_serving import direct_combination
 
 
@@ -86,7 +86,7 @@ def test_plan_cli_from_the_measured_profile_fits_this_machine(
         plan["members"],
         64,
         profile,
-        __import__("orchestrator.hardware").hardware.discover(),
+        __import__("orchestrator.planning.hardware").planning.hardware.discover(),
     )
     assert direct.instances == plan["instances"]
 
@@ -94,9 +94,9 @@ def test_plan_cli_from_the_measured_profile_fits_this_machine(
 def test_tune_measures_candidates_on_the_live_triton_and_keeps_the_best(
     ensemble, profile, tmp_path
 ):
-    from orchestrator.hardware import discover
-    from orchestrator.plan import load_plan
-    from orchestrator.tune import tune
+    from orchestrator.measuring.tune import tune
+    from orchestrator.planning.hardware import discover
+    from orchestrator.planning.plan import load_plan
 
     start = plan_ensemble(
         ensemble.name, [m.name for m in ensemble.members], 64, profile, discover()

@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from combiner.client import Answer, AsyncEnsembleClient
-from orchestrator import measure, render
-from orchestrator.hardware import discover
-from orchestrator.measure import measure_profile
-from orchestrator.spec import load_ensemble
+from orchestrator.deploying import render
+from orchestrator.measuring import measure
+from orchestrator.measuring.measure import measure_profile
+from orchestrator.planning.hardware import discover
+from orchestrator.planning.spec import load_ensemble
 from tests.integration.toy import PYTHON_MEMBER, sleeping
 from tests.onnx_models import linear
 

@@ -1,7 +1,7 @@
 """The combiner's config changing under it, with a real tritonserver: a reload that fails is
 tried again by the supervisor on its own (every 10 s) until the new config is served; and
-``regenerate-configs`` (:func:`orchestrator.deploy.switch`) loads no member on Triton while the
-running combiner has not taken the narrowed config."""
+``regenerate-configs`` (:func:`orchestrator.deploying.deploy.switch`) loads no member on Triton
+while the running combiner has not taken the narrowed config."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import tritonclient.grpc as grpcclient
 
 from combiner.client import EnsembleClient
 from combiner.config import CombinerConfig
-from orchestrator.deploy import switch
+from orchestrator.deploying.deploy import switch
 from orchestrator.errors import ChorusError
-from orchestrator.hardware import LOCAL_NODE, Device
-from orchestrator.plan import Plan
+from orchestrator.planning.hardware import LOCAL_NODE, Device
+from orchestrator.planning.plan import Plan
 from tests.integration.toy import combiner, python_member, sleeping, toy_config, toy_triton
 
 GIB = 1 << 30

@@ -9,8 +9,8 @@ import tritonclient.grpc as grpcclient
 import yaml
 
 from combiner.client import EnsembleClient
-from orchestrator.spec import load_ensemble
-from orchestrator.up import Deployment
+from orchestrator.deploying.up import Deployment
+from orchestrator.planning.spec import load_ensemble
 from tests.onnx_models import linear
 
 MEASURES = ["entropy", "mutual_information", "variance", "agreement"]

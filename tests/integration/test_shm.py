@@ -13,7 +13,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from combiner.client import EnsembleClient
-from orchestrator.up import Deployment
+from orchestrator.deploying.up import Deployment
 from tests.integration.processes import descendants
 from tests.integration.test_serving import direct_combination
 

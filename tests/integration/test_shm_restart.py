@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import pytest
 
-from combiner.shm import reclaim_stale
-from combiner.upstream import Upstream
-from orchestrator.launch import TritonServer
+from combiner.triton.shm import reclaim_stale
+from combiner.triton.upstream import Upstream
+from orchestrator.deploying.launch import TritonServer
 from tests.integration.test_shm import triton_regions
 
 SHM = Path("/dev/shm")
@@ -26,8 +26,8 @@ ROOT = Path(__file__).parents[2]
 # Reclaims what dead workers left, takes a region, and dies by SIGKILL, leaving it behind.
 WORKER = """
 import asyncio, os, signal, sys
-from combiner.shm import ShmPool, reclaim_stale
-from combiner.upstream import Upstream
+from combiner.triton.shm import ShmPool, reclaim_stale
+from combiner.triton.upstream import Upstream
 
 async def main() -> None:
     upstream = Upstream(sys.argv[1], sys.argv[2])

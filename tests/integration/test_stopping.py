@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from combiner.client import EnsembleClient
-from orchestrator.launch import free_port
+from orchestrator.deploying.launch import free_port
 from tests.integration.toy import combiner, toy_config, toy_triton
 
 

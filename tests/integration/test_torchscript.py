@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from combiner.client import EnsembleClient
-from orchestrator.render import parse_config, render_config
-from orchestrator.spec import load_ensemble
-from orchestrator.up import Deployment
+from orchestrator.deploying.render import parse_config, render_config
+from orchestrator.deploying.up import Deployment
+from orchestrator.planning.spec import load_ensemble
 
 
 def _torchscript_member(path) -> torch.jit.ScriptModule:
@@ -69,7 +69,7 @@ def test_a_torchscript_member_renders_for_the_pytorch_backend_of_the_official_im
     }
     (tmp_path / "mixed.yaml").write_text(yaml.safe_dump(spec))
     member = load_ensemble(tmp_path / "mixed.yaml").member("ts")
-    from orchestrator.render import InstanceGroup
+    from orchestrator.deploying.render import InstanceGroup
 
     text = render_config(member, "onnxruntime", (InstanceGroup("gpu", 2, (1,)),), 32)
     config = parse_config(text, "ts")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from combiner.client import EnsembleClient, InvalidRequest
-from orchestrator.launch import free_port
-from orchestrator.up import Deployment
+from orchestrator.deploying.launch import free_port
+from orchestrator.deploying.up import Deployment
 from tests.integration.processes import command_name, descendants
 
 

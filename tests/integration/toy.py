@@ -15,10 +15,10 @@ from typing import Any
 import yaml
 
 from combiner.config import CombinerConfig, MemberRoute, TensorInfo
-from orchestrator.launch import ManagedProcess, TritonServer, free_port
-from orchestrator.render import InstanceGroup, render_repository
-from orchestrator.spec import Ensemble, load_ensemble
-from orchestrator.up import _wait_combiner_ready
+from orchestrator.deploying.launch import ManagedProcess, TritonServer, free_port
+from orchestrator.deploying.render import InstanceGroup, render_repository
+from orchestrator.deploying.up import _wait_combiner_ready
+from orchestrator.planning.spec import Ensemble, load_ensemble
 from tests.onnx_models import linear
 
 PYTHON_MEMBER = """

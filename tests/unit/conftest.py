@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import Ensemble, load_ensemble
+from orchestrator.planning.spec import Ensemble, load_ensemble
 from tests.onnx_models import linear
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.allocate import (
+from orchestrator.errors import InfeasibleError
+from orchestrator.planning.allocate import (
     evaluate,
     evaluate_moves,
     exhaustive,
@@ -17,10 +18,9 @@ from orchestrator.allocate import (
     sequential_throughput,
     worst_fit,
 )
-from orchestrator.errors import InfeasibleError
-from orchestrator.hardware import Device
-from orchestrator.plan import load_plan, make_plan, plan_ensemble
-from orchestrator.profile import Curve, Profile
+from orchestrator.planning.hardware import Device
+from orchestrator.planning.plan import load_plan, make_plan, plan_ensemble
+from orchestrator.planning.profile import Curve, Profile
 from tests.cli import chorus
 
 GB = 10**9
@@ -456,7 +456,7 @@ def test_a_latency_target_in_the_ensemble_file_bounds_every_member(planning_file
 def _cpu_problem(host_cpu_ms: float, rng_seed: int = 4, cores: int = 4, **serving):
     """Members on one 4-core CPU, with Triton's CPU per call and the combiner's per request
     measured, as chorus profile writes them (``serving``: more of what it measures)."""
-    from orchestrator.profile import Host
+    from orchestrator.planning.profile import Host
 
     rng = np.random.default_rng(rng_seed)
     members = {}
@@ -506,7 +506,7 @@ def test_the_cpu_that_serving_takes_lowers_the_prediction_and_caps_more_instance
 
 
 def test_profile_files_keep_what_chorus_profile_measures(tmp_path):
-    from orchestrator.profile import Host, load_profile, save_profile
+    from orchestrator.planning.profile import Host, load_profile, save_profile
 
     p = _cpu_problem(host_cpu_ms=3.0)
     assert p.host_cpu > 0 and p.host_latency == pytest.approx(0.002)

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from combiner.batching import Batcher, Rows
 from combiner.errors import RequestError
+from combiner.stages.batching import Batcher, Rows
 
 
 def rows(values: list[float], width: int = 2) -> Rows:

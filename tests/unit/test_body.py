@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from combiner.body import BodyError, inflate
+from combiner.endpoints.body import BodyError, inflate
 
 
 def test_gzip_and_deflate_bodies_inflate_to_what_was_sent():

@@ -13,12 +13,12 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
-from combiner.batching import Rows
-from combiner.client_shm import Caller, ClientRegions
 from combiner.config import CombinerConfig
+from combiner.endpoints.client_shm import Caller, ClientRegions
 from combiner.errors import RequestError
-from combiner.request import RequestReader
-from combiner.shm import unlink_stale
+from combiner.stages.batching import Rows
+from combiner.stages.request import RequestReader
+from combiner.triton.shm import unlink_stale
 
 PEER = Caller("a" * 32, "ipv4:127.0.0.1:40001")
 OTHER = Caller("b" * 32, "ipv4:127.0.0.1:40002")

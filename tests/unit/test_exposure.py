@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.kubernetes import render_kubernetes
-from orchestrator.launch import TritonServer
-from orchestrator.spec import Ensemble
+from orchestrator.deploying.kubernetes import render_kubernetes
+from orchestrator.deploying.launch import TritonServer
+from orchestrator.planning.spec import Ensemble
 from tests.unit.test_render import _gpu_plan
 
 ROOT = Path(__file__).parents[2]

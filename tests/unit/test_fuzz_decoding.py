@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from combiner.client_shm import Caller, ClientRegions
 from combiner.config import CombinerConfig, MemberRoute, TensorInfo
+from combiner.endpoints.client_shm import Caller, ClientRegions
+from combiner.endpoints.http import _to_proto
 from combiner.errors import RequestError
-from combiner.http import _to_proto
-from combiner.request import RequestReader
+from combiner.stages.request import RequestReader
 
 CONFIG = CombinerConfig(
     name="digits",

@@ -1,8 +1,8 @@
 import os
 import time
 
-from orchestrator.hardware import discover
-from orchestrator.measure import _cores_s
+from orchestrator.measuring.measure import _cores_s
+from orchestrator.planning.hardware import discover
 
 
 def test_discovery_always_finds_the_cpu_with_its_cores_and_memory():

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.kubernetes import render_kubernetes
-from orchestrator.plan import load_plan
+from orchestrator.deploying.kubernetes import render_kubernetes
+from orchestrator.planning.plan import load_plan
 from tests.unit.test_render import _gpu_plan
 
 
@@ -94,9 +94,9 @@ def test_a_node_repository_renders_alone_from_the_plan(ensemble, tmp_path):
 def test_a_pod_numbers_its_gpus_from_zero_in_the_order_it_gets_them(ensemble, tmp_path):
     """The device plugin shows a pod only the GPUs it requests, as 0, 1, ...: a plan on host
     gpu1 (node0), or on host gpu1 and gpu3 (node1), renders the pod's own numbers."""
-    from orchestrator.hardware import Device
-    from orchestrator.plan import Plan
-    from orchestrator.render import parse_config, render_node
+    from orchestrator.deploying.render import parse_config, render_node
+    from orchestrator.planning.hardware import Device
+    from orchestrator.planning.plan import Plan
 
     gib = 1 << 30
     gpus = [

@@ -9,8 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orchestrator.deploying.launch import ManagedProcess, TritonServer, find_tritonserver
 from orchestrator.errors import LaunchError
-from orchestrator.launch import ManagedProcess, TritonServer, find_tritonserver
 
 
 def fake_server(tmp_path: Path, body: str) -> Path:
@@ -99,7 +99,7 @@ def test_backend_shared_memory_nobody_maps_any_more_is_unlinked(tmp_path):
     import mmap
     import os
 
-    from orchestrator.launch import reclaim_backend_shm
+    from orchestrator.deploying.launch import reclaim_backend_shm
 
     def region(name: str) -> Path:
         path = tmp_path / f"triton_python_backend_shm_region_{name}"

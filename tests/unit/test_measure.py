@@ -15,10 +15,8 @@ import numpy as np
 import psutil
 import pytest
 
-from orchestrator.allocate import problem
 from orchestrator.errors import SpecError
-from orchestrator.hardware import Device
-from orchestrator.measure import (
+from orchestrator.measuring.measure import (
     Alone,
     Calls,
     Window,
@@ -27,8 +25,10 @@ from orchestrator.measure import (
     derive_host,
     measuring_policy,
 )
-from orchestrator.profile import Curve, Host, Profile, load_profile, save_profile
-from orchestrator.spec import Ensemble, Member
+from orchestrator.planning.allocate import problem
+from orchestrator.planning.hardware import Device
+from orchestrator.planning.profile import Curve, Host, Profile, load_profile, save_profile
+from orchestrator.planning.spec import Ensemble, Member
 
 # three members; a request of 64 rows is one call each (Triton's CPU: 6 ms in all), or four
 # calls each at batch 16 (9 ms in all); their round trips at 64 rows: 2, 3 and 5 ms

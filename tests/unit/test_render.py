@@ -4,16 +4,16 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import ChorusError
-from orchestrator.plan import Plan
-from orchestrator.render import (
+from orchestrator.deploying.render import (
     InstanceGroup,
     parse_config,
     pick_backend,
     render_config,
     render_repository,
 )
-from orchestrator.spec import Ensemble
+from orchestrator.errors import ChorusError
+from orchestrator.planning.plan import Plan
+from orchestrator.planning.spec import Ensemble
 
 GROUPS = {
     "cpu": (InstanceGroup("cpu", 2),),
@@ -84,9 +84,9 @@ def test_backend_is_onnxruntime_where_the_server_has_it_else_python():
 
 
 def _gpu_plan(ensemble: Ensemble, nodes: tuple[str, ...] = ("node0",)) -> Plan:
-    from orchestrator.hardware import Device
-    from orchestrator.plan import plan_ensemble
-    from orchestrator.profile import Curve, Profile
+    from orchestrator.planning.hardware import Device
+    from orchestrator.planning.plan import plan_ensemble
+    from orchestrator.planning.profile import Curve, Profile
 
     gib = 1 << 30
     devices = [
@@ -100,7 +100,7 @@ def _gpu_plan(ensemble: Ensemble, nodes: tuple[str, ...] = ("node0",)) -> Plan:
 
 
 def test_rendered_gpu_plan_names_exactly_the_planned_gpus_and_counts(ensemble, tmp_path):
-    from orchestrator.render import render_plan
+    from orchestrator.deploying.render import render_plan
 
     plan = _gpu_plan(ensemble)
     render_plan(ensemble, plan, tmp_path / "repo", "onnxruntime")
@@ -113,7 +113,7 @@ def test_rendered_gpu_plan_names_exactly_the_planned_gpus_and_counts(ensemble, t
 
 
 def test_a_plan_over_two_nodes_renders_one_repository_per_node(ensemble, tmp_path):
-    from orchestrator.render import render_plan
+    from orchestrator.deploying.render import render_plan
 
     plan = _gpu_plan(ensemble, nodes=("n0", "n1"))
     render_plan(ensemble, plan, tmp_path / "repo", "python")
@@ -141,7 +141,7 @@ def test_describe_changes_names_moves_and_batch_sizes_and_is_empty_when_nothing_
 ):
     from dataclasses import replace
 
-    from orchestrator.render import describe_changes, render_plan
+    from orchestrator.deploying.render import describe_changes, render_plan
 
     plan = _gpu_plan(ensemble)
     repo = tmp_path / "repo"
@@ -160,8 +160,8 @@ def test_describe_changes_names_moves_and_batch_sizes_and_is_empty_when_nothing_
 
 
 def test_a_plan_over_four_nodes_renders_and_round_trips(ensemble, tmp_path):
-    from orchestrator.plan import load_plan
-    from orchestrator.render import describe_changes, render_plan
+    from orchestrator.deploying.render import describe_changes, render_plan
+    from orchestrator.planning.plan import load_plan
 
     nodes = ("n0", "n1", "n2", "n3")
     plan = _gpu_plan(ensemble, nodes=nodes)
@@ -179,7 +179,7 @@ def test_a_member_that_leaves_a_node_leaves_its_repository(ensemble, tmp_path):
     single-node repository's members go when the plan spreads over nodes."""
     from dataclasses import replace
 
-    from orchestrator.render import describe_changes, render_plan
+    from orchestrator.deploying.render import describe_changes, render_plan
 
     repo = tmp_path / "repo"
     render_plan(ensemble, _gpu_plan(ensemble), repo, "python")  # one node, at the top
@@ -213,8 +213,8 @@ def test_tensor_names_with_quotes_newlines_and_braces_reach_the_config_as_they_a
 ):
     import yaml
 
-    from orchestrator.render import render_fanout
-    from orchestrator.spec import load_ensemble
+    from orchestrator.deploying.render import render_fanout
+    from orchestrator.planning.spec import load_ensemble
     from tests.onnx_models import linear
 
     linear(tmp_path / "odd.onnx", input_name=ODD_INPUT, output_name=ODD_OUTPUT)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from combiner.rules import load_rule
+from combiner.stages.rules import load_rule
 
 RULE = """
 import json

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from combiner.rules import RULES, combine, load_rule, softmax, uncertainty
+from combiner.stages.rules import RULES, combine, load_rule, softmax, uncertainty
 
 W = [1.0, 2.0, 0.5, 4.0]
 

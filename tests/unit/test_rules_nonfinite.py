@@ -1,5 +1,5 @@
 """Every rule and measure fed inf, NaN, zeros and values near the float32 maximum, against
-references written out here with plain arithmetic (not combiner.rules)."""
+references written out here with plain arithmetic (not combiner.stages.rules)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from combiner.rules import combine, softmax, uncertainty
+from combiner.stages.rules import combine, softmax, uncertainty
 
 INF = math.inf
 NAN = math.nan

@@ -15,14 +15,14 @@ from pathlib import Path
 
 from tritonclient.grpc import service_pb2
 
-from combiner.shm import POOL_NAME, PoolOwner, reclaim_stale, unlink_stale
+from combiner.triton.shm import POOL_NAME, PoolOwner, reclaim_stale, unlink_stale
 
 NO_SUCH_PID = 2**22 + 12345  # above pid_max's default: no such process
 
 HOLD_A_LOCK = """
 import sys
 from pathlib import Path
-from combiner.shm import PoolOwner
+from combiner.triton.shm import PoolOwner
 
 owner = PoolOwner(Path(sys.argv[1]))
 print(owner.prefix, flush=True)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from orchestrator.errors import SpecError
-from orchestrator.spec import load_ensemble
+from orchestrator.planning.spec import load_ensemble
 from tests.cli import chorus
 from tests.onnx_models import linear
 

@@ -1,0 +1,442 @@
+"""Start and stop the processes Chorus runs: tritonserver and the combiner.
+
+Every child is started in its own session (so a terminal's Ctrl-C reaches Chorus, which stops
+them in order) with ``PR_SET_PDEATHSIG`` (so it dies with Chorus even if Chorus is killed), its
+output kept in a log file whose tail goes into every error. Stopping is SIGINT (SIGTERM for the
+combiner), a timeout, then SIGKILL. What a child leaves behind in its session when it dies (the
+Python backend's stubs outlive a Triton killed with -9) is killed too; and if Chorus itself was
+killed, the next start in the same working directory kills what the last one left.
+
+Triton is launched with every API but health (inference included) behind a per-run key that only
+Chorus holds (``--grpc-restricted-protocol``, ``--http-restricted-api``): no other local process
+can load or unload a model, or infer (and, with the bundled 2.51, crash it by cancelling a call:
+server issues #7368, #8034). ``TritonServer.grpc_headers`` opens them for Chorus's own calls.
+Triton reads the key from nowhere but its command line (no environment variable, file or
+config for it, 2.51 to 2.73), so it is in the server's argv: SECURITY.md says who can read
+that. Its metrics, which Chorus does not read and which no key guards, are off.
+
+``tritonserver`` is found in $TRITONSERVER, then on PATH, then in the nvidia-pytriton wheel. The
+bundled one needs a backend directory holding the Python backend and the stub built for this
+interpreter, the wheel's libraries on LD_LIBRARY_PATH, and this interpreter's ``bin`` first on
+PATH so that the stub imports the same numpy and onnxruntime as Chorus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+
+from combiner.triton.upstream import KEY_HEADER, key_metadata
+from combiner.workers import die_with_parent
+from orchestrator.errors import LaunchError
+
+__all__ = [
+    "RESTRICTED",
+    "ManagedProcess",
+    "ServerBinary",
+    "TritonServer",
+    "find_tritonserver",
+    "free_port",
+    "reclaim_backend_shm",
+]
+
+
+# Triton's API groups behind the key: everything but health (server/model live and ready)
+RESTRICTED = (
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ManagedProcess:
+    """A child process with a log file, that dies with its parent and stops in steps."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        stop_signal: int = signal.SIGINT,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log = log
+        self.env = env
+        self.stop_signal = stop_signal
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
+
+    def start(self) -> None:
+        self.reap()
+        self._reap_earlier_run()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._started = time.time()
+        with open(self.log, "ab" if self.proc is not None else "wb") as out:
+            try:
+                self.proc = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
+                )
+            except OSError as e:
+                raise LaunchError(f"cannot start {self.name} ({self.argv[0]}): {e}") from e
+        self._session_file.write_text(f"{self.proc.pid}\n")
+
+    @property
+    def _session_file(self) -> Path:
+        return self.log.with_suffix(".session")
+
+    def _reap_earlier_run(self) -> None:
+        """Kill what a run of this process in this working directory left when Chorus was
+        killed with it: processes of its session whose command line names the directory."""
+        try:
+            session = int(self._session_file.read_text())
+        except (OSError, ValueError):
+            return
+        folder = str(self.log.parent)
+        for other in psutil.process_iter(["cmdline"]):
+            try:
+                if os.getsid(other.pid) == session and any(
+                    folder in arg for arg in other.info["cmdline"] or ()
+                ):
+                    other.kill()
+            except (OSError, psutil.Error):  # gone meanwhile
+                continue
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def exited(self) -> int | None:
+        """The exit code if the process has ended, else None."""
+        return None if self.proc is None else self.proc.poll()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def failure(self, what: str) -> LaunchError:
+        return LaunchError(f"{self.name} {what} (log: {self.log})", self.log_tail())
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(self.stop_signal)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reap()
+
+    def reap(self) -> list[int]:
+        """Once the process has ended, kill what it left in its session (its children that
+        did not die with it); returns their pids. Only processes started after it count, so
+        a reused id is never mistaken for one of them."""
+        if self.proc is None or self.proc.poll() is None:
+            return []
+        killed = []
+        for other in psutil.process_iter(["create_time"]):
+            try:
+                if os.getsid(other.pid) != self.proc.pid or other.pid == os.getpid():
+                    continue
+                if other.info["create_time"] >= self._started - 1.0:
+                    other.kill()
+                    killed.append(other.pid)
+            except (OSError, psutil.Error):  # gone meanwhile
+                continue
+        return killed
+
+
+@dataclass(frozen=True)
+class ServerBinary:
+    path: Path
+    backend_dir: Path | None  # None: the server's own default
+    bundled: bool
+    lib_dir: Path | None = None
+    backends: frozenset[str] = field(default_factory=frozenset)
+
+
+def find_tritonserver() -> ServerBinary:
+    """$TRITONSERVER, then PATH, then the binary bundled in nvidia-pytriton."""
+    given = os.environ.get("TRITONSERVER") or shutil.which("tritonserver")
+    if given:
+        path = Path(given).resolve()
+        if not os.access(path, os.X_OK):
+            raise LaunchError(f"tritonserver at {path} (from $TRITONSERVER) is not executable")
+        backend_dir = next(
+            (
+                d
+                for d in (path.parent.parent / "backends", Path("/opt/tritonserver/backends"))
+                if d.is_dir()
+            ),
+            None,
+        )
+        return ServerBinary(path, backend_dir, bundled=False, backends=_backends(backend_dir))
+    try:
+        import pytriton
+    except ImportError:
+        raise LaunchError(
+            "no tritonserver found: set $TRITONSERVER, put it on PATH, or install nvidia-pytriton"
+        ) from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    lib_dir = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    return ServerBinary(
+        root / "bin" / "tritonserver",
+        root / "backends",
+        bundled=True,
+        lib_dir=lib_dir if lib_dir.is_dir() else None,
+        backends=_backends(root / "backends"),
+    )
+
+
+def _backends(backend_dir: Path | None) -> frozenset[str]:
+    if backend_dir is None:
+        return frozenset()
+    return frozenset(
+        d.name for d in backend_dir.iterdir() if d.is_dir() and d.name != "__pycache__"
+    )
+
+
+def _bundled_backend_dir(binary: ServerBinary, workdir: Path) -> Path:
+    """A backend directory for the bundled server: its Python backend plus this Python's stub."""
+    assert binary.backend_dir is not None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stubs = binary.path.parent.parent / "python_backend_stubs"
+    stub = stubs / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise LaunchError(
+            f"the bundled tritonserver has no Python backend stub for Python {version} "
+            f"(looked for {stub}); use a Python the nvidia-pytriton wheel supports"
+        )
+    target = workdir / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in (*sorted((binary.backend_dir / "python").glob("*.*")), stub):
+        if src.is_file() and not (target / src.name).is_file():
+            shutil.copy2(src, target / src.name)
+    return target.parent
+
+
+class TritonServer:
+    """tritonserver on a model repository, with explicit model control, on its own ports, its
+    APIs but health behind a key of its own (``restricted=False`` opens them to anyone on
+    this host, for measuring Triton alone)."""
+
+    def __init__(
+        self,
+        repo: Path,
+        workdir: Path,
+        models: Sequence[str],
+        host: str = "127.0.0.1",
+        binary: ServerBinary | None = None,
+        extra_args: Sequence[str] = (),
+        restricted: bool = True,
+        key: str | None = None,
+    ) -> None:
+        """``key``: the key to the restricted APIs (default: a new one, unless not
+        ``restricted``)."""
+        self.repo = repo
+        self.workdir = workdir
+        self.models = list(models)
+        self.host = host
+        self.binary = binary or find_tritonserver()
+        self.extra_args = list(extra_args)
+        if key is None and restricted:
+            key = secrets.token_hex(32)  # [0-9a-f]: Triton parses it
+        self.key = key
+        self.grpc_port = self.http_port = 0
+        self.process: ManagedProcess | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_headers(self) -> dict[str, str]:
+        """Headers that open the restricted gRPC APIs (tritonclient's ``headers=``)."""
+        return dict(key_metadata(self.key))
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        return {} if self.key is None else {KEY_HEADER: self.key}
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the server on free ports and wait until it and every model are ready."""
+        self.grpc_port, self.http_port = free_port(self.host), free_port(self.host)
+        self.restart(timeout)
+
+    def restart(self, timeout: float = 120.0) -> None:
+        """Start the server (again) on the ports it had, with the same key; wait until it and
+        every model are ready, within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        argv, env = self.command()
+        if self.process is not None:  # a previous run: what it left behind goes first
+            self.stop()
+        self.process = ManagedProcess("tritonserver", argv, self.workdir / "tritonserver.log", env)
+        self.process.start()
+        try:
+            self._wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The server's command line and environment (``chorus node`` runs them in place)."""
+        env = dict(os.environ)
+        backend_dir = self.binary.backend_dir
+        if self.binary.bundled:
+            backend_dir = _bundled_backend_dir(self.binary, self.workdir)
+            if self.binary.lib_dir:
+                env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                    p for p in (str(self.binary.lib_dir), env.get("LD_LIBRARY_PATH")) if p
+                )
+        env["PATH"] = os.pathsep.join(
+            p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p
+        )
+        argv = [
+            str(self.binary.path),
+            f"--model-repository={self.repo}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.models),
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            "--allow-metrics=false",  # nothing of Chorus reads them, and they have no key
+            "--exit-timeout-secs=10",
+            *self.extra_args,
+        ]
+        if self.key is not None:
+            apis = ",".join(RESTRICTED)
+            argv += [
+                f"--grpc-restricted-protocol={apis}:{KEY_HEADER}={self.key}",
+                f"--http-restricted-api={apis}:{KEY_HEADER}={self.key}",
+            ]
+        if backend_dir is not None:
+            argv.append(f"--backend-directory={backend_dir}")
+        if _accepts(str(self.binary.path), "--allow-client-shm", tuple(sorted(env.items()))):
+            argv.append("--allow-client-shm=true")  # Triton >= 2.69 refuses client shm without
+        return argv, env
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self.process is not None
+        paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in self.models)]
+        while paths:
+            code = self.process.exited()
+            if code is not None:
+                raise self.process.failure(f"exited with code {code} before it was ready")
+            if time.monotonic() > deadline:
+                raise self.process.failure(f"was not ready in time (waiting for {paths[0]})")
+            if _http_ok(f"http://{self.http_url}{paths[0]}"):
+                paths.pop(0)
+            else:
+                time.sleep(0.1)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server (and what it left behind: its stubs, and the shared memory they
+        shared with it when it was killed and could not clean up)."""
+        if self.process is not None:
+            self.process.stop(timeout)
+            if self.binary.bundled or "python" in self.binary.backends:
+                reclaim_backend_shm()
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def reclaim_backend_shm(shm_dir: Path = Path("/dev/shm"), min_age_s: float = 10.0) -> list[str]:
+    """Unlink the Python backend's shared-memory regions that no process maps any more: a
+    Triton killed with -9 leaves one per model instance (1 MiB or more each). Only this user's,
+    and only those older than ``min_age_s`` (a starting Triton creates one, then maps it)."""
+    now = time.time()
+    stale = set()
+    for path in shm_dir.glob("triton_python_backend_shm_region_*"):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            if info.st_uid == os.geteuid() and now - info.st_mtime > min_age_s:
+                stale.add(str(path))
+    if not stale:
+        return []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            for mapped in process.memory_maps(grouped=True):
+                stale.discard(mapped.path)
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+    return sorted(stale)
+
+
+@functools.lru_cache(maxsize=8)
+def _accepts(binary: str, flag: str, env: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this tritonserver knows a command-line flag (read from its --help)."""
+    try:
+        result = subprocess.run(
+            [binary, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(env),
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return flag in result.stdout + result.stderr
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

@@ -1,0 +1,262 @@
+"""The plan: the allocation matrix as the orchestrator hands it on (JSON, a table, configs).
+
+Its JSON (``chorus plan --json``) is the contract of design.md: fields may be added, not renamed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from orchestrator.errors import InfeasibleError, SpecError
+from orchestrator.planning.allocate import (
+    Problem,
+    SearchResult,
+    evaluate,
+    greedy,
+    member_latency,
+    problem,
+    sequential_throughput,
+)
+from orchestrator.planning.hardware import Device
+from orchestrator.planning.profile import Profile
+
+__all__ = [
+    "Plan",
+    "load_plan",
+    "make_plan",
+    "one_instance_each",
+    "plan_ensemble",
+    "plan_table",
+    "predict",
+    "predict_sequential",
+]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The allocation matrix, the contract between the orchestrator and Triton's configs."""
+
+    ensemble: str
+    devices: tuple[Device, ...]
+    planned_memory_bytes: Mapping[str, int]  # device id -> bytes
+    members: tuple[str, ...]
+    instances: Mapping[str, Mapping[str, int]]  # member -> device id -> count (> 0)
+    max_batch_size: Mapping[str, int]
+    predicted_throughput: float  # samples/s
+    # seconds a sample may spend in each member: fill one batch + its service time (ms)
+    predicted_latency_ms: Mapping[str, float] = field(default_factory=dict)
+    latency_target_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ensemble": self.ensemble,
+            "devices": [
+                {
+                    "id": d.id,
+                    "node": d.node,
+                    "kind": d.kind,
+                    "index": d.index,
+                    "name": d.name,
+                    "memory_bytes": d.memory_bytes,
+                    "planned_memory_bytes": self.planned_memory_bytes.get(d.id, 0),
+                    "speed": d.speed,
+                    "lanes": d.lanes,
+                    "cores": d.cores,
+                }
+                for d in self.devices
+            ],
+            "members": list(self.members),
+            "instances": {m: dict(self.instances[m]) for m in self.members},
+            "max_batch_size": dict(self.max_batch_size),
+            "predicted_throughput": round(self.predicted_throughput, 3),
+            "predicted_latency_ms": {m: round(v, 3) for m, v in self.predicted_latency_ms.items()},
+            "latency_target_ms": self.latency_target_ms,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(d.node for d in self.devices))
+
+
+def plan_ensemble(
+    ensemble: str,
+    members: Sequence[str],
+    max_batch_size: int,
+    profile: Profile,
+    devices: Sequence[Device],
+    profile_file: str | Path = "profile",
+    latency_target_ms: float | None = None,
+    effort: float = 1.0,
+    borrow_curves: bool = False,
+) -> Plan:
+    """Worst-fit, then the search: the plan for these members on these devices. With a
+    latency target, no member's predicted fill + service time exceeds it; InfeasibleError
+    names the member that cannot meet it at all."""
+    p = problem(
+        members, profile, devices, max_batch_size, profile_file, latency_target_ms, borrow_curves
+    )
+    result = greedy(p, effort=effort)
+    if result.throughput <= 0 and p.latency_target is not None:
+        raise InfeasibleError(_target_message(p))
+    return make_plan(ensemble, p, result)
+
+
+def _target_message(p: Problem) -> str:
+    service = p._service_mbd[:, 0, :]  # type: ignore[attr-defined]  # (M, D) at batch 1
+    fastest = service.min(axis=1)
+    m = int(np.argmax(fastest))
+    target = p.latency_target * 1000 if p.latency_target else 0.0
+    return (
+        f"no allocation meets the latency target of {target:g} ms: member "
+        f"{p.members[m]!r} takes {fastest[m] * 1000:.1f} ms for one sample on its fastest "
+        f"device ({p.devices[int(np.argmin(service[m]))].id})"
+        if fastest[m] * 1000 > target
+        else f"no allocation meets the latency target of {target:g} ms at any throughput "
+        "these devices reach (raise the target, or add devices)"
+    )
+
+
+def predict(plan: Plan, profile: Profile, clients_on_host: bool = False) -> float:
+    """The cost model's throughput for any plan (samples/s), members run concurrently; 0 if
+    it does not fit. ``clients_on_host``: the clients' CPU (measured by chorus profile) counts
+    too, as when a benchmark drives the ensemble from the same machine."""
+    p, n, b = _arrays(plan, profile, clients_on_host)
+    return float(evaluate(p, n[None], b[None]).throughput[0])
+
+
+def predict_sequential(plan: Plan, profile: Profile) -> float:
+    """The cost model's throughput when the members run one after another on each batch."""
+    p, n, b = _arrays(plan, profile, False)
+    return sequential_throughput(p, n, b)
+
+
+def _arrays(
+    plan: Plan, profile: Profile, clients_on_host: bool
+) -> tuple[Problem, np.ndarray, np.ndarray]:
+    p = problem(
+        plan.members,
+        profile,
+        plan.devices,
+        max(plan.max_batch_size.values()),
+        clients_on_host=clients_on_host,
+    )
+    ids = [d.id for d in plan.devices]
+    n = np.array([[plan.instances[m].get(i, 0) for i in ids] for m in plan.members])
+    b = np.array([p.batch_sizes.index(plan.max_batch_size[m]) for m in plan.members])
+    return p, n, b
+
+
+def one_instance_each(
+    ensemble: str, members: Sequence[str], devices: Sequence[Device], max_batch_size: int
+) -> Plan:
+    """The plan when nothing was measured: one instance of every member at the ensemble's
+    maximum batch size, GPUs taken round-robin, else the CPU. Its throughput is not predicted
+    (0)."""
+    gpus = [d for d in devices if d.kind == "gpu"]
+    cpus = [d for d in devices if d.kind == "cpu"]
+    targets = gpus or cpus
+    return Plan(
+        ensemble=ensemble,
+        devices=tuple(devices),
+        planned_memory_bytes={},
+        members=tuple(members),
+        instances={m: {targets[i % len(targets)].id: 1} for i, m in enumerate(members)},
+        max_batch_size={m: max_batch_size for m in members},
+        predicted_throughput=0.0,
+    )
+
+
+def make_plan(ensemble: str, p: Problem, result: SearchResult) -> Plan:
+    ids = [d.id for d in p.devices]
+    instances = {
+        m: {ids[d]: int(result.instances[i, d]) for d in range(len(ids)) if result.instances[i, d]}
+        for i, m in enumerate(p.members)
+    }
+    memory = p.memory.transpose(0, 2, 1)[np.arange(len(p.members)), result.batch]  # (M, D)
+    held = result.instances > 0  # where an instance cannot run, its memory is inf
+    used = (result.instances * np.where(held, memory, 0.0)).sum(axis=0)
+    latency = member_latency(p, result.instances, result.batch, result.throughput)
+    return Plan(
+        ensemble=ensemble,
+        devices=p.devices,
+        planned_memory_bytes={ids[d]: int(used[d]) for d in range(len(ids))},
+        members=p.members,
+        instances=instances,
+        max_batch_size={m: p.batch_sizes[result.batch[i]] for i, m in enumerate(p.members)},
+        predicted_throughput=result.throughput,
+        predicted_latency_ms={
+            m: float(latency[i]) * 1000 for i, m in enumerate(p.members) if np.isfinite(latency[i])
+        },
+        latency_target_ms=None if p.latency_target is None else p.latency_target * 1000,
+    )
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan written by ``chorus plan -o``."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text())
+        devices = tuple(
+            Device(
+                d["node"],
+                d["kind"],
+                d["index"],
+                d.get("name", d["kind"]),
+                d["memory_bytes"],
+                d["memory_bytes"],
+                cores=d.get("cores", 0),
+                speed=d.get("speed", 1.0),
+                lanes=d.get("lanes", 1),
+            )
+            for d in data["devices"]
+        )
+        return Plan(
+            ensemble=data["ensemble"],
+            devices=devices,
+            planned_memory_bytes={
+                d["id"]: d.get("planned_memory_bytes", 0) for d in data["devices"]
+            },
+            members=tuple(data["members"]),
+            instances={m: dict(v) for m, v in data["instances"].items()},
+            max_batch_size=dict(data["max_batch_size"]),
+            predicted_throughput=float(data["predicted_throughput"]),
+            predicted_latency_ms=dict(data.get("predicted_latency_ms", {})),
+            latency_target_ms=data.get("latency_target_ms"),
+        )
+    except FileNotFoundError:
+        raise SpecError(file, "", "no such file") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SpecError(file, "", f"not a plan written by 'chorus plan' ({e!r})") from e
+
+
+def plan_table(plan: Plan) -> Table:
+    """The allocation matrix as a table: devices by members, batch sizes, memory."""
+    table = Table(title=f"allocation matrix of {plan.ensemble!r} (instances)")
+    table.add_column("device")
+    for m in plan.members:
+        table.add_column(m, justify="right")
+    table.add_column("planned / total memory", justify="right")
+    for d in plan.devices:
+        counts = [str(plan.instances[m].get(d.id, "")) for m in plan.members]
+        used = plan.planned_memory_bytes.get(d.id, 0)
+        memory = f"{used / 2**30:.2f} / {d.memory_bytes / 2**30:.2f} GiB"
+        table.add_row(f"{d.id} ({d.name})", *counts, memory)
+    table.add_section()
+    table.add_row("batch size", *(str(plan.max_batch_size[m]) for m in plan.members), "")
+    if plan.predicted_latency_ms:
+        target = f"target {plan.latency_target_ms:g} ms" if plan.latency_target_ms else ""
+        table.add_row(
+            "predicted latency ms",
+            *(f"{plan.predicted_latency_ms.get(m, float('nan')):,.1f}" for m in plan.members),
+            target,
+        )
+    return table
