@@ -111,7 +111,7 @@ def plan_ensemble(
 
 
 def _target_message(p: Problem) -> str:
-    service = p._service_mbd[:, 0, :]  # type: ignore[attr-defined]  # (M, D) at batch 1
+    service = p.service_by_batch[:, 0, :]  # (M, D) at batch 1
     fastest = service.min(axis=1)
     m = int(np.argmax(fastest))
     target = p.latency_target * 1000 if p.latency_target else 0.0

@@ -1,0 +1,99 @@
+"""The paper's worst-fit placement: the allocation the search starts from.
+
+One instance per member, largest member first, each on the device with the most free memory;
+where that leaves a member no room although a placement exists, a depth-first search finds
+one; where none exists, :class:`~orchestrator.errors.InfeasibleError` says which member fits
+nowhere and by how much.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orchestrator.errors import InfeasibleError
+from orchestrator.planning.problem import Problem
+
+__all__ = ["worst_fit"]
+
+
+def worst_fit(p: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """One instance per member, largest member first, each on the device with the most free
+    memory, at the member's most efficient batch size (the highest throughput per instance)
+    that still fits there, else the largest that does.
+
+    Where worst-fit leaves a member with no room although a placement exists (tightly packed
+    devices), a depth-first search over devices finds one. Raises InfeasibleError naming the
+    member that fits nowhere, the memory it needs and the largest free device memory.
+    """
+    need = np.where(np.isfinite(p.memory[:, :, 0]), p.memory[:, :, 0], -1).max(axis=1)
+    order = sorted(range(len(p.members)), key=lambda i: (-need[i], i))
+    free = p.capacity.copy()
+    placement: dict[int, int] = {}
+    for m in order:
+        fits = (p.rate[m, :, 0] > 0) & (p.memory[m, :, 0] <= free)
+        if not fits.any():
+            found = _pack(p, order)
+            if found is None:
+                runnable = p.rate[m, :, 0] > 0
+                best = int(np.argmax(np.where(runnable, free, -1)))
+                raise InfeasibleError(
+                    f"member {p.members[m]!r} needs {_bytes(need[m])} for one instance at "
+                    f"batch size {p.batch_sizes[0]}, but the largest free device memory is "
+                    f"{_bytes(free[best])} (on {p.devices[best].id})"
+                    + (
+                        ""
+                        if free[best] == p.capacity[best]
+                        else ", after placing the larger members"
+                    )
+                )
+            placement = found
+            break
+        d = int(np.argmax(np.where(fits, free, -np.inf)))
+        placement[m] = d
+        free[d] -= p.memory[m, d, 0]
+    free = p.capacity.copy()
+    for m, d in placement.items():
+        free[d] -= p.memory[m, d, 0]
+    n = np.zeros((len(p.members), len(p.devices)), dtype=np.int64)
+    batch = np.zeros(len(p.members), dtype=np.int64)
+    for m in order:  # largest first: each takes the most efficient batch that still fits
+        d = placement[m]
+        room = free[d] + p.memory[m, d, 0]
+        k = int(np.argmax(np.where(p.memory[m, d] <= room, p.rate[m, d], -1.0)))
+        n[m, d], batch[m] = 1, k
+        free[d] = room - p.memory[m, d, k]
+    return n, batch
+
+
+def _pack(p: Problem, order: list[int], budget: int = 200_000) -> dict[int, int] | None:
+    """A placement of one instance per member at the smallest batch size, by depth-first search
+    (devices with the most free memory first); None if there is none within the budget."""
+    free = p.capacity.copy()
+    placement: dict[int, int] = {}
+    steps = 0
+
+    def place(i: int) -> bool:
+        nonlocal steps
+        if i == len(order):
+            return True
+        m = order[i]
+        tried: set[float] = set()
+        for d in np.argsort(-free, kind="stable"):
+            steps += 1
+            need = p.memory[m, d, 0]
+            if steps > budget or p.rate[m, d, 0] <= 0 or need > free[d] or free[d] in tried:
+                continue
+            tried.add(free[d])  # identical devices with equal room: one try is enough
+            free[d] -= need
+            placement[m] = int(d)
+            if place(i + 1):
+                return True
+            free[d] += need
+            del placement[m]
+        return False
+
+    return placement if place(0) else None
+
+
+def _bytes(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB ({int(x)} bytes)"
