@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import triton_to_np_dtype
 
-from combiner.client import AsyncEnsembleClient
+from combiner.sdk import AsyncEnsembleClient
 from orchestrator.planning.spec import Tensor
 
 __all__ = ["Load", "closed_loop", "ensemble_load", "member_load", "random_rows"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import psutil
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -99,24 +100,26 @@ def _gpus(node: str) -> list[Device]:
 
 
 def _cpu(node: str) -> Device:
+    """The cores this process may run on, the machine's memory (total, and what it can give
+    without swapping), and the CPU's model name."""
     cores = len(os.sched_getaffinity(0))
-    total = available = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, value = line.split(":", 1)
-            if key == "MemTotal":
-                total = int(value.split()[0]) * 1024
-            elif key == "MemAvailable":
-                available = int(value.split()[0]) * 1024
-    model = "cpu"
+    memory = psutil.virtual_memory()
+    return Device(
+        node, "cpu", 0, _cpu_model(), memory.total, memory.available, cores=cores, lanes=cores
+    )
+
+
+def _cpu_model() -> str:
+    """The CPU's model name, as profiles may name the device ("cpu" where it has none). psutil
+    does not give it, and ``platform.processor()`` gives the architecture on Linux: it is read
+    from /proc/cpuinfo, where x86 machines list it (ARM ones do not)."""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(
+            return next(
                 (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "cpu"
             )
     except OSError:
-        pass
-    return Device(node, "cpu", 0, model, total, available, cores=cores, lanes=cores)
+        return "cpu"
 
 
 class _Strict(BaseModel):

@@ -1,30 +1,34 @@
 """How the profile turns measuring rounds into the costs of serving (``derive_host``), on data
 written by hand: medians over rounds, their range, and a cost that comes out below 0 reported as
 unmeasured with its reason, never as a negative number. Also the serving policy that a
-measurement runs under, and what the planner makes of a cost the profile could not measure."""
+measurement runs under, what the planner makes of a cost the profile could not measure, the CPU
+and memory of process trees that the profile reads, and the progress it shows."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
+from rich.console import Console
 
 from orchestrator.errors import SpecError
-from orchestrator.measuring.measure import (
+from orchestrator.measuring.host_costs import (
     Alone,
     Calls,
     Window,
-    _cpu_by_process,
-    _spent,
     derive_host,
     measuring_policy,
 )
+from orchestrator.measuring.process_usage import cpu_by_process, cpu_spent, tree_rss_bytes
+from orchestrator.measuring.progress import ProfileProgress
 from orchestrator.planning.allocate import problem
 from orchestrator.planning.hardware import Device
 from orchestrator.planning.profile import Curve, Host, Profile, load_profile, save_profile
@@ -241,12 +245,78 @@ def test_the_cpu_of_the_processes_serving_counts_every_process_of_their_trees():
         [sys.executable, "-c", BURNER, BURNER], stdout=subprocess.PIPE, text=True
     ) as parent:
         try:
-            before = _cpu_by_process([parent.pid])
+            before = cpu_by_process([parent.pid])
             assert parent.stdout is not None and parent.stdout.readline() == "burnt\n"
-            spent = _spent(before, _cpu_by_process([parent.pid]))
+            spent = cpu_spent(before, cpu_by_process([parent.pid]))
         finally:
             for process in psutil.Process(parent.pid).children(recursive=True):
                 process.kill()
             parent.kill()
     tick = 1 / os.sysconf("SC_CLK_TCK")
     assert spent >= 0.3 - 2 * tick  # the grandchild's, begun after the first reading
+
+
+HOLDER = """
+import sys, time
+held = bytearray(int(sys.argv[1]) << 20)
+held[::4096] = b"x" * len(held[::4096])  # resident: every page touched
+print("held", flush=True)
+time.sleep(60)
+"""
+
+SPAWNER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], "/m/1/model.py"])
+child.wait()
+"""
+
+
+def test_the_memory_of_a_process_tree_counts_its_descendants_or_those_of_a_member():
+    mib = 2**20
+    with subprocess.Popen(
+        [sys.executable, "-c", SPAWNER, HOLDER, "96"], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        try:
+            assert parent.stdout is not None and parent.stdout.readline() == "held\n"
+            (child,) = psutil.Process(parent.pid).children()
+            tree, member = tree_rss_bytes(parent.pid), tree_rss_bytes(parent.pid, "/m/1/model.py")
+            alone = tree_rss_bytes(child.pid)
+            elsewhere = tree_rss_bytes(parent.pid, "/other/1/model.py")
+        finally:
+            for process in psutil.Process(parent.pid).children(recursive=True):
+                process.kill()
+            parent.kill()
+    # the grandchild holds 96 MiB, and an interpreter (under 64 MiB) besides
+    assert 96 * mib <= member < (96 + 64) * mib
+    assert member == pytest.approx(alone, abs=mib)  # its stub only, the parent left out
+    assert tree >= member + 4 * mib  # the parent's interpreter too
+    assert elsewhere == 0
+    assert tree_rss_bytes(parent.pid) == 0  # a tree that has gone holds nothing
+
+
+def test_profile_progress_without_a_terminal_says_each_step_and_that_a_long_one_still_runs():
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    with ProfileProgress(console=console, heartbeat_s=0.3) as progress:
+        with progress.doing("starting Triton"):
+            pass
+        with progress.phase("each member", steps=2) as phase:
+            with phase.step("mlp, batch 1"):
+                pass
+            with phase.step("mlp, batch 2"):
+                time.sleep(1.0)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("] starting Triton")
+    assert lines[1].endswith("] each member: mlp, batch 1 (1/2)")
+    assert lines[2].endswith("] each member: mlp, batch 2 (2/2)")
+    beats = lines[3:]
+    assert 1 <= len(beats) <= 4 and all("each member: mlp, batch 2 (2/2): " in b for b in beats)
+    assert beats[-1].endswith(" s so far")
+
+
+def test_profile_progress_hidden_says_nothing():
+    out = io.StringIO()
+    with ProfileProgress(show=False, console=Console(file=out), heartbeat_s=0.01) as progress:
+        with progress.phase("each member", steps=1) as phase, phase.step("mlp, batch 1"):
+            pass
+    assert out.getvalue() == ""
