@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.report import publish
-from examples.digits.train import HERE, load_split, train_members
+from orchestrator.examples.digits.train import HERE, load_split, train_members
 
 CONCURRENCY = (1, 8, 64)
 
@@ -31,7 +31,7 @@ CONCURRENCY = (1, 8, 64)
 ROUND = """
 import inspect, json, sys
 from benchmarks.baselines import add_baselines, load, requests_for, served
-from examples.digits.train import HERE, load_split
+from orchestrator.examples.digits.train import HERE, load_split
 from orchestrator.planning.spec import load_ensemble
 
 seconds = float(sys.argv[1])

@@ -40,8 +40,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from benchmarks.report import publish
-from examples.digits.train import HERE, load_split, train_members
 from orchestrator.deploying.up import Deployment
+from orchestrator.examples.digits.train import HERE, load_split, train_members
 from orchestrator.measuring.bench import Load, closed_loop
 from orchestrator.planning.spec import Ensemble, load_ensemble
 from tests.onnx_models import linear

@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.report import publish
-from combiner.client import AsyncEnsembleClient
-from examples.digits.train import HERE, load_split, train_members
+from combiner.sdk import AsyncEnsembleClient
 from orchestrator.deploying.up import Deployment
+from orchestrator.examples.digits.train import HERE, load_split, train_members
 from orchestrator.measuring.bench import Load, closed_loop
 from orchestrator.planning.spec import load_ensemble
 

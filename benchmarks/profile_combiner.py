@@ -37,8 +37,8 @@ from benchmarks.baselines import (
     served,
 )
 from benchmarks.report import publish
-from examples.digits.train import HERE, load_split, train_members
 from orchestrator.deploying.launch import free_port
+from orchestrator.examples.digits.train import HERE, load_split, train_members
 from orchestrator.planning.spec import load_ensemble
 
 

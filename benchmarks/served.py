@@ -36,8 +36,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.report import publish
-from examples.digits.train import HERE, load_split, train_members
 from orchestrator.deploying.up import Deployment
+from orchestrator.examples.digits.train import HERE, load_split, train_members
 from orchestrator.measuring.bench import Load, ensemble_load, member_load
 from orchestrator.measuring.measure import measure_profile
 from orchestrator.planning.allocate import SearchResult, problem, worst_fit

@@ -41,10 +41,10 @@ import psutil
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from benchmarks.report import publish
-from combiner.client import AsyncEnsembleClient, EnsembleError
+from combiner.sdk import AsyncEnsembleClient, EnsembleError
 from combiner.stages.rules import softmax
-from examples.digits.train import HERE, load_split, train_members
 from orchestrator.deploying.launch import free_port
+from orchestrator.examples.digits.train import HERE, load_split, train_members
 from orchestrator.measuring.measure import measure_profile
 from orchestrator.planning.profile import save_profile
 from orchestrator.planning.spec import Ensemble, load_ensemble

@@ -45,15 +45,14 @@ import grpc
 import psutil
 
 from combiner.errors import RequestError
+from combiner.sdk.protocol import CLIENT_PREFIX, SESSION_HEADER, UNKNOWN_REGION
 from combiner.triton.shm import POOL_NAME
 
 __all__ = ["CLIENT_PREFIX", "NOBODY", "SESSION_HEADER", "Caller", "ClientRegion", "ClientRegions"]
 
 log = logging.getLogger("chorus.combiner.shm")
-CLIENT_PREFIX = "chorus_client_"
 _KEY = re.compile(r"^/?(chorus_client_[A-Za-z0-9_.-]{1,200})$")
 _REGION_NAME = re.compile(r"^[\x21-\x7e]{1,256}$")
-SESSION_HEADER = "chorus-shm-session"
 _SESSION = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 _SWEEP_EVERY_S = 2.0
 
@@ -308,7 +307,7 @@ class ClientRegions:
         if holding is None or region is None:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"unknown shared-memory region {name!r}; register it first (this client's "
+                f"{UNKNOWN_REGION} {name!r}; register it first (this client's "
                 "registrations are gone if its session or connection closed, or another "
                 "combiner process answers it now)",
             )

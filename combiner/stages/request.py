@@ -21,6 +21,7 @@ from tritonclient.utils import triton_to_np_dtype
 from combiner.config import CombinerConfig, TensorInfo
 from combiner.endpoints.client_shm import NOBODY, Caller, ClientRegion, ClientRegions
 from combiner.errors import RequestError
+from combiner.sdk.protocol import DEADLINE_MS
 from combiner.stages.batching import Rows
 
 __all__ = ["RequestError", "RequestReader"]
@@ -65,8 +66,8 @@ class RequestReader:
         """Seconds to wait for the members: the request's ``deadline_ms`` parameter, else the
         ensemble's default, and never past ``remaining``, the client's own deadline."""
         ms: float | None = self.config.deadline_ms
-        if "deadline_ms" in request.parameters:
-            param = request.parameters["deadline_ms"]
+        if DEADLINE_MS in request.parameters:
+            param = request.parameters[DEADLINE_MS]
             kind = param.WhichOneof("parameter_choice")
             if kind not in ("int64_param", "uint64_param", "double_param"):
                 raise _invalid("parameter 'deadline_ms' must be a number of milliseconds")

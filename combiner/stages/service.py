@@ -30,6 +30,7 @@ from combiner import metrics
 from combiner.config import CombinerConfig, TensorInfo
 from combiner.endpoints.client_shm import NOBODY, Caller, ClientRegion, ClientRegions
 from combiner.errors import RequestError
+from combiner.sdk.protocol import CONTRIBUTORS, MISSING, format_missing
 from combiner.stages.batching import Batcher, Placement, Rows
 from combiner.stages.combination import Combination
 from combiner.stages.predict import Prediction, Predictor
@@ -276,11 +277,9 @@ class EnsembleService:
         response = service_pb2.ModelInferResponse(
             model_name=self.config.name, model_version="1", id=request_id
         )
-        response.parameters["chorus_contributors"].string_param = ",".join(contributors)
+        response.parameters[CONTRIBUTORS].string_param = ",".join(contributors)
         if missing:
-            response.parameters["chorus_missing"].string_param = "; ".join(
-                f"{name} ({reason})" for name, reason in missing.items()
-            )
+            response.parameters[MISSING].string_param = format_missing(missing)
         for name, array in outputs.items():
             info = self.outputs[name]
             data = array.tobytes()
@@ -327,7 +326,7 @@ class _Lead:
 def _below_quorum(
     contributors: tuple[str, ...], members: tuple[str, ...], quorum: int, missing: dict[str, str]
 ) -> RequestError:
-    why = "; ".join(f"{name} ({reason})" for name, reason in missing.items())
+    why = format_missing(missing)
     late = any(reason.startswith(("no answer", "not called")) for reason in missing.values())
     return RequestError(
         grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.UNAVAILABLE,

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from combiner.client import EnsembleClient
-from examples.digits.train import HERE, Split, load_split, train_members
+from combiner.sdk import EnsembleClient
 from orchestrator.deploying.launch import free_port
 from orchestrator.deploying.up import Deployment, Endpoints
+from orchestrator.examples.digits.train import HERE, Split, load_split, train_members
 from orchestrator.measuring.measure import measure_profile
 from orchestrator.planning.hardware import discover
 from orchestrator.planning.plan import Plan, one_instance_each

@@ -17,7 +17,7 @@ import trustme
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from combiner.client import EnsembleClient, Unavailable
+from combiner.sdk import EnsembleClient, Unavailable
 from orchestrator.deploying.launch import free_port
 from tests.integration.toy import combiner, toy_config, toy_triton
 

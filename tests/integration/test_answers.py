@@ -21,7 +21,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from combiner.client import AsyncEnsembleClient, EnsembleClient, InvalidRequest, ServerError
+from combiner.sdk import AsyncEnsembleClient, EnsembleClient, InvalidRequest, ServerError
 from orchestrator.deploying.launch import free_port
 from tests.integration.toy import combiner, overflowing, short, toy_config, toy_triton
 
@@ -249,8 +249,10 @@ def test_a_member_that_answers_fewer_rows_through_shared_memory_is_never_served(
             x = rng.normal(size=(rows, 4)).astype(np.float32)
             answer = client.infer(x)
             assert answer.contributors == ("a", "b")
-            assert "short (INTERNAL: answered 'y' with shape" in answer.missing, answer.missing
-            assert f"expected [{rows}, 3]" in answer.missing, answer.missing
+            assert answer.missing == ("short",)
+            reason = answer.reasons["short"]
+            assert reason.startswith("INTERNAL: answered 'y' with shape"), reason
+            assert f"expected [{rows}, 3]" in reason, reason
             np.testing.assert_allclose(answer.outputs["y"], reference(ensemble, x), rtol=1e-5)
 
 

@@ -15,7 +15,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from combiner.client import AsyncEnsembleClient, EnsembleClient
+from combiner.sdk import AsyncEnsembleClient, EnsembleClient
 from tests.integration.test_serving import direct_combination
 
 SHM = Path("/dev/shm")

@@ -21,7 +21,7 @@ import tritonclient.grpc.aio as aioclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from combiner.client import DeadlineExceeded, EnsembleClient, Unavailable
+from combiner.sdk import DeadlineExceeded, EnsembleClient, Unavailable
 from tests.integration.test_serving import direct_combination
 
 SHM = Path("/dev/shm")

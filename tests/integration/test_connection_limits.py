@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from combiner.client import EnsembleClient
+from combiner.sdk import EnsembleClient
 from orchestrator.deploying.launch import free_port
 from tests.integration.toy import combiner, toy_config, toy_triton
 

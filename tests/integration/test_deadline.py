@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from combiner.client import DeadlineExceeded, EnsembleClient
+from combiner.sdk import DeadlineExceeded, EnsembleClient
 from tests.integration.test_serving import softmax
 from tests.integration.toy import BROKEN, combiner, sleeping, toy_config, toy_triton
 
@@ -55,9 +55,10 @@ def test_a_partial_answer_names_its_contributors_and_why_others_are_missing(stac
         answer = client.infer(x)
     assert answer.contributors == ("a", "b")  # answered at its deadline, before 'slow' did
     assert answer.partial
-    assert "slow (no answer within 400 ms)" in answer.missing
-    assert "broken (INTERNAL: " in answer.missing  # its code; its text is in the combiner's log
-    assert "broken on purpose" not in answer.missing
+    assert set(answer.missing) == {"slow", "broken"}
+    assert answer.reasons["slow"] == "no answer within 400 ms"
+    assert answer.reasons["broken"].startswith("INTERNAL: ")  # its text is in the combiner's log
+    assert "broken on purpose" not in answer.reasons["broken"]
     np.testing.assert_allclose(answer.outputs["y"], reference(ensemble, x), rtol=1e-5)
 
 
@@ -75,7 +76,7 @@ def test_a_longer_per_request_deadline_lets_the_slow_member_in(stack):
     with EnsembleClient(combiners[3][1]) as client:
         answer = client.infer(x, deadline_ms=5000)
     assert answer.contributors == ("a", "b", "slow")
-    assert answer.missing.startswith("broken (")
+    assert answer.missing == ("broken",)
     slow = softmax(np.full((2, 3), 99.0))
     expected = (2 * reference(ensemble, x) + slow) / 3
     np.testing.assert_allclose(answer.outputs["y"], expected, rtol=1e-5)
@@ -93,7 +94,7 @@ def test_late_answers_never_reach_later_requests_and_serving_goes_on(stack):
 
 def test_a_bad_deadline_parameter_is_refused(stack):
     _, combiners = stack
-    from combiner.client import InvalidRequest
+    from combiner.sdk import InvalidRequest
 
     with EnsembleClient(combiners[2][1]) as client, pytest.raises(InvalidRequest, match="positive"):
         client.infer(np.zeros((1, 4), dtype=np.float32), deadline_ms=-5)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from combiner.client import EnsembleClient, Unavailable
+from combiner.sdk import EnsembleClient, Unavailable
 from combiner.triton.upstream import KEY_HEADER, MemberError, Upstream
 from combiner.triton.watch import TritonWatch
 from orchestrator.deploying.launch import TritonServer, free_port
@@ -138,9 +138,11 @@ def test_a_failed_member_is_named_with_its_status_code_and_its_text_stays_in_the
             answer = client.infer(np.ones((2, 4), np.float32))
         log = process.log.read_text()
     assert answer.contributors == ("a", "b")
-    assert answer.missing.startswith("broken (INTERNAL: ")
+    assert answer.missing == ("broken",)
+    reason = answer.reasons["broken"]
+    assert reason.startswith("INTERNAL: ")
     for private in ("broken on purpose", "RuntimeError", "model.py", str(root), "At:", "\n"):
-        assert private not in answer.missing, answer.missing
+        assert private not in reason, reason
     assert "broken on purpose" in log and "model.py" in log
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from combiner.client import EnsembleClient, EnsembleError
+from combiner.sdk import EnsembleClient, EnsembleError
 from combiner.triton.upstream import key_metadata
 from orchestrator.deploying.deploy import new_key
 from orchestrator.deploying.launch import ManagedProcess, free_port

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from combiner.client import EnsembleClient
+from combiner.sdk import EnsembleClient
 from tests.integration.test_serving import direct_combination
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import yaml
 
-from combiner.client import EnsembleClient
 from combiner.config import CombinerConfig
+from combiner.sdk import EnsembleClient
 from orchestrator.deploying.launch import free_port
 from orchestrator.deploying.up import Deployment
 from orchestrator.planning.spec import load_ensemble

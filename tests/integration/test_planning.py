@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from combiner.client import EnsembleClient
+from combiner.sdk import EnsembleClient
 from orchestrator.deploying.render import parse_config
 from orchestrator.measuring.measure import batch_sizes
 from orchestrator.planning.plan import plan_ensemble

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from combiner.client import Answer, AsyncEnsembleClient
+from combiner.sdk import Answer, AsyncEnsembleClient
 from orchestrator.deploying import render
 from orchestrator.measuring import measure
 from orchestrator.measuring.measure import measure_profile

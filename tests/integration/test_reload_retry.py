@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from combiner.client import EnsembleClient
 from combiner.config import CombinerConfig
+from combiner.sdk import EnsembleClient
 from orchestrator.deploying.deploy import switch
 from orchestrator.errors import ChorusError
 from orchestrator.planning.hardware import LOCAL_NODE, Device

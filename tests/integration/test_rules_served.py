@@ -8,7 +8,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
-from combiner.client import EnsembleClient
+from combiner.sdk import EnsembleClient
 from orchestrator.deploying.up import Deployment
 from orchestrator.planning.spec import load_ensemble
 from tests.onnx_models import linear

@@ -10,14 +10,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from combiner.client import (
+from combiner.sdk import (
     AsyncEnsembleClient,
     EnsembleClient,
     InvalidRequest,
     ModelNotFound,
     Unavailable,
 )
-from examples.digits.demo import member_predictions
+from orchestrator.examples.digits.demo import member_predictions
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from combiner.client import EnsembleClient
+from combiner.sdk import EnsembleClient
 from orchestrator.deploying.up import Deployment
 from tests.integration.processes import descendants
 from tests.integration.test_serving import direct_combination

@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from combiner.client import DeadlineExceeded, EnsembleClient
+from combiner.sdk import DeadlineExceeded, EnsembleClient
 from tests.integration.toy import combiner, sleeping, toy_config, toy_triton
 
 MEMBERS = ("a", "b", "slowpoke")

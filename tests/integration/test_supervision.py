@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from combiner.client import EnsembleClient, Unavailable
+from combiner.sdk import EnsembleClient, Unavailable
 from tests.integration.processes import alive, descendants
 from tests.integration.test_serving import direct_combination
 

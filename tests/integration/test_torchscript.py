@@ -8,7 +8,7 @@ import onnxruntime as ort
 import torch
 import yaml
 
-from combiner.client import EnsembleClient
+from combiner.sdk import EnsembleClient
 from orchestrator.deploying.render import parse_config, render_config
 from orchestrator.deploying.up import Deployment
 from orchestrator.planning.spec import load_ensemble

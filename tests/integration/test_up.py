@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from combiner.client import EnsembleClient
+from combiner.sdk import EnsembleClient
 from tests.integration.processes import alive, command_name, descendants
 
 
@@ -23,4 +23,6 @@ def test_stopping_chorus_up_leaves_no_process_behind(chorus_up, split, sig):
     up.process.send_signal(sig)
     code = up.process.wait(timeout=60)
     assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 0), up.text()
+    if sig != signal.SIGKILL:  # its last line says it is done, and how it ended
+        assert up.text().rstrip().splitlines()[-1].startswith("stopped in "), up.text()
     up.wait_for("every process gone", lambda: not any(alive(p) for p in tree))

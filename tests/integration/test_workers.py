@@ -8,7 +8,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from combiner.client import EnsembleClient, InvalidRequest
+from combiner.sdk import EnsembleClient, InvalidRequest
 from orchestrator.deploying.launch import free_port
 from orchestrator.deploying.up import Deployment
 from tests.integration.processes import command_name, descendants
@@ -92,7 +92,7 @@ def test_metrics_count_requests_by_code_and_time_each_member(two_workers, ensemb
 def test_sixty_four_concurrent_requests_each_get_their_own_answer(two_workers, ensemble):
     import asyncio
 
-    from combiner.client import AsyncEnsembleClient
+    from combiner.sdk import AsyncEnsembleClient
     from tests.integration.test_serving import direct_combination
 
     _, endpoints, url = two_workers

@@ -1,0 +1,212 @@
+"""The client without its I/O, shared by the blocking and the asyncio client.
+
+Each operation (``metadata``, ``ready``, ``infer``, ``close``) is a generator of *steps*: it
+yields a :class:`Call` on tritonclient's ``InferenceServerClient`` and is sent that call's
+result back (or has its exception thrown in), until it returns the operation's value. The
+blocking client makes each call with ``tritonclient.grpc``, the asyncio one awaits it with
+``tritonclient.grpc.aio``; what to call, with which headers, when to register a region again and
+repeat the call, when a region is reused or discarded, and how an answer is read, is written
+once, here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar
+
+from tritonclient.utils import InferenceServerException
+
+from combiner.sdk.answer import Answer, Inputs
+from combiner.sdk.errors import translate
+from combiner.sdk.protocol import DEADLINE_MS, SESSION_HEADER, UNKNOWN_REGION
+from combiner.sdk.regions import Region, Regions
+from combiner.sdk.tensors import Request, Signature, split
+
+__all__ = ["Call", "Core", "Steps"]
+
+T = TypeVar("T")
+
+_MAX_MESSAGE = 2**31 - 1
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+]
+# statuses after which the server may still be working on the call (the client gave up first)
+_NO_ANSWER = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED", None}
+# a region the endpoint forgot is registered again, and the call repeated, this many times at
+# most (a reconnect may land on another worker between the registration and the call)
+_REGISTER_TRIES = 3
+
+
+@dataclass(frozen=True)
+class Call:
+    """``InferenceServerClient.<method>(*args, **kwargs)``, for a client to make."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+Steps: TypeAlias = Generator[Call, Any, T]
+
+
+def _forgotten(e: InferenceServerException) -> bool:
+    """The endpoint does not know a region of ours (a restarted or reloaded worker, another
+    worker after a reconnect)."""
+    return (e.status() or "").endswith("FAILED_PRECONDITION") and UNKNOWN_REGION in (
+        e.message() or ""
+    )
+
+
+def _answered(e: InferenceServerException) -> bool:
+    """The call ended in the server's answer (an error), not in the client's giving up."""
+    return e.status() not in _NO_ANSWER
+
+
+class Core:
+    """One client's state (its ensemble, its headers, its regions) and its operations as steps."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None,
+        shared_memory: bool,
+        token: str | None,
+        tls: bool,
+        root_certificates: str | None,
+    ) -> None:
+        self.url = url
+        self.model = model
+        self.max_batch = 1
+        self.regions = Regions() if shared_memory else None
+        self._metadata: dict[str, Any] | None = None
+        self._signature: Signature | None = None
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        if shared_memory:
+            headers[SESSION_HEADER] = uuid.uuid4().hex  # the session's secret
+        self.headers = headers or None
+        # InferenceServerClient(url, **connection)
+        self.connection: dict[str, Any] = {
+            "channel_args": _CHANNEL_ARGS,
+            "ssl": tls or root_certificates is not None,
+            "root_certificates": root_certificates,
+        }
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Call:
+        return Call(method, args, {**kwargs, "headers": self.headers})
+
+    def metadata(self) -> Steps[dict[str, Any]]:
+        """The ensemble's KServe v2 metadata (asked once); the ensemble is the endpoint's only
+        one unless the client was given ``model``."""
+        if self._metadata is None:
+            try:
+                if self.model is None:
+                    index = yield self._call("get_model_repository_index", as_json=True)
+                    self.model = index["models"][0]["name"]
+                self._metadata = yield self._call("get_model_metadata", self.model, as_json=True)
+                self._signature = Signature.of(self.model, self._metadata)
+                config = yield self._call("get_model_config", self.model, as_json=True)
+                self.max_batch = int(config["config"].get("max_batch_size", 1)) or 1
+            except InferenceServerException as e:
+                raise translate(e) from e
+        return dict(self._metadata)
+
+    def ready(self) -> Steps[bool]:
+        try:
+            return bool((yield self._call("is_server_ready")))
+        except InferenceServerException:
+            return False
+
+    def parts(self, x: Inputs, chunk: int | None) -> Steps[list[Inputs]]:
+        """``x`` in pieces of at most ``chunk`` rows (default: the ensemble's max batch)."""
+        yield from self.metadata()
+        return split(x, chunk or self.max_batch)
+
+    def infer(self, x: Inputs, timeout_s: float | None, deadline_ms: float | None) -> Steps[Answer]:
+        """One call; through a region of the client's when it has shared memory, registered
+        again and the call repeated if the endpoint forgot it."""
+        yield from self.metadata()
+        assert self._signature is not None
+        signature = self._signature
+        region = None
+        answered = False
+        try:
+            arrays = signature.arrays(x)
+            request: Request
+            if self.regions is None:
+                request = signature.request(arrays)
+            else:
+                region = yield from self._region(signature.region_size(arrays))
+                request = signature.request_in(arrays, region)
+            call = self._call(
+                "infer",
+                self.model,
+                request.inputs,
+                outputs=request.outputs,
+                client_timeout=timeout_s,
+                parameters=None if deadline_ms is None else {DEADLINE_MS: float(deadline_ms)},
+            )
+            for attempt in range(_REGISTER_TRIES):
+                try:
+                    result = yield call
+                    break
+                except InferenceServerException as e:
+                    last = attempt == _REGISTER_TRIES - 1
+                    if region is None or not _forgotten(e) or last:
+                        answered = _answered(e)
+                        raise
+                    yield from self._register(region)
+            answered = True
+            return signature.answer(result, region)
+        except InferenceServerException as e:
+            answered = answered or _answered(e)
+            raise translate(e) from e
+        finally:
+            if region is not None:
+                yield from self._release(region, answered)
+
+    def _region(self, size: int) -> Steps[Region]:
+        """A free region of at least ``size`` bytes, or a new one, registered."""
+        assert self.regions is not None
+        region = self.regions.take(size)
+        if region is None:
+            region = Region.create(size)
+            try:
+                yield from self._register(region)
+            except BaseException:
+                region.destroy()
+                raise
+            self.regions.add(region)
+        return region
+
+    def _register(self, region: Region) -> Steps[None]:
+        try:
+            yield self._call("register_system_shared_memory", region.name, region.key, region.size)
+        except InferenceServerException as e:
+            if not (e.status() or "").endswith("ALREADY_EXISTS"):
+                raise
+
+    def _release(self, region: Region, answered: bool) -> Steps[None]:
+        """Its call ended: reuse the region after an answer, else unregister and unlink it."""
+        assert self.regions is not None
+        if answered:
+            self.regions.give_back(region)
+            return
+        self.regions.discard(region)
+        with contextlib.suppress(InferenceServerException):
+            yield self._call("unregister_system_shared_memory", region.name)
+        region.destroy()
+
+    def close(self) -> Steps[None]:
+        """Unregister and unlink the client's shared memory, then close the channel."""
+        if self.regions is not None:
+            for region in self.regions.every:
+                # if the endpoint is gone, its mapping went with it
+                with contextlib.suppress(InferenceServerException):
+                    yield self._call("unregister_system_shared_memory", region.name)
+                region.destroy()
+            self.regions = Regions()
+        yield Call("close")
