@@ -26,8 +26,6 @@ COPY pyproject.toml README.md /src/
 COPY orchestrator /src/orchestrator
 COPY combiner /src/combiner
 COPY model_repository_templates /src/model_repository_templates
-COPY examples/__init__.py /src/examples/__init__.py
-COPY examples/digits/__init__.py examples/digits/demo.py examples/digits/train.py examples/digits/ensemble.yaml /src/examples/digits/
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi; \
     /opt/chorus/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels \

@@ -19,6 +19,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy orchestrator combiner
+	$(VENV)/bin/lint-imports
 
 # torch==2.13.0 is the CPU build on this machine's disk; a bare "torch" would pull CUDA wheels.
 $(STAMP): pyproject.toml
@@ -28,4 +29,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) .chorus examples/digits/models
+	rm -rf $(VENV) .chorus orchestrator/examples/digits/models

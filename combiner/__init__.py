@@ -1,6 +1,83 @@
 """Chorus's data plane: serve an ensemble over KServe v2, fanning each request out to its
-members on Triton and combining their answers."""
+members on Triton and combining their answers.
+
+Sub-packages, in the order a request meets them: ``endpoints`` (gRPC, HTTP, auth, client
+shared memory), ``stages`` (batching, prediction, combination, rules) and ``triton`` (the
+channels, nodes, health and shared-memory pool facing Triton). At top level: the processes
+(``python -m combiner`` supervises ``combiner.worker`` processes: ``workers``), the config file
+(``config``), and the client SDK (``sdk``), which needs nothing of the server.
+
+The names below are the combiner's public surface, all the orchestrator may use (an import
+contract). They load on first use, so that ``import combiner.sdk`` brings in none of the
+server's dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_PUBLIC = {
+    "combiner.config": [
+        "CombinerConfig",
+        "MemberRoute",
+        "NodeRoute",
+        "TensorInfo",
+        "config_digest",
+        "is_served",
+        "served_file",
+    ],
+    "combiner.stages.rules": ["load_rule"],
+    "combiner.triton.upstream": ["KEY_HEADER", "key_metadata"],
+    "combiner.workers": ["PortInUse", "Restarts", "claim_ports", "die_with_parent"],
+    "combiner.sdk": ["Answer", "AsyncEnsembleClient", "EnsembleClient", "EnsembleError"],
+}
+_WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
+
+__all__ = [
+    "KEY_HEADER",
+    "Answer",
+    "AsyncEnsembleClient",
+    "CombinerConfig",
+    "EnsembleClient",
+    "EnsembleError",
+    "MemberRoute",
+    "NodeRoute",
+    "PortInUse",
+    "Restarts",
+    "TensorInfo",
+    "__version__",
+    "claim_ports",
+    "config_digest",
+    "die_with_parent",
+    "is_served",
+    "key_metadata",
+    "load_rule",
+    "served_file",
+]
+
+if TYPE_CHECKING:  # what the names are, for type checkers (they load lazily below)
+    from combiner.config import (
+        CombinerConfig,
+        MemberRoute,
+        NodeRoute,
+        TensorInfo,
+        config_digest,
+        is_served,
+        served_file,
+    )
+    from combiner.sdk import Answer, AsyncEnsembleClient, EnsembleClient, EnsembleError
+    from combiner.stages.rules import load_rule
+    from combiner.triton.upstream import KEY_HEADER, key_metadata
+    from combiner.workers import PortInUse, Restarts, claim_ports, die_with_parent
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'combiner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -22,7 +22,6 @@ served meanwhile. The SHA-256 of the config every worker serves is written to
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import signal
@@ -34,7 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from combiner.config import CombinerConfig
+from combiner.config import CombinerConfig, config_digest, served_file
 from combiner.endpoints.auth import Credentials
 from combiner.worker import add_endpoint_arguments
 from combiner.workers import PortInUse, Restarts, claim_ports, die_with_parent
@@ -220,18 +219,13 @@ def _all_listen(generation: list[tuple[subprocess.Popen[bytes], Path]]) -> bool:
 
 
 def _digest(config: Path | None) -> str | None:
-    if config is None:
-        return None
-    try:
-        return hashlib.sha256(config.read_bytes()).hexdigest()
-    except OSError:
-        return None
+    return None if config is None else config_digest(config)
 
 
 def _write_served(config: Path, digest: str | None) -> None:
     """Tell ``regenerate-configs`` which config every worker serves now."""
     try:
-        config.with_name(config.name + ".served").write_text(f"{digest}\n")
+        served_file(config).write_text(f"{digest}\n")
     except OSError as e:
         _say(f"cannot write {config}.served: {e}")
 

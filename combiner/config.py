@@ -6,6 +6,7 @@ ensemble's tensors, its members as Triton knows them, the combination rule and w
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Literal
@@ -14,7 +15,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tritonclient.utils import triton_to_np_dtype
 
-__all__ = ["CombinerConfig", "MemberRoute", "NodeRoute", "TensorInfo"]
+__all__ = [
+    "CombinerConfig",
+    "MemberRoute",
+    "NodeRoute",
+    "TensorInfo",
+    "config_digest",
+    "is_served",
+    "served_file",
+]
 
 
 class _Strict(BaseModel):
@@ -259,3 +268,28 @@ class CombinerConfig(_Strict):
     @classmethod
     def load(cls, path: Path) -> CombinerConfig:
         return cls.model_validate_json(path.read_text())
+
+
+# -- what the supervisor reports serving: <config>.served holds the SHA-256 of the config file
+#    every worker runs (``chorus up`` and ``regenerate-configs`` wait for it)
+
+
+def config_digest(config: Path) -> str | None:
+    """The SHA-256 of the config file as it is now; None if it cannot be read."""
+    try:
+        return hashlib.sha256(config.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def served_file(config: Path) -> Path:
+    return config.with_name(config.name + ".served")
+
+
+def is_served(config: Path) -> bool:
+    """Whether the combiner reports serving ``config`` as it is now."""
+    try:
+        reported = served_file(config).read_text().strip()
+    except OSError:
+        return False
+    return reported == config_digest(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from combiner.workers import PortInUse, claim_ports
+from combiner import PortInUse, claim_ports
 from orchestrator.deploying.render import (
     Backend,
     describe_changes,
@@ -214,8 +215,13 @@ def up(
         )
         deployment.supervise(stop, lambda line: console.print(line))
         console.print(f"stopping: answering the requests in flight (up to {drain_timeout:g} s)...")
+        stopping = time.monotonic()
     finally:
         deployment.stop()
+    console.print(
+        f"stopped in {time.monotonic() - stopping:.1f} s: the combiner answered what it had "
+        "accepted, and Triton is down"
+    )
 
 
 def _check_files(**paths: Path | None) -> None:
@@ -519,7 +525,7 @@ def demo(
     epochs: Annotated[int, typer.Option(help="training epochs per member")] = 20,
 ) -> None:
     """Train 4 DNNs on digits, serve them on a real Triton, report accuracy and throughput."""
-    from examples.digits.demo import run
+    from orchestrator.examples.digits.demo import run
 
     run(workdir.resolve(), epochs=epochs, console=console)
 
@@ -594,9 +600,7 @@ def example(
 ) -> None:
     """Write the digits example ensemble and train its 4 members (seconds, on the CPU); an
     example already there is left as it is."""
-    import shutil
-
-    from examples.digits.train import HERE, load_split, train_members
+    from orchestrator.examples.digits.train import HERE, write_example
 
     target = out / "ensemble.yaml"
     names = [m.name for m in load_ensemble(HERE / "ensemble.yaml", read_models=False).members]
@@ -605,8 +609,7 @@ def example(
         return
     out.mkdir(parents=True, exist_ok=True)
     with console.status("training the digits example's members..."):
-        train_members(out / "models", load_split())
-    shutil.copy(HERE / "ensemble.yaml", target)
+        write_example(out)
     console.print(f"wrote {target} and {len(names)} members in {out / 'models'}")
 
 

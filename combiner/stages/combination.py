@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 from tritonclient.utils import triton_to_np_dtype
 
-from combiner.config import CombinerConfig, TensorInfo
+from combiner.config import CombinerConfig
 from combiner.errors import RequestError
 from combiner.stages.predict import Prediction
 from combiner.stages.rules import combine, load_rule, uncertainty
@@ -43,9 +43,6 @@ class Combination:
         self._base = {t.name: t for t in config.outputs}
         self._weights = {m.name: m.weight for m in config.members}
         self._tasks = Owner("combination")
-
-    def info(self, name: str) -> TensorInfo:
-        return self._derived[name][0] if name in self._derived else self._base[name]
 
     async def outputs(
         self,

@@ -16,8 +16,6 @@ either side would refuse:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -27,8 +25,7 @@ from typing import NoReturn
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from combiner.config import CombinerConfig
-from combiner.triton.upstream import key_metadata
+from combiner import CombinerConfig, is_served, key_metadata
 from orchestrator.deploying.launch import ServerBinary, TritonServer, find_tritonserver
 from orchestrator.errors import ChorusError, SpecError
 from orchestrator.planning.plan import Plan
@@ -108,24 +105,12 @@ def serve_node(
     os.execve(argv[0], argv, env)
 
 
-def config_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def served_file(config: Path) -> Path:
-    return config.with_name(config.name + ".served")
-
-
 def wait_served(config: Path, timeout_s: float) -> bool:
     """Wait until the combiner serves ``config`` as it is now; whether it did in time."""
-    want = config_hash(config)
     until = time.monotonic() + timeout_s
     while time.monotonic() < until:
-        try:
-            if served_file(config).read_text().strip() == want:
-                return True
-        except OSError:
-            pass
+        if is_served(config):
+            return True
         time.sleep(0.1)
     return False
 
@@ -233,9 +218,7 @@ def _serve_config(
     text = config.model_dump_json(indent=2) + "\n"
     if path.is_file() and path.read_text() == text:
         return True
-    running = False
-    with contextlib.suppress(OSError):
-        running = served_file(path).read_text().strip() == config_hash(path)
+    running = is_served(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)

@@ -42,8 +42,7 @@ from types import TracebackType
 
 import psutil
 
-from combiner.triton.upstream import KEY_HEADER, key_metadata
-from combiner.workers import die_with_parent
+from combiner import KEY_HEADER, die_with_parent, key_metadata
 from orchestrator.errors import LaunchError
 
 __all__ = [
@@ -296,10 +295,6 @@ class TritonServer:
     def grpc_headers(self) -> dict[str, str]:
         """Headers that open the restricted gRPC APIs (tritonclient's ``headers=``)."""
         return dict(key_metadata(self.key))
-
-    @property
-    def http_headers(self) -> dict[str, str]:
-        return {} if self.key is None else {KEY_HEADER: self.key}
 
     def start(self, timeout: float = 120.0) -> None:
         """Start the server on free ports and wait until it and every model are ready."""

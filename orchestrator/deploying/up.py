@@ -23,9 +23,16 @@ from typing import Literal
 import tritonclient.grpc as grpcclient
 from google.protobuf import json_format
 
-from combiner.config import CombinerConfig, MemberRoute, NodeRoute, TensorInfo
-from combiner.workers import Restarts
-from orchestrator.deploying.deploy import config_hash, served_file, write_key
+from combiner import (
+    CombinerConfig,
+    MemberRoute,
+    NodeRoute,
+    Restarts,
+    TensorInfo,
+    is_served,
+    served_file,
+)
+from orchestrator.deploying.deploy import write_key
 from orchestrator.deploying.launch import (
     ManagedProcess,
     ServerBinary,
@@ -417,16 +424,12 @@ def _wait_combiner_ready(process: ManagedProcess, config_file: Path, deadline: f
     """Wait until every worker of this combiner listens: its supervisor then writes the digest
     of the config they serve beside it. (Not a connection to the port: another deployment's
     listener would answer that; the supervisor refuses a port anything else holds, and exits.)"""
-    digest = config_hash(config_file)
     while True:
         code = process.exited()
         if code is not None:
             raise process.failure(f"exited with code {code} before it was ready")
         if time.monotonic() > deadline:
             raise process.failure("was not ready in time")
-        try:
-            if served_file(config_file).read_text().strip() == digest:
-                return
-        except OSError:
-            pass
+        if is_served(config_file):
+            return
         time.sleep(0.05)

@@ -25,7 +25,7 @@ from pydantic import (
     ValidationError,
 )
 
-from combiner.stages.rules import load_rule
+from combiner import load_rule
 from orchestrator.errors import SpecError, from_validation
 
 __all__ = [

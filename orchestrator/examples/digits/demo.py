@@ -17,16 +17,15 @@ import tritonclient.grpc as grpcclient
 from rich.console import Console
 from rich.table import Table
 
-from combiner.client import EnsembleClient
+from combiner.sdk import EnsembleClient
 from orchestrator.deploying.up import Deployment
+from orchestrator.examples.digits.train import Split, load_split, write_example
 from orchestrator.measuring.bench import ensemble_load
 from orchestrator.measuring.measure import measure_profile
 from orchestrator.planning.hardware import discover
 from orchestrator.planning.plan import plan_ensemble, plan_table
 from orchestrator.planning.profile import save_profile
 from orchestrator.planning.spec import Ensemble, load_ensemble
-
-from .train import HERE, Split, load_split, train_members
 
 __all__ = ["member_predictions", "run"]
 
@@ -63,11 +62,14 @@ def run(workdir: Path, epochs: int = 20, console: Console | None = None) -> None
     with console.status("training 4 members on scikit-learn's digits (CPU)..."):
         began = time.perf_counter()
         split: Split = load_split()
-        train_members(HERE / "models", split, epochs=epochs)
+        example = write_example(workdir / "example", split, epochs=epochs)
         trained_s = time.perf_counter() - began
-    out.print(f"trained 4 members in {trained_s:.1f} s; held-out set: {len(split.y_test)} digits")
+    out.print(
+        f"trained 4 members in {trained_s:.1f} s into {example.parent}; held-out set: "
+        f"{len(split.y_test)} digits"
+    )
 
-    ensemble = load_ensemble(HERE / "ensemble.yaml")
+    ensemble = load_ensemble(example)
     began = time.perf_counter()
     profile = measure_profile(ensemble, workdir, seconds_per_point=0.1)
     save_profile(profile, workdir / "profile.json")

@@ -5,7 +5,7 @@ bootstrap sample), a small two-layer CNN and a wide one-layer CNN (whose output 
 ``scores``, to show the ensemble mapping differing names). Everything runs on the CPU in seconds
 and needs no download: the data set ships with scikit-learn.
 
-    python -m examples.digits.train [OUT_DIR]
+    python -m orchestrator.examples.digits.train [OUT_DIR]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MEMBERS", "Split", "load_split", "train_members"]
+__all__ = ["MEMBERS", "Split", "load_split", "train_members", "write_example"]
 
 HERE = Path(__file__).parent
 
@@ -144,6 +144,15 @@ def train_members(
         )
         paths[recipe.name] = path
     return paths
+
+
+def write_example(out: Path, split: Split | None = None, epochs: int = 20) -> Path:
+    """Write the example into ``out``: its members trained into ``out/models``, and its
+    ``ensemble.yaml``, whose path is returned."""
+    import shutil
+
+    train_members(out / "models", split, epochs=epochs)
+    return Path(shutil.copy(HERE / "ensemble.yaml", out / "ensemble.yaml"))
 
 
 if __name__ == "__main__":
