@@ -99,7 +99,7 @@ class Compose:
         with grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}") as client:
             tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
             tensor.set_data_from_numpy(x)
-            return client.infer("digits", [tensor], client_timeout=60).as_numpy("logits")
+            return client.infer("digits", [tensor], client_timeout=60).as_numpy("probabilities")
 
     def python(self, service: str, code: str, stdin: object = None) -> object:
         """Run Python in a service's container (JSON in, JSON out)."""
@@ -352,7 +352,7 @@ def test_readme_deploy_lines_run_as_written_and_down_leaves_nothing_of_the_proje
             logs = "" if done.returncode == 0 else _logs(env)
             assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}{logs}"
             if "tritonclient" in line:
-                assert done.stdout.startswith("[["), done.stdout  # the logits, printed
+                assert done.stdout.startswith("[["), done.stdout  # the probabilities, printed
             downed = line.startswith("docker compose down")
     finally:
         if not downed:

@@ -41,7 +41,7 @@ def test_sdk_shared_memory_answers_and_cleans_up(ensemble, endpoints, split):
     expected = direct_combination(ensemble, x)
     client = EnsembleClient(endpoints.ensemble, shared_memory=True)
     answer = client.infer(x[:17])
-    np.testing.assert_allclose(answer.outputs["logits"], expected[:17], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(answer.outputs["probabilities"], expected[:17], rtol=1e-4, atol=1e-6)
     # max-batch chunks in flight together, each in its own region
     np.testing.assert_allclose(
         client.predict_all(x, chunk=20, concurrency=4), expected, rtol=1e-4, atol=1e-6
@@ -83,13 +83,13 @@ def test_stock_grpc_client_with_input_and_output_in_shared_memory(ensemble, endp
         try:
             tensor = grpcclient.InferInput("image", [3, 1, 8, 8], "FP32")
             tensor.set_shared_memory(name, x.nbytes)
-            out = grpcclient.InferRequestedOutput("logits")
+            out = grpcclient.InferRequestedOutput("probabilities")
             out.set_shared_memory(name, 3 * 10 * 4, offset=1024)
             client.infer("digits", [tensor], outputs=[out], headers=H)
             got = shm.get_contents_as_numpy(handle, np.float32, (3, 10), offset=1024)
             np.testing.assert_allclose(got, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
 
-            small = grpcclient.InferRequestedOutput("logits")
+            small = grpcclient.InferRequestedOutput("probabilities")
             small.set_shared_memory(name, 16, offset=1024)
             with pytest.raises(InferenceServerException, match="needs 120 bytes"):
                 client.infer("digits", [tensor], outputs=[small], headers=H)
@@ -109,7 +109,7 @@ def test_stock_http_client_with_shared_memory(ensemble, endpoints, region):
         assert [r["name"] for r in client.get_system_shared_memory_status()] == [name]
         tensor = httpclient.InferInput("image", [2, 1, 8, 8], "FP32")
         tensor.set_shared_memory(name, x.nbytes)
-        out = httpclient.InferRequestedOutput("logits")
+        out = httpclient.InferRequestedOutput("probabilities")
         out.set_shared_memory(name, 2 * 10 * 4, offset=2048)
         client.infer("digits", [tensor], outputs=[out])
         got = shm.get_contents_as_numpy(handle, np.float32, (2, 10), offset=2048)

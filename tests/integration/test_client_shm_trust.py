@@ -76,7 +76,7 @@ def test_a_region_let_go_while_its_request_runs_never_sends_the_answer_elsewhere
                 )
                 tensor = aioclient.InferInput("image", list(x.shape), "FP32")
                 tensor.set_shared_memory("a", x.nbytes)
-                out = aioclient.InferRequestedOutput("logits")
+                out = aioclient.InferRequestedOutput("probabilities")
                 out.set_shared_memory("a", OUT_BYTES, offset=2048)
                 call = asyncio.ensure_future(
                     client.infer("digits", [tensor], outputs=[out], headers=headers)

@@ -39,7 +39,7 @@ def test_health_metadata_and_config_read_like_tritons(http):
     assert not http.is_model_ready("nope")
     meta = http.get_model_metadata("digits")
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
-    assert [o["name"] for o in meta["outputs"]] == ["logits"]
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities"]
     assert http.get_model_config("digits")["max_batch_size"] == 64
     assert http.get_model_repository_index() == [
         {"name": "digits", "version": "1", "state": "READY"}
@@ -52,11 +52,11 @@ def test_infer_answers_like_the_direct_combination(ensemble, http, binary):
     result = http.infer(
         "digits",
         [_input(x, binary)],
-        outputs=[httpclient.InferRequestedOutput("logits", binary_data=binary)],
+        outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=binary)],
         request_id="h-7",
     )
     np.testing.assert_allclose(
-        result.as_numpy("logits"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+        result.as_numpy("probabilities"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
     )
     response = result.get_response()
     assert response["id"] == "h-7"
@@ -76,7 +76,7 @@ def test_compressed_requests_and_responses(ensemble, http):
         response_compression_algorithm="deflate",
     )
     np.testing.assert_allclose(
-        result.as_numpy("logits"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+        result.as_numpy("probabilities"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
     )
 
 
@@ -84,7 +84,7 @@ def test_deadline_parameter_is_read_and_checked(ensemble, http):
     x = np.random.default_rng(7).random((2, 1, 8, 8), dtype=np.float32)
     result = http.infer("digits", [_input(x)], parameters={"deadline_ms": 10_000})
     np.testing.assert_allclose(
-        result.as_numpy("logits"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+        result.as_numpy("probabilities"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
     )
     with pytest.raises(InferenceServerException) as e:
         http.infer("digits", [_input(x)], parameters={"deadline_ms": -5})
@@ -112,7 +112,7 @@ def test_bad_request_gets_400_naming_the_problem_then_serving_goes_on(http, make
     assert e.value.status() == "400"
     assert expected in e.value.message()
     good = http.infer("digits", [_input(np.zeros((2, 1, 8, 8), np.float32))])
-    assert good.as_numpy("logits").shape == (2, 10)
+    assert good.as_numpy("probabilities").shape == (2, 10)
 
 
 def _post(endpoints, path, body: bytes, headers=None):
@@ -183,7 +183,7 @@ def test_concurrent_distinct_requests_each_get_their_own_answer(ensemble, endpoi
             async def one(x):
                 t = aiohttpclient.InferInput("image", list(x.shape), "FP32")
                 t.set_data_from_numpy(x)
-                return (await client.infer("digits", [t])).as_numpy("logits")
+                return (await client.infer("digits", [t])).as_numpy("probabilities")
 
             return await asyncio.gather(*(one(x) for x in xs))
         finally:

@@ -83,14 +83,14 @@ def test_a_stock_tritonclient_grpc_call_works(ensemble, endpoints):
         assert meta["inputs"] == [
             {"name": "image", "datatype": "FP32", "shape": ["-1", "1", "8", "8"]}
         ]
-        assert meta["outputs"][0]["name"] == "logits"
+        assert meta["outputs"][0]["name"] == "probabilities"
         assert stock.get_model_config("digits").config.max_batch_size == 64
         tensor = grpcclient.InferInput("image", [3, 1, 8, 8], "FP32")
         tensor.set_data_from_numpy(x)
         result = stock.infer("digits", [tensor], request_id="r-42")
     assert result.get_response().id == "r-42"
     np.testing.assert_allclose(
-        result.as_numpy("logits"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+        result.as_numpy("probabilities"), direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
     )
 
 
@@ -134,7 +134,7 @@ def test_bad_request_gets_invalid_argument_naming_the_problem_then_serving_goes_
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert expected in e.value.message()
     good = _infer(endpoints, [_tensor("image", _good())])
-    assert good.as_numpy("logits").shape == (2, 10)
+    assert good.as_numpy("probabilities").shape == (2, 10)
 
 
 def test_client_translates_errors_into_its_own_tree(endpoints):
@@ -205,7 +205,7 @@ def test_without_a_deadline_one_call_to_the_fanout_model_serves_every_member(
     with EnsembleClient(endpoints.ensemble) as client:
         answer = client.infer(x)
         np.testing.assert_allclose(
-            answer.outputs["logits"], direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
+            answer.outputs["probabilities"], direct_combination(ensemble, x), rtol=1e-4, atol=1e-6
         )
         assert answer.contributors == tuple(m.name for m in ensemble.members)
         assert _inference_count(endpoints, fanout) == before + 1

@@ -62,7 +62,7 @@ def test_both_workers_serve_http_on_the_shared_port_and_count_it(two_workers, sp
         x = np.ascontiguousarray(split.x_test[i : i + 2])
         tensor = httpclient.InferInput("image", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)
-        assert client.infer("digits", [tensor]).as_numpy("logits").shape == (2, 10)
+        assert client.infer("digits", [tensor]).as_numpy("probabilities").shape == (2, 10)
         client.close()
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     assert metric(text, "chorus_requests_total", code="OK") == before + 6

@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2
 
 from combiner.config import CombinerConfig, MemberRoute, TensorInfo
 from combiner.endpoints.client_shm import Caller, ClientRegions
-from combiner.endpoints.http import _to_proto
+from combiner.endpoints.http_codec import to_proto as _to_proto
 from combiner.errors import RequestError
 from combiner.stages.request import RequestReader
 

@@ -1,0 +1,48 @@
+"""The ``chorus`` command line (``python -m orchestrator`` does the same): the typer app, its
+commands in the order ``--help`` lists them, and :func:`main`, which reports Chorus's errors.
+
+The commands live with their kind: :mod:`orchestrator.cli.serving` (up, regenerate-configs,
+node), :mod:`orchestrator.cli.planning` (profile, plan, tune, render) and
+:mod:`orchestrator.cli.examples` (demo, example); what several of them share (the console,
+options, the work folder, the profile and the plan) is :mod:`orchestrator.cli.options`.
+
+Exit codes: 0 success; 2 invalid input (the message names the file, the field and the problem);
+3 the ensemble cannot fit the hardware; 1 anything else that went wrong.
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.text import Text
+
+from orchestrator.cli import examples, planning, serving
+from orchestrator.cli.options import console
+from orchestrator.errors import ChorusError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="chorus",
+    help="Serve ensembles of deep neural networks on NVIDIA Triton Inference Server.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# every command registered here, in the order --help lists them
+app.command()(serving.up)
+app.command()(planning.profile)
+app.command()(planning.plan)
+app.command("regenerate-configs")(serving.regenerate_configs)
+app.command()(serving.node)
+app.command()(planning.tune)
+app.command()(examples.demo)
+app.command()(planning.render)
+app.command()(examples.example)
+
+
+def main() -> None:
+    try:
+        app()  # click reports usage errors itself, with exit code 2
+    except ChorusError as e:
+        console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
+        raise SystemExit(e.exit_code) from None

@@ -1,0 +1,44 @@
+"""The ``chorus`` commands around the digits example: ``demo`` (trained, served and measured end
+to end) and ``example`` (its files written, to start from)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orchestrator.cli.options import console
+from orchestrator.planning.spec import load_ensemble
+
+__all__ = ["demo", "example"]
+
+
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where the model repository and logs go")] = Path(
+        ".chorus/demo"
+    ),
+    epochs: Annotated[int, typer.Option(help="training epochs per member")] = 20,
+) -> None:
+    """Train 4 DNNs on digits, serve them on a real Triton, report accuracy and throughput."""
+    from orchestrator.examples.digits.demo import run
+
+    run(workdir.resolve(), epochs=epochs, console=console)
+
+
+def example(
+    out: Annotated[Path, typer.Argument(help="folder for ensemble.yaml and models/")],
+) -> None:
+    """Write the digits example ensemble and train its 4 members (seconds, on the CPU); an
+    example already there is left as it is."""
+    from orchestrator.examples.digits.train import HERE, write_example
+
+    target = out / "ensemble.yaml"
+    names = [m.name for m in load_ensemble(HERE / "ensemble.yaml", read_models=False).members]
+    if target.is_file() and all((out / "models" / f"{n}.onnx").is_file() for n in names):
+        console.print(f"{target}: already there")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with console.status("training the digits example's members..."):
+        write_example(out)
+    console.print(f"wrote {target} and {len(names)} members in {out / 'models'}")

@@ -1,0 +1,118 @@
+"""What the ``chorus`` commands share: the console they report on (stderr: stdout is for what a
+command prints as its result), the arguments and options several of them take, and what those
+resolve to: the work folder, the profile (given, cached or measured now) and the plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from orchestrator.planning.hardware import Device, discover, load_hardware
+from orchestrator.planning.plan import Plan, plan_ensemble
+from orchestrator.planning.profile import Profile, load_profile, save_profile
+from orchestrator.planning.spec import Ensemble
+
+__all__ = [
+    "BorrowOpt",
+    "EnsembleArg",
+    "HardwareOpt",
+    "ProfileOpt",
+    "WorkdirOpt",
+    "console",
+    "make_plan",
+    "resolve_profile",
+    "resolve_workdir",
+]
+
+console = Console(stderr=True)
+
+EnsembleArg = Annotated[Path, typer.Argument(help="the ensemble file (ensemble.yaml)")]
+HardwareOpt = Annotated[
+    Path | None,
+    typer.Option("--hardware", help="plan for the machine(s) this file describes, not this one"),
+]
+ProfileOpt = Annotated[
+    Path | None,
+    typer.Option("--profile", help="profile file to plan from [default: measure, or the cache]"),
+]
+WorkdirOpt = Annotated[
+    Path | None,
+    typer.Option(help="where repositories, logs and the profile cache go [default: .chorus/NAME]"),
+]
+BorrowOpt = Annotated[
+    bool,
+    typer.Option(
+        "--borrow-curves",
+        help="plan devices the profile has no curve for with another device's curve, "
+        "scaled by the hardware file's 'speed'",
+    ),
+]
+
+
+def resolve_workdir(ensemble: Ensemble, workdir: Path | None) -> Path:
+    """The --workdir given, else ``.chorus/NAME``; absolute."""
+    return (workdir or Path(".chorus") / ensemble.name).resolve()
+
+
+def _devices(hardware: Path | None) -> tuple[Device, ...]:
+    return load_hardware(hardware) if hardware else discover()
+
+
+def resolve_profile(
+    ensemble: Ensemble, profile: Path | None, workdir: Path
+) -> tuple[Profile, Path]:
+    """The given profile; else the cached one if it covers every member; else measure now."""
+    if profile is not None:
+        return load_profile(profile), profile
+    cache = workdir / "profile.json"
+    if cache.is_file():
+        cached = load_profile(cache)
+        if set(cached.members) >= {m.name for m in ensemble.members}:
+            console.print(f"using the cached profile {cache} ('chorus profile' measures again)")
+            return cached, cache
+    from orchestrator.measuring.measure import measure_profile
+
+    console.print("no profile yet: measuring every member on this machine's Triton")
+    measured = measure_profile(ensemble, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_profile(measured, cache)
+    return measured, cache
+
+
+def make_plan(
+    ensemble: Ensemble,
+    hardware: Path | None,
+    profile: Path | None,
+    workdir: Path,
+    effort: float = 1.0,
+    borrow_curves: bool = False,
+) -> Plan:
+    """The plan for the hardware file's devices (else this machine's) from :func:`resolve_profile`;
+    devices the profile has no curve for are named, unless their curves are borrowed."""
+    devices = _devices(hardware)
+    measured, source = resolve_profile(ensemble, profile, workdir)
+    names = [m.name for m in ensemble.members]
+    if not borrow_curves:
+        for device_id, members in measured.uncovered(names, devices).items():
+            left = "left empty" if len(members) == len(names) else "not placed there"
+            console.print(
+                f"[yellow]{device_id}: {source} has no curve for {', '.join(members)} on it "
+                f"({left}).[/yellow] Measure it with 'chorus profile' on that host, or pass "
+                "--borrow-curves to run another device's curve scaled by the hardware "
+                "file's 'speed'."
+            )
+    return plan_ensemble(
+        ensemble.name,
+        names,
+        ensemble.max_batch_size,
+        measured,
+        devices,
+        source,
+        latency_target_ms=ensemble.latency_target_ms,
+        effort=effort,
+        borrow_curves=borrow_curves,
+    )

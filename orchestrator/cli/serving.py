@@ -1,0 +1,264 @@
+"""The ``chorus`` commands that serve: ``up`` (Triton and the combiner on this host, until
+stopped), ``regenerate-configs`` (plan again and switch the running Tritons to it) and ``node``
+(one node's tritonserver, in a container)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from combiner import PortInUse, claim_ports
+from orchestrator.cli.options import (
+    BorrowOpt,
+    EnsembleArg,
+    HardwareOpt,
+    ProfileOpt,
+    WorkdirOpt,
+    console,
+    make_plan,
+    resolve_workdir,
+)
+from orchestrator.deploying.render import (
+    Backend,
+    describe_changes,
+    fanout_name,
+    pick_backend,
+    render_plan,
+)
+from orchestrator.deploying.up import Deployment
+from orchestrator.errors import SpecError
+from orchestrator.planning.plan import Plan, load_plan
+from orchestrator.planning.spec import load_ensemble
+
+__all__ = ["node", "regenerate_configs", "up"]
+
+
+def up(
+    ensemble_file: EnsembleArg,
+    host: Annotated[str, typer.Option(help="address the ensemble endpoint listens on")] = (
+        "127.0.0.1"
+    ),
+    grpc_port: Annotated[int, typer.Option(help="gRPC (KServe v2) port of the ensemble")] = 8100,
+    http_port: Annotated[
+        int | None, typer.Option(help="HTTP/REST (KServe v2) port of the ensemble")
+    ] = 8101,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics of the combiner")
+    ] = 8102,
+    workers: Annotated[int, typer.Option(min=1, help="combiner processes sharing the port")] = 1,
+    workdir: WorkdirOpt = None,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", help="serve this plan (from 'chorus plan -o')")
+    ] = None,
+    profile: ProfileOpt = None,
+    allow_client_shm: Annotated[
+        bool,
+        typer.Option(help="let clients on this host register their own shared-memory regions"),
+    ] = False,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="require 'Authorization: Bearer <the file's first line>'"),
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="serve TLS with this certificate")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="... and this private key")] = None,
+    drain_timeout: Annotated[
+        float, typer.Option(min=0, help="on stop, seconds to answer the requests in flight")
+    ] = 30.0,
+) -> None:
+    """Serve the ensemble (Triton + combiner) until Ctrl-C or SIGTERM, then stop both.
+
+    Triton or the combiner that dies is restarted (the ensemble answers UNAVAILABLE
+    meanwhile); only a crash loop (5 restarts in a minute) ends the command, with exit code 1.
+    """
+    ensemble = load_ensemble(ensemble_file)
+    _check_files(token_file=token_file, tls_cert=tls_cert, tls_key=tls_key)
+    if (tls_cert is None) != (tls_key is None):
+        raise SpecError("--tls-cert/--tls-key", "", "TLS needs both a certificate and a key")
+    try:  # before any long step: the combiner's supervisor refuses them too, later
+        claim_ports(host, [p for p in (grpc_port, http_port, metrics_port) if p], hold=False)
+    except PortInUse as e:
+        raise SpecError("--grpc-port/--http-port/--metrics-port", "", str(e.strerror)) from None
+    workdir = resolve_workdir(ensemble, workdir)
+    plan = load_plan(plan_file) if plan_file else make_plan(ensemble, None, profile, workdir)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    deployment = Deployment(
+        ensemble,
+        workdir,
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        plan=plan,
+        workers=workers,
+        metrics_port=metrics_port,
+        allow_client_shm=allow_client_shm,
+        token_file=token_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        drain_timeout_s=drain_timeout,
+    )
+    try:
+        with console.status(f"starting Triton and the combiner for {ensemble.name!r}..."):
+            endpoints = deployment.start()
+        scheme = "https" if tls_cert else "http"
+        print(
+            f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
+            f"{endpoints.ensemble} (gRPC, KServe v2)"
+            + (
+                f" and {scheme}://{endpoints.ensemble_http} (HTTP/REST)"
+                if endpoints.ensemble_http
+                else ""
+            )
+            + "\n"
+            f"Triton (members) on {endpoints.triton_grpc}, its APIs behind a key only Chorus "
+            f"holds; logs in {workdir}\n"
+            + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
+            + "Ctrl-C to stop",
+            flush=True,
+        )
+        deployment.supervise(stop, lambda line: console.print(line))
+        console.print(f"stopping: answering the requests in flight (up to {drain_timeout:g} s)...")
+        stopping = time.monotonic()
+    finally:
+        deployment.stop()
+    console.print(
+        f"stopped in {time.monotonic() - stopping:.1f} s: the combiner answered what it had "
+        "accepted, and Triton is down"
+    )
+
+
+def _check_files(**paths: Path | None) -> None:
+    for option, path in paths.items():
+        if path is not None and not path.is_file():
+            raise SpecError(path, "", f"no such file (given as --{option.replace('_', '-')})")
+
+
+def regenerate_configs(
+    ensemble_file: EnsembleArg,
+    repo: Annotated[Path, typer.Option(help="the model repository to rewrite")],
+    hardware: HardwareOpt = None,
+    profile: ProfileOpt = None,
+    workdir: WorkdirOpt = None,
+    backend: Annotated[
+        Backend | None,
+        typer.Option(help="Triton backend to render for [default: what the local server has]"),
+    ] = None,
+    borrow_curves: BorrowOpt = False,
+    triton: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NODE=HOST:PORT (or HOST:PORT for one node): the gRPC address of a node's "
+            "Triton; if it is running, it loads the changed members there (repeat per node)",
+        ),
+    ] = None,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(help="the key to the Tritons' restricted APIs (made if missing)"),
+    ] = None,
+    combiner_config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--combiner-config",
+            help="write the combiner's config here (needs --triton for every node); a running "
+            "combiner picks it up",
+        ),
+    ] = None,
+    shared_memory: Annotated[
+        bool,
+        typer.Option(help="the combiner shares the (first) node's host and IPC namespace"),
+    ] = False,
+    plan_output: Annotated[Path | None, typer.Option(help="write the new plan here")] = None,
+) -> None:
+    """Re-detect the hardware, plan again, rewrite the configs; print what changed. With the
+    running Tritons' addresses, they switch to the new configs in place."""
+    from orchestrator.deploying.deploy import new_key, switch
+    from orchestrator.deploying.launch import find_tritonserver
+    from orchestrator.deploying.up import combiner_config
+
+    ensemble = load_ensemble(ensemble_file)
+    workdir = resolve_workdir(ensemble, workdir)
+    result = make_plan(ensemble, hardware, profile, workdir, borrow_curves=borrow_curves)
+    tritons = _node_addresses(triton or [], result)
+    key = new_key(key_file) if key_file else None
+    if combiner_config_file is not None and not tritons:
+        raise SpecError("--triton", "", "--combiner-config needs every node's address")
+    changes = describe_changes(repo, result)
+    backend = backend or pick_backend(find_tritonserver().backends)
+    written = render_plan(ensemble, result, repo, backend)
+    if plan_output is not None:
+        plan_output.write_text(result.to_json())
+    for line in changes:
+        print(line)
+    print(f"{repo}: {len(written)} file(s) rewritten" if written else f"{repo}: unchanged")
+    served = None
+    if combiner_config_file is not None:
+        config = combiner_config(
+            ensemble,
+            tritons,
+            result,
+            shared_memory=shared_memory,
+            key_file=key_file.resolve() if key_file else None,
+            fanout_model=(repo / fanout_name(ensemble)).is_dir(),
+        )
+        served = (combiner_config_file, config)
+    running = {n: url for n, url in tritons.items() if _live(url)}
+    if len(running) < len(tritons):
+        down = ", ".join(f"{n} ({tritons[n]})" for n in tritons if n not in running)
+        print(f"not running: {down}; it loads the new configs when it starts")
+    done = switch(repo, result, written, running, key, served, lambda x: print(x, flush=True))
+    if running:
+        print(f"reloaded: {', '.join(done)}" if done else "nothing to reload")
+
+
+def _node_addresses(given: list[str], plan: Plan) -> dict[str, str]:
+    """--triton values as node -> address; a bare address names the plan's only node."""
+    out = {}
+    for item in given:
+        node, sep, address = item.rpartition("=")
+        if not sep:
+            if len(plan.nodes()) != 1:
+                raise SpecError("--triton", "", f"{item!r}: the plan has several nodes, say NODE=")
+            node = plan.nodes()[0]
+        elif node not in plan.nodes():
+            raise SpecError(
+                "--triton",
+                "",
+                f"{item!r}: the plan has no node {node!r} ({', '.join(plan.nodes())})",
+            )
+        out[node] = address
+    return out
+
+
+def _live(address: str) -> bool:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        with grpcclient.InferenceServerClient(address) as client:
+            return bool(client.is_server_live(client_timeout=2.0))
+    except InferenceServerException:
+        return False
+
+
+def node(
+    repo: Annotated[Path, typer.Argument(help="the node's rendered repository")],
+    key_file: Annotated[Path, typer.Option(help="the key to its restricted APIs")],
+    host: Annotated[str, typer.Option(help="address Triton listens on")] = "127.0.0.1",
+    grpc_port: Annotated[int, typer.Option()] = 8001,
+    http_port: Annotated[int, typer.Option()] = 8000,
+    workdir: Annotated[Path, typer.Option(help="where the Python backend's files go")] = Path(
+        "/tmp/chorus-node"
+    ),
+) -> None:
+    """Serve one node's part of a plan: become its tritonserver (every model in the
+    repository loaded, explicit model control, every API but health behind the key). The
+    same command for a compose service and a pod; the container restarts it."""
+    from orchestrator.deploying.deploy import serve_node
+
+    serve_node(repo.resolve(), workdir.resolve(), key_file, host, grpc_port, http_port)
