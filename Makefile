@@ -25,6 +25,7 @@ lint: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip uninstall --quiet --yes chorus 2>/dev/null || true  # its name before chorus-ensembles
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

@@ -36,48 +36,43 @@ _PUBLIC = {
 }
 _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 
-__all__ = [
-    "KEY_HEADER",
-    "Answer",
-    "AsyncEnsembleClient",
-    "CombinerConfig",
-    "EnsembleClient",
-    "EnsembleError",
-    "MemberRoute",
-    "NodeRoute",
-    "PortInUse",
-    "Restarts",
-    "TensorInfo",
-    "__version__",
-    "claim_ports",
-    "config_digest",
-    "die_with_parent",
-    "is_served",
-    "key_metadata",
-    "load_rule",
-    "served_file",
-]
+# what ``from combiner import *`` gives: the SDK, which every install has (the other names
+# need the server stack: ask for them by name)
+__all__ = ["Answer", "AsyncEnsembleClient", "EnsembleClient", "EnsembleError", "__version__"]
 
 if TYPE_CHECKING:  # what the names are, for type checkers (they load lazily below)
-    from combiner.config import (
-        CombinerConfig,
-        MemberRoute,
-        NodeRoute,
-        TensorInfo,
-        config_digest,
-        is_served,
-        served_file,
-    )
+    from combiner.config import CombinerConfig as CombinerConfig
+    from combiner.config import MemberRoute as MemberRoute
+    from combiner.config import NodeRoute as NodeRoute
+    from combiner.config import TensorInfo as TensorInfo
+    from combiner.config import config_digest as config_digest
+    from combiner.config import is_served as is_served
+    from combiner.config import served_file as served_file
     from combiner.sdk import Answer, AsyncEnsembleClient, EnsembleClient, EnsembleError
-    from combiner.stages.rules import load_rule
-    from combiner.triton.upstream import KEY_HEADER, key_metadata
-    from combiner.workers import PortInUse, Restarts, claim_ports, die_with_parent
+    from combiner.stages.rules import load_rule as load_rule
+    from combiner.triton.upstream import KEY_HEADER as KEY_HEADER
+    from combiner.triton.upstream import key_metadata as key_metadata
+    from combiner.workers import PortInUse as PortInUse
+    from combiner.workers import Restarts as Restarts
+    from combiner.workers import claim_ports as claim_ports
+    from combiner.workers import die_with_parent as die_with_parent
 
 
 def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'combiner' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as e:  # a client-only install: the SDK alone
+        raise ModuleNotFoundError(
+            f"combiner.{name} needs the server stack ({e.name!r} is missing): "
+            "pip install 'chorus-ensembles[server]'",
+            name=e.name,
+        ) from None
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

@@ -73,7 +73,8 @@ def _quiet_gone_clients(record: logging.LogRecord) -> bool:
 class _BadRequests(logging.Filter):
     """A malformed HTTP request (answered 400) is the client's doing: one line in the log, not
     a traceback, and at most ``burst`` of them a minute (then one line saying how many were
-    left out): otherwise anyone could make the combiner write as much as they like."""
+    left out, told with the next one logged): otherwise anyone could make the combiner write as
+    much as they like."""
 
     def __init__(self, burst: int = 10, period_s: float = 60.0) -> None:
         super().__init__()
@@ -96,7 +97,7 @@ class _BadRequests(logging.Filter):
         record.msg, record.args = (
             "malformed HTTP request, answered 400: %s%s",
             (
-                error.message,
+                str(error.message).splitlines()[0] if error.message else "",  # (no caret display)
                 f" ({dropped} more in the last minute, not logged)" if dropped else "",
             ),
         )

@@ -61,9 +61,12 @@ class _Undecodable:
         return cls(f"the request is not a valid {kind} protobuf ({error})")
 
     @classmethod
-    def late(cls, timeout_s: float) -> _Undecodable:
+    def late(cls, timeout_s: float, evicted: bool = False) -> _Undecodable:
         return cls(
-            f"the request message did not arrive within {timeout_s:g} s",
+            "the request message did not arrive, and this worker had too many calls waiting "
+            "for theirs"
+            if evicted
+            else f"the request message did not arrive within {timeout_s:g} s",
             grpc.StatusCode.DEADLINE_EXCEEDED,
         )
 
@@ -205,14 +208,18 @@ def _caller(context: grpc.aio.ServicerContext) -> Caller:
 _SERVICE = "inference.GRPCInferenceService"
 
 
-def _handlers(endpoint: GrpcEndpoint, timeout_s: float) -> dict[str, grpc.RpcMethodHandler]:
+def _handlers(
+    endpoint: GrpcEndpoint, timeout_s: float, unread_limit: int
+) -> dict[str, grpc.RpcMethodHandler]:
     """The KServe v2 service's handlers, as the generated code builds them, but with requests
     that do not decode answered INVALID_ARGUMENT (grpc would say UNKNOWN, and log a traceback
     each time) and the RPCs Chorus does not serve answered UNIMPLEMENTED by name.
 
     The unary RPCs are served as stream-unary (the wire is the same for a unary client) so that
     their message is awaited under ``timeout_s``: a stream that sends its headers and never its
-    message would otherwise hold its place until the connection closes."""
+    message would otherwise hold its place until the connection closes; and at most
+    ``unread_limit`` calls wait at once (:class:`_Unread`)."""
+    unread = _Unread(unread_limit)
     service = service_pb2.DESCRIPTOR.services_by_name[_SERVICE.rsplit(".", 1)[1]]
     handlers = {}
     for method in service.methods:
@@ -225,7 +232,7 @@ def _handlers(endpoint: GrpcEndpoint, timeout_s: float) -> dict[str, grpc.RpcMet
             )
             continue
         handlers[method.name] = grpc.stream_unary_rpc_method_handler(
-            _one_message(getattr(endpoint, method.name), timeout_s)
+            _one_message(getattr(endpoint, method.name), timeout_s, unread)
             if implemented
             else _unimplemented_stream(method.name),
             request_deserializer=_tolerant(request_type),
@@ -234,18 +241,53 @@ def _handlers(endpoint: GrpcEndpoint, timeout_s: float) -> dict[str, grpc.RpcMet
     return handlers
 
 
+class _Unread:
+    """The calls waiting for their message, oldest first, at most ``limit`` per worker: a call
+    past it ends the oldest wait at once. A client's message comes with its call, so only a
+    stream that stalls on purpose waits long, and it is the one that goes; memory and the timers
+    that fire together stay bounded, and no newcomer is refused."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._waiting: dict[asyncio.Timeout, None] = {}  # insertion order: oldest first
+        self.evicted: set[asyncio.Timeout] = set()
+
+    def add(self, wait: asyncio.Timeout) -> None:
+        if len(self._waiting) >= self.limit:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            self.evicted.add(oldest)
+            oldest.reschedule(asyncio.get_running_loop().time())  # its timeout, now
+        self._waiting[wait] = None
+
+    def discard(self, wait: asyncio.Timeout) -> bool:
+        """Forget ``wait``; whether it was ended to make room."""
+        self._waiting.pop(wait, None)
+        if wait in self.evicted:
+            self.evicted.discard(wait)
+            return True
+        return False
+
+
 def _one_message(
-    method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], timeout_s: float
+    method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    timeout_s: float,
+    unread: _Unread,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     """A unary method, fed the first message of its stream once it arrives within
     ``timeout_s`` (a message that does not is answered DEADLINE_EXCEEDED)."""
 
     async def handler(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        wait = asyncio.timeout(timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                request = await anext(aiter(requests), None)
+            async with wait:
+                unread.add(wait)
+                try:
+                    request = await anext(aiter(requests), None)
+                finally:
+                    evicted = unread.discard(wait)
         except TimeoutError:
-            request = _Undecodable.late(timeout_s)
+            request = _Undecodable.late(timeout_s, evicted)
         return await method(request if request is not None else _Undecodable.none(), context)
 
     return handler
@@ -341,7 +383,9 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
             ("grpc.max_concurrent_streams", config.max_requests_in_flight + _STREAM_ROOM),
         ],
     )
-    handlers = _handlers(GrpcEndpoint(service), config.body_timeout_s)
+    handlers = _handlers(
+        GrpcEndpoint(service), config.body_timeout_s, config.max_requests_in_flight + _STREAM_ROOM
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
     server.add_registered_method_handlers(_SERVICE, handlers)  # looked up in C, per call
     runner = web.AppRunner(

@@ -30,6 +30,7 @@ Errors are one small tree, translated from gRPC's at this edge::
     ├── ModelNotFound       no such ensemble on this endpoint (NOT_FOUND)
     ├── DeadlineExceeded    no answer in time (DEADLINE_EXCEEDED)
     ├── Unavailable         the endpoint or a member cannot be reached (UNAVAILABLE)
+    ├── Unauthenticated     no token, or not the endpoint's (UNAUTHENTICATED)
     └── ServerError         anything else the server reported (INTERNAL, ...)
 
 Inside: ``core`` (the client without I/O: requests, answers, regions, retries, as steps),
@@ -45,6 +46,7 @@ from combiner.sdk.errors import (
     InvalidRequest,
     ModelNotFound,
     ServerError,
+    Unauthenticated,
     Unavailable,
 )
 from combiner.sdk.sync import EnsembleClient
@@ -60,5 +62,6 @@ __all__ = [
     "ModelNotFound",
     "Outputs",
     "ServerError",
+    "Unauthenticated",
     "Unavailable",
 ]

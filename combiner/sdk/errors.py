@@ -7,6 +7,7 @@
     ├── ModelNotFound       no such ensemble on this endpoint (NOT_FOUND)
     ├── DeadlineExceeded    no answer in time (DEADLINE_EXCEEDED)
     ├── Unavailable         the endpoint or a member cannot be reached (UNAVAILABLE)
+    ├── Unauthenticated     no token, or not the endpoint's (UNAUTHENTICATED)
     └── ServerError         anything else the server reported (INTERNAL, ...)
 """
 
@@ -20,6 +21,7 @@ __all__ = [
     "InvalidRequest",
     "ModelNotFound",
     "ServerError",
+    "Unauthenticated",
     "Unavailable",
     "translate",
 ]
@@ -51,12 +53,17 @@ class Unavailable(EnsembleError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(EnsembleError):
+    code = "UNAUTHENTICATED"
+
+
 class ServerError(EnsembleError):
     code = "INTERNAL"
 
 
 _BY_CODE: dict[str, type[EnsembleError]] = {
-    cls.code: cls for cls in (InvalidRequest, ModelNotFound, DeadlineExceeded, Unavailable)
+    cls.code: cls
+    for cls in (InvalidRequest, ModelNotFound, DeadlineExceeded, Unavailable, Unauthenticated)
 }
 
 

@@ -17,7 +17,7 @@ import trustme
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from combiner.sdk import EnsembleClient, Unavailable
+from combiner.sdk import EnsembleClient, Unauthenticated, Unavailable
 from orchestrator.deploying.launch import free_port
 from tests.integration.toy import combiner, toy_config, toy_triton
 
@@ -153,6 +153,12 @@ def test_the_sdk_brings_the_token_and_speaks_tls(guarded):
         pytest.raises(Unavailable),
     ):
         client.predict(x)  # plaintext to a TLS endpoint: no answer
+    for token in (None, "not-the-token"):  # an error that says what is wrong
+        with (
+            EnsembleClient(guarded["plain"], token=token) as client,
+            pytest.raises(Unauthenticated, match="Bearer"),
+        ):
+            client.predict(x)
     context = ssl.create_default_context(cafile=guarded["ca"])
     request = urllib.request.Request(
         f"https://{guarded['secure_http']}/v2/models/toy",

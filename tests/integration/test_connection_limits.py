@@ -48,7 +48,7 @@ def limited(triton):
 
 @pytest.fixture(scope="module")
 def two_connections(triton):
-    """A combiner that keeps at most 2 HTTP connections."""
+    """A combiner that keeps at most 2 connections a protocol."""
     root, server = triton
     http = free_port()
     config = toy_config(server, root, ["a", "b"], body_timeout_s=5.0, max_connections=2)
@@ -184,3 +184,59 @@ def test_a_connection_past_the_limit_reads_its_503_rather_than_a_reset(two_conne
     finally:
         for s in busy:
             s.close()
+
+
+@pytest.fixture(scope="module")
+def sixteen(triton):
+    """A combiner that serves 16 requests at once: at most 16 + 64 gRPC calls wait for their
+    message."""
+    root, server = triton
+    config = toy_config(server, root, ["a", "b"], body_timeout_s=5.0, max_requests_in_flight=16)
+    with combiner(root, "combiner-sixteen", config) as (_, address):
+        yield address
+
+
+def test_calls_that_stall_before_their_message_are_bounded_oldest_first(sixteen):
+    """200 calls that never send their message, without a token (health checks need none):
+    past 80 waiting, each newcomer ends the oldest wait at once, so the worker holds at most
+    80 of them; a client whose message comes with its call is served meanwhile."""
+    address = sixteen
+
+    async def never_sent():
+        await asyncio.Event().wait()
+        yield b""
+
+    async def stall() -> tuple[list[str], int]:
+        own = [("grpc.use_local_subchannel_pool", 1)]  # a connection each, 50 streams on each
+        channels = [grpc.aio.insecure_channel(address, options=own) for _ in range(4)]
+        try:
+            for channel in channels:  # (streams opened before the server's settings may be refused)
+                await channel.channel_ready()
+                await channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"")
+            calls = [
+                channels[i % 4].stream_unary("/inference.GRPCInferenceService/ServerLive")(
+                    never_sent(), timeout=20
+                )
+                for i in range(200)
+            ]
+            tasks = [asyncio.ensure_future(c) for c in calls]
+            done, waiting = await asyncio.wait(tasks, timeout=3)  # their own timeout: 5 s
+            with EnsembleClient(address) as client:  # a fresh client, served meanwhile
+                assert client.predict(np.ones((1, 4), np.float32), timeout_s=2.0).shape == (1, 3)
+            ended = []
+            for task in done:
+                error = task.exception()
+                assert isinstance(error, grpc.aio.AioRpcError), error
+                assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+                ended.append(error.details() or "")
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return ended, len(waiting)
+        finally:
+            for channel in channels:
+                await channel.close()
+
+    ended, waiting = asyncio.run(stall())
+    assert (len(ended), waiting) == (120, 80)
+    assert all("too many calls waiting" in d for d in ended), set(ended)

@@ -83,9 +83,30 @@ def test_the_client_only_install_imports_the_sdk_and_nothing_of_the_server(
     error, loaded = run.stdout.strip().splitlines()
     assert error in {"Unavailable", "EnsembleUnavailable"} or "Unavailable" in error, run.stdout
     assert loaded == "[]", loaded
-    # the command says what it lacks, not a traceback
-    chorus = python.parent / "chorus"
-    run = subprocess.run([str(chorus), "--help"], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1
+    star = "from combiner import *; print(EnsembleClient.__name__)"
+    run = subprocess.run([str(python), "-c", star], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "EnsembleClient", run.stderr
+    server_name = "import combiner; combiner.CombinerConfig"
+    run = subprocess.run([str(python), "-c", server_name], capture_output=True, text=True)
     assert "pip install 'chorus-ensembles[server]'" in run.stderr, run.stderr
-    assert "Traceback" not in run.stderr
+    # the commands say what they lack, not a traceback
+    for command in ([str(python.parent / "chorus"), "--help"], [str(python), "-m", "combiner"]):
+        run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 1, command
+        assert "pip install 'chorus-ensembles[server]'" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+
+
+def test_the_example_without_its_trainers_says_which_extra_to_install(tmp_path: Path) -> None:
+    """A [server] install has no torch or scikit-learn: `chorus example` names the extra."""
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['torch'] = sys.modules['sklearn'] = None; "
+         f"sys.argv = ['chorus', 'example', {str(tmp_path / 'ex')!r}]; "
+         "from orchestrator.command import main; main()"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    said = run.stdout + run.stderr
+    assert "pip install 'chorus-ensembles[demo]'" in said and "torch" in said, said
+    assert "Traceback" not in said
+    assert not (tmp_path / "ex").exists()
