@@ -6,7 +6,8 @@ Triton unreachable (UNAVAILABLE) or missing the combiner's shared memory marks i
 While down, the endpoint reports not ready and answers UNAVAILABLE at once instead of queueing
 requests for a server that is not there. When Triton is back (``chorus up`` restarts it; so do
 compose and Kubernetes), the pool's shared-memory regions are registered with it again before
-the first request goes through: Triton forgets them when it restarts.
+the first request goes through: Triton forgets them when it restarts. A Triton on this host
+is ready only if its port is held by the combiner's own user (:mod:`combiner.triton.listener`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 
 import grpc
 
+from combiner.triton.listener import foreign_listener
 from combiner.triton.shm import ShmPool
 from combiner.triton.upstream import MemberError, Upstream
 
@@ -45,7 +47,11 @@ class TritonWatch:
 
     async def check(self) -> bool:
         """Probe once; whether Triton is ready now (regions registered again if needed)."""
-        reason = await self._upstream.readiness(self._models)
+        reason = None
+        if not self.ready:  # whom it is about to trust again (a probe would tell it nothing)
+            reason = await asyncio.to_thread(foreign_listener, self._upstream.url)
+        if reason is None:
+            reason = await self._upstream.readiness(self._models)
         if reason is None and self._pool is not None:
             try:
                 await self._pool.register_missing()

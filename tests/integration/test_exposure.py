@@ -7,6 +7,8 @@ Triton's address when the members cannot be reached."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,3 +163,61 @@ def test_unreachable_members_are_named_to_the_client_and_tritons_address_stays_i
         assert private not in told, told
     assert "the members are not reachable: a, b" in told, told
     assert f"127.0.0.1:{port}" in log  # the operator still reads gRPC's own text
+
+
+# Another user's listener: it only counts the bytes it is sent (a combiner that trusted it
+# would open an HTTP/2 connection and probe it at once). The system's python3 (not the venv,
+# which another user may not be able to read).
+IMPOSTOR = """
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+server = socket.create_server((host, int(port)))
+print("LISTENING", flush=True)
+end, got = time.monotonic() + float(sys.argv[2]), 0
+while (left := end - time.monotonic()) > 0:
+    server.settimeout(left)
+    try:
+        conn, _ = server.accept()
+        conn.settimeout(max(0.01, min(0.5, end - time.monotonic())))
+        while chunk := conn.recv(65536):
+            got += len(chunk)
+    except OSError:
+        pass
+print("GOT", got, flush=True)
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="starting a listener as another user needs root")
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system python3")
+def test_a_listener_of_another_user_on_tritons_port_is_never_trusted(tmp_path: Path) -> None:
+    """Another local user binds Triton's port while it restarts, to answer the probes as Triton
+    would: the watch does not declare it ready, and sends it nothing (no probe, no key, no
+    shared memory)."""
+    address = f"127.0.0.1:{free_port()}"
+    impostor = subprocess.Popen(
+        ["/usr/bin/python3", "-c", IMPOSTOR, address, "3"],
+        stdout=subprocess.PIPE,
+        text=True,
+        user=65534,  # nobody
+        group=65534,
+        cwd="/",
+    )
+    try:
+        assert impostor.stdout is not None and impostor.stdout.readline().strip() == "LISTENING"
+
+        async def probe() -> list[tuple[bool, str]]:
+            upstream = Upstream(address, key="0123abcd")
+            try:
+                watch = TritonWatch(upstream, ["a"])
+                return [(await watch.check(), watch.reason) for _ in range(3)]
+            finally:
+                await upstream.close()
+
+        checks = asyncio.run(probe())
+        said, _ = impostor.communicate(timeout=20)
+    finally:
+        impostor.kill()
+    for ready, reason in checks:
+        assert not ready
+        assert reason.endswith("is held by uid 65534, not this user's Triton"), reason
+    assert said.split() == ["GOT", "0"], said
