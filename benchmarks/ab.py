@@ -31,8 +31,12 @@ CONCURRENCY = (1, 8, 64)
 ROUND = """
 import inspect, json, sys
 from benchmarks.baselines import add_baselines, load, requests_for, served
-from orchestrator.examples.digits.train import HERE, load_split
-from orchestrator.planning.spec import load_ensemble
+try:
+    from orchestrator.examples.digits.train import HERE, load_split
+    from orchestrator.planning.spec import load_ensemble
+except ImportError:  # a checkout from before the sub-packages
+    from examples.digits.train import HERE, load_split
+    from orchestrator.spec import load_ensemble
 
 seconds = float(sys.argv[1])
 ensemble = load_ensemble(HERE / "ensemble.yaml")
@@ -90,7 +94,10 @@ def main() -> None:
     old_tree = Path(tempfile.mkdtemp(prefix="chorus-ab-")) / "old"
     subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), args.old], check=True)
     try:
-        shutil.copytree(models, old_tree / "examples" / "digits" / "models")
+        example = old_tree / "orchestrator" / "examples" / "digits"
+        if not example.is_dir():  # a checkout from before the sub-packages
+            example = old_tree / "examples" / "digits"
+        shutil.copytree(models, example / "models")
         runs: dict[str, list[dict[int, list[float]]]] = {"old": [], "new": []}
         for r in range(args.rounds):
             for version, tree in (("old", old_tree), ("new", here))[:: 1 if r % 2 == 0 else -1]:
