@@ -4,8 +4,9 @@ members on Triton and combining their answers.
 Sub-packages, in the order a request meets them: ``endpoints`` (gRPC, HTTP, auth, client
 shared memory), ``stages`` (batching, prediction, combination, rules) and ``triton`` (the
 channels, nodes, health and shared-memory pool facing Triton). At top level: the processes
-(``python -m combiner`` supervises ``combiner.worker`` processes: ``workers``), the config file
-(``config``), and the client SDK (``sdk``), which needs nothing of the server.
+(``python -m combiner`` runs ``supervisor``, which starts and restarts ``combiner.worker``
+processes with the help of ``workers``), the config file (``config``), and the client SDK
+(``sdk``), which needs nothing of the server.
 
 The names below are the combiner's public surface, all the orchestrator may use (an import
 contract). They load on first use, so that ``import combiner.sdk`` brings in none of the
