@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "combiner.config": [
+        "CascadeRoute",
         "CombinerConfig",
         "MemberRoute",
         "NodeRoute",
@@ -30,7 +31,8 @@ _PUBLIC = {
         "is_served",
         "served_file",
     ],
-    "combiner.stages.rules": ["load_rule"],
+    "combiner.stages.rules": ["load_rule", "combine"],
+    "combiner.stages.cascade": ["EXITS", "exits", "scores"],
     "combiner.triton.upstream": ["KEY_HEADER", "key_metadata"],
     "combiner.workers": ["PortInUse", "Restarts", "claim_ports", "die_with_parent"],
     "combiner.sdk": ["Answer", "AsyncEnsembleClient", "EnsembleClient", "EnsembleError"],
@@ -42,6 +44,7 @@ _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 __all__ = ["Answer", "AsyncEnsembleClient", "EnsembleClient", "EnsembleError", "__version__"]
 
 if TYPE_CHECKING:  # what the names are, for type checkers (they load lazily below)
+    from combiner.config import CascadeRoute as CascadeRoute
     from combiner.config import CombinerConfig as CombinerConfig
     from combiner.config import MemberRoute as MemberRoute
     from combiner.config import NodeRoute as NodeRoute
@@ -50,6 +53,10 @@ if TYPE_CHECKING:  # what the names are, for type checkers (they load lazily bel
     from combiner.config import is_served as is_served
     from combiner.config import served_file as served_file
     from combiner.sdk import Answer, AsyncEnsembleClient, EnsembleClient, EnsembleError
+    from combiner.stages.cascade import EXITS as EXITS
+    from combiner.stages.cascade import exits as exits
+    from combiner.stages.cascade import scores as scores
+    from combiner.stages.rules import combine as combine
     from combiner.stages.rules import load_rule as load_rule
     from combiner.triton.upstream import KEY_HEADER as KEY_HEADER
     from combiner.triton.upstream import key_metadata as key_metadata

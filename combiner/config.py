@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tritonclient.utils import triton_to_np_dtype
 
 __all__ = [
+    "CascadeRoute",
     "CombinerConfig",
     "MemberRoute",
     "NodeRoute",
@@ -64,6 +65,18 @@ class NodeRoute(_Strict):
     shared_memory: bool = Field(
         False, description="this Triton shares the combiner's host (IPC namespace)"
     )
+
+
+class CascadeRoute(_Strict):
+    """The members in tiers, cheapest first: after each tier, the rows whose members so far
+    meet the exit rule (:mod:`combiner.stages.cascade`) are answered; the others go on."""
+
+    tiers: tuple[tuple[str, ...], ...] = Field(
+        min_length=2, description="member names per tier, in order; every member in one tier"
+    )
+    exit: Literal["agreement", "confidence"] = "agreement"
+    threshold: float = Field(ge=0, le=1, description="the exit rule's score a row must reach")
+    output: str = Field(description="the ensemble output the exit rule reads (a class axis)")
 
 
 class CombinerConfig(_Strict):
@@ -173,6 +186,9 @@ class CombinerConfig(_Strict):
         "concurrent",
         description="call the members all at once, or one after another (the paper's baseline)",
     )
+    cascade: CascadeRoute | None = Field(
+        None, description="call the members tier by tier; None: every member, every row"
+    )
 
     @model_validator(mode="after")
     def _one_upstream(self) -> CombinerConfig:
@@ -183,6 +199,16 @@ class CombinerConfig(_Strict):
         names = {n.name for n in self.nodes}
         if len(names) != len(self.nodes):
             raise ValueError("node names must differ")
+        if self.cascade is not None:
+            placed = [name for tier in self.cascade.tiers for name in tier]
+            members = [m.name for m in self.members]
+            if sorted(placed) != sorted(members) or any(not t for t in self.cascade.tiers):
+                raise ValueError(
+                    f"cascade tiers {[list(t) for t in self.cascade.tiers]} must hold every "
+                    f"member ({', '.join(members)}) exactly once, in non-empty tiers"
+                )
+            if self.cascade.output not in {o.name for o in self.outputs}:
+                raise ValueError(f"cascade output {self.cascade.output!r} is not an output")
         for m in self.members:
             unknown = set(m.nodes) - names if self.nodes else set(m.nodes) - {"local"}
             if unknown:

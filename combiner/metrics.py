@@ -8,6 +8,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "BATCHED",
+    "CASCADE_ROWS",
     "IN_FLIGHT",
     "LATENCY",
     "MEMBER_LATENCY",
@@ -45,4 +46,9 @@ SHARED_BYTES = Counter(
     "chorus_shared_memory_bytes",
     "Bytes of member inputs and outputs passed to Triton through shared memory, not gRPC",
     ["direction"],
+)
+CASCADE_ROWS = Counter(
+    "chorus_cascade_rows",
+    "Rows a cascade answered, by the tier that answered them (from 0)",
+    ["tier"],
 )

@@ -70,18 +70,28 @@ class AsyncEnsembleClient:
         return await self._run(self._core.ready())
 
     async def predict(
-        self, x: Inputs, timeout_s: float | None = None, deadline_ms: float | None = None
+        self,
+        x: Inputs,
+        timeout_s: float | None = None,
+        deadline_ms: float | None = None,
+        *,
+        cascade: bool = True,
     ) -> Outputs:
         """The ensemble's answer for ``x``: see :meth:`EnsembleClient.predict` (``x`` a numpy
         array of shape ``(batch, *input shape)`` in the ensemble's input dtype, or a mapping of
         input name to one; an array of shape ``(batch, *output shape)`` back, or a dict)."""
-        return (await self.infer(x, timeout_s, deadline_ms)).value()
+        return (await self.infer(x, timeout_s, deadline_ms, cascade=cascade)).value()
 
     async def infer(
-        self, x: Inputs, timeout_s: float | None = None, deadline_ms: float | None = None
+        self,
+        x: Inputs,
+        timeout_s: float | None = None,
+        deadline_ms: float | None = None,
+        *,
+        cascade: bool = True,
     ) -> Answer:
         """See :meth:`EnsembleClient.infer`."""
-        return await self._run(self._core.infer(x, timeout_s, deadline_ms))
+        return await self._run(self._core.infer(x, timeout_s, deadline_ms, cascade))
 
     async def predict_all(
         self,

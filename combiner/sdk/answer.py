@@ -29,13 +29,16 @@ class Answer:
     ``outputs``: output name -> array of shape ``(batch, *output shape)``, the output's dtype;
     ``contributors``: the names of the members whose answers were combined, in the ensemble's
     order; ``missing``: the names of the others (``()`` when none is); ``reasons``: member name
-    -> why it is missing (e.g. ``"no answer within 400 ms"``), for each name in ``missing``.
+    -> why it is missing (e.g. ``"no answer within 400 ms"``), for each name in ``missing``;
+    ``tiers``: with a cascade, per row, the tier (from 0) that answered it (the row combines the
+    contributors of tiers 0 to that one), else None.
     """
 
     outputs: dict[str, np.ndarray]
     contributors: tuple[str, ...]
     missing: tuple[str, ...] = ()
     reasons: Mapping[str, str] = field(default_factory=dict)
+    tiers: tuple[int, ...] | None = None
 
     @property
     def partial(self) -> bool:

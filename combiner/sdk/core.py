@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from combiner.sdk.answer import Answer, Inputs
 from combiner.sdk.errors import translate
-from combiner.sdk.protocol import DEADLINE_MS, SESSION_HEADER, UNKNOWN_REGION
+from combiner.sdk.protocol import CASCADE, DEADLINE_MS, SESSION_HEADER, UNKNOWN_REGION
 from combiner.sdk.regions import Region, Regions
 from combiner.sdk.tensors import Request, Signature, split
 
@@ -125,9 +125,12 @@ class Core:
         yield from self.metadata()
         return split(x, chunk or self.max_batch)
 
-    def infer(self, x: Inputs, timeout_s: float | None, deadline_ms: float | None) -> Steps[Answer]:
+    def infer(
+        self, x: Inputs, timeout_s: float | None, deadline_ms: float | None, cascade: bool = True
+    ) -> Steps[Answer]:
         """One call; through a region of the client's when it has shared memory, registered
-        again and the call repeated if the endpoint forgot it."""
+        again and the call repeated if the endpoint forgot it. ``cascade=False`` asks an
+        ensemble with a cascade for every member's answer."""
         yield from self.metadata()
         assert self._signature is not None
         signature = self._signature
@@ -141,13 +144,18 @@ class Core:
             else:
                 region = yield from self._region(signature.region_size(arrays))
                 request = signature.request_in(arrays, region)
+            parameters: dict[str, float | bool] = {}
+            if deadline_ms is not None:
+                parameters[DEADLINE_MS] = float(deadline_ms)
+            if not cascade:
+                parameters[CASCADE] = False
             call = self._call(
                 "infer",
                 self.model,
                 request.inputs,
                 outputs=request.outputs,
                 client_timeout=timeout_s,
-                parameters=None if deadline_ms is None else {DEADLINE_MS: float(deadline_ms)},
+                parameters=parameters or None,
             )
             for attempt in range(_REGISTER_TRIES):
                 try:

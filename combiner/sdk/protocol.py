@@ -10,11 +10,13 @@ import re
 from collections.abc import Mapping
 
 __all__ = [
+    "CASCADE",
     "CLIENT_PREFIX",
     "CONTRIBUTORS",
     "DEADLINE_MS",
     "MISSING",
     "SESSION_HEADER",
+    "TIER",
     "UNKNOWN_REGION",
     "format_missing",
     "parse_missing",
@@ -32,8 +34,16 @@ UNKNOWN_REGION = "unknown shared-memory region"
 DEADLINE_MS = "deadline_ms"
 """Request parameter: answer within this many milliseconds, with the members that made it."""
 
+CASCADE = "cascade"
+"""Request parameter: ``false`` asks an ensemble with a cascade for every member's answer."""
+
 CONTRIBUTORS = "chorus_contributors"
-"""Answer parameter: the members that contributed, comma-separated, in the ensemble's order."""
+"""Answer parameter: the members that contributed, comma-separated, in the ensemble's order
+(with a cascade: to any row of the request)."""
+
+TIER = "chorus_tier"
+"""Answer parameter, with a cascade: per row of the request, comma-separated, the tier (from 0)
+that answered it: the row's answer combines the contributors in tiers 0 to that one."""
 
 MISSING = "chorus_missing"
 """Answer parameter: each member that did not, with why: ``name (reason); name (reason)``."""

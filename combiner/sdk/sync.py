@@ -76,7 +76,12 @@ class EnsembleClient:
         return self._run(self._core.ready())
 
     def predict(
-        self, x: Inputs, timeout_s: float | None = None, deadline_ms: float | None = None
+        self,
+        x: Inputs,
+        timeout_s: float | None = None,
+        deadline_ms: float | None = None,
+        *,
+        cascade: bool = True,
     ) -> Outputs:
         """The ensemble's answer for ``x``.
 
@@ -87,16 +92,23 @@ class EnsembleClient:
         output (e.g. float32 probabilities of shape ``(batch, classes)``) when the ensemble has
         one output, else a dict of output name to such an array. ``timeout_s``: the client's
         wait (then :class:`DeadlineExceeded`); ``deadline_ms``: the server answers by then with
-        the members that made it, if they meet its quorum.
+        the members that made it, if they meet its quorum; ``cascade=False``: an ensemble with a
+        cascade answers with every member, not from its first tiers.
         """
-        return self.infer(x, timeout_s, deadline_ms).value()
+        return self.infer(x, timeout_s, deadline_ms, cascade=cascade).value()
 
     def infer(
-        self, x: Inputs, timeout_s: float | None = None, deadline_ms: float | None = None
+        self,
+        x: Inputs,
+        timeout_s: float | None = None,
+        deadline_ms: float | None = None,
+        *,
+        cascade: bool = True,
     ) -> Answer:
         """Like :meth:`predict`, as an :class:`Answer`: every output by name, the members that
-        contributed and those missing (under a deadline, with why)."""
-        return self._run(self._core.infer(x, timeout_s, deadline_ms))
+        contributed and those missing (under a deadline, with why), and with a cascade the tier
+        that answered each row."""
+        return self._run(self._core.infer(x, timeout_s, deadline_ms, cascade))
 
     def predict_all(
         self,

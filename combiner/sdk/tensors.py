@@ -16,7 +16,7 @@ from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from combiner.sdk.answer import Answer, Inputs, Outputs
 from combiner.sdk.errors import InvalidRequest
-from combiner.sdk.protocol import CONTRIBUTORS, MISSING, parse_missing
+from combiner.sdk.protocol import CONTRIBUTORS, MISSING, TIER, parse_missing
 from combiner.sdk.regions import Region, aligned
 
 __all__ = ["Request", "Signature", "join", "split"]
@@ -125,8 +125,13 @@ class Signature:
                 outputs[t.name] = np.array(contents)  # a copy: the region serves the next call
             else:
                 outputs[t.name] = result.as_numpy(t.name)
+        tiers = params[TIER].string_param if TIER in params else None
         return Answer(
-            outputs, tuple(c for c in contributors.split(",") if c), tuple(reasons), reasons
+            outputs,
+            tuple(c for c in contributors.split(",") if c),
+            tuple(reasons),
+            reasons,
+            tuple(int(t) for t in tiers.split(",") if t) if tiers is not None else None,
         )
 
 

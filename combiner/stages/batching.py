@@ -3,9 +3,10 @@
 Requests wait in a queue only while the members are busy: at most ``max_in_flight`` batches
 are out at once (out until a quorum's worth of members are done with them; one more if it is
 full already: waiting could not grow it, and it keeps the members fed), and the next batch
-takes every compatible request queued meanwhile (same requested outputs and shapes after the
-batch dimension, up to ``max_rows`` rows). A request that finds a free slot and an empty queue
-goes straight to the members: an idle combiner adds no delay and no hop. Under load, a freed
+takes every compatible request queued meanwhile (same requested outputs, shapes after the
+batch dimension, and whether a cascade may answer it early; up to ``max_rows`` rows). A
+request that finds a free slot and an empty queue goes straight to the members: an idle
+combiner adds no delay and no hop. Under load, a freed
 slot lets the next batch fill: up to twice the size of the last one (the requests it answered
 tend to come back), while arrivals keep coming (a pause of twice their recent mean interval, at
 most ``max_gap_s``, ends it), for ``max_fill_s`` at most. So batches grow with the load and
@@ -35,6 +36,7 @@ from functools import cached_property
 from typing import Generic, Protocol, TypeVar
 
 import grpc
+import numpy as np
 
 from combiner import metrics
 from combiner.errors import RequestError
@@ -77,6 +79,16 @@ class Rows:
         """Requests with equal keys can share a batch."""
         return tuple((name, shape[1:]) for name, shape in sorted(self.shapes.items()))
 
+    def select(self, index: np.ndarray) -> Rows:
+        """The rows at ``index`` (positions in this batch) as a batch of their own (a copy:
+        the rows a cascade's next tier answers)."""
+        pieces: dict[str, tuple[bytes | memoryview, ...]] = {}
+        for name, data in self.data.items():
+            rows = np.frombuffer(data, np.uint8).reshape(self.batch, -1)
+            pieces[name] = (rows[index].tobytes(),)
+        shapes = {n: (len(index), *s[1:]) for n, s in self.shapes.items()}
+        return Rows(len(index), pieces, shapes)
+
     @staticmethod
     def join(parts: list[Rows]) -> Rows:
         """The requests as one batch; their bytes are not copied here."""
@@ -104,8 +116,8 @@ class Flight(Protocol):
 
 F = TypeVar("F", bound=Flight)
 # start(batch, wanted outputs, its requests' deadlines in order (loop time; None: that request
-# waits for every member)) -> the batch's flight
-Start = Callable[[Rows, tuple[str, ...], tuple[float | None, ...]], F]
+# waits for every member), whether its rows may leave a cascade early) -> the batch's flight
+Start = Callable[[Rows, tuple[str, ...], tuple[float | None, ...], bool], F]
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,7 @@ class _Waiting(Generic[F]):
     rows: Rows
     wanted: tuple[str, ...]
     deadline_at: float | None  # loop time
+    cascade: bool
     placed: asyncio.Future[Placement[F]] = field(repr=False)
 
 
@@ -148,15 +161,20 @@ class Batcher(Generic[F]):
         self._loop_task: asyncio.Task[None] | None = None
 
     async def submit(
-        self, rows: Rows, wanted: tuple[str, ...], deadline_at: float | None
+        self,
+        rows: Rows,
+        wanted: tuple[str, ...],
+        deadline_at: float | None,
+        cascade: bool = True,
     ) -> Placement[F]:
         """Put one request in a batch (at once when the combiner is idle); ``deadline_at`` is
-        the loop time after which it stops waiting in the queue."""
+        the loop time after which it stops waiting in the queue; ``cascade``: whether its rows
+        may be answered by a cascade's first tiers (a batch holds only requests that agree)."""
         loop = asyncio.get_running_loop()
         if not self._queue and self._in_flight < self._limit:
             # idle: no one to batch with, so no hop through the dispatcher
             metrics.BATCHED.observe(1)
-            flight = self._launch(rows, wanted, (deadline_at,))
+            flight = self._launch(rows, wanted, (deadline_at,), cascade)
             return Placement(flight, 0, rows.batch)
         if self._loop_task is None:
             self._loop_task = loop.create_task(self._dispatch_forever())
@@ -164,7 +182,7 @@ class Batcher(Generic[F]):
         since = min(now - self._last_arrival, self._max_gap_s)
         self._interval = 0.9 * self._interval + 0.1 * since
         self._last_arrival = now
-        waiting = _Waiting(rows, wanted, deadline_at, loop.create_future())
+        waiting = _Waiting(rows, wanted, deadline_at, cascade, loop.create_future())
         self._queue.append(waiting)
         self._wake.set()
         try:
@@ -194,9 +212,13 @@ class Batcher(Generic[F]):
         self._queue.clear()
 
     def _launch(
-        self, rows: Rows, wanted: tuple[str, ...], deadlines: tuple[float | None, ...]
+        self,
+        rows: Rows,
+        wanted: tuple[str, ...],
+        deadlines: tuple[float | None, ...],
+        cascade: bool,
     ) -> F:
-        flight = self._start(rows, wanted, deadlines)
+        flight = self._start(rows, wanted, deadlines, cascade)
         flight.expect(len(deadlines))
         self._in_flight += 1
         flight.settled.add_done_callback(self._release)
@@ -218,6 +240,7 @@ class Batcher(Generic[F]):
                 Rows.join([w.rows for w in batch]),
                 batch[0].wanted,
                 tuple(w.deadline_at for w in batch),
+                batch[0].cascade,
             )
             start = 0
             for w in batch:
@@ -259,14 +282,19 @@ class Batcher(Generic[F]):
             self._queue = live
             return []
         first = live.popleft()
-        batch, rows, key = [first], first.rows.batch, (first.wanted, first.rows.key())
+        batch, rows, key = [first], first.rows.batch, _key(first)
         kept: deque[_Waiting[F]] = deque()
         while live:
             w = live.popleft()
-            if (w.wanted, w.rows.key()) == key and rows + w.rows.batch <= self._max_rows:
+            if _key(w) == key and rows + w.rows.batch <= self._max_rows:
                 batch.append(w)
                 rows += w.rows.batch
             else:
                 kept.append(w)
         self._queue = kept
         return batch
+
+
+def _key(w: _Waiting[F]) -> tuple[object, ...]:
+    """Requests with equal keys can share a batch."""
+    return (w.wanted, w.cascade, w.rows.key())

@@ -19,6 +19,8 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
+
 from combiner import metrics
 from combiner.config import CombinerConfig, MemberRoute
 from combiner.stages.batch_shm import Placed
@@ -58,9 +60,12 @@ class Caller:
         placed: Placed | None,
         names: list[str] | None,
         began: float,
+        index: np.ndarray | None = None,
     ) -> None:
-        """One model's calls for the batch: its turn in the model's lane, the calls, and the
-        wait for them, all within the member timeout from ``began`` (loop time)."""
+        """One model's calls for ``rows``: its turn in the model's lane, the calls, and the
+        wait for them, all within the member timeout from ``began`` (loop time). ``index``:
+        the rows' positions in the batch, when they are some of its rows (a cascade's later
+        tier); the answers are kept at those places."""
         lane = self._lanes[route.name]
         until = began + self._timeout_ms / 1000
         since = await lane.turn(p, until)
@@ -84,7 +89,7 @@ class Caller:
                 )
             return
         try:
-            group = self._issue(p, route, covers, rows, node, placed, names)
+            group = self._issue(p, route, covers, rows, node, placed, names, index)
         except BaseException:
             lane.free(since)
             raise
@@ -103,6 +108,7 @@ class Caller:
         node: Node,
         placed: Placed | None,
         names: list[str] | None = None,
+        index: np.ndarray | None = None,
     ) -> Group:
         """Start the calls to one model on ``node`` (in chunks of its batch limit)."""
         output_names = names or [route.outputs[b] for b in p.bases]
@@ -110,7 +116,7 @@ class Caller:
             request(route, self._inputs, rows, start, stop, placed, output_names)
             for start, stop in chunks(route, rows.batch)
         ]
-        group = Group(route, covers, node, placed, [], time.perf_counter())
+        group = Group(route, covers, node, placed, [], time.perf_counter(), rows.batch, index)
         p.groups.append(group)
         for req in requests:
             task = node.upstream.infer(req)
@@ -186,7 +192,7 @@ class Caller:
                         responses,
                         self._name(group.route, member, base),
                         self._base[base],
-                        p.batch,
+                        group.rows,
                     )
                     for base in p.bases
                 }
@@ -194,8 +200,23 @@ class Caller:
                 p.miss(member.name, f"INTERNAL: {e}")
                 continue
             if member.name not in p.missing:
-                p.answers[member.name] = outputs
+                p.answers[member.name] = _in_place(outputs, group.index, p.batch)
 
     def _name(self, route: MemberRoute, member: MemberRoute, base: str) -> str:
         """The name under which the calls to ``route`` return ``member``'s output ``base``."""
         return fanout_output(member.name, base) if route is self._fanout else member.outputs[base]
+
+
+def _in_place(
+    outputs: dict[str, np.ndarray], index: np.ndarray | None, batch: int
+) -> dict[str, np.ndarray]:
+    """A member's outputs at their rows' places in the batch (zeros elsewhere: rows it did not
+    answer, which no combination reads), when it answered only some rows."""
+    if index is None:
+        return outputs
+    placed = {}
+    for base, array in outputs.items():
+        full = np.zeros((batch, *array.shape[1:]), array.dtype)
+        full[index] = array
+        placed[base] = full
+    return placed

@@ -54,8 +54,33 @@ class Combination:
     ) -> dict[str, np.ndarray]:
         """The wanted outputs for rows [start, stop) of the batch, from ``contributors``."""
         outputs = await self._outputs(prediction, contributors, start, stop, wanted)
-        _check_finite(outputs, prediction, contributors, start, stop)
+        _check_finite(outputs, prediction, contributors, slice(start, stop))
         return outputs
+
+    async def outputs_by_rows(
+        self,
+        prediction: Prediction,
+        parts: list[tuple[tuple[str, ...], np.ndarray]],
+        start: int,
+        stop: int,
+        wanted: tuple[str, ...],
+    ) -> dict[str, np.ndarray]:
+        """The wanted outputs for rows [start, stop) of the batch, each part of them (its
+        contributors, its rows' positions in the batch) combined from its own contributors (a
+        cascade's rows, answered at different tiers)."""
+        answer: dict[str, np.ndarray] = {}
+        for contributors, rows in parts:
+            stacked = self._stack(prediction, contributors, rows)
+            if _large(stacked):
+                part = await asyncio.to_thread(self._combine, stacked, wanted, contributors)
+            else:
+                part = self._combine(stacked, wanted, contributors)
+            _check_finite(part, prediction, contributors, rows, rows - start)
+            for name, array in part.items():
+                if name not in answer:
+                    answer[name] = np.empty((stop - start, *array.shape[1:]), array.dtype)
+                answer[name][rows - start] = array
+        return answer
 
     async def _outputs(
         self,
@@ -71,13 +96,13 @@ class Combination:
             and (start, stop) != (0, prediction.batch)
         )
         if not shared:
-            stacked = self._stack(prediction, contributors, start, stop)
+            stacked = self._stack(prediction, contributors, slice(start, stop))
             if _large(stacked):
                 return await asyncio.to_thread(self._combine, stacked, wanted, contributors)
             return self._combine(stacked, wanted, contributors)
         cached = prediction.combined.get(contributors)
         if cached is None:
-            stacked = self._stack(prediction, contributors, 0, prediction.batch)
+            stacked = self._stack(prediction, contributors, slice(0, prediction.batch))
             if _large(stacked):
                 cached = self._tasks.spawn(
                     asyncio.to_thread(self._combine, stacked, wanted, contributors)
@@ -89,15 +114,14 @@ class Combination:
         return {name: array[start:stop] for name, array in whole.items()}
 
     def _stack(
-        self, prediction: Prediction, contributors: tuple[str, ...], start: int, stop: int
+        self, prediction: Prediction, contributors: tuple[str, ...], rows: slice | np.ndarray
     ) -> dict[str, np.ndarray]:
-        """Each needed output of the contributors, stacked on a new member axis (a copy)."""
+        """Each needed output of the contributors at ``rows`` of the batch, stacked on a new
+        member axis (a copy)."""
         stacked = {}
         for base in prediction.bases:
             try:
-                stacked[base] = np.stack(
-                    [prediction.answers[m][base][start:stop] for m in contributors]
-                )
+                stacked[base] = np.stack([prediction.answers[m][base][rows] for m in contributors])
             except ValueError:
                 shapes = {m: list(prediction.answers[m][base].shape) for m in contributors}
                 raise RequestError(
@@ -147,10 +171,12 @@ def _check_finite(
     outputs: dict[str, np.ndarray],
     prediction: Prediction,
     contributors: tuple[str, ...],
-    start: int,
-    stop: int,
+    rows: slice | np.ndarray,
+    numbers: np.ndarray | None = None,
 ) -> None:
-    """Refuse a request's answer that holds NaN or inf, saying where it came from."""
+    """Refuse a request's answer (its ``rows`` of the batch; ``numbers``: their numbers in the
+    request, when they are some of its rows) that holds NaN or inf, saying where it came
+    from."""
     for name, array in outputs.items():
         if array.dtype.kind not in "fc" and array.dtype.name != "bfloat16":
             continue
@@ -158,12 +184,13 @@ def _check_finite(
         if np.isfinite(array).all():
             continue
         bad_rows = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
-        shown = ", ".join(map(str, bad_rows[:8])) + (", ..." if len(bad_rows) > 8 else "")
+        named = bad_rows if numbers is None else numbers[bad_rows]
+        shown = ", ".join(map(str, named[:8])) + (", ..." if len(bad_rows) > 8 else "")
         members = [
             m
             for m in contributors
             if any(
-                not np.isfinite(prediction.answers[m][base][start:stop][bad_rows]).all()
+                not np.isfinite(prediction.answers[m][base][rows][bad_rows]).all()
                 for base in prediction.bases
                 if prediction.answers[m][base].dtype.kind in "fc"
             )

@@ -6,6 +6,12 @@ own deadline takes the members that made it by then. The batch is *settled* (its
 frees) as soon as a quorum's worth of members have answered or failed, or when no request waits
 for it any more (each stopped at its own deadline, or its client went away): a member that lags
 holds back no other.
+
+With a cascade (:class:`Tiers`), the members are called tier by tier, and each row of the batch
+is *decided* at the tier whose members answer it (``tier_of``); a later tier's members answer
+only the rows that reached it (their outputs are kept at those rows' places in the batch). The
+batch settles when its first tier is decided: the first tier's members are free for the next
+batch while the later tiers answer the rows left.
 """
 
 from __future__ import annotations
@@ -21,7 +27,17 @@ from combiner.config import MemberRoute
 from combiner.stages.batch_shm import Placed
 from combiner.triton.nodes import Node
 
-__all__ = ["Group", "Prediction"]
+__all__ = ["Group", "Prediction", "Tiers"]
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """A batch's cascade: member names per tier, in order."""
+
+    names: tuple[tuple[str, ...], ...]
+
+    def of(self, member: str) -> int:
+        return next(k for k, tier in enumerate(self.names) if member in tier)
 
 
 class Prediction:
@@ -39,6 +55,7 @@ class Prediction:
         quorum: int,
         latest: float | None,
         on_abandoned: Callable[[Prediction], None],
+        tiers: Tiers | None = None,
     ) -> None:
         self.batch = batch
         self.members = members
@@ -56,6 +73,13 @@ class Prediction:
         self._quorum = quorum
         self._waiting = 0
         self._on_abandoned = on_abandoned
+        # the cascade, when this batch's rows may leave it early (None: every member, every row)
+        self.tiers = tiers
+        self.unneeded: set[str] = set()  # members of tiers no row reached
+        # per row: the tier that answered it (-1: not yet), and how many tiers it reached
+        self.tier_of = np.full(batch, -1, dtype=np.int16)
+        self.depth = np.full(batch, 1 if tiers else 0, dtype=np.int16)
+        self.decided = [loop.create_future() for _ in tiers.names] if tiers else []
 
     @property
     def abandoned(self) -> bool:
@@ -74,7 +98,11 @@ class Prediction:
             self._on_abandoned(self)
 
     def pending(self) -> list[str]:
-        return [m for m in self.members if m not in self.answers and m not in self.missing]
+        return [
+            m
+            for m in self.members
+            if m not in self.answers and m not in self.missing and m not in self.unneeded
+        ]
 
     def miss(self, member: str, reason: str) -> None:
         if member not in self.answers and member not in self.missing:
@@ -83,9 +111,42 @@ class Prediction:
 
     def progress(self) -> None:
         """A member answered or failed: once a quorum's worth have, the slot frees (the
-        others' calls go on, in their own queues, for the requests that wait for them)."""
-        if len(self.pending()) <= len(self.members) - self._quorum:
+        others' calls go on, in their own queues, for the requests that wait for them). A
+        cascade's batch settles when its first tier is decided instead."""
+        if self.tiers is None and len(self.pending()) <= len(self.members) - self._quorum:
             self._settle()
+
+    # -- a cascade's rows, tier by tier
+
+    def reach(self, tier: int, rows: np.ndarray) -> None:
+        """``rows`` (positions in the batch) go to ``tier``."""
+        self.depth[rows] = tier + 1
+
+    def decide(self, tier: int, rows: np.ndarray) -> None:
+        """``tier`` answers ``rows``; the others it reached go on. Tier 0 decided: the batch's
+        slot frees."""
+        assert self.tiers is not None
+        self.tier_of[rows] = tier
+        if not self.decided[tier].done():
+            self.decided[tier].set_result(None)
+        if tier == 0:
+            self._settle()
+
+    def close_tiers(self, after: int) -> None:
+        """No row goes past tier ``after``: the later tiers' members are not needed."""
+        assert self.tiers is not None
+        for k in range(after + 1, len(self.tiers.names)):
+            self.unneeded.update(self.tiers.names[k])
+            if not self.decided[k].done():
+                self.decided[k].set_result(None)
+
+    async def rows_decided(self, start: int, stop: int) -> None:
+        """Wait until rows [start, stop) are each answered by a tier (or the batch finished:
+        its members failed, or the combiner is stopping); never cancels what it waits for."""
+        while not self.finished.done() and (self.tier_of[start:stop] < 0).any():
+            tier = int(self.depth[start:stop].max()) - 1  # the deepest tier they are in
+            waits = {self.finished, self.decided[max(tier, 0)]}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
 
     def finish(self) -> None:
         self.finished.set_result(None)
@@ -106,6 +167,8 @@ class Group:
     placed: Placed | None  # the batch's region, when the node shares this host
     tasks: list[asyncio.Task[Any]]
     began: float
+    rows: int  # rows the calls answer
+    index: np.ndarray | None = None  # their positions in the batch (None: the whole batch)
     settled: bool = False  # recorded, or given up (member timeout, or nobody waits)
     since: float = 0.0  # when it took its place in the model's lane (loop time)
     # done when its last call has ended (its place in the model's lane is free then)

@@ -21,7 +21,7 @@ from tritonclient.utils import triton_to_np_dtype
 from combiner.config import CombinerConfig, TensorInfo
 from combiner.endpoints.client_shm import NOBODY, Caller, ClientRegion, ClientRegions
 from combiner.errors import RequestError
-from combiner.sdk.protocol import DEADLINE_MS
+from combiner.sdk.protocol import CASCADE, DEADLINE_MS
 from combiner.stages.batching import Rows
 
 __all__ = ["RequestError", "RequestReader"]
@@ -81,6 +81,20 @@ class RequestReader:
         if remaining is not None:
             seconds = remaining if seconds is None else min(seconds, remaining)
         return seconds
+
+    def cascade(self, request: service_pb2.ModelInferRequest) -> bool:
+        """Whether the ensemble's cascade may answer the request from its first tiers: yes
+        unless its ``cascade`` parameter is false (a bool; the text "true"/"false" from
+        clients that send only strings)."""
+        if CASCADE not in request.parameters:
+            return True
+        param = request.parameters[CASCADE]
+        kind = param.WhichOneof("parameter_choice")
+        if kind == "bool_param":
+            return param.bool_param
+        if kind == "string_param" and param.string_param.lower() in ("true", "false"):
+            return param.string_param.lower() == "true"
+        raise _invalid("parameter 'cascade' must be true or false")
 
     def parse(self, request: service_pb2.ModelInferRequest, caller: Caller = NOBODY) -> Rows:
         """The request's inputs; ``caller``: whose shared-memory regions it may name."""

@@ -30,7 +30,7 @@ from combiner import metrics
 from combiner.config import CombinerConfig, TensorInfo
 from combiner.endpoints.client_shm import NOBODY, Caller, ClientRegion, ClientRegions
 from combiner.errors import RequestError
-from combiner.sdk.protocol import CONTRIBUTORS, MISSING, format_missing
+from combiner.sdk.protocol import CONTRIBUTORS, MISSING, TIER, format_missing
 from combiner.stages.batching import Batcher, Placement, Rows
 from combiner.stages.combination import Combination
 from combiner.stages.predict import Prediction, Predictor
@@ -76,6 +76,8 @@ class EnsembleService:
         self._quorum = config.quorum_count()
         self._lead = _Lead()
         self._member_names = tuple(m.name for m in config.members)
+        tiers = config.cascade.tiers if config.cascade else (self._member_names,)
+        self._tier_of = {m: k for k, tier in enumerate(tiers) for m in tier}
         self._in_flight = 0  # requests being served (not those parked while stopping)
         self._draining = False
         self._idle = asyncio.Event()  # no request in flight, while draining
@@ -228,41 +230,92 @@ class EnsembleService:
         due = None if deadline is None else time.monotonic() + deadline
         # stop waiting a little early: the answer must be out by the deadline, not begun
         stop_at = None if deadline is None else loop.time() + deadline - self._lead.of(deadline)
-        where = await self._place(inputs, wanted, stop_at)
+        cascade = self.config.cascade is not None and self.reader.cascade(request)
+        where = await self._place(inputs, wanted, stop_at, cascade)
         prediction = where.flight
         at_deadline = False
         try:
             async with asyncio.timeout_at(stop_at):
-                await asyncio.shield(prediction.finished)
+                if prediction.tiers is None:
+                    await asyncio.shield(prediction.finished)
+                else:  # its own rows, not the whole batch
+                    await prediction.rows_decided(where.start, where.stop)
         except TimeoutError:
             at_deadline = True  # answer with the members that made it
         finally:
             prediction.leave()  # also when the client went away: it stops only its own wait
-        contributors = tuple(m for m in self._member_names if m in prediction.answers)
-        missing = dict(prediction.missing)
-        for name in prediction.pending():
-            assert deadline is not None
-            missing[name] = f"no answer within {deadline * 1000:.0f} ms"
-        if len(contributors) < self._quorum:
+        try:
+            parts = self._parts(prediction, where.start, where.stop, deadline)
+            if prediction.tiers is None:  # one part: the batch's combination may be shared
+                ((contributors, _, missing),) = parts
+                outputs = await self.combination.outputs(
+                    prediction, contributors, where.start, where.stop, wanted
+                )
+            else:
+                outputs = await self.combination.outputs_by_rows(
+                    prediction, [(c, rows) for c, rows, _ in parts], where.start, where.stop, wanted
+                )
+                contributors = tuple(
+                    m for m in self._member_names if any(m in c for c, _, _ in parts)
+                )
+                missing = {m: why for _, _, lost in parts for m, why in lost.items()}
+            if missing:
+                metrics.PARTIAL.inc()
+            tiers = None
+            if self.config.cascade is not None:
+                tiers = np.empty(where.stop - where.start, dtype=np.int64)
+                for c, rows, _ in parts:
+                    tiers[rows - where.start] = max(self._tier_of[m] for m in c)
+            return self._response(request.id, outputs, contributors, missing, placed, tiers)
+        finally:
             if at_deadline and due is not None:
                 self._lead.observe(time.monotonic() - due)
-            raise _below_quorum(contributors, self._member_names, self._quorum, missing)
-        outputs = await self.combination.outputs(
-            prediction, contributors, where.start, where.stop, wanted
-        )
-        if missing:
-            metrics.PARTIAL.inc()
-        response = self._response(request.id, outputs, contributors, missing, placed)
-        if at_deadline and due is not None:
-            self._lead.observe(time.monotonic() - due)
-        return response
+
+    def _parts(
+        self, p: Prediction, start: int, stop: int, deadline: float | None
+    ) -> list[tuple[tuple[str, ...], np.ndarray, dict[str, str]]]:
+        """The request's rows [start, stop) by the members that answer them: (contributors, the
+        rows' positions in the batch, the members missing for them, with why). Without a
+        cascade, one part: the members that made it. With one, a row combines the members
+        that answered it in the tiers it reached (a row the deadline caught in a tier takes
+        what that tier answered by then), and meets the quorum among the tiers it finished."""
+        reasons = dict(p.missing)
+        for name in p.pending():
+            reasons[name] = (
+                f"no answer within {deadline * 1000:.0f} ms"
+                if deadline is not None
+                else "no answer yet"
+            )
+        if p.tiers is None:
+            groups = [(self._member_names, np.arange(start, stop), len(p.members))]
+        else:  # by the tiers each row reached
+            depth = p.depth[start:stop]
+            groups = []
+            for d in np.unique(depth).tolist():
+                rows = start + np.flatnonzero(depth == d)
+                done = d if (p.tier_of[rows] >= 0).all() else max(1, d - 1)  # tiers finished
+                groups.append((self._in_tiers(d), rows, len(self._in_tiers(done))))
+        parts = []
+        for names, rows, finished in groups:
+            contributors = tuple(m for m in names if m in p.answers)
+            lost = {m: reasons[m] for m in names if m not in p.answers and m in reasons}
+            needed = min(self._quorum, finished)
+            if not contributors or len(contributors) < needed:
+                raise _below_quorum(contributors, names, needed, lost)
+            parts.append((contributors, rows, lost))
+        return parts
+
+    def _in_tiers(self, tiers: int) -> tuple[str, ...]:
+        """The members of the cascade's first ``tiers`` tiers, in the ensemble's order."""
+        assert self.config.cascade is not None
+        return tuple(m for m in self._member_names if self._tier_of[m] < tiers)
 
     async def _place(
-        self, inputs: Rows, wanted: tuple[str, ...], deadline_at: float | None
+        self, inputs: Rows, wanted: tuple[str, ...], deadline_at: float | None, cascade: bool
     ) -> Placement[Prediction]:
         if self._batcher is not None:
-            return await self._batcher.submit(inputs, wanted, deadline_at)
-        prediction = self.predictor.start(inputs, wanted, (deadline_at,))
+            return await self._batcher.submit(inputs, wanted, deadline_at, cascade)
+        prediction = self.predictor.start(inputs, wanted, (deadline_at,), cascade)
         prediction.expect(1)
         return Placement(prediction, 0, inputs.batch)
 
@@ -273,11 +326,14 @@ class EnsembleService:
         contributors: tuple[str, ...],
         missing: dict[str, str],
         placed: dict[str, tuple[ClientRegion, int, int]],
+        tiers: np.ndarray | None = None,
     ) -> service_pb2.ModelInferResponse:
         response = service_pb2.ModelInferResponse(
             model_name=self.config.name, model_version="1", id=request_id
         )
         response.parameters[CONTRIBUTORS].string_param = ",".join(contributors)
+        if tiers is not None:
+            response.parameters[TIER].string_param = ",".join(map(str, tiers.tolist()))
         if missing:
             response.parameters[MISSING].string_param = format_missing(missing)
         for name, array in outputs.items():

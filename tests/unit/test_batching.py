@@ -35,7 +35,9 @@ class Members:
     def __init__(self) -> None:
         self.flights: list[Flight] = []
 
-    def start(self, batch: Rows, wanted: tuple[str, ...], deadlines: tuple) -> Flight:
+    def start(
+        self, batch: Rows, wanted: tuple[str, ...], deadlines: tuple, cascade: bool = True
+    ) -> Flight:
         self.flights.append(Flight(batch, any(d is not None for d in deadlines)))
         return self.flights[-1]
 
