@@ -17,6 +17,21 @@ For an allocation N[m, d] (instances) and batch sizes b[m] (``evaluate``):
   ``T * (sum_m N[m, d] * r[m, d] / T_m * cpu[m, d] + host[d]) <= lanes[d]``;
 * the ensemble's throughput is the largest T meeting every constraint.
 
+With a latency target, every member's fill time (the rows of the ensemble that fill one of its
+batches, over T) plus its slowest instance's service time must be within it.
+
+With a cascade, the members are called in tiers and member m sees only a share ``s[m]`` of the
+ensemble's rows (1 for the first tier, known from a calibration): at T rows per second it
+serves ``s[m] * T`` samples per second. Every constraint above is linear in what m serves, so
+the problem counts in rows of the ensemble instead, with arrays the :class:`Problem` derives
+once: an instance covers ``r[m, d] / s[m]`` rows per second and spends ``cpu[m, d] * s[m]``
+CPU seconds per row. Then ``T <= T_m / s[m]``, the lanes and the CPU read as written above,
+and the search, the incremental evaluation of moves and the placement need no change of
+their own. What is not a rate is the time to fill a batch: b samples of m are ``b / s[m]``
+rows of the ensemble, so a member that few rows reach fills its batches slowly, and the
+latency target asks it for smaller batches, hence more instances, than its load alone would.
+Without a cascade every share is 1 and every array is the profile's.
+
 Several allocations often share the best T (another member or device still limits it); among
 equal T, the search prefers fewer binding constraints, which is what lets it add an instance to
 one of two equally limiting members and then to the other, and then the least congestion,
@@ -53,7 +68,7 @@ CONGESTION_POWER = 8  # how much the constraints nearest to binding count over t
 class Evaluation:
     """The cost model's answer for K allocations."""
 
-    throughput: np.ndarray  # (K,) samples/s; 0 where infeasible
+    throughput: np.ndarray  # (K,) rows of the ensemble (samples) per second; 0 where infeasible
     binding: np.ndarray  # (K,) constraints at the minimum
     feasible: np.ndarray  # (K,) bool
     congestion: np.ndarray  # (K,) sum over constraints of (throughput / limit) ** CONGESTION_POWER
@@ -84,33 +99,35 @@ def evaluate(p: Problem, n: np.ndarray, b: np.ndarray) -> Evaluation:
         ratio = np.where(limits > 0, throughput[:, None] / limits, 1.0)
     congestion = (ratio**CONGESTION_POWER).sum(axis=1)
     if p.latency_target is not None:
-        sizes = p.batch_size_values[b]  # (K, M)
+        rows = p.batch_rows[members, b]  # (K, M)
         service = p.service_by_batch[members, b]  # (K, M, D)
         slowest = np.where(n > 0, service, 0.0).max(axis=2)
-        feasible &= meets_latency_target(p, sizes, slowest, throughput)
+        feasible &= meets_latency_target(p, rows, slowest, throughput)
     return Evaluation(np.where(feasible, throughput, 0.0), binding, feasible, congestion)
 
 
 def meets_latency_target(
-    p: Problem, sizes: np.ndarray, slowest: np.ndarray, throughput: np.ndarray
+    p: Problem, batch_rows: np.ndarray, slowest: np.ndarray, throughput: np.ndarray
 ) -> np.ndarray:
     """(K,) whether every member's fill + service time is within the latency target, from
-    each member's batch size ``sizes`` (K, M), the service time of its slowest instance
-    ``slowest`` (K, M) and the ``throughput`` (K,)."""
+    the rows of the ensemble that fill one batch of each member ``batch_rows`` (K, M; its
+    batch size over its share, :attr:`Problem.batch_rows`), the service time of its slowest
+    instance ``slowest`` (K, M) and the ``throughput`` (K,, rows per second)."""
     assert p.latency_target is not None
     with np.errstate(divide="ignore"):
-        fill = np.where(throughput[:, None] > 0, sizes / throughput[:, None], np.inf)
+        fill = np.where(throughput[:, None] > 0, batch_rows / throughput[:, None], np.inf)
     return (fill + slowest <= p.latency_target * (1 + TOLERANCE)).all(axis=1)
 
 
 def member_latency(p: Problem, n: np.ndarray, b: np.ndarray, throughput: float) -> np.ndarray:
     """(M,) seconds a sample may spend in each member at this throughput: the time to fill
-    one batch (batch size / throughput, the worst case: the sample that opens the batch waits
-    for the rest), plus the batch's service time on the slowest device holding the member."""
+    one batch (the rows that fill it, batch size / share, over the throughput; the worst case:
+    the sample that opens the batch waits for the rest), plus the batch's service time on the
+    slowest device holding the member."""
     members = np.arange(len(p.members))
     service = p.service_by_batch[members, b]  # (M, D)
     slowest = np.where(n > 0, service, 0.0).max(axis=1)
-    fill = p.batch_size_values[b] / throughput if throughput > 0 else np.inf
+    fill = p.batch_rows[members, b] / throughput if throughput > 0 else np.inf
     return np.asarray(fill + slowest, dtype=float)
 
 
@@ -118,13 +135,14 @@ def sequential_throughput(p: Problem, n: np.ndarray, b: np.ndarray) -> float:
     """The throughput when the members run one after another on each batch (the paper's
     baseline execution: one member at a time, one request at a time): each call's round trip
     and what the combiner adds to it, plus what the request adds, where the profile measured
-    them; 0 if it does not fit."""
+    them (with a cascade, each member's for the share of rows that reach it); 0 if it does not
+    fit."""
     members = np.arange(len(p.members))
     member_rate = (n * p.call_rate_by_batch[members, b]).sum(axis=1)
     used = (n * p.memory_by_batch[members, b]).sum(axis=0)
     if (member_rate <= 0).any() or (used > p.capacity).any():
         return 0.0
     # s per sample of each member's calls, the combiner's share included (never below 0)
-    calls = np.maximum(0.0, 1.0 / member_rate + p.sequential_call / p.batch_size_values[b])
+    calls = np.maximum(0.0, 1.0 / member_rate + p.sequential_call / p.batch_rows[members, b])
     per_sample = calls.sum() + p.host_latency / p.rows_per_request
     return float(1.0 / per_sample) if per_sample > 0 else 0.0

@@ -4,7 +4,9 @@ cost model's prediction for all of them at once (:func:`evaluate_moves`).
 A climb scores thousands of neighbours per step. Each differs from the current allocation in
 at most two members' rows, so :func:`evaluate_moves` updates the current allocation's totals
 with the changed rows (O(K * D)) instead of evaluating each neighbour in full (O(K * M * D));
-its answers are :func:`orchestrator.planning.cost_model.evaluate`'s.
+its answers are :func:`orchestrator.planning.cost_model.evaluate`'s. With a cascade the
+problem's arrays already count in rows of the ensemble (the shares folded into the rates and
+the fill times, as the cost model's docstring says), so nothing here reads a share.
 """
 
 from __future__ import annotations
@@ -181,15 +183,17 @@ def evaluate_moves(p: Problem, n: np.ndarray, b: np.ndarray, mv: Moves) -> Evalu
 def _moves_meet_target(
     p: Problem, n: np.ndarray, b: np.ndarray, mv: Moves, throughput: np.ndarray
 ) -> np.ndarray:
+    """:func:`meets_latency_target` for every candidate: the current rows that fill a batch
+    and slowest service times, with the changed members' replaced."""
     members = len(p.members)
     service_now = p.service_by_batch[np.arange(members), b]  # (M, D)
     slowest_now = np.where(n > 0, service_now, 0.0).max(axis=1)
-    sizes = np.tile(p.batch_size_values[b], (len(mv), 1))  # (K, M)
+    rows = np.tile(p.batch_rows[np.arange(members), b], (len(mv), 1))  # (K, M)
     slowest = np.tile(slowest_now, (len(mv), 1))
     for j in range(mv.member.shape[1]):
         k = np.flatnonzero(mv.member[:, j] < members)
         m, batch = mv.member[k, j], mv.batch[k, j]
-        sizes[k, m] = p.batch_size_values[batch]
+        rows[k, m] = p.batch_rows[m, batch]
         service = p.service_by_batch[m, batch]  # (k, D)
         slowest[k, m] = np.where(mv.row[k, j] > 0, service, 0.0).max(axis=1)
-    return meets_latency_target(p, sizes, slowest, throughput)
+    return meets_latency_target(p, rows, slowest, throughput)

@@ -1,7 +1,8 @@
 """``chorus plan --png``: the allocation matrix as a picture (matplotlib, no display needed).
 
 Left, devices by members: each cell the member's instances on that device, with its batch
-size; right, each device's planned memory against its total.
+size (and, with a cascade, the member's share of the rows under its name); right, each device's
+planned memory against its total.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def draw_plan(plan: Plan, path: Path) -> None:
                     fontsize=7,
                     color="white" if counts[i, j] > counts.max() / 2 else "black",
                 )
-    grid.set_xticks(range(len(plan.members)), plan.members, rotation=45, ha="right", fontsize=8)
+    names = [f"{m}\n{plan.shares[m]:g} of rows" if m in plan.shares else m for m in plan.members]
+    grid.set_xticks(range(len(plan.members)), names, rotation=45, ha="right", fontsize=8)
     grid.set_yticks(range(len(devices)), devices, fontsize=8)
     grid.set_title("instances @ batch size", fontsize=9)
     used = [plan.planned_memory_bytes.get(d.id, 0) / _GIB for d in plan.devices]
@@ -53,6 +55,8 @@ def draw_plan(plan: Plan, path: Path) -> None:
     memory.set_xlabel("memory (GiB)", fontsize=8)
     memory.legend(fontsize=7, loc="lower right")
     title = f"{plan.ensemble}: {plan.predicted_throughput:,.0f} samples/s predicted"
+    if plan.shares and plan.full_ensemble_throughput is not None:
+        title += f" with the cascade ({plan.full_ensemble_throughput:,.0f} for the full ensemble)"
     if plan.latency_target_ms:
         title += f", latency target {plan.latency_target_ms:g} ms"
     fig.suptitle(title, fontsize=10)

@@ -3,7 +3,8 @@
 One instance per member, largest member first, each on the device with the most free memory;
 where that leaves a member no room although a placement exists, a depth-first search finds
 one; where none exists, :class:`~orchestrator.errors.InfeasibleError` says which member fits
-nowhere and by how much.
+nowhere and by how much. It reads the profile's rates only to compare one member's batch sizes,
+so a cascade's share of rows (one factor per member) changes nothing here.
 """
 
 from __future__ import annotations

@@ -1,13 +1,18 @@
 """The plan: the allocation matrix as the orchestrator hands it on (JSON, a table, configs).
 
 Its JSON (``chorus plan --json``) is the contract of design.md: fields may be added, not renamed.
+A plan for a cascade adds ``shares`` (the share of the rows that reach each member) and
+``full_ensemble_throughput`` (what the plan for every member on every row predicts, to compare);
+plans without them read as before.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +54,22 @@ class Plan:
     members: tuple[str, ...]
     instances: Mapping[str, Mapping[str, int]]  # member -> device id -> count (> 0)
     max_batch_size: Mapping[str, int]
-    predicted_throughput: float  # samples/s
+    predicted_throughput: float  # samples (rows of the ensemble) per second
     # seconds a sample may spend in each member: fill one batch + its service time (ms)
     predicted_latency_ms: Mapping[str, float] = field(default_factory=dict)
     latency_target_ms: float | None = None
+    # with a cascade: the share of the rows that reach each member (empty: every row reaches
+    # every member), and the throughput of the plan made for the full ensemble (every share 1)
+    shares: Mapping[str, float] = field(default_factory=dict)
+    full_ensemble_throughput: float | None = None
+
+    def member_shares(self) -> list[float] | None:
+        """Each member's share in the order of :attr:`members`, as :func:`problem` takes them;
+        None without a cascade."""
+        return [self.shares.get(m, 1.0) for m in self.members] if self.shares else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "ensemble": self.ensemble,
             "devices": [
                 {
@@ -79,6 +93,14 @@ class Plan:
             "predicted_latency_ms": {m: round(v, 3) for m, v in self.predicted_latency_ms.items()},
             "latency_target_ms": self.latency_target_ms,
         }
+        if self.shares:
+            data["shares"] = {m: self.shares[m] for m in self.members if m in self.shares}
+            data["full_ensemble_throughput"] = (
+                None
+                if self.full_ensemble_throughput is None
+                else round(self.full_ensemble_throughput, 3)
+            )
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -97,17 +119,69 @@ def plan_ensemble(
     latency_target_ms: float | None = None,
     effort: float = 1.0,
     borrow_curves: bool = False,
+    shares: Mapping[str, float] | None = None,
+    shares_file: str | Path = "shares",
 ) -> Plan:
     """Worst-fit, then the search: the plan for these members on these devices. With a
     latency target, no member's predicted fill + service time exceeds it; InfeasibleError
-    names the member that cannot meet it at all."""
+    names the member that cannot meet it at all.
+
+    ``shares`` (a cascade's calibration): member -> share of the ensemble's rows that reach
+    it, in (0, 1]; members not named get 1. Each member is sized for its share, and the plan
+    also records what the plan for the full ensemble (every share 1) would predict, planned
+    the same way, to compare. SpecError (naming ``shares_file``) for an unknown member or a
+    share outside (0, 1]."""
+    share_list = _shares(members, shares, shares_file)
     p = problem(
-        members, profile, devices, max_batch_size, profile_file, latency_target_ms, borrow_curves
+        members,
+        profile,
+        devices,
+        max_batch_size,
+        profile_file,
+        latency_target_ms,
+        borrow_curves,
+        shares=share_list,
     )
     result = greedy(p, effort=effort)
     if result.throughput <= 0 and p.latency_target is not None:
         raise InfeasibleError(_target_message(p))
-    return make_plan(ensemble, p, result)
+    full = None
+    if share_list is not None:
+        if all(s == 1.0 for s in share_list):
+            full = result.throughput  # the same problem: the same plan
+        else:
+            full = greedy(replace(p, shares=None), effort=effort).throughput
+    return make_plan(ensemble, p, result, full_ensemble_throughput=full)
+
+
+def _shares(
+    members: Sequence[str], shares: Mapping[str, float] | None, source: str | Path
+) -> list[float] | None:
+    """Each member's share in the order of ``members`` (1 where not named), or None without
+    shares; SpecError for a name that is no member or a value that is no share of rows."""
+    if shares is None:
+        return None
+    known = set(members)
+    for name, value in shares.items():
+        if name not in known:
+            raise SpecError(
+                source,
+                f"shares.{name}",
+                f"no member named {name!r} in the ensemble (members: {', '.join(members)})",
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+            or not 0 < value <= 1
+        ):
+            raise SpecError(
+                source,
+                f"shares.{name}",
+                f"{value!r} is not a share of rows: it must be a number in (0, 1] (the share "
+                "of the ensemble's rows that reach the member; 1 for the first tier)",
+            )
+    return [float(shares.get(m, 1.0)) for m in members]
 
 
 def _target_message(p: Problem) -> str:
@@ -128,7 +202,8 @@ def _target_message(p: Problem) -> str:
 def predict(plan: Plan, profile: Profile, clients_on_host: bool = False) -> float:
     """The cost model's throughput for any plan (samples/s), members run concurrently; 0 if
     it does not fit. ``clients_on_host``: the clients' CPU (measured by chorus profile) counts
-    too, as when a benchmark drives the ensemble from the same machine."""
+    too, as when a benchmark drives the ensemble from the same machine. A cascade's plan is
+    predicted with its shares."""
     p, n, b = _arrays(plan, profile, clients_on_host)
     return float(evaluate(p, n[None], b[None]).throughput[0])
 
@@ -148,6 +223,7 @@ def _arrays(
         plan.devices,
         max(plan.max_batch_size.values()),
         clients_on_host=clients_on_host,
+        shares=plan.member_shares(),
     )
     ids = [d.id for d in plan.devices]
     n = np.array([[plan.instances[m].get(i, 0) for i in ids] for m in plan.members])
@@ -175,7 +251,11 @@ def one_instance_each(
     )
 
 
-def make_plan(ensemble: str, p: Problem, result: SearchResult) -> Plan:
+def make_plan(
+    ensemble: str, p: Problem, result: SearchResult, full_ensemble_throughput: float | None = None
+) -> Plan:
+    """The plan of a search's result; with a cascade (``p.shares``) it records the shares and
+    ``full_ensemble_throughput``, the full ensemble's plan's, beside its own."""
     ids = [d.id for d in p.devices]
     instances = {
         m: {ids[d]: int(result.instances[i, d]) for d in range(len(ids)) if result.instances[i, d]}
@@ -197,6 +277,10 @@ def make_plan(ensemble: str, p: Problem, result: SearchResult) -> Plan:
             m: float(latency[i]) * 1000 for i, m in enumerate(p.members) if np.isfinite(latency[i])
         },
         latency_target_ms=None if p.latency_target is None else p.latency_target * 1000,
+        shares={}
+        if p.shares is None
+        else {m: float(p.share_values[i]) for i, m in enumerate(p.members)},
+        full_ensemble_throughput=None if p.shares is None else full_ensemble_throughput,
     )
 
 
@@ -231,6 +315,8 @@ def load_plan(path: str | Path) -> Plan:
             predicted_throughput=float(data["predicted_throughput"]),
             predicted_latency_ms=dict(data.get("predicted_latency_ms", {})),
             latency_target_ms=data.get("latency_target_ms"),
+            shares={m: float(v) for m, v in data.get("shares", {}).items()},
+            full_ensemble_throughput=data.get("full_ensemble_throughput"),
         )
     except FileNotFoundError:
         raise SpecError(file, "", "no such file") from None
@@ -239,8 +325,21 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def plan_table(plan: Plan) -> Table:
-    """The allocation matrix as a table: devices by members, batch sizes, memory."""
+    """The allocation matrix as a table: devices by members, batch sizes, memory; with a
+    cascade, each member's share of the rows, and under the table the full ensemble's plan's
+    throughput beside this one's."""
     table = Table(title=f"allocation matrix of {plan.ensemble!r} (instances)")
+    if plan.shares:
+        full = plan.full_ensemble_throughput
+        table.caption = (
+            f"cascade: each member sized for its share of the rows; predicted "
+            f"{plan.predicted_throughput:,.1f} samples/s"
+            + (
+                ""
+                if full is None
+                else f", against {full:,.1f} for the plan of the full ensemble (every share 1)"
+            )
+        )
     table.add_column("device")
     for m in plan.members:
         table.add_column(m, justify="right")
@@ -252,6 +351,8 @@ def plan_table(plan: Plan) -> Table:
         table.add_row(f"{d.id} ({d.name})", *counts, memory)
     table.add_section()
     table.add_row("batch size", *(str(plan.max_batch_size[m]) for m in plan.members), "")
+    if plan.shares:
+        table.add_row("share of rows", *(f"{plan.shares.get(m, 1.0):g}" for m in plan.members), "")
     if plan.predicted_latency_ms:
         target = f"target {plan.latency_target_ms:g} ms" if plan.latency_target_ms else ""
         table.add_row(

@@ -5,6 +5,12 @@ each device at each batch size, built from a profile and the devices by :func:`p
 index]. The cost model gathers them millions of times per search by member and batch index, so
 it reads copies laid out [member, batch index, device]; those are derived from the fields, once
 per problem and on first use, as cached properties (a frozen dataclass, never patched).
+
+With a cascade, member m sees only a share of the ensemble's rows (:attr:`Problem.shares`). The
+derived arrays fold that share in once, so that the cost model counts everything in rows of the
+ensemble: an instance covers ``rate / share`` of them per second, spends ``cpu * share`` CPU
+seconds on each, and one batch of b samples holds ``b / share`` of them
+(:mod:`orchestrator.planning.cost_model` says why this is the whole change).
 """
 
 from __future__ import annotations
@@ -48,14 +54,34 @@ class Problem:
     host_latency: float = 0.0
     sequential_call: float = 0.0  # seconds each member call adds when called one at a time
     rows_per_request: int = 1
+    # (M,) with a cascade, the share of the ensemble's rows that reach each member, in (0, 1]
+    # (1 for the first tier); None: every member sees every row
+    shares: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.shares is not None:
+            shares = np.asarray(self.shares, dtype=float)
+            if shares.shape != (len(self.members),):
+                raise ValueError(f"shares: {shares.shape}, expected ({len(self.members)},)")
+            if not ((shares > 0) & (shares <= 1)).all():
+                raise ValueError(f"shares must be in (0, 1], got {shares.tolist()}")
 
     # What the cost model gathers from, derived from the fields above. Each (M, B, D) array is
     # a contiguous copy, so that indexing by [members, batch indices] is one gather.
 
     @cached_property
+    def share_values(self) -> np.ndarray:
+        """(M,) :attr:`shares`, all 1.0 without a cascade."""
+        if self.shares is None:
+            return np.ones(len(self.members))
+        return np.asarray(self.shares, dtype=float)
+
+    @cached_property
     def rate_by_batch(self) -> np.ndarray:
-        """(M, B, D) :attr:`rate`."""
-        return np.ascontiguousarray(self.rate.transpose(0, 2, 1))
+        """(M, B, D) rows of the ensemble one instance covers per second: :attr:`rate` over the
+        member's share (it serves s * T samples/s of an ensemble serving T rows/s)."""
+        rows = self.rate / self.share_values[:, None, None]
+        return np.ascontiguousarray(rows.transpose(0, 2, 1))
 
     @cached_property
     def memory_by_batch(self) -> np.ndarray:
@@ -70,10 +96,19 @@ class Problem:
         return np.array(self.batch_sizes, dtype=float)
 
     @cached_property
+    def batch_rows(self) -> np.ndarray:
+        """(M, B) rows of the ensemble it takes to fill one batch of each member: its batch
+        size over its share (a member only a few rows reach fills its batches slowly)."""
+        return self.batch_size_values[None, :] / self.share_values[:, None]
+
+    @cached_property
     def call_rate_by_batch(self) -> np.ndarray:
-        """(M, B, D) :attr:`call_rate`, or :attr:`rate` where the profile did not measure it."""
+        """(M, B, D) rows of the ensemble one call's round trip covers per second:
+        :attr:`call_rate` (or :attr:`rate` where the profile did not measure it) over the
+        member's share."""
         call = self.rate if self.call_rate is None else self.call_rate
-        return np.ascontiguousarray(call.transpose(0, 2, 1))
+        rows = call / self.share_values[:, None, None]
+        return np.ascontiguousarray(rows.transpose(0, 2, 1))
 
     @cached_property
     def service_by_batch(self) -> np.ndarray:
@@ -86,9 +121,11 @@ class Problem:
 
     @cached_property
     def cpu_by_batch(self) -> np.ndarray:
-        """(M, B, D) :attr:`cpu`, 0 where the profile did not measure it."""
+        """(M, B, D) CPU seconds per row of the ensemble: :attr:`cpu` (0 where the profile did
+        not measure it) times the member's share."""
         cpu = np.zeros_like(self.rate) if self.cpu is None else self.cpu
-        return np.ascontiguousarray(cpu.transpose(0, 2, 1))
+        rows = cpu * self.share_values[:, None, None]
+        return np.ascontiguousarray(rows.transpose(0, 2, 1))
 
     @cached_property
     def host_cpu_by_device(self) -> np.ndarray:
@@ -113,12 +150,15 @@ def problem(
     latency_target_ms: float | None = None,
     borrow_curves: bool = False,
     clients_on_host: bool = False,
+    shares: Sequence[float] | None = None,
 ) -> Problem:
     """The arrays for these members on these devices; a device with no curve for a member
     cannot hold it (``borrow_curves``: it runs the member's curve of another device, scaled by
     its ``speed``). Where the profile measured them, an instance is busy for its service time
     (not the call's round trip), and the CPU that Triton spends per call and the combiner per
-    request (``clients_on_host``: and the clients) count against the first CPU device."""
+    request (``clients_on_host``: and the clients) count against the first CPU device.
+    ``shares``: with a cascade, the share of the rows that reach each member (in the order of
+    ``members``; ValueError outside (0, 1])."""
     curves = {m: [profile.curve(m, d, borrow_curves) for d in devices] for m in members}
     sizes = sorted(
         {b for cs in curves.values() for c in cs if c for b in c.batch_sizes if b <= max_batch_size}
@@ -183,4 +223,5 @@ def problem(
         host_latency=host_latency,
         sequential_call=sequential_call,
         rows_per_request=rows,
+        shares=None if shares is None else np.array(shares, dtype=float),
     )
