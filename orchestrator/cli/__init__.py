@@ -2,9 +2,10 @@
 commands in the order ``--help`` lists them, and :func:`main`, which reports Chorus's errors.
 
 The commands live with their kind: :mod:`orchestrator.cli.serving` (up, regenerate-configs,
-node), :mod:`orchestrator.cli.planning` (profile, plan, tune, render) and
-:mod:`orchestrator.cli.examples` (demo, example); what several of them share (the console,
-options, the work folder, the profile and the plan) is :mod:`orchestrator.cli.options`.
+node), :mod:`orchestrator.cli.planning` (profile, plan, tune, render),
+:mod:`orchestrator.cli.cascade` (calibrate) and :mod:`orchestrator.cli.examples` (demo,
+example); what several of them share (the console, options, the work folder, the profile, the
+calibration and the plan) is :mod:`orchestrator.cli.options`.
 
 Exit codes: 0 success; 2 invalid input (the message names the file, the field and the problem);
 3 the ensemble cannot fit the hardware; 1 anything else that went wrong.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import typer
 from rich.text import Text
 
-from orchestrator.cli import examples, planning, serving
+from orchestrator.cli import cascade, examples, planning, serving
 from orchestrator.cli.options import console
 from orchestrator.errors import ChorusError
 
@@ -32,6 +33,7 @@ app = typer.Typer(
 app.command()(serving.up)
 app.command()(planning.profile)
 app.command()(planning.plan)
+app.command()(cascade.calibrate)
 app.command("regenerate-configs")(serving.regenerate_configs)
 app.command()(serving.node)
 app.command()(planning.tune)

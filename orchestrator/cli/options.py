@@ -1,16 +1,20 @@
 """What the ``chorus`` commands share: the console they report on (stderr: stdout is for what a
 command prints as its result), the arguments and options several of them take, and what those
-resolve to: the work folder, the profile (given, cached or measured now) and the plan.
+resolve to: the work folder, the profile (given, cached or measured now), the cascade (the
+ensemble file's, completed by the calibration) and the plan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import typer
 from rich.console import Console
 
+from combiner import CascadeRoute
+from orchestrator.planning.cascade import load_calibration, resolve_cascade
 from orchestrator.planning.hardware import Device, discover, load_hardware
 from orchestrator.planning.plan import Plan, plan_ensemble
 from orchestrator.planning.profile import Profile, load_profile, save_profile
@@ -18,12 +22,15 @@ from orchestrator.planning.spec import Ensemble
 
 __all__ = [
     "BorrowOpt",
+    "CalibrationOpt",
+    "Cascading",
     "EnsembleArg",
     "HardwareOpt",
     "ProfileOpt",
     "WorkdirOpt",
     "console",
     "make_plan",
+    "resolve_cascade_options",
     "resolve_profile",
     "resolve_workdir",
 ]
@@ -37,11 +44,13 @@ HardwareOpt = Annotated[
 ]
 ProfileOpt = Annotated[
     Path | None,
-    typer.Option("--profile", help="profile file to plan from [default: measure, or the cache]"),
+    typer.Option("--profile", help="profile file to plan from \\[default: measure, or the cache]"),
 ]
 WorkdirOpt = Annotated[
     Path | None,
-    typer.Option(help="where repositories, logs and the profile cache go [default: .chorus/NAME]"),
+    typer.Option(
+        help="where repositories, logs and the profile cache go \\[default: .chorus/NAME]"
+    ),
 ]
 BorrowOpt = Annotated[
     bool,
@@ -49,6 +58,16 @@ BorrowOpt = Annotated[
         "--borrow-curves",
         help="plan devices the profile has no curve for with another device's curve, "
         "scaled by the hardware file's 'speed'",
+    ),
+]
+
+
+CalibrationOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--calibration",
+        help="the cascade's calibration (from 'chorus calibrate') "
+        "\\[default: WORKDIR/calibration.json, if there is one]",
     ),
 ]
 
@@ -83,6 +102,41 @@ def resolve_profile(
     return measured, cache
 
 
+class Cascading(NamedTuple):
+    """The cascade a command serves: the combiner's route (None: every member, every row),
+    each member's share of the rows for the planner (None: all of them), and the calibration
+    file they came from (None: none was read)."""
+
+    route: CascadeRoute | None
+    shares: dict[str, float] | None
+    calibration: Path | None
+
+
+def resolve_cascade_options(
+    ensemble: Ensemble, calibration: Path | None, workdir: Path
+) -> Cascading:
+    """The ensemble file's ``combine.cascade`` completed by the calibration: the one given,
+    else ``WORKDIR/calibration.json`` if there is one (an ensemble without a cascade reads
+    none)."""
+    if ensemble.cascade is None:
+        return Cascading(None, None, None)
+    if calibration is None and (workdir / "calibration.json").is_file():
+        calibration = workdir / "calibration.json"
+    found = load_calibration(calibration) if calibration is not None else None
+    if found is not None:
+        console.print(
+            f"using the calibration {calibration} ('chorus calibrate' makes it again)",
+            markup=False,
+        )
+    route, shares = resolve_cascade(
+        ensemble,
+        found,
+        calibration or "the calibration",
+        say=lambda line: console.print(line, markup=False),
+    )
+    return Cascading(route, shares, calibration)
+
+
 def make_plan(
     ensemble: Ensemble,
     hardware: Path | None,
@@ -90,9 +144,13 @@ def make_plan(
     workdir: Path,
     effort: float = 1.0,
     borrow_curves: bool = False,
+    shares: Mapping[str, float] | None = None,
+    shares_file: Path | None = None,
 ) -> Plan:
     """The plan for the hardware file's devices (else this machine's) from :func:`resolve_profile`;
-    devices the profile has no curve for are named, unless their curves are borrowed."""
+    devices the profile has no curve for are named, unless their curves are borrowed.
+    ``shares``: each member's share of the rows (a cascade's, from the calibration
+    ``shares_file``; None: every row reaches every member)."""
     devices = _devices(hardware)
     measured, source = resolve_profile(ensemble, profile, workdir)
     names = [m.name for m in ensemble.members]
@@ -115,4 +173,6 @@ def make_plan(
         latency_target_ms=ensemble.latency_target_ms,
         effort=effort,
         borrow_curves=borrow_curves,
+        shares=shares,
+        shares_file=shares_file or "shares",
     )

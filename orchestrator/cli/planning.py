@@ -14,12 +14,14 @@ from rich.table import Table
 
 from orchestrator.cli.options import (
     BorrowOpt,
+    CalibrationOpt,
     EnsembleArg,
     HardwareOpt,
     ProfileOpt,
     WorkdirOpt,
     console,
     make_plan,
+    resolve_cascade_options,
     resolve_profile,
     resolve_workdir,
 )
@@ -36,7 +38,7 @@ __all__ = ["plan", "profile", "render", "tune"]
 def profile(
     ensemble_file: EnsembleArg,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="[default: WORKDIR/profile.json]")
+        Path | None, typer.Option("-o", "--output", help="\\[default: WORKDIR/profile.json]")
     ] = None,
     workdir: WorkdirOpt = None,
     seconds: Annotated[float, typer.Option(help="measuring time per batch size")] = 0.3,
@@ -111,12 +113,23 @@ def plan(
     ] = 1.0,
     borrow_curves: BorrowOpt = False,
     workdir: WorkdirOpt = None,
+    calibration: CalibrationOpt = None,
 ) -> None:
     """Place the members (worst-fit, then the search): the allocation matrix, its throughput
-    (samples/s) and each member's predicted latency."""
+    (samples/s) and each member's predicted latency. With a cascade, each member is sized for
+    the share of the rows that reach its tier (from the calibration)."""
     ensemble = load_ensemble(ensemble_file, read_models=profile is None)
+    workdir = resolve_workdir(ensemble, workdir)
+    cascading = resolve_cascade_options(ensemble, calibration, workdir)
     result = make_plan(
-        ensemble, hardware, profile, resolve_workdir(ensemble, workdir), effort, borrow_curves
+        ensemble,
+        hardware,
+        profile,
+        workdir,
+        effort,
+        borrow_curves,
+        shares=cascading.shares,
+        shares_file=cascading.calibration,
     )
     if output:
         output.write_text(result.to_json())
@@ -137,7 +150,7 @@ def tune(
     ensemble_file: EnsembleArg,
     profile: ProfileOpt = None,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="[default: WORKDIR/tuned-plan.json]")
+        Path | None, typer.Option("-o", "--output", help="\\[default: WORKDIR/tuned-plan.json]")
     ] = None,
     budget: Annotated[int, typer.Option(help="measurements at most")] = 12,
     seconds: Annotated[float, typer.Option(help="load time per measurement")] = 2.0,
@@ -205,7 +218,7 @@ def render(
     ] = None,
     backend: Annotated[
         Backend | None,
-        typer.Option(help="repository: Triton backend [default: what the local server has]"),
+        typer.Option(help="repository: Triton backend \\[default: what the local server has]"),
     ] = None,
     image: Annotated[str, typer.Option(help="kubernetes: the Chorus image")] = "chorus:latest",
     triton_image: Annotated[

@@ -15,12 +15,14 @@ import typer
 from combiner import PortInUse, claim_ports
 from orchestrator.cli.options import (
     BorrowOpt,
+    CalibrationOpt,
     EnsembleArg,
     HardwareOpt,
     ProfileOpt,
     WorkdirOpt,
     console,
     make_plan,
+    resolve_cascade_options,
     resolve_workdir,
 )
 from orchestrator.deploying.render import (
@@ -69,6 +71,7 @@ def up(
     drain_timeout: Annotated[
         float, typer.Option(min=0, help="on stop, seconds to answer the requests in flight")
     ] = 30.0,
+    calibration: CalibrationOpt = None,
 ) -> None:
     """Serve the ensemble (Triton + combiner) until Ctrl-C or SIGTERM, then stop both.
 
@@ -84,7 +87,19 @@ def up(
     except PortInUse as e:
         raise SpecError("--grpc-port/--http-port/--metrics-port", "", str(e.strerror)) from None
     workdir = resolve_workdir(ensemble, workdir)
-    plan = load_plan(plan_file) if plan_file else make_plan(ensemble, None, profile, workdir)
+    cascading = resolve_cascade_options(ensemble, calibration, workdir)
+    plan = (
+        load_plan(plan_file)
+        if plan_file
+        else make_plan(
+            ensemble,
+            None,
+            profile,
+            workdir,
+            shares=cascading.shares,
+            shares_file=cascading.calibration,
+        )
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -102,6 +117,7 @@ def up(
         tls_cert=tls_cert,
         tls_key=tls_key,
         drain_timeout_s=drain_timeout,
+        cascade=cascading.route,
     )
     try:
         with console.status(f"starting Triton and the combiner for {ensemble.name!r}..."):
@@ -147,7 +163,7 @@ def regenerate_configs(
     workdir: WorkdirOpt = None,
     backend: Annotated[
         Backend | None,
-        typer.Option(help="Triton backend to render for [default: what the local server has]"),
+        typer.Option(help="Triton backend to render for \\[default: what the local server has]"),
     ] = None,
     borrow_curves: BorrowOpt = False,
     triton: Annotated[
@@ -174,6 +190,7 @@ def regenerate_configs(
         typer.Option(help="the combiner shares the (first) node's host and IPC namespace"),
     ] = False,
     plan_output: Annotated[Path | None, typer.Option(help="write the new plan here")] = None,
+    calibration: CalibrationOpt = None,
 ) -> None:
     """Re-detect the hardware, plan again, rewrite the configs; print what changed. With the
     running Tritons' addresses, they switch to the new configs in place."""
@@ -183,7 +200,16 @@ def regenerate_configs(
 
     ensemble = load_ensemble(ensemble_file)
     workdir = resolve_workdir(ensemble, workdir)
-    result = make_plan(ensemble, hardware, profile, workdir, borrow_curves=borrow_curves)
+    cascading = resolve_cascade_options(ensemble, calibration, workdir)
+    result = make_plan(
+        ensemble,
+        hardware,
+        profile,
+        workdir,
+        borrow_curves=borrow_curves,
+        shares=cascading.shares,
+        shares_file=cascading.calibration,
+    )
     tritons = _node_addresses(triton or [], result)
     key = new_key(key_file) if key_file else None
     if combiner_config_file is not None and not tritons:
@@ -205,6 +231,7 @@ def regenerate_configs(
             shared_memory=shared_memory,
             key_file=key_file.resolve() if key_file else None,
             fanout_model=(repo / fanout_name(ensemble)).is_dir(),
+            cascade=cascading.route,
         )
         served = (combiner_config_file, config)
     running = {n: url for n, url in tritons.items() if _live(url)}

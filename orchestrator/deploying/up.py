@@ -24,6 +24,7 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import json_format
 
 from combiner import (
+    CascadeRoute,
     CombinerConfig,
     MemberRoute,
     NodeRoute,
@@ -75,13 +76,15 @@ def combiner_config(
     shared_memory: bool = False,
     key_file: Path | None = None,
     fanout_model: bool = False,
+    cascade: CascadeRoute | None = None,
 ) -> CombinerConfig:
     """What the combiner serves for ``plan``: ``triton`` is the gRPC address of its Triton,
     or, for a plan over several nodes, each node's (node name -> host:port); each member's
     calls then go to the nodes holding its instances, in proportion to them. With
     ``shared_memory``, the (first) node's Triton shares the combiner's host and gets the
     calls through shared memory; ``key_file`` holds the key to Triton's restricted APIs;
-    ``fanout_model``: the repository holds the fan-out model (one node only)."""
+    ``fanout_model``: the repository holds the fan-out model (one node only); ``cascade``:
+    call the members tier by tier (:func:`orchestrator.planning.cascade.resolve_cascade`)."""
 
     def info(t: Tensor) -> TensorInfo:
         return TensorInfo(name=t.name, dtype=t.dtype, shape=t.shape)
@@ -133,10 +136,18 @@ def combiner_config(
         member_timeout_ms=ensemble.member_timeout_ms,
         quorum=ensemble.quorum,
         fan_out=fan_out,
-        # a batch per instance of the scarcest member keeps every instance busy; more batches
-        # out at once would only queue on Triton, split into smaller batches
-        max_in_flight=max(1, min(sum(plan.instances[m.name].values()) for m in ensemble.members)),
+        cascade=cascade,
+        max_in_flight=_max_in_flight(ensemble, plan, cascade),
     )
+
+
+def _max_in_flight(ensemble: Ensemble, plan: Plan, cascade: CascadeRoute | None) -> int:
+    """A batch per instance of the scarcest member keeps every instance busy; more batches out
+    at once would only queue on Triton, split into smaller batches. With a cascade, only the
+    first tier's members get every batch: the later tiers get the rows left, in smaller
+    batches, and were planned for that share, so their instances do not bound it."""
+    first = cascade.tiers[0] if cascade is not None else [m.name for m in ensemble.members]
+    return max(1, min(sum(plan.instances[name].values()) for name in first))
 
 
 def instances_per_node(plan: Plan) -> dict[str, dict[str, int]]:
@@ -176,6 +187,7 @@ class Deployment:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         drain_timeout_s: float = 30.0,
+        cascade: CascadeRoute | None = None,
     ) -> None:
         """Serve ``plan`` (default: one instance of every member, on this host's devices).
         ``grpc_port`` None picks a free port; ``http_port`` None serves no HTTP, 0 a free port;
@@ -183,7 +195,8 @@ class Deployment:
         ``combiner_options`` overrides fields of the combiner's config (``CombinerConfig``);
         ``allow_client_shm`` lets clients on this host register their own shared memory;
         ``token_file``, ``tls_cert`` and ``tls_key`` protect the ensemble's endpoints;
-        ``drain_timeout_s`` bounds how long stopping waits for requests in flight."""
+        ``drain_timeout_s`` bounds how long stopping waits for requests in flight;
+        ``cascade`` calls the members tier by tier (None: every member, every row)."""
         self.ensemble = ensemble
         self.workdir = workdir
         self.host = host
@@ -208,6 +221,7 @@ class Deployment:
         self.tls_cert = tls_cert
         self.tls_key = tls_key
         self.drain_timeout_s = drain_timeout_s
+        self.cascade = cascade
         self.metrics_port = metrics_port
         self.triton: TritonServer | None = None
         self.combiner: ManagedProcess | None = None
@@ -334,6 +348,7 @@ class Deployment:
             shared_memory=local if self.shared_memory is None else self.shared_memory and local,
             key_file=self.workdir / "triton.key" if self.triton.key is not None else None,
             fanout_model=(self.workdir / "repository" / fanout_name(self.ensemble)).is_dir(),
+            cascade=self.cascade,
         )
         update: dict[str, object] = {
             "batching": self.batching,

@@ -29,6 +29,8 @@ from combiner import load_rule
 from orchestrator.errors import SpecError, from_validation
 
 __all__ = [
+    "Cascade",
+    "CascadeFile",
     "Ensemble",
     "EnsembleFile",
     "Member",
@@ -101,6 +103,35 @@ class MemberFile(_Strict):
     )
 
 
+class CascadeFile(_Strict):
+    """``combine.cascade``: call the members in tiers, cheapest first, and answer a row as soon
+    as the members so far meet the exit rule. What is left out, ``chorus calibrate`` chooses
+    on validation inputs."""
+
+    tiers: list[list[Name]] | None = Field(
+        None,
+        description="member names per tier, cheapest first, every member in one tier "
+        "[default: chosen by 'chorus calibrate' from the members grouped by profiled cost]",
+    )
+    exit: Literal["agreement", "confidence"] = Field(
+        "agreement",
+        description="agreement: the share of the members so far that vote for their "
+        "combination's top class; confidence: the combination's top value",
+    )
+    threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="the exit rule's score a row must reach to be answered early "
+        "[default: chosen by 'chorus calibrate']",
+    )
+    output: str | None = Field(
+        None,
+        description="the output the exit rule reads; it needs a class axis (its last) "
+        "[default: the first output]",
+    )
+
+
 class CombineFile(_Strict):
     rule: str = Field(
         "mean",
@@ -109,6 +140,9 @@ class CombineFile(_Strict):
     softmax: bool = Field(False, description="apply softmax to each member's output first")
     uncertainty: list[Uncertainty] = Field(
         default_factory=list, description="uncertainty outputs to serve beside each output"
+    )
+    cascade: CascadeFile | None = Field(
+        None, description="call the members tier by tier [default: every member, every row]"
     )
 
 
@@ -177,6 +211,18 @@ def is_torchscript(path: Path | str) -> bool:
 
 
 @dataclass(frozen=True)
+class Cascade:
+    """``combine.cascade`` checked against the members and outputs. ``tiers`` and
+    ``threshold`` are None where the file leaves them to the calibration; ``output`` is ''
+    when the file names none and the tensors were not read (planning from a profile)."""
+
+    tiers: tuple[tuple[str, ...], ...] | None
+    exit: Literal["agreement", "confidence"]
+    threshold: float | None
+    output: str
+
+
+@dataclass(frozen=True)
 class Ensemble:
     name: str
     file: Path
@@ -191,6 +237,7 @@ class Ensemble:
     quorum: int = 1  # members that must answer
     member_timeout_ms: float = 30_000.0
     latency_target_ms: float | None = None  # the planner's bound on fill + service time
+    cascade: Cascade | None = None
 
     def member(self, name: str) -> Member:
         return next(m for m in self.members if m.name == name)
@@ -253,7 +300,89 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
         quorum=_quorum(file, spec),
         member_timeout_ms=spec.serving.member_timeout_ms,
         latency_target_ms=spec.serving.latency_target_ms,
+        cascade=_cascade(file, spec, outputs),
     )
+
+
+def _cascade(file: Path, spec: EnsembleFile, outputs: tuple[Tensor, ...]) -> Cascade | None:
+    """``combine.cascade`` resolved: its tiers hold the members, its output has a class axis."""
+    given = spec.combine.cascade
+    if given is None:
+        return None
+    if len(spec.members) < 2:
+        raise SpecError(
+            file,
+            "combine.cascade",
+            "a cascade needs at least 2 members (one tier to answer early, one after it)",
+        )
+    tiers = None
+    if given.tiers is not None:
+        tiers = _tiers(file, given.tiers, [m.name for m in spec.members])
+    return Cascade(
+        tiers=tiers,
+        exit=given.exit,
+        threshold=given.threshold,
+        output=_cascade_output(file, given.output, outputs),
+    )
+
+
+def _tiers(file: Path, tiers: list[list[str]], members: list[str]) -> tuple[tuple[str, ...], ...]:
+    """The tiers, checked to hold every member exactly once in at least 2 non-empty tiers."""
+    field = "combine.cascade.tiers"
+    if len(tiers) < 2:
+        raise SpecError(
+            file,
+            field,
+            f"a cascade needs at least 2 tiers, got {len(tiers)}: e.g. "
+            f"[[{members[0]}], [{', '.join(members[1:])}]]",
+        )
+    seen: set[str] = set()
+    for i, tier in enumerate(tiers):
+        if not tier:
+            raise SpecError(file, f"{field}[{i}]", "a tier needs at least one member")
+        for j, name in enumerate(tier):
+            if name not in members:
+                raise SpecError(
+                    file,
+                    f"{field}[{i}][{j}]",
+                    f"{name!r} is not a member (the members: {', '.join(members)})",
+                )
+            if name in seen:
+                raise SpecError(file, f"{field}[{i}][{j}]", f"{name!r} is in more than one place")
+            seen.add(name)
+    missing = [m for m in members if m not in seen]
+    if missing:
+        raise SpecError(
+            file,
+            field,
+            f"every member must be in a tier; missing: {', '.join(missing)}",
+        )
+    return tuple(tuple(tier) for tier in tiers)
+
+
+def _cascade_output(file: Path, name: str | None, outputs: tuple[Tensor, ...]) -> str:
+    """The output the exit rule reads: named, else the first; it must have a class axis."""
+    field = "combine.cascade.output"
+    if not outputs:  # planning from a profile: the tensors were not read
+        return name or ""
+    if name is None:
+        tensor = outputs[0]
+    else:
+        found = [t for t in outputs if t.name == name]
+        if not found:
+            known = ", ".join(t.name for t in outputs)
+            raise SpecError(file, field, f"{name!r} is not an output (the outputs: {known})")
+        tensor = found[0]
+    if not tensor.shape or tensor.shape[-1] == 1:
+        shape = [-1 if d < 0 else d for d in tensor.shape]
+        raise SpecError(
+            file,
+            field if name is not None else "combine.cascade",
+            f"output {tensor.name!r} has shape {shape} (after the batch dimension): the exit "
+            "rule needs a class axis, its last, of more than one class"
+            + ("" if name is not None else "; name another with 'output:'"),
+        )
+    return tensor.name
 
 
 def _read_members(

@@ -175,3 +175,101 @@ def test_an_impossible_quorum_names_the_field(tmp_path, members, quorum):
     with pytest.raises(SpecError) as e:
         load_ensemble(write(tmp_path, members))
     assert e.value.field == "serving.quorum"
+
+
+@pytest.fixture
+def three(tmp_path: Path, members: dict) -> dict:
+    """The toy ensemble with a third member, c."""
+    linear(tmp_path / "c.onnx", seed=2)
+    members["members"].append({"name": "c", "path": "c.onnx"})
+    return members
+
+
+def test_a_cascade_section_resolves_its_tiers_exit_threshold_and_output(tmp_path, three):
+    three["combine"] = {
+        "softmax": True,
+        "cascade": {"tiers": [["a", "c"], ["b"]], "exit": "confidence", "threshold": 0.9},
+    }
+    ens = load_ensemble(write(tmp_path, three))
+    assert ens.cascade is not None
+    assert ens.cascade.tiers == (("a", "c"), ("b",))
+    assert (ens.cascade.exit, ens.cascade.threshold, ens.cascade.output) == (
+        "confidence",
+        0.9,
+        "y",
+    )
+
+
+def test_a_cascade_may_leave_tiers_and_threshold_to_the_calibration(tmp_path, three):
+    three["combine"] = {"cascade": {}}
+    ens = load_ensemble(write(tmp_path, three))
+    assert ens.cascade is not None
+    assert (ens.cascade.tiers, ens.cascade.exit, ens.cascade.threshold) == (
+        None,
+        "agreement",
+        None,
+    )
+    assert ens.cascade.output == "y"  # the first output
+
+
+def test_an_ensemble_without_a_cascade_section_has_none(tmp_path, members):
+    assert load_ensemble(write(tmp_path, members)).cascade is None
+
+
+@pytest.mark.parametrize(
+    ("tiers", "field", "words"),
+    [
+        ([["a", "b", "c"]], "combine.cascade.tiers", "at least 2 tiers"),
+        ([["a"], [], ["b", "c"]], "combine.cascade.tiers[1]", "at least one member"),
+        ([["a"], ["b", "d"]], "combine.cascade.tiers[1][1]", "'d' is not a member"),
+        ([["a", "b"], ["b", "c"]], "combine.cascade.tiers[1][0]", "more than one place"),
+        ([["a"], ["b"]], "combine.cascade.tiers", "missing: c"),
+    ],
+    ids=["one tier", "empty tier", "unknown member", "member twice", "member left out"],
+)
+def test_cascade_tiers_must_hold_every_member_exactly_once(tmp_path, three, tiers, field, words):
+    three["combine"] = {"cascade": {"tiers": tiers}}
+    with pytest.raises(SpecError, match=words) as e:
+        load_ensemble(write(tmp_path, three))
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("cascade", "field"),
+    [
+        ({"exit": "consensus"}, "combine.cascade.exit"),
+        ({"threshold": 1.5}, "combine.cascade.threshold"),
+        ({"thresold": 0.5}, "combine.cascade.thresold"),
+        ({"tiers": [["a"], ["../b", "c"]]}, "combine.cascade.tiers[1][0]"),
+    ],
+    ids=["unknown exit rule", "threshold above 1", "misspelt key", "bad name"],
+)
+def test_a_bad_cascade_field_is_named(tmp_path, three, cascade, field):
+    three["combine"] = {"cascade": cascade}
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, three))
+    assert e.value.field == field
+
+
+def test_a_cascade_output_that_is_not_an_output_is_named(tmp_path, three):
+    three["combine"] = {"cascade": {"output": "probabilities"}}
+    with pytest.raises(SpecError, match=r"'probabilities' is not an output.*y") as e:
+        load_ensemble(write(tmp_path, three))
+    assert e.value.field == "combine.cascade.output"
+
+
+def test_a_cascade_output_needs_a_class_axis(tmp_path, members):
+    linear(tmp_path / "a.onnx", out_dim=1)
+    linear(tmp_path / "b.onnx", out_dim=1, input_name="features", output_name="scores")
+    members["combine"] = {"cascade": {"output": "y"}}
+    with pytest.raises(SpecError, match="class axis") as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "combine.cascade.output"
+
+
+def test_a_cascade_needs_two_members(tmp_path, members):
+    members["members"] = members["members"][:1]
+    members["combine"] = {"cascade": {}}
+    with pytest.raises(SpecError, match="at least 2 members") as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "combine.cascade"
