@@ -26,18 +26,36 @@ model's; the solver's dual bound after ``--bound-seconds`` is reported. On rando
 enough to enumerate, the exact optimum is in benchmarks/planner.py. Also: the predicted latency
 of each member (time to fill a batch at the plan's throughput, plus the batch's service time),
 and a picture of plan vs baselines.
+
+Cascades (issue 18; tiers and shares in benchmarks/scenarios.py): the same twelve CNNs in two
+tiers, the second seeing only a share of the rows. Each is planned for its shares (every
+member sized for the rows that reach it) and compared, in rows of the ensemble per second,
+with the plan made for the full ensemble: serving every row to every member, and serving the
+same cascade on that plan (what the cascade gains with no change to the planner). The cascade
+plan is checked against the same two references, both weighing each member by its share.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.report import publish
-from benchmarks.scenarios import SCENARIOS, GiB, Scenario, v100_profile
+from benchmarks.scenarios import (
+    CASCADES,
+    FIRST_TIER,
+    SCENARIOS,
+    SECOND_TIER,
+    SHARE_SWEEP,
+    GiB,
+    Scenario,
+    two_tiers,
+    v100_profile,
+)
 from orchestrator.planning.allocate import (
     Problem,
     SearchResult,
@@ -55,9 +73,10 @@ def upper_bound(p: Problem, seconds: float) -> float:
 
     Variables per member m, device d, batch size k: instances n (integer), samples/s served y,
     and per (m, k) a choice z (binary); maximise T subject to: one batch size per member,
-    n <= (instances that fit) * z, memory per device, y <= n * rate, sum_dk y >= T per member,
-    sum_mk y / rate <= lanes per device. Any allocation of the cost model, with its y (each
-    instance busy T / T_m of the time), satisfies these, so the optimum bounds it from above.
+    n <= (instances that fit) * z, memory per device, y <= n * rate, sum_dk y >= share * T per
+    member (its share of the rows, 1 without a cascade), sum_mk y / rate <= lanes per device.
+    Any allocation of the cost model, with its y (each instance busy share * T / T_m of the
+    time), satisfies these, so the optimum bounds it from above.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
@@ -86,7 +105,7 @@ def upper_bound(p: Problem, seconds: float) -> float:
                 r += 1
     r += cells
     for m in range(members):
-        a[r, t] = 1
+        a[r, t] = p.share_values[m]
         a[r, y0 + m * devices * sizes : y0 + (m + 1) * devices * sizes] = -1
         r += 1
     for d in range(devices):
@@ -114,8 +133,19 @@ def upper_bound(p: Problem, seconds: float) -> float:
     return float(-result.mip_dual_bound)
 
 
+def scenario_problem(scenario: Scenario) -> Problem:
+    shares = scenario.shares
+    return problem(
+        scenario.members,
+        v100_profile(),
+        scenario.devices,
+        scenario.max_batch_size,
+        shares=None if shares is None else [shares.get(m, 1.0) for m in scenario.members],
+    )
+
+
 def run(scenario: Scenario, seeds: int, effort: float, bound_seconds: float) -> dict:
-    p = problem(scenario.members, v100_profile(), scenario.devices, scenario.max_batch_size)
+    p = scenario_problem(scenario)
     t0 = time.perf_counter()
     plan = greedy(p)
     planning_s = time.perf_counter() - t0
@@ -147,17 +177,112 @@ def run(scenario: Scenario, seeds: int, effort: float, bound_seconds: float) -> 
     }
 
 
+def run_cascade(cascade: Scenario, seeds: int, effort: float, bound_seconds: float) -> dict:
+    """:func:`run` for the cascade, and the plan made for the full ensemble (every share 1) on
+    the same devices: its throughput serving every row, and serving the cascade; also both at
+    the other shares of :data:`SHARE_SWEEP`."""
+    r = run(cascade, seeds, effort, bound_seconds)
+    full = greedy(replace(r["problem"], shares=None))
+    sweep = []
+    for share in SHARE_SWEEP:
+        p = scenario_problem(two_tiers(cascade, share))
+        t0 = time.perf_counter()
+        plan = greedy(p)
+        sweep.append((share, plan, time.perf_counter() - t0, _served(p, full)))
+    return {**r, "full": full, "full_on_cascade": _served(r["problem"], full), "sweep": sweep}
+
+
+def _served(p: Problem, r: SearchResult) -> float:
+    """The throughput of the allocation ``r`` with ``p``'s shares."""
+    return float(evaluate(p, r.instances[None], r.batch[None]).throughput[0])
+
+
+def _tier_instances(p: Problem, r: SearchResult) -> str:
+    counts = [int(r.instances[p.members.index(m)].sum()) for m in FIRST_TIER]
+    later = [int(r.instances[p.members.index(m)].sum()) for m in SECOND_TIER]
+    return f"{sum(counts)} / {sum(later)}"
+
+
+def _second_tier_time(p: Problem, r: SearchResult) -> float:
+    """The share of the devices' busy time that goes to the second tier, at the plan's
+    throughput: each member's instances are busy its share x T / (their capacity) of the time."""
+    members = np.arange(len(p.members))
+    capacity = (r.instances * p.rate_by_batch[members, r.batch]).sum(axis=1)  # rows/s
+    busy = r.throughput * r.instances.sum(axis=1) / capacity
+    later = [p.members.index(m) for m in SECOND_TIER]
+    return float(busy[later].sum() / busy.sum())
+
+
+def cascade_lines(results: list[dict], args: argparse.Namespace) -> list[str]:
+    share = results[0]["scenario"].shares[SECOND_TIER[0]]
+    lines = [
+        "## Cascades: each member sized for the rows that reach it",
+        "",
+        f"Two tiers: the six cheapest members by V100 time per image ({', '.join(FIRST_TIER)}) "
+        f"see every row, the other six ({', '.join(SECOND_TIER)}) only the share of rows on "
+        f"which the first tier disagrees: {share:g} (an assumption, not a measurement; why in "
+        "`benchmarks/scenarios.py`), with a sweep at "
+        f"{' and '.join(f'{s:g}' for s in SHARE_SWEEP)}. Throughputs in rows of the ensemble "
+        "(images answered) per second, predicted by the cost model: *full plan* is the plan "
+        "made without shares, serving every row to every member (the table above) and serving "
+        "the cascade; *cascade plan* is made with the shares. Instances: first tier / second "
+        "tier, over all devices; GPU time: the share of the devices' busy time that goes to the "
+        "second tier (the full plan serving the full ensemble, the cascade plan the cascade).",
+        "",
+        "| scenario | tier 2 share | full plan, full ensemble | full plan, cascade | "
+        "cascade plan | cascade plan / full plan, cascade | instances full plan | "
+        "instances cascade plan | tier 2 GPU time, full plan / cascade plan | "
+        "search / best known | search / upper bound | planning s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        p, full = r["problem"], r["full"]
+        full_problem = replace(p, shares=None)
+        base = r["scenario"].name.split(", cascade")[0]
+        rows: list[tuple[float, SearchResult, float, float, dict | None]] = [
+            (share, r["plan"], r["planning_s"], r["full_on_cascade"], r)
+        ]
+        rows += [(s, plan, secs, served, None) for s, plan, secs, served in r["sweep"]]
+        for s, plan, secs, served, checked in sorted(rows, key=lambda row: row[0]):
+            best = f"{plan.throughput / checked['reference'].throughput:.3f}" if checked else "-"
+            bound = f"{plan.throughput / checked['bound']:.3f}" if checked else "-"
+            lines.append(
+                f"| {base} | {s:g} | {full.throughput:,.0f} | {served:,.0f} | "
+                f"{plan.throughput:,.0f} | {plan.throughput / served:.2f}x | "
+                f"{_tier_instances(p, full)} | {_tier_instances(p, plan)} | "
+                f"{_second_tier_time(full_problem, full):.0%} / "
+                f"{_second_tier_time(scenario_problem(two_tiers(r['scenario'], s)), plan):.0%} | "
+                f"{best} | {bound} | {secs:.2f} |"
+            )
+    lines += [
+        "",
+        f"Best known and upper bound as above ({args.reference_seeds} searches at "
+        f"`--effort {args.reference_effort:g}`; the MILP after at most {args.bound_seconds:g} s), "
+        f"for the share {share:g} only; both weigh each member's load by its share.",
+    ]
+    for r in results:
+        lines += ["", f"### {r['scenario'].name}", "", "The cascade plan:", ""]
+        lines += matrix(r["problem"], r["plan"])
+    return lines
+
+
 def matrix(p: Problem, r: SearchResult) -> list[str]:
     """The allocation matrix, one line per member: instances per device, batch size,
-    predicted latency."""
+    predicted latency; with a cascade, first each member's share of the rows."""
     latency = member_latency(p, r.instances, r.batch, r.throughput)
+    cascade = p.shares is not None
     lines = [
-        "| member | instances per device | batch size | predicted latency ms |",
-        "|---|---|---:|---:|",
+        "| member | "
+        + ("share of rows | " if cascade else "")
+        + "instances per device | batch size | predicted latency ms |",
+        "|---|" + ("---:|" if cascade else "") + "---|---:|---:|",
     ]
     for i, m in enumerate(p.members):
         cells = ", ".join(f"{p.devices[d].id} x{int(c)}" for d, c in enumerate(r.instances[i]) if c)
-        lines.append(f"| {m} | {cells} | {p.batch_sizes[r.batch[i]]} | {latency[i] * 1000:,.0f} |")
+        share = f" {p.share_values[i]:g} |" if cascade else ""
+        lines.append(
+            f"| {m} |{share} {cells} | {p.batch_sizes[r.batch[i]]} | {latency[i] * 1000:,.0f} |"
+        )
     used = (r.instances * p.memory.transpose(0, 2, 1)[np.arange(len(p.members)), r.batch]).sum(0)
     lines += [
         "",
@@ -213,6 +338,17 @@ def main() -> None:
             f"bound {r['bound']:,.0f}",
             flush=True,
         )
+    cascades = []
+    for cascade in CASCADES:
+        r = run_cascade(cascade, args.reference_seeds, args.reference_effort, args.bound_seconds)
+        cascades.append(r)
+        print(
+            f"{cascade.name}: cascade plan {r['plan'].throughput:,.0f} rows/s in "
+            f"{r['planning_s']:.2f} s; full plan {r['full'].throughput:,.0f}, serving the "
+            f"cascade {r['full_on_cascade']:,.0f}; best known {r['reference'].throughput:,.0f}; "
+            f"bound {r['bound']:,.0f}",
+            flush=True,
+        )
     png = args.out.with_suffix(".png")
     draw(results, png)
 
@@ -255,6 +391,7 @@ def main() -> None:
         baseline = SearchResult(n0, b0, r["concurrent"], 0)
         lines += ["", "The baseline (latency at its concurrent throughput):", ""]
         lines += matrix(p, baseline)
+    lines += ["", *cascade_lines(cascades, args)]
     lines.append("")
     publish(lines, args.out)
 

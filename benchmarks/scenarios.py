@@ -23,10 +23,22 @@ sample: 40 MiB per sample for ResNet-50, scaled by FLOPs for the others (activat
 the work per image at the same resolution; EfficientNet-B4 runs at 380 px, which its FLOPs
 already count). These are assumptions, stated so the scenario can be argued with; with them
 ResNet-50 at batch 256 needs 10.6 GiB, ResNeXt-101 at 64 needs 5.6 GiB.
+
+Cascades (:data:`CASCADES`): the same twelve in two tiers, the six cheapest (by V100 time per
+image at batch 64: ResNet-18, EfficientNet-B0, DenseNet-121, ResNet-34, ResNet-50,
+ResNet-101) answering every row, the six dearest only the rows on which the first tier
+disagrees. The share of rows that go on, :data:`SECOND_TIER_SHARE` = 0.3, is our assumption,
+not a measurement: the cascade literature on ImageNet (Wang et al., "Wisdom of Committees",
+arXiv 2012.01988; Kolawole et al., "Revisiting Cascaded Ensembles for Efficient Inference", the
+agreement-based cascade, arXiv 2407.02348) finds most images easy enough for the cheap first
+models, so we take 70% answered by the first tier as a middle value. A real deployment takes
+its shares from ``chorus calibrate``; the benchmark also plans at 0.1 and 0.5 to show how
+the gain depends on the share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from orchestrator.planning.hardware import Device
@@ -147,6 +159,8 @@ class Scenario:
     members: tuple[str, ...]
     devices: tuple[Device, ...]
     max_batch_size: int = 256
+    # with a cascade: the share of the ensemble's rows that reach each member (1 if not named)
+    shares: Mapping[str, float] | None = None
 
 
 SCENARIOS = (
@@ -155,3 +169,36 @@ SCENARIOS = (
     Scenario("ResNet-50, 16 x V100-16GB (4 nodes)", ("resnet50",), v100s(4, 4, 16)),
     Scenario("12 CNNs, 16 x V100-16GB (4 nodes)", TWELVE, v100s(4, 4, 16)),
 )
+
+
+def cheapest(members: tuple[str, ...], count: int, batch_size: int = 64) -> tuple[str, ...]:
+    """The ``count`` members that take the least V100 time per image at ``batch_size`` (the
+    first tier of a cascade is its cheapest members)."""
+    curves = v100_profile().members
+
+    def per_image(m: str) -> float:
+        latency = curves[m]["gpu"].latency(batch_size)
+        assert latency is not None, m
+        return latency / batch_size
+
+    return tuple(sorted(members, key=per_image)[:count])
+
+
+SECOND_TIER_SHARE = 0.3  # of the rows, go on to the second tier (an assumption: see above)
+FIRST_TIER = cheapest(TWELVE, 6)
+SECOND_TIER = tuple(m for m in TWELVE if m not in FIRST_TIER)
+
+
+def two_tiers(scenario: Scenario, share: float = SECOND_TIER_SHARE) -> Scenario:
+    """The scenario served as a cascade: the first tier sees every row, the second ``share``."""
+    return Scenario(
+        f"{scenario.name}, cascade (tier 2 sees {share:g})",
+        scenario.members,
+        scenario.devices,
+        scenario.max_batch_size,
+        dict.fromkeys(SECOND_TIER, share),
+    )
+
+
+CASCADES = (two_tiers(SCENARIOS[0]), two_tiers(SCENARIOS[3]))
+SHARE_SWEEP = (0.1, 0.5)  # also planned (without the references) for each cascade
