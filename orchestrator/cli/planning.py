@@ -163,6 +163,11 @@ def tune(
 
     ensemble = load_ensemble(ensemble_file)
     workdir = resolve_workdir(ensemble, workdir)
+    if ensemble.cascade is not None:
+        console.print(
+            "tune measures the full ensemble (every member, every row): its plan is the full "
+            "ensemble's; 'chorus plan' sizes the members for the cascade"
+        )
     measured, source = resolve_profile(ensemble, profile, workdir)
     names = [m.name for m in ensemble.members]
     start = plan_ensemble(
@@ -233,6 +238,7 @@ def render(
     ] = "ensemble.yaml",
     replicas: Annotated[int, typer.Option(min=1, help="kubernetes: combiner pods")] = 2,
     namespace: Annotated[str | None, typer.Option(help="kubernetes: namespace")] = None,
+    calibration: CalibrationOpt = None,
 ) -> None:
     """Render a plan without serving it: the model repository (per node), or the Kubernetes
     manifests that serve it (one Triton per node, the combiner behind a Service)."""
@@ -241,6 +247,7 @@ def render(
     if target == "kubernetes":
         from orchestrator.deploying.kubernetes import render_kubernetes
 
+        cascading = resolve_cascade_options(ensemble, calibration, resolve_workdir(ensemble, None))
         files = render_kubernetes(
             ensemble,
             result,
@@ -251,6 +258,7 @@ def render(
             ensemble_path,
             replicas,
             namespace,
+            cascading.route,
         )
         for path in files:
             print(f"wrote {path}")

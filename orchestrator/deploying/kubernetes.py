@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from combiner import CascadeRoute
 from orchestrator.deploying.launch import RESTRICTED
 from orchestrator.planning.plan import Plan
 from orchestrator.planning.spec import Ensemble
@@ -76,10 +77,12 @@ def render_kubernetes(
     ensemble_path: str = "ensemble.yaml",
     replicas: int = 2,
     namespace: str | None = None,
+    cascade: CascadeRoute | None = None,
 ) -> list[Path]:
     """Write the manifests into ``out`` (one file per kind of object); returns the files.
-    ``ensemble_path``: where the ensemble file lies in the claim. The two Secrets get fresh
-    random values each time: apply them once, or replace them together with the pods."""
+    ``ensemble_path``: where the ensemble file lies in the claim; ``cascade``: the combiner
+    calls the members tier by tier. The two Secrets get fresh random values each time: apply
+    them once, or replace them together with the pods."""
     plan = as_pods_see_it(plan)
     app = _dns(f"chorus-{ensemble.name}")
     meta: dict[str, Any] = {"namespace": namespace} if namespace else {}
@@ -112,6 +115,7 @@ def render_kubernetes(
         {n: f"{s}:8001" for n, s in services.items()},
         plan,
         key_file=Path("/etc/chorus/triton-key/key"),
+        cascade=cascade,
     )
     config = config.model_copy(
         update={"rule_path": (str((PurePosixPath("/models") / ensemble_path).parent),)}
