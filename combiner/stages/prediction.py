@@ -36,9 +36,6 @@ class Tiers:
 
     names: tuple[tuple[str, ...], ...]
 
-    def of(self, member: str) -> int:
-        return next(k for k, tier in enumerate(self.names) if member in tier)
-
 
 class Prediction:
     """A batch's answers as they arrive: each member's outputs for the whole batch (base output

@@ -8,6 +8,7 @@ with tier 0."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from contextlib import ExitStack
 
 import numpy as np
@@ -16,7 +17,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from combiner.sdk import AsyncEnsembleClient, EnsembleClient
+from orchestrator.deploying.launch import free_port
 from tests.integration.test_serving import softmax
+from tests.integration.test_workers import metric
 from tests.integration.toy import combiner, sleeping, toy_config, toy_triton
 
 # tier 1's member: logits 2 * x[:, :3], a function the test computes itself
@@ -30,9 +33,10 @@ DOUBLED = (
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("cascade")
     odd = {"doubled": (DOUBLED, 1), "slow": (sleeping(1.5), 1)}
+    metrics_port = free_port()
     with toy_triton(root, odd) as (ensemble, triton), ExitStack() as stack:
 
-        def start(name: str, members: list[str], **cascade) -> str:
+        def start(name: str, members: list[str], *args: str, **cascade) -> str:
             fields = {"deadline_ms": cascade.pop("deadline_ms", None)}
             fields.update(cascade.pop("serving", {}))
             config = toy_config(
@@ -42,12 +46,14 @@ def stack(tmp_path_factory):
                 cascade={"tiers": [["a", "b"], members[2:]], "output": "y", **cascade},
                 **fields,
             )
-            return stack.enter_context(combiner(root, name, config))[1]
+            return stack.enter_context(combiner(root, name, config, *args))[1]
 
         urls = {
             "agreement": start(
                 "agreement",
                 ["a", "b", "doubled"],
+                "--metrics-port",
+                str(metrics_port),
                 exit="agreement",
                 threshold=1.0,
                 serving={"shared_memory": True},  # tier 1's rows written into a region again
@@ -62,6 +68,7 @@ def stack(tmp_path_factory):
                 combiner(root, "plain", toy_config(triton, root, ["a", "b"]))
             )[1],
         }
+        urls["metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
         yield ensemble, urls
 
 
@@ -93,6 +100,26 @@ def test_rows_that_agree_are_answered_by_tier_0_alone_and_the_others_by_every_me
     assert answer.tiers == tuple(np.where(agree, 0, 1).tolist())
     assert answer.contributors == ("a", "b", "doubled")
     assert not answer.partial
+
+
+def test_the_metrics_count_the_rows_each_tier_answered(stack):
+    ensemble, urls = stack
+    x = rows(9)
+    p = member_probabilities(ensemble, x)
+    agree = int((p["a"].argmax(axis=1) == p["b"].argmax(axis=1)).sum())
+
+    def counted() -> tuple[float, float]:
+        text = urllib.request.urlopen(urls["metrics"], timeout=5).read().decode()
+        return tuple(  # type: ignore[return-value]
+            metric(text, "chorus_cascade_rows_total", tier=t) if f'tier="{t}"' in text else 0.0
+            for t in "01"
+        )
+
+    before = counted()
+    with EnsembleClient(urls["agreement"]) as client:
+        client.infer(x)
+    after = counted()
+    assert (after[0] - before[0], after[1] - before[1]) == (agree, len(x) - agree)
 
 
 def test_the_confidence_exit_reads_the_combination_of_tier_0(stack):
