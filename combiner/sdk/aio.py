@@ -100,6 +100,8 @@ class AsyncEnsembleClient:
         concurrency: int = 8,
         timeout_s: float | None = None,
         deadline_ms: float | None = None,
+        *,
+        cascade: bool = True,
     ) -> Outputs:
         """See :meth:`EnsembleClient.predict_all`."""
         parts = await self._run(self._core.parts(x, chunk))
@@ -107,7 +109,7 @@ class AsyncEnsembleClient:
 
         async def one(part: Inputs) -> Outputs:
             async with limit:
-                return await self.predict(part, timeout_s, deadline_ms)
+                return await self.predict(part, timeout_s, deadline_ms, cascade=cascade)
 
         return join(list(await asyncio.gather(*(one(p) for p in parts))))
 

@@ -131,6 +131,8 @@ class Core:
         """One call; through a region of the client's when it has shared memory, registered
         again and the call repeated if the endpoint forgot it. ``cascade=False`` asks an
         ensemble with a cascade for every member's answer."""
+        if not isinstance(cascade, bool):  # a string "false" would be true
+            raise TypeError(f"cascade must be True or False, got {cascade!r}")
         yield from self.metadata()
         assert self._signature is not None
         signature = self._signature

@@ -117,13 +117,17 @@ class EnsembleClient:
         concurrency: int = 8,
         timeout_s: float | None = None,
         deadline_ms: float | None = None,
+        *,
+        cascade: bool = True,
     ) -> Outputs:
         """:meth:`predict` for any number of rows: split into chunks of the ensemble's max batch
         size (or ``chunk``), up to ``concurrency`` in flight together, answers in order (the
         same types and shapes as :meth:`predict`'s, ``batch`` being all of ``x``'s rows)."""
         parts = self._run(self._core.parts(x, chunk))
         with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(parts)))) as pool:
-            answers = list(pool.map(lambda p: self.predict(p, timeout_s, deadline_ms), parts))
+            answers = list(
+                pool.map(lambda p: self.predict(p, timeout_s, deadline_ms, cascade=cascade), parts)
+            )
         return join(answers)
 
     def close(self) -> None:

@@ -13,8 +13,9 @@ stacked as ``(members, rows, ..., classes)``:
   when the members' outputs are, or with ``softmax``).
 
 A row whose output has positions (``(rows, positions..., classes)``) exits only when every
-position does. A row holding NaN in any member's output never exits (the later tiers may
-answer it).
+position does. A row holding NaN in any member's output never exits early: it goes on to the
+last tier, and its answer is then refused as any answer that is not finite is
+(:mod:`combiner.stages.combination` names the member).
 """
 
 from __future__ import annotations

@@ -251,12 +251,14 @@ class Exit:
         self._rule = load_rule(config.rule, config.rule_path)
         self._softmax = config.softmax
         self._weights = {m.name: m.weight for m in config.members}
+        self._members = [m.name for m in config.members]
         self._quorum = config.quorum_count()
 
     def passes(self, p: Prediction, k: int, rows: np.ndarray) -> np.ndarray:
         """(len(rows),) bool. A row passes only if the members of tiers 0..k that answered
         meet the quorum among them (a member that failed leaves its rows to the later tiers)."""
-        names = [m for tier in self._cascade.tiers[: k + 1] for m in tier]
+        first = {m for tier in self._cascade.tiers[: k + 1] for m in tier}
+        names = [m for m in self._members if m in first]  # the ensemble's order, as calibration
         answered = [m for m in names if m in p.answers]
         if not answered or len(answered) < min(self._quorum, len(names)):
             return np.zeros(len(rows), dtype=bool)

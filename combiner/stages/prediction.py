@@ -27,7 +27,7 @@ from combiner.config import MemberRoute
 from combiner.stages.batch_shm import Placed
 from combiner.triton.nodes import Node
 
-__all__ = ["Group", "Prediction", "Tiers"]
+__all__ = ["Group", "Part", "Prediction", "Tiers", "is_late"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,61 @@ class Prediction:
             if not self.decided[k].done():
                 self.decided[k].set_result(None)
 
+    def parts(self, start: int, stop: int, late: str | None) -> list[Part]:
+        """Rows [start, stop) of the batch by the members that answer them, for a request that
+        stops waiting now (``late``: why a member still pending is missing, e.g. its deadline).
+
+        Without a cascade, one part: the members that made it, the quorum counted over all.
+        With one, a row combines the members that answered it in the tiers it reached, and
+        the quorum counts over the tiers before its first late one (a member missing for lack
+        of time: the request's deadline, the member timeout, a queue that would not answer by
+        the deadline): a later tier that is late leaves the row to the earlier tiers' answer,
+        while a member's error counts as it does without a cascade. A row caught before its
+        exit decision has not exited: the next tier's members are missing from its answer,
+        not left out of it."""
+        reasons = dict(self.missing)
+        for name in self.pending():
+            reasons[name] = late or "no answer yet"
+        if self.tiers is None:
+            groups = [(self.members, np.arange(start, stop), len(self.members))]
+        else:
+            depth = self.depth[start:stop]
+            groups = []
+            for d in np.unique(depth).tolist():
+                rows = start + np.flatnonzero(depth == d)
+                reached = self._in_tiers(d)
+                if (
+                    (self.tier_of[rows] < 0).any()
+                    and d < len(self.tiers.names)
+                    and not any(m in self.pending() for m in reached)
+                ):  # its tier answered, its exit not decided yet: it needs the next tier
+                    reached = self._in_tiers(d + 1)
+                groups.append((reached, rows, self._in_time(reached, reasons)))
+        parts = []
+        for names, rows, counted in groups:
+            lost = {m: reasons[m] for m in names if m not in self.answers and m in reasons}
+            contributors = tuple(m for m in names if m in self.answers)
+            parts.append(Part(names, contributors, rows, lost, min(self._quorum, counted)))
+        return parts
+
+    def _in_tiers(self, tiers: int) -> tuple[str, ...]:
+        """The members of the first ``tiers`` tiers of the cascade, in the ensemble's order."""
+        assert self.tiers is not None
+        first = {m for tier in self.tiers.names[:tiers] for m in tier}
+        return tuple(m for m in self.members if m in first)
+
+    def _in_time(self, names: tuple[str, ...], reasons: dict[str, str]) -> int:
+        """How many of ``names`` (a cascade's first tiers) the quorum counts: the members of
+        the tiers before the first later one with a member late (the first tier always)."""
+        assert self.tiers is not None
+        counted = 0
+        for k, tier in enumerate(self.tiers.names):
+            in_reach = [m for m in tier if m in names]
+            if not in_reach or (k > 0 and any(is_late(reasons.get(m, "")) for m in in_reach)):
+                break
+            counted += len(in_reach)
+        return counted
+
     async def rows_decided(self, start: int, stop: int) -> None:
         """Wait until rows [start, stop) are each answered by a tier (or the batch finished:
         its members failed, or the combiner is stopping); never cancels what it waits for."""
@@ -152,6 +207,23 @@ class Prediction:
     def _settle(self) -> None:
         if not self.settled.done():
             self.settled.set_result(None)
+
+
+def is_late(reason: str) -> bool:
+    """Whether a member is missing for lack of time (not for an error)."""
+    return reason.startswith(("no answer", "not called"))
+
+
+@dataclass(frozen=True, eq=False)
+class Part:
+    """Some rows of a request and the members that answer them: ``names`` those they needed
+    (``lost``: those of them missing, with why), ``needed`` how many must have answered."""
+
+    names: tuple[str, ...]
+    contributors: tuple[str, ...]
+    rows: np.ndarray  # positions in the batch
+    lost: dict[str, str]
+    needed: int
 
 
 @dataclass(eq=False)

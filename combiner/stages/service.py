@@ -34,6 +34,7 @@ from combiner.sdk.protocol import CONTRIBUTORS, MISSING, TIER, format_missing
 from combiner.stages.batching import Batcher, Placement, Rows
 from combiner.stages.combination import Combination
 from combiner.stages.predict import Prediction, Predictor
+from combiner.stages.prediction import is_late
 from combiner.stages.request import RequestReader
 from combiner.triton.nodes import Nodes
 
@@ -274,41 +275,15 @@ class EnsembleService:
     def _parts(
         self, p: Prediction, start: int, stop: int, deadline: float | None
     ) -> list[tuple[tuple[str, ...], np.ndarray, dict[str, str]]]:
-        """The request's rows [start, stop) by the members that answer them: (contributors, the
-        rows' positions in the batch, the members missing for them, with why). Without a
-        cascade, one part: the members that made it. With one, a row combines the members
-        that answered it in the tiers it reached (a row the deadline caught in a tier takes
-        what that tier answered by then), and meets the quorum among the tiers it finished."""
-        reasons = dict(p.missing)
-        for name in p.pending():
-            reasons[name] = (
-                f"no answer within {deadline * 1000:.0f} ms"
-                if deadline is not None
-                else "no answer yet"
-            )
-        if p.tiers is None:
-            groups = [(self._member_names, np.arange(start, stop), len(p.members))]
-        else:  # by the tiers each row reached
-            depth = p.depth[start:stop]
-            groups = []
-            for d in np.unique(depth).tolist():
-                rows = start + np.flatnonzero(depth == d)
-                done = d if (p.tier_of[rows] >= 0).all() else max(1, d - 1)  # tiers finished
-                groups.append((self._in_tiers(d), rows, len(self._in_tiers(done))))
+        """The request's rows by the members that answer them (:meth:`Prediction.parts`), each
+        part meeting its quorum, else the request's error."""
+        late = f"no answer within {deadline * 1000:.0f} ms" if deadline is not None else None
         parts = []
-        for names, rows, finished in groups:
-            contributors = tuple(m for m in names if m in p.answers)
-            lost = {m: reasons[m] for m in names if m not in p.answers and m in reasons}
-            needed = min(self._quorum, finished)
-            if not contributors or len(contributors) < needed:
-                raise _below_quorum(contributors, names, needed, lost)
-            parts.append((contributors, rows, lost))
+        for part in p.parts(start, stop, late):
+            if not part.contributors or len(part.contributors) < part.needed:
+                raise _below_quorum(part.contributors, part.names, part.needed, part.lost)
+            parts.append((part.contributors, part.rows, part.lost))
         return parts
-
-    def _in_tiers(self, tiers: int) -> tuple[str, ...]:
-        """The members of the cascade's first ``tiers`` tiers, in the ensemble's order."""
-        assert self.config.cascade is not None
-        return tuple(m for m in self._member_names if self._tier_of[m] < tiers)
 
     async def _place(
         self, inputs: Rows, wanted: tuple[str, ...], deadline_at: float | None, cascade: bool
@@ -383,7 +358,7 @@ def _below_quorum(
     contributors: tuple[str, ...], members: tuple[str, ...], quorum: int, missing: dict[str, str]
 ) -> RequestError:
     why = format_missing(missing)
-    late = any(reason.startswith(("no answer", "not called")) for reason in missing.values())
+    late = any(is_late(reason) for reason in missing.values())
     return RequestError(
         grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.UNAVAILABLE,
         f"{len(contributors)} of {len(members)} members answered, below the quorum of "

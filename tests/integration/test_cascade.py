@@ -158,6 +158,12 @@ def test_cascade_false_gets_every_member_for_every_row(stack):
     )
     assert answer.tiers == (1,) * len(x)
     assert answer.contributors == ("a", "b", "doubled")
+    with EnsembleClient(urls["agreement"]) as client:
+        everything = client.predict_all(np.concatenate([x, x]), chunk=5, cascade=False)
+        with pytest.raises(TypeError, match="cascade must be True or False"):
+            client.infer(x, cascade="false")  # type: ignore[arg-type]
+    full = (p["a"] + p["b"] + p["doubled"]) / 3
+    np.testing.assert_allclose(everything, np.concatenate([full, full]), rtol=1e-5, atol=1e-7)
 
 
 def test_concurrent_single_rows_batched_together_each_get_their_own_tier(stack):
@@ -220,6 +226,38 @@ def test_rows_that_exit_at_tier_0_do_not_wait_for_the_slow_tier(stack):
     assert sorted(order[:6]) == list(range(6))  # the agreeing ones came back first
     assert all(a.tiers == (0,) and not a.partial for a in answers[:6])
     assert all(a.tiers == (1,) and a.contributors == ("a", "b", "slow") for a in answers[6:])
+
+
+def test_a_later_tier_whose_queue_cannot_answer_in_time_leaves_the_rows_to_tier_0(stack):
+    """Tier 1's slow member (1.5 s a batch) busy with two batches without a deadline: a request
+    with a 400 ms deadline, whose rows go on to tier 1, is not queued there (it would not be
+    answered in time) and gets tier 0's answer at once, naming the member and why, not an
+    error for missing the quorum over every member."""
+    ensemble, urls = stack
+    x = rows(10, 64)
+    p = member_probabilities(ensemble, x)
+    hard = x[p["a"].argmax(axis=1) != p["b"].argmax(axis=1)]
+    assert len(hard) >= 4
+
+    async def run():
+        async with AsyncEnsembleClient(urls["deadline"]) as client:
+            await client.infer(hard[:1], deadline_ms=10_000)  # the lane learns 1.5 s a batch
+            busy = [
+                asyncio.create_task(client.infer(hard[i : i + 1], deadline_ms=10_000))
+                for i in (1, 2)
+            ]
+            await asyncio.sleep(0.3)  # both on the slow member now
+            answer = await client.infer(hard[3:4])  # the ensemble's 400 ms
+            await asyncio.gather(*busy)
+            return answer
+
+    answer = asyncio.run(run())
+    assert answer.tiers == (0,)
+    assert answer.contributors == ("a", "b")
+    assert answer.missing == ("slow",)
+    assert "would not answer by the deadline" in answer.reasons["slow"]
+    expected = (p["a"] + p["b"])[p["a"].argmax(axis=1) != p["b"].argmax(axis=1)][3] / 2
+    np.testing.assert_allclose(answer.outputs["y"][0], expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("value", ["maybe", 3])
