@@ -87,6 +87,11 @@ def calibrate(
     cascade = _cascade_of(ensemble)
     rows = read_inputs(ensemble, inputs)
     count = len(next(iter(rows.values())))
+    if count < _FEW_ROWS:
+        console.print(
+            f"[yellow]only {count} validation rows: a share of them is a coarse measure (one "
+            f"row is {1 / count:.1%}); a few hundred give a calibration to rely on[/yellow]"
+        )
     truth = None if labels is None else read_labels(ensemble, labels, count, cascade.output)
     workdir = resolve_workdir(ensemble, workdir)
     measured, _ = resolve_profile(ensemble, profile, workdir)
@@ -119,6 +124,9 @@ def calibrate(
         f"{chosen.fidelity:.2%}, cost {chosen.cost:.1%} of the full ensemble's; wrote {output}",
         markup=False,
     )
+
+
+_FEW_ROWS = 100  # fewer validation rows than this: a warning
 
 
 def _none_met(found: list[Candidate], fidelity: float, full: float | None, output: Path) -> str:
@@ -216,6 +224,13 @@ def _check_input(path: Path, tensor: Tensor, data: np.ndarray) -> np.ndarray:
         )
     if len(data) == 0:
         raise SpecError(path, tensor.name, "holds no rows")
+    if data.dtype.kind in "fc":  # the endpoint refuses such rows: they say nothing of serving
+        bad = np.flatnonzero(~np.isfinite(data.reshape(len(data), -1)).all(axis=1))
+        if len(bad):
+            shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+            raise SpecError(
+                path, tensor.name, f"holds NaN or infinity in {len(bad)} row(s): {shown}"
+            )
     return data
 
 

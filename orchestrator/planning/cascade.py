@@ -25,6 +25,7 @@ Pure: no Triton, no files but the calibration's.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -381,6 +382,10 @@ class Calibration(_Strict):
     best_fidelity: float | None = Field(
         None, ge=0, le=1, description="with tiers None: the best fidelity any cascade reached"
     )
+    combination: dict[str, object] = Field(
+        description="how the members were combined and what they were (the rule, softmax, "
+        "the weights, each member file's SHA-256): another is a stale calibration"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Calibration:
@@ -392,6 +397,16 @@ class Calibration(_Strict):
             raise ValueError("tiers need a threshold")
         if len(self.reach) != len(self.tiers):
             raise ValueError(f"reach has {len(self.reach)} values for {len(self.tiers)} tiers")
+        if self.reach[0] != 1 or any(not 0 <= r <= 1 for r in self.reach):
+            raise ValueError(
+                f"reach {self.reach}: every row reaches the first tier (1), and a "
+                "share of them each later one (0 to 1)"
+            )
+        if any(later > earlier for earlier, later in itertools.pairwise(self.reach)):
+            raise ValueError(
+                f"reach {self.reach}: a row reaches a tier only through the one "
+                "before, so the shares cannot grow"
+            )
         placed = sorted(m for tier in self.tiers for m in tier)
         if placed != sorted(self.members) or not all(self.tiers):
             raise ValueError("the tiers must hold every member exactly once, in non-empty tiers")
@@ -417,6 +432,7 @@ def calibration(
         "full_accuracy": full_accuracy,
         "target": target,
         "rows": rows,
+        "combination": combination_of(ensemble),
     }
     if chosen is None:
         best = max((c.fidelity for c in found), default=None)
@@ -443,6 +459,25 @@ def calibration(
             "cost": chosen.cost,
         }
     )
+
+
+def combination_of(ensemble: Ensemble) -> dict[str, object]:
+    """What a calibration holds for: the rule, softmax, each member's weight and the SHA-256
+    of its file (a retrained member answers differently, so its shares and threshold are)."""
+    return {
+        "rule": ensemble.rule,
+        "softmax": ensemble.softmax,
+        "weights": {m.name: m.weight for m in ensemble.members},
+        "files": {m.name: _digest(m.path) for m in ensemble.members},
+    }
+
+
+def _digest(path: Path) -> str:
+    hashed = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            hashed.update(block)
+    return hashed.hexdigest()
 
 
 def load_calibration(path: str | Path) -> Calibration:
@@ -493,11 +528,19 @@ def resolve_cascade(
     if found is not None:
         _check_current(ensemble, found, source)
         if found.tiers is None:
+            reached = found.best_fidelity
+            best = "" if reached is None else f" (the best reached {reached:.2%})"
+            if cascade.tiers is None or cascade.threshold is None:
+                tell(
+                    f"{source}: no cascade met the fidelity {found.target:g}{best}: serving "
+                    "the full ensemble"
+                )
+                return None, None
             tell(
-                f"{source}: no cascade met the fidelity {found.target:g} (the best reached "
-                f"{found.best_fidelity or 0:.2%}): serving the full ensemble"
+                f"{source}: no cascade met the fidelity {found.target:g}{best}; the file sets "
+                "its tiers and threshold: serving them"
             )
-            return None, None
+            found = None
     tiers = cascade.tiers or _calibrated_tiers(ensemble, found)
     threshold = cascade.threshold
     if threshold is None:
@@ -536,6 +579,18 @@ def _check_current(ensemble: Ensemble, found: Calibration, source: str | Path) -
         problems.append(
             ("members", f"is for members {', '.join(found.members)}, not {', '.join(members)}")
         )
+    now = combination_of(ensemble)
+    for key, value in found.combination.items():
+        if now.get(key) != value:
+            current = now.get(key)
+            changed = (
+                "of " + ", ".join(m for m in value if current.get(m) != value[m])
+                if isinstance(value, dict) and isinstance(current, dict)
+                else f"{value!r}, now {current!r}"
+            )
+            problems.append((f"combination.{key}", f"was made with another {key} ({changed})"))
+    if set(found.combination) != set(now):
+        problems.append(("combination", "was made by another version of chorus calibrate"))
     if found.exit != cascade.exit:
         problems.append(("exit", f"is for exit {found.exit!r}, the file says {cascade.exit!r}"))
     if cascade.output and found.output != cascade.output:

@@ -318,6 +318,14 @@ def _cascade(file: Path, spec: EnsembleFile, outputs: tuple[Tensor, ...]) -> Cas
     tiers = None
     if given.tiers is not None:
         tiers = _tiers(file, given.tiers, [m.name for m in spec.members])
+        if given.exit == "agreement" and len(tiers[0]) == 1:
+            raise SpecError(
+                file,
+                "combine.cascade.tiers[0]",
+                f"{tiers[0][0]!r} alone: one member always agrees with itself, so exit "
+                "agreement would answer every row with it and never call the later tiers; put "
+                "more members in the first tier, or use exit: confidence",
+            )
     return Cascade(
         tiers=tiers,
         exit=given.exit,
@@ -334,7 +342,7 @@ def _tiers(file: Path, tiers: list[list[str]], members: list[str]) -> tuple[tupl
             file,
             field,
             f"a cascade needs at least 2 tiers, got {len(tiers)}: e.g. "
-            f"[[{members[0]}], [{', '.join(members[1:])}]]",
+            f"[[{', '.join(members[:2])}], [{', '.join(members[2:]) or '...'}]]",
         )
     seen: set[str] = set()
     for i, tier in enumerate(tiers):

@@ -21,6 +21,7 @@ from orchestrator.planning.cascade import (
     calibration,
     candidates,
     choose,
+    combination_of,
     ensemble_accuracy,
     frontier,
     load_calibration,
@@ -34,7 +35,7 @@ from orchestrator.planning.cascade import (
 from orchestrator.planning.hardware import Device
 from orchestrator.planning.plan import Plan
 from orchestrator.planning.profile import Curve, Profile
-from orchestrator.planning.spec import Cascade, Ensemble, Member, Tensor
+from orchestrator.planning.spec import Cascade, Ensemble, Member, Tensor, load_ensemble
 from tests.cli import chorus
 from tests.onnx_models import linear
 
@@ -224,6 +225,9 @@ def test_a_member_s_cost_is_its_least_busy_time_per_row_on_the_first_device_with
 
 
 def _ensemble(tmp_path: Path, **cascade: object) -> Ensemble:
+    for m in "abc":  # a calibration holds the files' digests
+        if not (tmp_path / f"{m}.onnx").exists():
+            (tmp_path / f"{m}.onnx").write_bytes(f"model {m}".encode())
     members = tuple(Member(m, tmp_path / f"{m}.onnx", 1.0, (), (), (), ()) for m in "abc")
     given = {"tiers": None, "exit": "agreement", "threshold": None, "output": "y", **cascade}
     return Ensemble(
@@ -290,6 +294,44 @@ def test_a_calibration_with_reach_for_other_tiers_is_refused(tmp_path):
         load_calibration(tmp_path / "c.json")
 
 
+@pytest.mark.parametrize(
+    ("reach", "words"),
+    [
+        ([0.5, 0.2], "every row reaches the first tier"),
+        ([1.0, -3.0], "every row reaches the first tier"),
+        ([1.0, 1.5], "every row reaches the first tier"),
+    ],
+)
+def test_a_tampered_reach_is_refused(tmp_path, reach, words):
+    data = _calibrated(tmp_path).model_dump()
+    data["reach"] = reach
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(SpecError, match=words):
+        load_calibration(tmp_path / "c.json")
+
+
+def test_a_growing_reach_is_refused(tmp_path):
+    data = _calibrated(tmp_path).model_dump()
+    data["tiers"], data["reach"] = [["a"], ["b"], ["c"]], [1.0, 0.2, 0.5]
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(SpecError, match="cannot grow"):
+        load_calibration(tmp_path / "c.json")
+
+
+def test_a_calibration_that_found_none_does_not_undo_the_file_s_own_tiers_and_threshold(
+    tmp_path,
+):
+    said: list[str] = []
+    none = _calibrated(tmp_path, wrong_together=5)
+    assert none.tiers is None
+    ensemble = _ensemble(tmp_path, tiers=(("a", "b"), ("c",)), threshold=1.0)
+    route, shares = resolve_cascade(ensemble, none, "cal.json", said.append)
+    assert route is not None and route.tiers == (("a", "b"), ("c",)) and route.threshold == 1.0
+    assert shares is None
+    assert "the file sets its tiers and threshold: serving them" in said[0]
+    assert resolve_cascade(_ensemble(tmp_path), none) == (None, None)  # nothing to serve
+
+
 def test_serving_takes_the_tiers_and_threshold_from_the_calibration(tmp_path):
     route, shares = resolve_cascade(_ensemble(tmp_path), _calibrated(tmp_path))
     assert route == CascadeRoute(
@@ -326,6 +368,11 @@ def test_without_a_calibration_what_the_file_leaves_out_names_chorus_calibrate(t
     assert e.value.field == f"combine.cascade.{left_out}"
 
 
+def _retrained(e: Ensemble) -> Ensemble:
+    e.members[0].path.write_bytes(b"retrained")
+    return e
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -343,8 +390,26 @@ def test_without_a_calibration_what_the_file_leaves_out_names_chorus_calibrate(t
             ),
             "tiers",
         ),
+        (lambda e: dataclasses.replace(e, rule="max"), "combination.rule"),
+        (lambda e: dataclasses.replace(e, softmax=True), "combination.softmax"),
+        (
+            lambda e: dataclasses.replace(
+                e, members=(dataclasses.replace(e.members[0], weight=5.0), *e.members[1:])
+            ),
+            "combination.weights",
+        ),
+        (_retrained, "combination.files"),
     ],
-    ids=["other ensemble", "other members", "other exit rule", "other tiers"],
+    ids=[
+        "other ensemble",
+        "other members",
+        "other exit rule",
+        "other tiers",
+        "other rule",
+        "softmax",
+        "other weights",
+        "a retrained member",
+    ],
 )
 def test_a_stale_calibration_is_refused_saying_to_calibrate_again(tmp_path, change, field):
     made = _calibrated(tmp_path)
@@ -411,8 +476,9 @@ def _calibrate(ensemble: Path, *args: str):
         (np.zeros((10, 5), dtype=np.float32), "shape [10, 5]"),
         (np.zeros((10, 4), dtype=np.float64), "float64"),
         (np.zeros((0, 4), dtype=np.float32), "no rows"),
+        (np.array([[0, 0, 0, 0], [0, np.nan, 0, 0], [np.inf] * 4], np.float32), "2 row(s): 1, 2"),
     ],
-    ids=["wrong shape", "wrong dtype", "no rows"],
+    ids=["wrong shape", "wrong dtype", "no rows", "not finite"],
 )
 def test_calibrate_names_what_is_wrong_with_the_inputs(cascaded, inputs, words):
     np.save(cascaded.parent / "x.npy", inputs)
@@ -466,6 +532,7 @@ def test_plan_sizes_the_members_for_the_calibration_s_shares(cascaded, tmp_path)
         cost=0.6,
         target=0.99,
         rows=100,
+        combination=combination_of(load_ensemble(cascaded)),
     )
     save_calibration(made, tmp_path / "cal.json")
     args = ["plan", str(cascaded), "--profile", str(tmp_path / "profile.json")]

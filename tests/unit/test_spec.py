@@ -251,6 +251,15 @@ def test_a_bad_cascade_field_is_named(tmp_path, three, cascade, field):
     assert e.value.field == field
 
 
+def test_agreement_with_one_member_first_is_refused_as_it_never_calls_the_rest(tmp_path, three):
+    three["combine"] = {"cascade": {"tiers": [["a"], ["b", "c"]], "exit": "agreement"}}
+    with pytest.raises(SpecError, match="always agrees with itself") as e:
+        load_ensemble(write(tmp_path, three))
+    assert e.value.field == "combine.cascade.tiers[0]"
+    three["combine"] = {"cascade": {"tiers": [["a"], ["b", "c"]], "exit": "confidence"}}
+    assert load_ensemble(write(tmp_path, three)).cascade.tiers == (("a",), ("b", "c"))
+
+
 def test_a_cascade_output_that_is_not_an_output_is_named(tmp_path, three):
     three["combine"] = {"cascade": {"output": "probabilities"}}
     with pytest.raises(SpecError, match=r"'probabilities' is not an output.*y") as e:
