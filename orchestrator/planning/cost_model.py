@@ -30,6 +30,9 @@ and the search, the incremental evaluation of moves and the placement need no ch
 their own. What is not a rate is the time to fill a batch: b samples of m are ``b / s[m]``
 rows of the ensemble, so a member that few rows reach fills its batches slowly, and the
 latency target asks it for smaller batches, hence more instances, than its load alone would.
+Nor does a later tier get batches larger than what reaches it of one combiner batch (about
+``s[m]`` times the ensemble's batch limit: the rows left are sent on per combiner batch), so
+:func:`orchestrator.planning.problem.problem` marks the larger sizes as ones it cannot run.
 Without a cascade every share is 1 and every array is the profile's.
 
 Several allocations often share the best T (another member or device still limits it); among

@@ -12,7 +12,7 @@ import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,16 @@ def plan_ensemble(
         if all(s == 1.0 for s in share_list):
             full = result.throughput  # the same problem: the same plan
         else:
-            full = greedy(replace(p, shares=None), effort=effort).throughput
+            whole = problem(  # anew: shares also bound the batches a later tier gets
+                members,
+                profile,
+                devices,
+                max_batch_size,
+                profile_file,
+                latency_target_ms,
+                borrow_curves,
+            )
+            full = greedy(whole, effort=effort).throughput
     return make_plan(ensemble, p, result, full_ensemble_throughput=full)
 
 

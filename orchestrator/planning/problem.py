@@ -15,6 +15,7 @@ seconds on each, and one batch of b samples holds ``b / share`` of them
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -141,6 +142,27 @@ class Problem:
         return bool(self.cpu_by_batch.any() or self.host_cpu_by_device.any())
 
 
+def _later_tiers_batch_what_reaches_them(
+    rate: np.ndarray,
+    memory: np.ndarray,
+    sizes: Sequence[int],
+    max_batch_size: int,
+    shares: Sequence[float],
+) -> None:
+    """A member a share s of the rows reaches (a cascade's later tier) gets, per batch of the
+    combiner (at most ``max_batch_size`` rows), only the rows of it that reach it: about
+    s x max_batch_size. It is never called with more, so batch sizes beyond the first measured
+    one that holds them cannot run (their rate would be a batch it never sees)."""
+    for i, share in enumerate(shares):
+        if share >= 1:
+            continue
+        rows = math.ceil(max_batch_size * share)
+        holding = [k for k, b in enumerate(sizes) if b >= rows]
+        if holding:
+            rate[i, :, holding[0] + 1 :] = 0.0
+            memory[i, :, holding[0] + 1 :] = np.inf
+
+
 def problem(
     members: Sequence[str],
     profile: Profile,
@@ -194,6 +216,8 @@ def problem(
                     memory[i, j, k] = c.memory(b)
                     if d.kind == "cpu" and c.cpu_ms:  # a call when serving, never below 0
                         cpu[i, j, k] = max(0.0, c.cpu(b) + per_call) / 1000.0 / d.speed / b
+    if shares is not None:
+        _later_tiers_batch_what_reaches_them(rate, memory, sizes, max_batch_size, shares)
     lanes = np.array([d.lanes for d in devices], dtype=float)
     host_cpu = host_latency = sequential_call = 0.0
     rows = 1

@@ -85,7 +85,9 @@ def test_incremental_evaluation_of_moves_equals_full_evaluation_with_shares():
         for _ in range(5):
             n = rng.integers(0, 3, (4, 3))
             n[:, 0] += n.sum(axis=1) == 0
-            b = rng.integers(0, len(p.batch_sizes), 4)
+            # each member at a batch it gets (a later tier's rows of a batch bound it)
+            runs = [np.flatnonzero(p.rate[m].max(axis=0) > 0) for m in range(4)]
+            b = np.array([rng.choice(r) for r in runs])
             fast, full = fast_and_full(p, n, b)
             np.testing.assert_array_equal(fast.feasible, full.feasible)
             ok = full.feasible
@@ -146,7 +148,7 @@ def test_a_member_few_rows_reach_gets_batches_that_fill_within_the_latency_targe
         "first": curve(2, fixed_ms=2, per_sample_ms=0.1),
         "second": curve(2, fixed_ms=10, per_sample_ms=0.5),
     }
-    devices, target_ms, share = gpus(2, memory_gb=16), 60.0, 0.02
+    devices, target_ms, share = gpus(2, memory_gb=16), 30.0, 0.25
     full = _plan(members, devices, latency_target_ms=target_ms)
     cascade = _plan(members, devices, shares={"second": share}, latency_target_ms=target_ms)
     unbound = _plan(members, devices, shares={"second": share})
@@ -215,3 +217,12 @@ def test_a_cascade_plan_keeps_its_shares_in_its_file_its_prediction_and_its_tabl
     assert "share of rows" in text and "0.2" in text and "0.3" in text
     assert f"{plan.predicted_throughput:,.1f}" in text
     assert f"{plan.full_ensemble_throughput:,.1f}" in text
+
+
+def test_a_later_tier_is_planned_at_the_batch_it_gets_the_rows_of_a_combiner_batch_reaching_it():
+    """At a share of 0.05 a combiner batch of 64 rows sends about 3.2 of them on: the member is
+    planned at the first measured size that holds them (4), never at a batch it never sees."""
+    devices = gpus(4, memory_gb=16)
+    plan = _plan(TIERS, devices, shares=dict.fromkeys(SECOND_TIER, 0.05))
+    assert all(plan.max_batch_size[m] <= 4 for m in SECOND_TIER)
+    assert max(plan.max_batch_size[m] for m in TIERS if m not in SECOND_TIER) > 4
