@@ -182,7 +182,7 @@ def run_cascade(cascade: Scenario, seeds: int, effort: float, bound_seconds: flo
     the same devices: its throughput serving every row, and serving the cascade; also both at
     the other shares of :data:`SHARE_SWEEP`."""
     r = run(cascade, seeds, effort, bound_seconds)
-    full = greedy(replace(r["problem"], shares=None))
+    full = greedy(scenario_problem(replace(cascade, shares=None)))
     sweep = []
     for share in SHARE_SWEEP:
         p = scenario_problem(two_tiers(cascade, share))
@@ -193,8 +193,13 @@ def run_cascade(cascade: Scenario, seeds: int, effort: float, bound_seconds: flo
 
 
 def _served(p: Problem, r: SearchResult) -> float:
-    """The throughput of the allocation ``r`` with ``p``'s shares."""
-    return float(evaluate(p, r.instances[None], r.batch[None]).throughput[0])
+    """The throughput of the allocation ``r`` with ``p``'s shares: each member at its planned
+    batch size or, for a later tier, at the largest it gets (the rows of a combiner batch that
+    reach it; the larger sizes are ones it cannot run in ``p``)."""
+    runnable = p.rate.max(axis=1) > 0  # (M, B)
+    largest = np.array([np.flatnonzero(row).max() for row in runnable])
+    batch = np.minimum(r.batch, largest)
+    return float(evaluate(p, r.instances[None], batch[None]).throughput[0])
 
 
 def _tier_instances(p: Problem, r: SearchResult) -> str:
