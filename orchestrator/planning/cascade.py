@@ -472,7 +472,10 @@ def combination_of(ensemble: Ensemble) -> dict[str, object]:
     }
 
 
-def _digest(path: Path) -> str:
+def _digest(path: Path) -> str | None:
+    """The file's SHA-256; None where it is not here (planning from a profile alone)."""
+    if not path.is_file():
+        return None
     hashed = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -580,6 +583,10 @@ def _check_current(ensemble: Ensemble, found: Calibration, source: str | Path) -
             ("members", f"is for members {', '.join(found.members)}, not {', '.join(members)}")
         )
     now = combination_of(ensemble)
+    files, kept = now.get("files"), found.combination.get("files")
+    if isinstance(files, dict) and isinstance(kept, dict):
+        # a member file that is not here (planning from a profile alone) cannot be compared
+        now["files"] = {m: d if d is not None else kept.get(m) for m, d in files.items()}
     for key, value in found.combination.items():
         if now.get(key) != value:
             current = now.get(key)
