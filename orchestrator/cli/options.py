@@ -16,7 +16,7 @@ from rich.console import Console
 from combiner import CascadeRoute
 from orchestrator.planning.cascade import load_calibration, resolve_cascade
 from orchestrator.planning.hardware import Device, discover, load_hardware
-from orchestrator.planning.plan import Plan, plan_ensemble
+from orchestrator.planning.plan import TIME_LIMIT_S, Plan, plan_ensemble
 from orchestrator.planning.profile import Profile, load_profile, save_profile
 from orchestrator.planning.spec import Ensemble
 
@@ -146,6 +146,8 @@ def make_plan(
     borrow_curves: bool = False,
     shares: Mapping[str, float] | None = None,
     shares_file: Path | None = None,
+    time_limit_s: float | None = TIME_LIMIT_S,
+    evaluations: int | None = None,
 ) -> Plan:
     """The plan for the hardware file's devices (else this machine's) from :func:`resolve_profile`;
     devices the profile has no curve for are named, unless their curves are borrowed.
@@ -175,4 +177,12 @@ def make_plan(
         borrow_curves=borrow_curves,
         shares=shares,
         shares_file=shares_file or "shares",
+        time_limit_s=time_limit_s,
+        evaluations=evaluations,
+        on_progress=_planning_progress,
     )
+
+
+def _planning_progress(seconds: float, best: float) -> None:
+    """A line a second while the search goes on (after its first second)."""
+    console.print(f"planning: {seconds:.0f} s, the best plan so far {best:,.1f} samples/s")

@@ -28,7 +28,7 @@ from orchestrator.cli.options import (
 from orchestrator.deploying.render import Backend, pick_backend, render_plan
 from orchestrator.errors import SpecError
 from orchestrator.planning.hardware import discover
-from orchestrator.planning.plan import load_plan, plan_ensemble, plan_table
+from orchestrator.planning.plan import TIME_LIMIT_S, load_plan, plan_ensemble, plan_table
 from orchestrator.planning.profile import save_profile
 from orchestrator.planning.spec import load_ensemble
 
@@ -114,6 +114,18 @@ def plan(
     borrow_curves: BorrowOpt = False,
     workdir: WorkdirOpt = None,
     calibration: CalibrationOpt = None,
+    time_limit: Annotated[
+        float,
+        typer.Option(min=0.01, help="seconds the search may take: then the best plan found so far"),
+    ] = TIME_LIMIT_S,
+    evaluations: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="stop after this many allocations scored: the same plan on any machine "
+            "(within --time-limit)",
+        ),
+    ] = None,
 ) -> None:
     """Place the members (worst-fit, then the search): the allocation matrix, its throughput
     (samples/s) and each member's predicted latency. With a cascade, each member is sized for
@@ -130,6 +142,8 @@ def plan(
         borrow_curves,
         shares=cascading.shares,
         shares_file=cascading.calibration,
+        time_limit_s=time_limit,
+        evaluations=evaluations,
     )
     if output:
         output.write_text(result.to_json())

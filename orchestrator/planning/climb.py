@@ -9,16 +9,65 @@ how to get out of its local optima is :mod:`orchestrator.planning.search`.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from orchestrator.planning.cost_model import TOLERANCE, Evaluation, evaluate
+from orchestrator.planning.cost_model import TOLERANCE, Evaluation, bottlenecks, evaluate
 from orchestrator.planning.moves import Moves, evaluate_moves, moves
 from orchestrator.planning.problem import Problem
 
-__all__ = ["PREDICTED", "Evaluator", "SearchResult", "climb"]
+__all__ = ["CHUNK", "PREDICTED", "Budget", "Evaluator", "SearchResult", "climb"]
+
+CHUNK = 16_384  # moves scored at once under a budget: it is checked between chunks
+
+
+class Budget:
+    """What a search may spend, shared by all its climbs: ``evaluations`` (allocations scored,
+    so that a budget gives the same plan on any machine) and ``seconds`` (wall time from the
+    budget's creation); None: no limit. When it is spent, each climb keeps the best it has
+    (a search always has its start's allocation in hand). ``on_progress(seconds, best)`` is
+    told the best throughput found so far, once a second."""
+
+    def __init__(
+        self,
+        evaluations: int | None = None,
+        seconds: float | None = None,
+        on_progress: Callable[[float, float], None] | None = None,
+    ) -> None:
+        self.evaluations = evaluations
+        self.seconds = seconds
+        self.spent = 0
+        self.best = 0.0
+        self._began = time.perf_counter()
+        self._on_progress = on_progress
+        self._next_report = 1.0
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._began
+
+    @property
+    def exhausted(self) -> bool:
+        if self.evaluations is not None and self.spent >= self.evaluations:
+            return True
+        return self.seconds is not None and self.elapsed >= self.seconds
+
+    def charge(self, evaluations: int, best: float | None = None) -> None:
+        """Count ``evaluations`` spent (and a better throughput found, if any)."""
+        self.spent += evaluations
+        if best is not None:
+            self.best = max(self.best, best)
+        if self._on_progress is not None and self.elapsed >= self._next_report:
+            self._next_report = self.elapsed + 1.0
+            self._on_progress(self.elapsed, self.best)
+
+    def left(self) -> int | None:
+        """Evaluations left (None: no count)."""
+        return None if self.evaluations is None else max(0, self.evaluations - self.spent)
 
 
 @dataclass(frozen=True)
@@ -71,29 +120,68 @@ def climb(
     max_evaluations: int | None = None,
     evaluator: Evaluator = PREDICTED,
     calm: bool = False,
+    budget: Budget | None = None,
+    focus: bool = False,
 ) -> SearchResult:
     """Hill-climb from ``start`` by the best single move, until no move helps (or after
-    ``max_evaluations``, keeping the best found).
+    ``max_evaluations``, or when the search's ``budget`` is spent, keeping the best found:
+    under a budget a step's moves are scored in chunks, the budget checked between them, so
+    no step runs past it by more than a chunk).
 
     Where no single move helps, the most promising moves (as many as ``lookahead_budget``
     evaluations allow, 2 to 16) are each followed by their best next move: memory-bound
     allocations often need a step down (a smaller batch, an instance removed) before the step
-    up. The search stops when two moves cannot help.
+    up. The search stops when two moves cannot help. With ``focus`` (the cost model's
+    evaluator only), a step scores just the moves of the members at or near the bottleneck
+    (:func:`~orchestrator.planning.cost_model.bottlenecks`), and every move only when none of
+    those helps.
     """
     n, b = start
     current = evaluator.current(p, n, b)
     best = _score(current, 0)
     evaluations = 1
+    if budget is not None:
+        budget.charge(1, best[0])
+
+    def scored(n: np.ndarray, b: np.ndarray, mv: Moves) -> Evaluation | None:
+        """The moves' scores; None if the budget ran out first."""
+        nonlocal evaluations
+        if budget is None:
+            e, cost = evaluator.candidates(p, n, b, mv)
+            evaluations += cost
+            return e
+        parts = []
+        for lo in range(0, len(mv), CHUNK):
+            if budget.exhausted:
+                return None
+            e, cost = evaluator.candidates(p, n, b, mv.slice(lo, lo + CHUNK))
+            evaluations += cost
+            budget.charge(cost)
+            parts.append(e)
+        return _joined(parts)
+
     for _ in range(max_steps):
         if max_evaluations is not None and evaluations >= max_evaluations:
             break
-        mv = moves(n, b, len(p.batch_sizes))
-        e, cost = evaluator.candidates(p, n, b, mv)
-        evaluations += cost
+        if budget is not None and budget.exhausted:
+            break
+        only = bottlenecks(p, n, b) if focus else None
+        mv = moves(n, b, len(p.batch_sizes), only)
+        e = scored(n, b, mv)
+        if e is None:
+            break
         pick = _best_step(e, best, calm)
+        if pick is None and only is not None and not only.all():  # every move, then
+            mv = moves(n, b, len(p.batch_sizes))
+            e = scored(n, b, mv)
+            if e is None:
+                break
+            pick = _best_step(e, best, calm)
         if pick is not None:
             n, b = mv.apply(pick, n, b)
             best = _score(e, pick)
+            if budget is not None:
+                budget.charge(0, best[0])
             continue
         if not evaluator.lookahead or lookahead_budget <= 0:
             break
@@ -104,8 +192,9 @@ def climb(
         for first in np.lexsort((e.congestion, e.binding, -t))[:width]:
             n1, b1 = mv.apply(int(first), n, b)
             mv2 = moves(n1, b1, len(p.batch_sizes))
-            e2, cost = evaluator.candidates(p, n1, b1, mv2)
-            evaluations += cost
+            e2 = scored(n1, b1, mv2)
+            if e2 is None:
+                break
             t2 = np.where(e2.feasible, e2.throughput, -1.0)
             second = int(np.argmax(t2))
             if t2[second] > best[0] * (1 + TOLERANCE) and (
@@ -116,6 +205,14 @@ def climb(
             break
         best, n, b = found
     return SearchResult(n, b, best[0], evaluations)
+
+
+def _joined(parts: list[Evaluation]) -> Evaluation:
+    if len(parts) == 1:
+        return parts[0]
+    return Evaluation(
+        *(np.concatenate([getattr(e, f) for e in parts]) for f in Evaluation.__dataclass_fields__)
+    )
 
 
 def _score(e: Evaluation, k: int) -> tuple[float, int, float]:

@@ -57,6 +57,7 @@ __all__ = [
     "CONGESTION_POWER",
     "TOLERANCE",
     "Evaluation",
+    "bottlenecks",
     "evaluate",
     "meets_latency_target",
     "member_latency",
@@ -79,6 +80,37 @@ class Evaluation:
 
 def evaluate(p: Problem, n: np.ndarray, b: np.ndarray) -> Evaluation:
     """Predict K allocations at once: ``n`` is (K, M, D) instances, ``b`` (K, M) batch indices."""
+    member_rate, device_limit, feasible = _limits(p, n, b)
+    limits = np.concatenate([member_rate, device_limit], axis=1)
+    throughput = limits.min(axis=1)
+    binding = (limits <= throughput[:, None] * (1 + TOLERANCE)).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(limits > 0, throughput[:, None] / limits, 1.0)
+    congestion = (ratio**CONGESTION_POWER).sum(axis=1)
+    if p.latency_target is not None:
+        members = np.arange(len(p.members))
+        rows = p.batch_rows[members, b]  # (K, M)
+        service = p.service_by_batch[members, b]  # (K, M, D)
+        slowest = np.where(n > 0, service, 0.0).max(axis=2)
+        feasible &= meets_latency_target(p, rows, slowest, throughput)
+    return Evaluation(np.where(feasible, throughput, 0.0), binding, feasible, congestion)
+
+
+def bottlenecks(p: Problem, n: np.ndarray, b: np.ndarray, slack: float = 0.1) -> np.ndarray:
+    """(M,) bool: the members a move must touch to raise one allocation's throughput or relieve
+    what limits it: those whose capacity is within ``slack`` of the throughput, and those with
+    an instance on a device whose limit is. A move of any other member changes no constraint
+    at or near the minimum (the climb on many members scores only these moves)."""
+    member_rate, device_limit, _ = _limits(p, n[None], b[None])
+    throughput = min(member_rate.min(), device_limit.min())
+    near = throughput * (1 + slack)
+    on_busy = (n[:, device_limit[0] <= near] > 0).any(axis=1)
+    return np.asarray((member_rate[0] <= near) | on_busy)
+
+
+def _limits(p: Problem, n: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For K allocations: each member's capacity (K, M), each device's limit on the throughput
+    (K, D: its lanes, and its cores where CPU is counted), and whether they fit (K,)."""
     members = np.arange(len(p.members))
     rate = p.rate_by_batch[members, b]  # (K, M, D)
     memory = p.memory_by_batch[members, b]
@@ -95,18 +127,7 @@ def evaluate(p: Problem, n: np.ndarray, b: np.ndarray) -> Evaluation:
         need = np.einsum("kmd,kmd->kd", share, cpu) + p.host_cpu_by_device
         with np.errstate(divide="ignore"):
             device_limit = np.minimum(device_limit, np.where(need > 1e-15, p.lanes / need, np.inf))
-    limits = np.concatenate([member_rate, device_limit], axis=1)
-    throughput = limits.min(axis=1)
-    binding = (limits <= throughput[:, None] * (1 + TOLERANCE)).sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(limits > 0, throughput[:, None] / limits, 1.0)
-    congestion = (ratio**CONGESTION_POWER).sum(axis=1)
-    if p.latency_target is not None:
-        rows = p.batch_rows[members, b]  # (K, M)
-        service = p.service_by_batch[members, b]  # (K, M, D)
-        slowest = np.where(n > 0, service, 0.0).max(axis=2)
-        feasible &= meets_latency_target(p, rows, slowest, throughput)
-    return Evaluation(np.where(feasible, throughput, 0.0), binding, feasible, congestion)
+    return member_rate, device_limit, feasible
 
 
 def meets_latency_target(

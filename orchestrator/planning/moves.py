@@ -41,6 +41,9 @@ class Moves:
     def __len__(self) -> int:
         return len(self.member)
 
+    def slice(self, start: int, stop: int) -> Moves:
+        return Moves(self.member[start:stop], self.row[start:stop], self.batch[start:stop])
+
     def apply(self, k: int, n: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n, b = n.copy(), b.copy()
         for m, row, batch in zip(self.member[k], self.row[k], self.batch[k], strict=True):
@@ -49,32 +52,37 @@ class Moves:
         return n, b
 
 
-def moves(n: np.ndarray, b: np.ndarray, sizes: int) -> Moves:
+def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = None) -> Moves:
     """Every allocation one move away: add, remove or move one instance; swap the devices of
     two instances of different members; change one member's batch size, alone, or smaller
-    with one more instance, or larger with one fewer."""
+    with one more instance, or larger with one fewer. ``only`` (M,) bool: just the moves of
+    those members (a swap: if either is one), built for them alone (on many members and
+    devices, building every move costs more than scoring the few that matter)."""
     members, devices = n.shape
+    chosen = np.flatnonzero(np.ones(members, dtype=bool) if only is None else only)
     eye = np.eye(devices, dtype=n.dtype)
     held_m, held_d = np.nonzero(n)
-    spare = n.sum(axis=1)[held_m] > 1  # removing one keeps the member served
+    mine = np.isin(held_m, chosen)
+    own_m, own_d = held_m[mine], held_d[mine]  # the chosen members' instances
+    spare = n.sum(axis=1)[own_m] > 1  # removing one keeps the member served
     singles: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (members, rows, batches)
 
     def single(ms: np.ndarray, rows: np.ndarray, batches: np.ndarray) -> None:
         singles.append((ms, rows, batches))
 
-    all_m = np.repeat(np.arange(members), devices)
-    all_d = np.tile(np.arange(devices), members)
+    all_m = np.repeat(chosen, devices)
+    all_d = np.tile(np.arange(devices), len(chosen))
     single(all_m, n[all_m] + eye[all_d], b[all_m])  # add
-    rm_m, rm_d = held_m[spare], held_d[spare]
+    rm_m, rm_d = own_m[spare], own_d[spare]
     single(rm_m, n[rm_m] - eye[rm_d], b[rm_m])  # remove
-    mv_m = np.repeat(held_m, devices)
-    mv_src = np.repeat(held_d, devices)
-    mv_dst = np.tile(np.arange(devices), len(held_m))
+    mv_m = np.repeat(own_m, devices)
+    mv_src = np.repeat(own_d, devices)
+    mv_dst = np.tile(np.arange(devices), len(own_m))
     keep = mv_src != mv_dst
     mv_m, mv_src, mv_dst = mv_m[keep], mv_src[keep], mv_dst[keep]
     single(mv_m, n[mv_m] - eye[mv_src] + eye[mv_dst], b[mv_m])  # move
-    rb_m = np.repeat(np.arange(members), sizes)
-    rb_k = np.tile(np.arange(sizes), members)
+    rb_m = np.repeat(chosen, sizes)
+    rb_k = np.tile(np.arange(sizes), len(chosen))
     keep = rb_k != b[rb_m]
     rb_m, rb_k = rb_m[keep], rb_k[keep]
     single(rb_m, n[rb_m], rb_k)  # another batch size
@@ -93,7 +101,11 @@ def moves(n: np.ndarray, b: np.ndarray, sizes: int) -> Moves:
     row = np.stack([rows, np.zeros_like(rows)], axis=1)
     batch = np.stack([batches, np.zeros_like(batches)], axis=1)
     # swap: instances of two members trade devices
-    i, j = np.nonzero((held_m[:, None] < held_m[None, :]) & (held_d[:, None] != held_d[None, :]))
+    i, j = np.nonzero(
+        (held_m[:, None] < held_m[None, :])
+        & (held_d[:, None] != held_d[None, :])
+        & (mine[:, None] | mine[None, :])
+    )
     m1, d1, m2, d2 = held_m[i], held_d[i], held_m[j], held_d[j]
     swap_member = np.stack([m1, m2], axis=1)
     swap_row = np.stack([n[m1] - eye[d1] + eye[d2], n[m2] - eye[d2] + eye[d1]], axis=1)

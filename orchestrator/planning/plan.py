@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from orchestrator.planning.allocate import (
     problem,
     sequential_throughput,
 )
+from orchestrator.planning.climb import Budget
 from orchestrator.planning.hardware import Device
 from orchestrator.planning.profile import Profile
 
@@ -109,6 +110,10 @@ class Plan:
         return tuple(dict.fromkeys(d.node for d in self.devices))
 
 
+# the planner's default time budget: it answers with the best plan found by then
+TIME_LIMIT_S = 3.0
+
+
 def plan_ensemble(
     ensemble: str,
     members: Sequence[str],
@@ -121,6 +126,9 @@ def plan_ensemble(
     borrow_curves: bool = False,
     shares: Mapping[str, float] | None = None,
     shares_file: str | Path = "shares",
+    time_limit_s: float | None = TIME_LIMIT_S,
+    evaluations: int | None = None,
+    on_progress: Callable[[float, float], None] | None = None,
 ) -> Plan:
     """Worst-fit, then the search: the plan for these members on these devices. With a
     latency target, no member's predicted fill + service time exceeds it; InfeasibleError
@@ -130,7 +138,11 @@ def plan_ensemble(
     it, in (0, 1]; members not named get 1. Each member is sized for its share, and the plan
     also records what the plan for the full ensemble (every share 1) would predict, planned
     the same way, to compare. SpecError (naming ``shares_file``) for an unknown member or a
-    share outside (0, 1]."""
+    share outside (0, 1].
+
+    The search stops after ``time_limit_s`` seconds (None: when it is done) or ``evaluations``
+    allocations scored (the same plan on any machine), with the best plan found by then;
+    ``on_progress(seconds, best throughput)`` hears it once a second meanwhile."""
     share_list = _shares(members, shares, shares_file)
     p = problem(
         members,
@@ -142,7 +154,7 @@ def plan_ensemble(
         borrow_curves,
         shares=share_list,
     )
-    result = greedy(p, effort=effort)
+    result = greedy(p, effort=effort, budget=Budget(evaluations, time_limit_s, on_progress))
     if result.throughput <= 0 and p.latency_target is not None:
         raise InfeasibleError(_target_message(p))
     full = None
@@ -159,7 +171,7 @@ def plan_ensemble(
                 latency_target_ms,
                 borrow_curves,
             )
-            full = greedy(whole, effort=effort).throughput
+            full = greedy(whole, effort=effort, budget=Budget(evaluations, time_limit_s)).throughput
     return make_plan(ensemble, p, result, full_ensemble_throughput=full)
 
 

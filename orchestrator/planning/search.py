@@ -14,13 +14,14 @@ from dataclasses import replace
 import numpy as np
 
 from orchestrator.errors import InfeasibleError
-from orchestrator.planning.climb import SearchResult, climb
-from orchestrator.planning.cost_model import TOLERANCE, evaluate
+from orchestrator.planning.climb import Budget, SearchResult, climb
+from orchestrator.planning.cost_model import TOLERANCE, bottlenecks, evaluate
 from orchestrator.planning.moves import Moves, evaluate_moves, moves
 from orchestrator.planning.placement import worst_fit
 from orchestrator.planning.problem import Problem
 
 __all__ = [
+    "FOCUS_CELLS",
     "KICK_EVALUATIONS",
     "KICK_PATIENCE",
     "UNIFORM_STARTS",
@@ -35,6 +36,7 @@ def greedy(
     restart_evaluations: int = 50_000,
     effort: float = 1.0,
     seed: int = 0,
+    budget: Budget | None = None,
 ) -> SearchResult:
     """The planner's search. From ``start`` it is one climb. By default:
 
@@ -43,7 +45,9 @@ def greedy(
       (cut at ``restart_evaluations`` unless a latency target needs them; memory-bound
       problems climb to different optima from each); or, on many identical
       devices, from a small group's plan tiled over them (:func:`_tiled`, which searches the
-      group) and from worst-fit at the most efficient batch sizes;
+      group) and from worst-fit at the most efficient batch sizes (beyond
+      :data:`FOCUS_CELLS` members x devices, from the tiled plan alone, for
+      ``restart_evaluations`` without looking two moves ahead);
     * then iterated local search on the two best, in turn: each chain's best is kicked (a few
       random moves) and climbed again; every other climb also takes moves that keep the
       throughput and relieve the constraints nearest to binding (``calm``). It stops after
@@ -52,23 +56,44 @@ def greedy(
       chain went ``effort`` x :data:`KICK_PATIENCE` kicks without finding better.
 
     A climb alone stops at a local optimum; the starts and the kicks get out of most
-    (benchmarks/results/paper_scale.md measures what is left). Deterministic for a ``seed``."""
+    (benchmarks/results/paper_scale.md measures what is left). Under a ``budget`` (evaluations,
+    seconds) every part of it stops when the budget is spent, and the best allocation found
+    so far is the answer: the first climb starts from the worst-fit placement, which is
+    feasible wherever anything fits. Deterministic for a ``seed`` (and an evaluation budget)."""
+    focus = len(p.members) * len(p.devices) > FOCUS_CELLS
     if start is not None:
-        return climb(p, start)
+        return climb(p, start, budget=budget, focus=focus)
     n, b = worst_fit(p)
     cap = restart_evaluations if p.latency_target is None else None
-    tiled = _tiled(p, effort, seed)
+    tiled = _tiled(p, effort, seed, budget)
     if tiled is None:
-        starts = [climb(p, (n, b))]
+        starts = [climb(p, (n, b), budget=budget, focus=focus)]
         fits = [
             k
             for k in range(len(p.batch_sizes))
             if evaluate(p, n[None], np.full_like(b, k)[None]).feasible[0]
         ]
         for k in fits[-UNIFORM_STARTS:]:
-            starts.append(climb(p, (n, np.full_like(b, k)), max_evaluations=cap))
-    else:  # many identical devices: a small group's plan, tiled, and worst-fit
-        starts = [climb(p, tiled), climb(p, (n, b))]
+            if budget is not None and budget.exhausted:
+                break
+            uniform = (n, np.full_like(b, k))
+            starts.append(climb(p, uniform, max_evaluations=cap, budget=budget, focus=focus))
+    elif not focus:  # many identical devices: a small group's plan, tiled, and worst-fit
+        starts = [climb(p, tiled, budget=budget)]
+        if budget is None or not budget.exhausted:
+            starts.append(climb(p, (n, b), budget=budget))
+    else:  # and many members or devices: the tiled plan, refined a little (each device is as
+        # good as the group's already; a climb from worst-fit over them all took most of the
+        # time and ended lower)
+        refined = climb(
+            p,
+            tiled,
+            max_evaluations=restart_evaluations,
+            lookahead_budget=0,
+            budget=budget,
+            focus=focus,
+        )
+        starts = [refined]
     spent = sum(r.evaluations for r in starts)
     starts = sorted(starts, key=lambda r: -r.throughput)[:2]  # stable: the first among equals
     rng = np.random.default_rng(seed)
@@ -77,24 +102,30 @@ def greedy(
     # an evaluation costs about D: the same time, not the same count, on more devices; on
     # many identical devices the group's search (and its kicks) took the time
     kicks = 0.0 if tiled is not None else effort * KICK_EVALUATIONS * 4 / max(4, len(p.devices))
-    budget = spent + int(kicks)
+    kick_until = spent + int(kicks)
     idle = [0] * len(chains)
     patience = int(effort * KICK_PATIENCE)
     turn = 0
-    while spent < budget and min(idle) < patience:
+    while spent < kick_until and min(idle) < patience:
+        if budget is not None and budget.exhausted:
+            break
         i = turn % len(chains)
         turn += 1
         base = chains[i]
         if base.throughput <= 0 or idle[i] >= patience:
             idle[i] = patience
             continue
-        kicked, cost = _kick(p, base.instances, base.batch, rng)
+        kicked, cost = _kick(p, base.instances, base.batch, rng, focus)
+        if budget is not None:
+            budget.charge(cost)
         found = climb(
             p,
             kicked,
-            max_evaluations=max(1, budget - spent - cost),
+            max_evaluations=max(1, kick_until - spent - cost),
             lookahead_budget=0,
             calm=turn % 2 == 0,
+            budget=budget,
+            focus=focus,
         )
         spent += cost + found.evaluations
         idle[i] += 1
@@ -104,7 +135,9 @@ def greedy(
     return SearchResult(best.instances, best.batch, best.throughput, spent)
 
 
-def _tiled(p: Problem, effort: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _tiled(
+    p: Problem, effort: float, seed: int, budget: Budget | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """On D identical devices, the plan for the smallest group of them (a divisor of D, at
     least four) that holds every member, repeated D / group times: as good per device as the
     group's, and a start the search could not reach one move at a time on many devices. The
@@ -132,7 +165,7 @@ def _tiled(p: Problem, effort: float, seed: int) -> tuple[np.ndarray, np.ndarray
             host_device=host,
         )
         try:
-            found = greedy(sub, effort=effort / 5, seed=seed)
+            found = greedy(sub, effort=effort / 5, seed=seed, budget=budget)
         except InfeasibleError:
             continue
         if found.throughput > 0:
@@ -141,18 +174,22 @@ def _tiled(p: Problem, effort: float, seed: int) -> tuple[np.ndarray, np.ndarray
 
 
 UNIFORM_STARTS = 3  # the largest batch sizes that fit for every member, tried as starts
+# members x devices beyond which a climb scores the bottleneck members' moves first (the
+# paper's scale, 12 x 16, scores every move)
+FOCUS_CELLS = 256
 KICK_EVALUATIONS = 100_000  # evaluations of iterated local search at effort 1
 KICK_PATIENCE = 20  # kicks in a row that find nothing better end it (at effort 1)
 
 
 def _kick(
-    p: Problem, n: np.ndarray, b: np.ndarray, rng: np.random.Generator
+    p: Problem, n: np.ndarray, b: np.ndarray, rng: np.random.Generator, focus: bool = False
 ) -> tuple[tuple[np.ndarray, np.ndarray], int]:
     """2-4 random moves that keep the allocation feasible (any throughput): each drawn from
-    a random sample of the moves, so a kick costs little next to a climb."""
+    a random sample of the moves (with ``focus``, of the bottleneck members' moves), so a kick
+    costs little next to a climb."""
     cost = 0
     for _ in range(int(rng.integers(_KICK_MOVES[0], _KICK_MOVES[1] + 1))):
-        mv = moves(n, b, len(p.batch_sizes))
+        mv = moves(n, b, len(p.batch_sizes), bottlenecks(p, n, b) if focus else None)
         pick = rng.choice(len(mv), size=min(len(mv), _KICK_SAMPLE), replace=False)
         sample = Moves(mv.member[pick], mv.row[pick], mv.batch[pick])
         e = evaluate_moves(p, n, b, sample)

@@ -1,0 +1,76 @@
+"""The planner within a budget (issue 20): on a problem too large to search to the end, it
+stops when its evaluations are spent, with a feasible plan, the same one every time; the
+focused moves are the full neighbourhood's, restricted to the bottleneck members."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orchestrator.planning.allocate import evaluate, greedy, moves, problem
+from orchestrator.planning.climb import CHUNK, Budget
+from orchestrator.planning.cost_model import bottlenecks
+from orchestrator.planning.placement import worst_fit
+from orchestrator.planning.plan import plan_ensemble
+from orchestrator.planning.profile import Profile
+from tests.unit.test_allocate import curve, gpus
+
+
+def _large(members: int = 100, devices: int = 16, seed: int = 3):
+    """Members of 0.5-2 GB and varied speed on 16 GB GPUs: memory-bound, as a large zoo is."""
+    rng = np.random.default_rng(seed)
+    curves = {
+        f"m{i}": curve(rng.uniform(0.5, 2), rng.uniform(1, 10), rng.uniform(0.05, 1.0))
+        for i in range(members)
+    }
+    return list(curves), Profile({m: {"gpu": c} for m, c in curves.items()}), gpus(devices, 16)
+
+
+def test_the_search_stops_at_its_evaluation_budget_with_a_feasible_plan():
+    names, profile, devices = _large()
+    p = problem(names, profile, devices, 64)
+    unbounded_guess = 20_000
+    budget = Budget(evaluations=unbounded_guess)
+    found = greedy(p, budget=budget)
+    assert budget.exhausted  # this search wanted more than the budget
+    assert budget.spent <= unbounded_guess + CHUNK  # it overran by a chunk at most
+    e = evaluate(p, found.instances[None], found.batch[None])
+    assert e.feasible[0] and e.throughput[0] == found.throughput > 0
+    used = (found.instances * p.memory_by_batch[np.arange(len(names)), found.batch]).sum(axis=0)
+    assert (used <= p.capacity).all()  # never more on a device than its memory
+    assert (found.instances.sum(axis=1) >= 1).all()  # every member served
+
+
+def test_a_plan_under_an_evaluation_budget_is_the_same_every_time_and_more_budget_is_no_worse():
+    names, profile, devices = _large(60)
+
+    def plan(evaluations: int):
+        # evaluations alone, not the default time limit: the same on a loaded machine
+        return plan_ensemble(
+            "e", names, 64, profile, devices, evaluations=evaluations, time_limit_s=None
+        )
+
+    first, again = plan(15_000), plan(15_000)
+    assert first.to_dict() == again.to_dict()
+    assert plan(60_000).predicted_throughput >= first.predicted_throughput
+
+
+def test_the_focused_moves_are_the_full_moves_of_the_bottleneck_members():
+    names, profile, devices = _large(30)
+    p = problem(names, profile, devices, 64)
+    n, b = worst_fit(p)
+    only = bottlenecks(p, n, b)
+    assert 0 < only.sum() < len(names)
+    full, focused = moves(n, b, len(p.batch_sizes)), moves(n, b, len(p.batch_sizes), only)
+
+    def keys(mv):
+        return {
+            (tuple(mv.member[k]), mv.row[k].tobytes(), tuple(mv.batch[k])) for k in range(len(mv))
+        }
+
+    # a move of the full neighbourhood that changes some bottleneck member's row
+    touches = only[np.minimum(full.member, len(names) - 1)] & (full.member < len(names))
+    wanted = {
+        (tuple(full.member[k]), full.row[k].tobytes(), tuple(full.batch[k]))
+        for k in np.flatnonzero(touches.any(axis=1))
+    }
+    assert keys(focused) == wanted
