@@ -15,6 +15,7 @@ from rich.console import Console
 
 from combiner import CascadeRoute
 from orchestrator.planning.cascade import load_calibration, resolve_cascade
+from orchestrator.planning.climb import Budget
 from orchestrator.planning.hardware import Device, discover, load_hardware
 from orchestrator.planning.plan import TIME_LIMIT_S, Plan, plan_ensemble
 from orchestrator.planning.profile import Profile, load_profile, save_profile
@@ -180,6 +181,16 @@ def make_plan(
         time_limit_s=time_limit_s,
         evaluations=evaluations,
         on_progress=_planning_progress,
+        on_limit=_planning_limit,
+    )
+
+
+def _planning_limit(budget: Budget) -> None:
+    """The search was cut short: say so, and how to search longer."""
+    what = f"{budget.seconds:g} s" if budget.seconds is not None else "its evaluations"
+    console.print(
+        f"[yellow]the search was cut short by its budget ({what}); this is the best plan "
+        "it found by then[/yellow]: --time-limit (or --evaluations) searches longer"
     )
 
 

@@ -42,6 +42,7 @@ class Budget:
         self.seconds = seconds
         self.spent = 0
         self.best = 0.0
+        self.cut = False  # some part of the search stopped for it
         self._began = time.perf_counter()
         self._on_progress = on_progress
         self._next_report = 1.0
@@ -64,6 +65,22 @@ class Budget:
         if self._on_progress is not None and self.elapsed >= self._next_report:
             self._next_report = self.elapsed + 1.0
             self._on_progress(self.elapsed, self.best)
+
+    def share(self, fraction: float) -> Budget:
+        """A part of what is left, for one part of the search: spent on this budget too, and
+        spent itself when this one is or when it took ``fraction`` of what was left."""
+        part = _Part(self)
+        if self.evaluations is not None:
+            part.evaluations = self.spent + int(fraction * (self.left() or 0))
+        if self.seconds is not None:
+            part.seconds = self.elapsed + fraction * max(0.0, self.seconds - self.elapsed)
+        return part
+
+    def stop(self) -> bool:
+        """Whether a part of the search must stop now (noted as ``cut`` if so)."""
+        if self.exhausted:
+            self.cut = True
+        return self.cut and self.exhausted
 
     def left(self) -> int | None:
         """Evaluations left (None: no count)."""
@@ -112,6 +129,30 @@ class _Predicted:
 PREDICTED: Evaluator = _Predicted()
 
 
+class _Part(Budget):
+    """A budget's share: counts what it spends on the whole too (:meth:`Budget.share`)."""
+
+    def __init__(self, whole: Budget) -> None:
+        super().__init__()
+        self._whole = whole
+        self.spent = whole.spent
+        self._began = whole._began
+
+    @property
+    def exhausted(self) -> bool:
+        return self._whole.exhausted or super().exhausted
+
+    def charge(self, evaluations: int, best: float | None = None) -> None:
+        super().charge(evaluations, best)
+        self._whole.charge(evaluations, best)
+
+    def stop(self) -> bool:
+        stopping = super().stop()
+        if stopping:
+            self._whole.cut = True
+        return stopping
+
+
 def climb(
     p: Problem,
     start: tuple[np.ndarray, np.ndarray],
@@ -152,7 +193,7 @@ def climb(
             return e
         parts = []
         for lo in range(0, len(mv), CHUNK):
-            if budget.exhausted:
+            if budget.stop():
                 return None
             e, cost = evaluator.candidates(p, n, b, mv.slice(lo, lo + CHUNK))
             evaluations += cost
@@ -163,7 +204,7 @@ def climb(
     for _ in range(max_steps):
         if max_evaluations is not None and evaluations >= max_evaluations:
             break
-        if budget is not None and budget.exhausted:
+        if budget is not None and budget.stop():
             break
         only = bottlenecks(p, n, b) if focus else None
         mv = moves(n, b, len(p.batch_sizes), only)

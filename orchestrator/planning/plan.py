@@ -129,6 +129,7 @@ def plan_ensemble(
     time_limit_s: float | None = TIME_LIMIT_S,
     evaluations: int | None = None,
     on_progress: Callable[[float, float], None] | None = None,
+    on_limit: Callable[[Budget], None] | None = None,
 ) -> Plan:
     """Worst-fit, then the search: the plan for these members on these devices. With a
     latency target, no member's predicted fill + service time exceeds it; InfeasibleError
@@ -142,7 +143,9 @@ def plan_ensemble(
 
     The search stops after ``time_limit_s`` seconds (None: when it is done) or ``evaluations``
     allocations scored (the same plan on any machine), with the best plan found by then;
-    ``on_progress(seconds, best throughput)`` hears it once a second meanwhile."""
+    ``on_progress(seconds, best throughput)`` hears it once a second meanwhile, and
+    ``on_limit(budget)`` when the budget (or its share for a part of the search) ran out
+    before the search was done."""
     share_list = _shares(members, shares, shares_file)
     p = problem(
         members,
@@ -154,7 +157,10 @@ def plan_ensemble(
         borrow_curves,
         shares=share_list,
     )
-    result = greedy(p, effort=effort, budget=Budget(evaluations, time_limit_s, on_progress))
+    budget = Budget(evaluations, time_limit_s, on_progress)
+    result = greedy(p, effort=effort, budget=budget)
+    if budget.cut and on_limit is not None:
+        on_limit(budget)
     if result.throughput <= 0 and p.latency_target is not None:
         raise InfeasibleError(_target_message(p))
     full = None

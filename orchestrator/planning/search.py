@@ -46,8 +46,9 @@ def greedy(
       problems climb to different optima from each); or, on many identical
       devices, from a small group's plan tiled over them (:func:`_tiled`, which searches the
       group) and from worst-fit at the most efficient batch sizes (beyond
-      :data:`FOCUS_CELLS` members x devices, from the tiled plan alone, for
-      ``restart_evaluations`` without looking two moves ahead);
+      :data:`FOCUS_CELLS` members x devices, from the tiled plan alone unless its group
+      holds more than :data:`CRAMPED` members a device: then from both, each within half of
+      what the budget has left, and kicks after);
     * then iterated local search on the two best, in turn: each chain's best is kicked (a few
       random moves) and climbed again; every other climb also takes moves that keep the
       throughput and relieve the constraints nearest to binding (``calm``). It stops after
@@ -66,6 +67,12 @@ def greedy(
     n, b = worst_fit(p)
     cap = restart_evaluations if p.latency_target is None else None
     tiled = _tiled(p, effort, seed, budget)
+    # on many members or devices, a tiled plan whose group holds a few members a device: each
+    # device is as good as the group's already, and a climb from worst-fit over them all took
+    # most of the time and ended lower. Where the group is cramped (each member gets little
+    # room in it), the tiled plan and worst-fit are climbed in turn, each within half of what
+    # the budget has left, then kicks.
+    spread = tiled is not None and focus and len(p.members) * tiled[1] <= CRAMPED * len(p.devices)
     if tiled is None:
         starts = [climb(p, (n, b), budget=budget, focus=focus)]
         fits = [
@@ -74,26 +81,23 @@ def greedy(
             if evaluate(p, n[None], np.full_like(b, k)[None]).feasible[0]
         ]
         for k in fits[-UNIFORM_STARTS:]:
-            if budget is not None and budget.exhausted:
+            if budget is not None and budget.stop():
                 break
             uniform = (n, np.full_like(b, k))
             starts.append(climb(p, uniform, max_evaluations=cap, budget=budget, focus=focus))
+    elif spread:
+        starts = [climb(p, tiled[0], budget=budget, focus=focus)]
     elif not focus:  # many identical devices: a small group's plan, tiled, and worst-fit
-        starts = [climb(p, tiled, budget=budget)]
-        if budget is None or not budget.exhausted:
+        starts = [climb(p, tiled[0], budget=budget)]
+        if budget is None or not budget.stop():
             starts.append(climb(p, (n, b), budget=budget))
-    else:  # and many members or devices: the tiled plan, refined a little (each device is as
-        # good as the group's already; a climb from worst-fit over them all took most of the
-        # time and ended lower)
-        refined = climb(
-            p,
-            tiled,
-            max_evaluations=restart_evaluations,
-            lookahead_budget=0,
-            budget=budget,
-            focus=focus,
-        )
-        starts = [refined]
+    else:  # cramped
+        half = None if budget is None else budget.share(0.5)
+        cut = restart_evaluations if budget is None else None  # else the half bounds it
+        starts = [climb(p, tiled[0], max_evaluations=cut, budget=half, focus=focus)]
+        if budget is None or not budget.stop():
+            rest = None if budget is None else budget.share(0.5)
+            starts.append(climb(p, (n, b), max_evaluations=cut, budget=rest, focus=focus))
     spent = sum(r.evaluations for r in starts)
     starts = sorted(starts, key=lambda r: -r.throughput)[:2]  # stable: the first among equals
     rng = np.random.default_rng(seed)
@@ -101,13 +105,15 @@ def greedy(
     chains = list(starts)
     # an evaluation costs about D: the same time, not the same count, on more devices; on
     # many identical devices the group's search (and its kicks) took the time
-    kicks = 0.0 if tiled is not None else effort * KICK_EVALUATIONS * 4 / max(4, len(p.devices))
+    kicks = effort * KICK_EVALUATIONS * 4 / max(4, len(p.devices))
+    if tiled is not None and (spread or not focus):
+        kicks = 0.0
     kick_until = spent + int(kicks)
     idle = [0] * len(chains)
     patience = int(effort * KICK_PATIENCE)
     turn = 0
     while spent < kick_until and min(idle) < patience:
-        if budget is not None and budget.exhausted:
+        if budget is not None and budget.stop():
             break
         i = turn % len(chains)
         turn += 1
@@ -137,7 +143,7 @@ def greedy(
 
 def _tiled(
     p: Problem, effort: float, seed: int, budget: Budget | None = None
-) -> tuple[np.ndarray, np.ndarray] | None:
+) -> tuple[tuple[np.ndarray, np.ndarray], int] | None:
     """On D identical devices, the plan for the smallest group of them (a divisor of D, at
     least four) that holds every member, repeated D / group times: as good per device as the
     group's, and a start the search could not reach one move at a time on many devices. The
@@ -169,7 +175,8 @@ def _tiled(
         except InfeasibleError:
             continue
         if found.throughput > 0:
-            return np.tile(found.instances, (1, devices // group)), found.batch
+            tiles = devices // group
+            return (np.tile(found.instances, (1, tiles)), found.batch), tiles
     return None
 
 
@@ -177,6 +184,7 @@ UNIFORM_STARTS = 3  # the largest batch sizes that fit for every member, tried a
 # members x devices beyond which a climb scores the bottleneck members' moves first (the
 # paper's scale, 12 x 16, scores every move)
 FOCUS_CELLS = 256
+CRAMPED = 4  # members a device of the tiled group beyond which worst-fit climbs first
 KICK_EVALUATIONS = 100_000  # evaluations of iterated local search at effort 1
 KICK_PATIENCE = 20  # kicks in a row that find nothing better end it (at effort 1)
 
