@@ -187,10 +187,15 @@ def make_plan(
 
 def _planning_limit(budget: Budget) -> None:
     """The search was cut short: say so, and how to search longer."""
-    what = f"{budget.seconds:g} s" if budget.seconds is not None else "its evaluations"
+    limits = []
+    if budget.seconds is not None:
+        limits.append(f"{budget.seconds:g} s")
+    if budget.evaluations is not None:
+        limits.append(f"{budget.evaluations:,} evaluations")
     console.print(
-        f"[yellow]the search was cut short by its budget ({what}); this is the best plan "
-        "it found by then[/yellow]: --time-limit (or --evaluations) searches longer"
+        f"[yellow]the search (or a part of it) stopped at its budget ({', '.join(limits)}): "
+        "the plan is the best it found by then[/yellow]; 'chorus plan --time-limit S' "
+        "searches longer (and 'chorus up --plan FILE' serves what it writes)"
     )
 
 

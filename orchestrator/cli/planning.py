@@ -116,14 +116,17 @@ def plan(
     calibration: CalibrationOpt = None,
     time_limit: Annotated[
         float,
-        typer.Option(min=0.01, help="seconds the search may take: then the best plan found so far"),
+        typer.Option(
+            min=0,
+            help="seconds the search may take: then the best plan found so far (0: no limit)",
+        ),
     ] = TIME_LIMIT_S,
     evaluations: Annotated[
         int | None,
         typer.Option(
             min=1,
-            help="stop after this many allocations scored: the same plan on any machine "
-            "(within --time-limit)",
+            help="stop after this many allocations scored: with --time-limit 0, the same "
+            "plan on any machine",
         ),
     ] = None,
 ) -> None:
@@ -142,7 +145,7 @@ def plan(
         borrow_curves,
         shares=cascading.shares,
         shares_file=cascading.calibration,
-        time_limit_s=time_limit,
+        time_limit_s=time_limit or None,
         evaluations=evaluations,
     )
     if output:

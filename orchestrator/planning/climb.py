@@ -207,6 +207,8 @@ def climb(
         if budget is not None and budget.stop():
             break
         only = bottlenecks(p, n, b) if focus else None
+        if only is not None and not only.any():  # the limit is no member's (the host's CPU)
+            only = None
         mv = moves(n, b, len(p.batch_sizes), only)
         e = scored(n, b, mv)
         if e is None:

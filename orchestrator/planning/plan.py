@@ -159,10 +159,16 @@ def plan_ensemble(
     )
     budget = Budget(evaluations, time_limit_s, on_progress)
     result = greedy(p, effort=effort, budget=budget)
+    if result.throughput <= 0 and p.latency_target is not None:
+        if budget.cut:
+            raise InfeasibleError(
+                "the search's budget ran out before it found a plan that meets the latency "
+                f"target of {p.latency_target * 1000:g} ms: give it more (--time-limit, "
+                "--evaluations)"
+            )
+        raise InfeasibleError(_target_message(p))
     if budget.cut and on_limit is not None:
         on_limit(budget)
-    if result.throughput <= 0 and p.latency_target is not None:
-        raise InfeasibleError(_target_message(p))
     full = None
     if share_list is not None:
         if all(s == 1.0 for s in share_list):

@@ -197,7 +197,8 @@ def _kick(
     costs little next to a climb."""
     cost = 0
     for _ in range(int(rng.integers(_KICK_MOVES[0], _KICK_MOVES[1] + 1))):
-        mv = moves(n, b, len(p.batch_sizes), bottlenecks(p, n, b) if focus else None)
+        only = bottlenecks(p, n, b) if focus else None
+        mv = moves(n, b, len(p.batch_sizes), only if only is not None and only.any() else None)
         pick = rng.choice(len(mv), size=min(len(mv), _KICK_SAMPLE), replace=False)
         sample = Moves(mv.member[pick], mv.row[pick], mv.batch[pick])
         e = evaluate_moves(p, n, b, sample)

@@ -4,10 +4,14 @@ focused moves are the full neighbourhood's, restricted to the bottleneck members
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import replace
 
+import numpy as np
+import pytest
+
+from orchestrator.errors import InfeasibleError
 from orchestrator.planning.allocate import evaluate, greedy, moves, problem
-from orchestrator.planning.climb import CHUNK, Budget
+from orchestrator.planning.climb import CHUNK, Budget, climb
 from orchestrator.planning.cost_model import bottlenecks
 from orchestrator.planning.placement import worst_fit
 from orchestrator.planning.plan import plan_ensemble
@@ -74,3 +78,28 @@ def test_the_focused_moves_are_the_full_moves_of_the_bottleneck_members():
         for k in np.flatnonzero(touches.any(axis=1))
     }
     assert keys(focused) == wanted
+
+
+def test_a_limit_no_member_holds_leaves_the_focused_climb_every_move():
+    """The combiner's CPU, counted on a device holding no instance, limits the throughput: no
+    member is a bottleneck, and the climb under a budget scores every move (it had crashed on
+    an empty set of moves)."""
+    names, profile, devices = _large(12, 64)
+    p = problem(names, profile, devices, 64)
+    n, b = worst_fit(p)
+    empty = int(np.flatnonzero(n.sum(axis=0) == 0)[-1])
+    alone = float(evaluate(p, n[None], b[None]).throughput[0])
+    q = replace(p, host_device=empty, host_cpu=2.0 / alone)  # caps it at half of that
+    assert not bottlenecks(q, n, b).any()
+    found = climb(q, (n, b), budget=Budget(evaluations=50_000), focus=True)
+    assert found.throughput == pytest.approx(alone / 2)
+
+
+def test_a_budget_spent_before_any_plan_meets_the_latency_target_says_so():
+    names, profile, devices = _large(12, 4)
+    with pytest.raises(InfeasibleError, match="budget ran out before it found a plan"):
+        plan_ensemble(
+            "e", names, 64, profile, devices, latency_target_ms=60, evaluations=1, time_limit_s=None
+        )
+    found = plan_ensemble("e", names, 64, profile, devices, latency_target_ms=60)
+    assert found.predicted_throughput > 0  # the target can be met, given the search
