@@ -548,12 +548,7 @@ def resolve_cascade(
     threshold = cascade.threshold
     if threshold is None:
         if found is None or found.threshold is None:
-            raise SpecError(
-                ensemble.file,
-                "combine.cascade.threshold",
-                "not set, and there is no calibration to take it from: run 'chorus calibrate "
-                f"{ensemble.file.name} --inputs X.npy' (or pass --calibration FILE), or set it",
-            )
+            raise _uncalibrated(ensemble, "threshold", "it")
         threshold = found.threshold
     route = CascadeRoute(
         tiers=tiers, exit=cascade.exit, threshold=threshold, output=_output(ensemble)
@@ -618,13 +613,18 @@ def _check_current(ensemble: Ensemble, found: Calibration, source: str | Path) -
 
 def _calibrated_tiers(ensemble: Ensemble, found: Calibration | None) -> Tiers:
     if found is None or found.tiers is None:
-        raise SpecError(
-            ensemble.file,
-            "combine.cascade.tiers",
-            "not set, and there is no calibration to take them from: run 'chorus calibrate "
-            f"{ensemble.file.name} --inputs X.npy' (or pass --calibration FILE), or set them",
-        )
+        raise _uncalibrated(ensemble, "tiers", "them")
     return tuple(tuple(t) for t in found.tiers)
+
+
+def _uncalibrated(ensemble: Ensemble, field: str, them: str) -> SpecError:
+    """The file leaves ``field`` to a calibration there is none of."""
+    return SpecError(
+        ensemble.file,
+        f"combine.cascade.{field}",
+        f"not set, and there is no calibration to take {them} from: run 'chorus calibrate "
+        f"{ensemble.file.name} --inputs X.npy' (or pass --calibration FILE), or set {them}",
+    )
 
 
 def _output(ensemble: Ensemble) -> str:

@@ -147,16 +147,20 @@ def plan_ensemble(
     ``on_limit(budget)`` when the budget (or its share for a part of the search) ran out
     before the search was done."""
     share_list = _shares(members, shares, shares_file)
-    p = problem(
-        members,
-        profile,
-        devices,
-        max_batch_size,
-        profile_file,
-        latency_target_ms,
-        borrow_curves,
-        shares=share_list,
-    )
+
+    def problem_for(shares: list[float] | None) -> Problem:
+        return problem(
+            members,
+            profile,
+            devices,
+            max_batch_size,
+            profile_file,
+            latency_target_ms,
+            borrow_curves,
+            shares=shares,
+        )
+
+    p = problem_for(share_list)
     budget = Budget(evaluations, time_limit_s, on_progress)
     result = greedy(p, effort=effort, budget=budget)
     if result.throughput <= 0 and p.latency_target is not None:
@@ -174,15 +178,7 @@ def plan_ensemble(
         if all(s == 1.0 for s in share_list):
             full = result.throughput  # the same problem: the same plan
         else:
-            whole = problem(  # anew: shares also bound the batches a later tier gets
-                members,
-                profile,
-                devices,
-                max_batch_size,
-                profile_file,
-                latency_target_ms,
-                borrow_curves,
-            )
+            whole = problem_for(None)  # anew: shares also bound the batches a later tier gets
             full = greedy(whole, effort=effort, budget=Budget(evaluations, time_limit_s)).throughput
     return make_plan(ensemble, p, result, full_ensemble_throughput=full)
 
