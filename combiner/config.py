@@ -175,6 +175,12 @@ class CombinerConfig(_Strict):
         description="batches out to the members at once; more requests wait and join the next "
         "(the orchestrator sets the instance count of the scarcest member)",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="combiner processes the plan needs to carry its throughput (python -m "
+        "combiner --workers auto, the default, starts this many)",
+    )
     fanout_model: str | None = Field(
         None,
         description="a Triton ensemble returning every member's outputs (<member>__<output>): "

@@ -1,7 +1,8 @@
 """Run the combiner: ``python -m combiner --config combiner.json [--host H] [--grpc-port P]
-[--http-port P] [--workers N] [--metrics-port M] [--token-file F] [--tls-cert F --tls-key F]``.
+[--http-port P] [--workers N|auto] [--metrics-port M] [--token-file F] [--tls-cert F --tls-key F]``.
 
-Starts N worker processes sharing the gRPC (and HTTP) port (SO_REUSEPORT: the kernel spreads
+Starts N worker processes (``auto``, the default: the config's ``workers``, what the plan needs)
+sharing the gRPC (and HTTP) port (SO_REUSEPORT: the kernel spreads
 connections over them) and serves their summed Prometheus metrics on the metrics port. The
 ports are this deployment's alone: one that anything else holds (another deployment included)
 is refused with exit code 2 before any worker starts, and the supervisor holds them (bound,
@@ -42,16 +43,28 @@ from combiner.workers import PortInUse, Restarts, claim_ports, die_with_parent
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m combiner", description=__doc__)
     add_endpoint_arguments(parser)
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--workers",
+        default="auto",
+        help="worker processes; auto (the default): the config's 'workers', which the "
+        "orchestrator sets to what the plan needs",
+    )
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
+    try:
+        workers = _workers(args.workers)
+    except ValueError:
+        parser.error(f"--workers must be 'auto' or a whole number >= 1, not {args.workers!r}")
     try:
         Credentials.load(args.token_file, args.tls_cert, args.tls_key)
-        worker_stop_s = CombinerConfig.load(args.config).stop_s()
+        loaded = CombinerConfig.load(args.config)
     except (OSError, ValueError) as e:
         parser.error(str(e))
+    worker_stop_s = loaded.stop_s()
+    _say(
+        f"python -m combiner: {workers or loaded.workers} worker process(es)"
+        + ("" if workers else " (auto: the config's 'workers')")
+    )
     argv = [sys.executable, "-m", "combiner.worker", "--config", str(args.config)]
     argv += ["--host", args.host, "--grpc-port", str(args.grpc_port)]
     for flag in ("http_port", "token_file", "tls_cert", "tls_key"):
@@ -67,9 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         _say(f"python -m combiner: {e.strerror}")
         raise SystemExit(2) from None
     try:
-        code = supervise(
-            argv, args.workers, args.host, args.metrics_port, worker_stop_s, args.config
-        )
+        code = supervise(argv, workers, args.host, args.metrics_port, worker_stop_s, args.config)
     finally:
         for s in held:
             s.close()
@@ -80,16 +91,27 @@ _READY_WAIT_S = 120.0
 _RELOAD_RETRY_S = 10.0
 
 
+def _workers(value: str) -> int | None:
+    """``--workers``: None for auto, else the count (ValueError if it is neither)."""
+    if value == "auto":
+        return None
+    count = int(value)
+    if count < 1:
+        raise ValueError(value)
+    return count
+
+
 def supervise(
     argv: list[str],
-    workers: int,
+    workers: int | None,
     host: str,
     metrics_port: int | None,
     worker_stop_s: float,
     config: Path | None = None,
 ) -> int:
     """Run and restart the workers until SIGINT/SIGTERM; ``worker_stop_s``: the longest a
-    worker may take to stop (it is killed only after that)."""
+    worker may take to stop (it is killed only after that). ``workers`` None: as many as the
+    config says, read again at each reload (``config`` is then required)."""
     metrics_dir = tempfile.mkdtemp(prefix="chorus-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     stop = threading.Event()
@@ -113,7 +135,7 @@ def supervise(
         return proc, ready
 
     served = _digest(config)
-    current = [start() for _ in range(workers)]  # each worker and its ready file
+    current = [start() for _ in range(_count(workers, config))]  # each worker and its ready file
     procs = [p for p, _ in current]
     restarts = Restarts()
     reported = False  # whether <config>.served says what every worker serves
@@ -177,7 +199,7 @@ def supervise(
 
 def _reload(
     config: Path,
-    workers: int,
+    workers: int | None,
     start: Callable[[], tuple[subprocess.Popen[bytes], Path]],
     stop: threading.Event,
     worker_stop_s: float,
@@ -186,17 +208,26 @@ def _reload(
     return them (the caller's old ones are drained here). None if the config is invalid or
     they did not come up (the old ones keep serving)."""
     try:
-        CombinerConfig.load(config)
+        loaded = CombinerConfig.load(config)
     except (OSError, ValueError) as e:
         _say(f"{config} changed but is not a valid combiner config; still serving the old one: {e}")
         return None
-    _say(f"{config} changed: starting {workers} worker(s) on it")
-    generation = [start() for _ in range(workers)]
+    count = workers or loaded.workers
+    _say(f"{config} changed: starting {count} worker(s) on it")
+    generation = [start() for _ in range(count)]
     if not _wait_listening(generation, stop):
         _say("the new workers did not come up; still serving the old config")
         _stop_all([p for p, _ in generation], worker_stop_s + 5.0)  # some may have answered
         return None
     return generation
+
+
+def _count(workers: int | None, config: Path | None) -> int:
+    if workers is not None:
+        return workers
+    if config is None:
+        raise ValueError("--workers auto needs a config")
+    return CombinerConfig.load(config).workers
 
 
 def _wait_listening(

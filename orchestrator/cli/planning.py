@@ -161,6 +161,7 @@ def plan(
     out = Console()
     out.print(plan_table(result))
     out.print(f"predicted throughput: {result.predicted_throughput:,.1f} samples/s")
+    out.print(result.data_path().describe())
 
 
 def tune(

@@ -40,6 +40,12 @@ from orchestrator.planning.spec import load_ensemble
 __all__ = ["node", "regenerate_configs", "up"]
 
 
+def _workers_option(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise typer.BadParameter(f"'auto' or a whole number >= 1, not {value!r}")
+    return value
+
+
 def up(
     ensemble_file: EnsembleArg,
     host: Annotated[str, typer.Option(help="address the ensemble endpoint listens on")] = (
@@ -52,7 +58,14 @@ def up(
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus /metrics of the combiner")
     ] = 8102,
-    workers: Annotated[int, typer.Option(min=1, help="combiner processes sharing the port")] = 1,
+    workers: Annotated[
+        str,
+        typer.Option(
+            help="combiner processes sharing the port; auto: as many as the plan needs to carry "
+            "its throughput (from the profile's host costs), within the cores Triton leaves",
+            callback=_workers_option,
+        ),
+    ] = "auto",
     workdir: WorkdirOpt = None,
     plan_file: Annotated[
         Path | None, typer.Option("--plan", help="serve this plan (from 'chorus plan -o')")
@@ -110,7 +123,7 @@ def up(
         grpc_port=grpc_port,
         http_port=http_port,
         plan=plan,
-        workers=workers,
+        workers=None if workers == "auto" else int(workers),
         metrics_port=metrics_port,
         allow_client_shm=allow_client_shm,
         token_file=token_file,
@@ -135,6 +148,12 @@ def up(
             f"Triton (members) on {endpoints.triton_grpc}, its APIs behind a key only Chorus "
             f"holds; logs in {workdir}\n"
             + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
+            + (
+                f"{plan.data_path().describe()}\n"
+                if workers == "auto"
+                else f"combiner: {workers} process(es) (--workers; the plan needs "
+                f"{plan.combiner_workers})\n"
+            )
             + "Ctrl-C to stop",
             flush=True,
         )

@@ -150,7 +150,16 @@ def render_kubernetes(
             config_volume,
         )
     files["combiner.yaml"] = _combiner(
-        app, labels, meta, image, replicas, key_volume, config_volume, models_claim, config.stop_s()
+        app,
+        labels,
+        meta,
+        image,
+        replicas,
+        key_volume,
+        config_volume,
+        models_claim,
+        config.stop_s(),
+        config.workers,
     )
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -340,7 +349,10 @@ def _combiner(
     config_volume: dict[str, Any],
     models_claim: str,
     stop_s: float,
+    workers: int,
 ) -> list[dict[str, Any]]:
+    """Each pod runs the plan's combiner processes (``--workers auto``: the config's
+    ``workers``), and asks for half a core for each, up to one each plus one."""
     pod_labels = {**labels, "app.kubernetes.io/component": "combiner"}
     container = {
         "name": "combiner",
@@ -372,8 +384,8 @@ def _combiner(
         "livenessProbe": _probe("/v2/health/live", 8101, delay=10),
         "securityContext": _security(),
         "resources": {
-            "requests": {"cpu": "500m", "memory": "256Mi"},
-            "limits": {"cpu": "2", "memory": "1Gi"},
+            "requests": {"cpu": f"{500 * workers}m", "memory": f"{256 * workers}Mi"},
+            "limits": {"cpu": str(max(2, workers + 1)), "memory": f"{workers}Gi"},
         },
     }
     deployment = {

@@ -138,6 +138,7 @@ def combiner_config(
         fan_out=fan_out,
         cascade=cascade,
         max_in_flight=_max_in_flight(ensemble, plan, cascade),
+        workers=plan.combiner_workers,
     )
 
 
@@ -177,7 +178,7 @@ class Deployment:
         plan: Plan | None = None,
         timeout_s: float = 180.0,
         fan_out: Literal["concurrent", "sequential"] = "concurrent",
-        workers: int = 1,
+        workers: int | None = 1,
         metrics_port: int | None = None,
         batching: bool = True,
         shared_memory: bool | None = None,
@@ -196,7 +197,9 @@ class Deployment:
         ``allow_client_shm`` lets clients on this host register their own shared memory;
         ``token_file``, ``tls_cert`` and ``tls_key`` protect the ensemble's endpoints;
         ``drain_timeout_s`` bounds how long stopping waits for requests in flight;
-        ``cascade`` calls the members tier by tier (None: every member, every row)."""
+        ``cascade`` calls the members tier by tier (None: every member, every row);
+        ``workers`` None starts the combiner processes the plan needs
+        (:attr:`Plan.combiner_workers`)."""
         self.ensemble = ensemble
         self.workdir = workdir
         self.host = host
@@ -372,7 +375,7 @@ class Deployment:
             "--grpc-port",
             str(self.port),
             "--workers",
-            str(self.workers),
+            "auto" if self.workers is None else str(self.workers),
         ]
         if self.http_port is not None:
             argv += ["--http-port", str(self.http_port)]

@@ -12,7 +12,7 @@ import json
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,9 @@ from orchestrator.planning.allocate import (
     sequential_throughput,
 )
 from orchestrator.planning.climb import Budget
+from orchestrator.planning.data_path import DataPath, data_path
 from orchestrator.planning.hardware import Device
-from orchestrator.planning.profile import Profile
+from orchestrator.planning.profile import Host, Profile
 
 __all__ = [
     "Plan",
@@ -42,6 +43,7 @@ __all__ = [
     "plan_table",
     "predict",
     "predict_sequential",
+    "with_data_path",
 ]
 
 
@@ -63,6 +65,24 @@ class Plan:
     # every member), and the throughput of the plan made for the full ensemble (every share 1)
     shares: Mapping[str, float] = field(default_factory=dict)
     full_ensemble_throughput: float | None = None
+    # the data path (:mod:`orchestrator.planning.data_path`): the combiner processes the plan
+    # needs, what one carries (samples/s; None: not measured), the cores left to them on their
+    # node (None: not known), and what the members alone would serve (predicted_throughput is
+    # the lower of that and what the processes carry)
+    combiner_workers: int = 1
+    combiner_per_process: float | None = None
+    combiner_cores: int | None = None
+    members_throughput: float | None = None
+
+    def data_path(self) -> DataPath:
+        return DataPath(
+            self.combiner_workers,
+            self.predicted_throughput
+            if self.members_throughput is None
+            else self.members_throughput,
+            self.combiner_per_process,
+            self.combiner_cores,
+        )
 
     def member_shares(self) -> list[float] | None:
         """Each member's share in the order of :attr:`members`, as :func:`problem` takes them;
@@ -93,14 +113,14 @@ class Plan:
             "predicted_throughput": round(self.predicted_throughput, 3),
             "predicted_latency_ms": {m: round(v, 3) for m, v in self.predicted_latency_ms.items()},
             "latency_target_ms": self.latency_target_ms,
+            "combiner_workers": self.combiner_workers,
+            "combiner_per_process": _rounded(self.combiner_per_process),
+            "combiner_cores": self.combiner_cores,
+            "members_throughput": _rounded(self.members_throughput),
         }
         if self.shares:
             data["shares"] = {m: self.shares[m] for m in self.members if m in self.shares}
-            data["full_ensemble_throughput"] = (
-                None
-                if self.full_ensemble_throughput is None
-                else round(self.full_ensemble_throughput, 3)
-            )
+            data["full_ensemble_throughput"] = _rounded(self.full_ensemble_throughput)
         return data
 
     def to_json(self) -> str:
@@ -180,7 +200,31 @@ def plan_ensemble(
         else:
             whole = problem_for(None)  # anew: shares also bound the batches a later tier gets
             full = greedy(whole, effort=effort, budget=Budget(evaluations, time_limit_s)).throughput
-    return make_plan(ensemble, p, result, full_ensemble_throughput=full)
+    return with_data_path(
+        make_plan(ensemble, p, result, full_ensemble_throughput=full), profile.host
+    )
+
+
+def with_data_path(plan: Plan, host: Host | None) -> Plan:
+    """The plan with its combiner processes (:func:`data_path`), its throughput capped at what
+    they carry."""
+    path = data_path(plan.predicted_throughput, host, plan.devices, plan.instances)
+    full = plan.full_ensemble_throughput
+    if full is not None and path.capacity is not None:
+        full = min(full, path.capacity)
+    return replace(
+        plan,
+        predicted_throughput=path.throughput,
+        full_ensemble_throughput=full,
+        combiner_workers=path.workers,
+        combiner_per_process=path.per_worker,
+        combiner_cores=path.cores,
+        members_throughput=None if path.per_worker is None else plan.predicted_throughput,
+    )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def _shares(
@@ -346,6 +390,10 @@ def load_plan(path: str | Path) -> Plan:
             latency_target_ms=data.get("latency_target_ms"),
             shares={m: float(v) for m, v in data.get("shares", {}).items()},
             full_ensemble_throughput=data.get("full_ensemble_throughput"),
+            combiner_workers=int(data.get("combiner_workers", 1)),
+            combiner_per_process=data.get("combiner_per_process"),
+            combiner_cores=data.get("combiner_cores"),
+            members_throughput=data.get("members_throughput"),
         )
     except FileNotFoundError:
         raise SpecError(file, "", "no such file") from None
