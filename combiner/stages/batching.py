@@ -157,6 +157,8 @@ class Batcher(Generic[F]):
         self._limit = max_in_flight
         self._in_flight = 0
         self._queue: deque[_Waiting[F]] = deque()
+        self._rows_queued = 0  # the queue's rows, those that gave up included (a bound)
+        self._filling = False  # the dispatcher waits for arrivals to fill a batch
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -184,8 +186,12 @@ class Batcher(Generic[F]):
         self._last_arrival = now
         waiting = _Waiting(rows, wanted, deadline_at, cascade, loop.create_future())
         self._queue.append(waiting)
-        self._wake.set()
+        self._rows_queued += rows.batch
+        if self._filling or self._may_go():  # else it waits for a slot: no use waking it
+            self._wake.set()
         try:
+            if deadline_at is None:
+                return await waiting.placed
             async with asyncio.timeout_at(deadline_at):
                 return await waiting.placed
         except TimeoutError:
@@ -210,6 +216,7 @@ class Batcher(Generic[F]):
                     RequestError(grpc.StatusCode.UNAVAILABLE, "the endpoint is stopping")
                 )
         self._queue.clear()
+        self._rows_queued = 0
 
     def _launch(
         self,
@@ -250,11 +257,15 @@ class Batcher(Generic[F]):
     def _may_go(self) -> bool:
         """Whether the next batch may go out: while fewer than ``max_in_flight`` are out, or,
         when it is full already (waiting cannot grow it), beside them as one more."""
-        full = self._queued_rows() >= self._max_rows
-        return self._in_flight < self._limit + (1 if full else 0)
+        if self._in_flight < self._limit:
+            return True
+        return self._in_flight == self._limit and self._full()
 
-    def _queued_rows(self) -> int:
-        return sum(w.rows.batch for w in self._queue if not w.placed.done())
+    def _full(self) -> bool:
+        """Whether the queue holds ``max_rows`` rows of requests still waiting."""
+        if self._rows_queued < self._max_rows:
+            return False  # (a bound: no need to look at each)
+        return sum(w.rows.batch for w in self._queue if not w.placed.done()) >= self._max_rows
 
     def _release(self, _: object = None) -> None:
         self._in_flight -= 1
@@ -265,25 +276,30 @@ class Batcher(Generic[F]):
         loop = asyncio.get_running_loop()
         gap = min(max(2 * self._interval, 0.0001), self._max_gap_s)
         until = loop.time() + self._max_fill_s
-        while len(self._queue) < 2 * self._target and self._queued_rows() < self._max_rows:
-            now = loop.time()
-            if now - self._last_arrival >= gap or now >= until:
-                return
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(gap):
-                    await self._wake.wait()
+        self._filling = True
+        try:
+            while len(self._queue) < 2 * self._target and not self._full():
+                now = loop.time()
+                if now - self._last_arrival >= gap or now >= until:
+                    return
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(gap):
+                        await self._wake.wait()
+        finally:
+            self._filling = False
 
     def _take(self) -> list[_Waiting[F]]:
         """The first queued request and every compatible one behind it, up to max_rows;
         requests that gave up are dropped."""
         live = deque(w for w in self._queue if not w.placed.done())
         if not live:
-            self._queue = live
+            self._queue, self._rows_queued = live, 0
             return []
         first = live.popleft()
         batch, rows, key = [first], first.rows.batch, _key(first)
         kept: deque[_Waiting[F]] = deque()
+        rows_left = 0
         while live:
             w = live.popleft()
             if _key(w) == key and rows + w.rows.batch <= self._max_rows:
@@ -291,7 +307,9 @@ class Batcher(Generic[F]):
                 rows += w.rows.batch
             else:
                 kept.append(w)
+                rows_left += w.rows.batch
         self._queue = kept
+        self._rows_queued = rows_left
         return batch
 
 

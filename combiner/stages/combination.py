@@ -25,6 +25,7 @@ from tritonclient.utils import triton_to_np_dtype
 from combiner.config import CombinerConfig
 from combiner.errors import RequestError
 from combiner.stages.predict import Prediction
+from combiner.stages.request import finite
 from combiner.stages.rules import combine, load_rule, uncertainty
 from combiner.tasks import Owner
 
@@ -181,7 +182,7 @@ def _check_finite(
         if array.dtype.kind not in "fc" and array.dtype.name != "bfloat16":
             continue
         array = array.astype(np.float32) if array.dtype.name == "bfloat16" else array
-        if np.isfinite(array).all():
+        if finite(array) if array.dtype.kind == "f" else np.isfinite(array).all():
             continue
         bad_rows = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
         named = bad_rows if numbers is None else numbers[bad_rows]

@@ -10,6 +10,7 @@ of it here.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -225,15 +226,14 @@ def _placement(params: Any, what: str) -> tuple[str, int, int | None]:
 def _check_finite(name: str, content: bytes, info: TensorInfo, shape: tuple[int, ...]) -> None:
     """A floating-point input holds only finite numbers: NaN and inf are refused, whichever way
     they came (so that no answer is made of them)."""
-    dtype = np.dtype(triton_to_np_dtype(info.dtype))
+    dtype = _numpy_dtype(info.dtype)
     bfloat16 = info.dtype == "BF16"  # numpy sees ml_dtypes' bfloat16 as kind "V"
     if (dtype.kind != "f" and not bfloat16) or not content:
         return
     values = np.frombuffer(content, dtype=dtype)
     if bfloat16:
         values = values.astype(np.float32)
-    low, high = values.min(), values.max()  # NaN if any is: no array of flags on the way
-    if np.isfinite(low) and np.isfinite(high):
+    if finite(values):
         return
     flat = int(np.flatnonzero(~np.isfinite(values))[0])
     where = np.unravel_index(flat, shape)
@@ -241,6 +241,20 @@ def _check_finite(name: str, content: bytes, info: TensorInfo, shape: tuple[int,
         f"input {name!r} is not finite: {values[flat]} at row {where[0]} (index "
         f"{list(map(int, where))}); inputs must be finite numbers"
     )
+
+
+def finite(values: np.ndarray) -> bool:
+    """Whether a floating-point array holds only finite numbers: its sum (in float64, one
+    reduction and no array of flags) is finite unless one is not, or unless float64 values
+    overflow it, which the exact check then tells apart."""
+    if math.isfinite(float(values.sum(dtype=np.float64))):
+        return True
+    return bool(np.isfinite(values).all())
+
+
+@functools.cache
+def _numpy_dtype(datatype: str) -> np.dtype:
+    return np.dtype(triton_to_np_dtype(datatype))
 
 
 def _check_not_classification(

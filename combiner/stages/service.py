@@ -236,11 +236,11 @@ class EnsembleService:
         prediction = where.flight
         at_deadline = False
         try:
-            async with asyncio.timeout_at(stop_at):
-                if prediction.tiers is None:
-                    await asyncio.shield(prediction.finished)
-                else:  # its own rows, not the whole batch
-                    await prediction.rows_decided(where.start, where.stop)
+            if stop_at is None:
+                await self._until_answered(where)
+            else:
+                async with asyncio.timeout_at(stop_at):
+                    await self._until_answered(where)
         except TimeoutError:
             at_deadline = True  # answer with the members that made it
         finally:
@@ -271,6 +271,15 @@ class EnsembleService:
         finally:
             if at_deadline and due is not None:
                 self._lead.observe(time.monotonic() - due)
+
+    @staticmethod
+    async def _until_answered(where: Placement[Prediction]) -> None:
+        """Until the request's rows are answered; never cancels what it waits for."""
+        prediction = where.flight
+        if prediction.tiers is None:
+            await asyncio.shield(prediction.finished)
+        else:  # its own rows, not the whole batch
+            await prediction.rows_decided(where.start, where.stop)
 
     def _parts(
         self, p: Prediction, start: int, stop: int, deadline: float | None
