@@ -4,9 +4,10 @@
 
 Each version serves the digits ensemble from its own code (a git worktree of REV; this
 checkout), beside Triton's native ensemble on the same members; batch-1 clients at concurrency
-1, 8 and 64 measure both. The versions alternate, round after round, and each is judged by its
-ratio to the native ensemble measured in the same round, so the machine's drift between minutes
-cancels out. Kept in benchmarks/results/ab.md.
+1, 8 and 64 measure both, and the combiner's CPU per request (its process tree, from /proc).
+The versions alternate, round after round, and each is judged by its ratio to the native
+ensemble measured in the same round, so the machine's drift between minutes cancels out. Kept
+in benchmarks/results/ab.md.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ ROUND = """
 import inspect, json, sys
 from benchmarks.baselines import add_baselines, load, requests_for, served
 try:
+    from benchmarks.baselines import cpu_seconds, descendants
+except ImportError:  # a checkout from before they were there
+    cpu_seconds = descendants = None
+try:
     from orchestrator.examples.digits.train import HERE, load_split
     from orchestrator.planning.spec import load_ensemble
 except ImportError:  # a checkout from before the sub-packages
@@ -49,10 +54,13 @@ with served(ensemble, "chorus-ab-") as d:
     add_baselines(ensemble, d.workdir / "repository", d.endpoints.triton_grpc, 64, *extra)
     ours = requests_for(ensemble.name, "image", x)
     native = requests_for("native", "image", x)
+    pids = descendants(d.combiner.pid) if descendants else []
     for c in (1, 8, 64):
         n = load(d.endpoints.triton_grpc, native, c, seconds, *extra)
+        before = cpu_seconds(pids) if pids else 0.0
         o = load(d.endpoints.ensemble, ours, c, seconds)
-        out[c] = [o.samples_per_s, n.samples_per_s, o.p50_ms, n.p50_ms]
+        cpu = (cpu_seconds(pids) - before) / max(o.requests, 1) * 1000 if pids else None
+        out[c] = [o.samples_per_s, n.samples_per_s, o.p50_ms, n.p50_ms, cpu]
 print("RESULT " + json.dumps(out))
 """
 
@@ -115,16 +123,22 @@ def main() -> None:
         "Triton's native ensemble in the same round, rounds alternating.",
         "",
         "| concurrency | version | Chorus / native, each round | median | Chorus p50 - native p50 "
-        "(ms), median |",
-        "|---:|---|---|---:|---:|",
+        "(ms), median | combiner CPU ms/request, each round | median |",
+        "|---:|---|---|---:|---:|---|---:|",
     ]
     for c in CONCURRENCY:
         for version in ("old", "new"):
             ratios = [run[c][0] / run[c][1] for run in runs[version]]
             added = [run[c][2] - run[c][3] for run in runs[version]]
+            cpu = [run[c][4] for run in runs[version] if len(run[c]) > 4 and run[c][4] is not None]
             lines.append(
                 f"| {c} | {version} | {', '.join(f'{x:.2f}' for x in ratios)} | "
-                f"{statistics.median(ratios):.2f} | {statistics.median(added):+.2f} |"
+                f"{statistics.median(ratios):.2f} | {statistics.median(added):+.2f} | "
+                + (
+                    f"{', '.join(f'{x:.3f}' for x in cpu)} | {statistics.median(cpu):.3f} |"
+                    if cpu
+                    else "— | — |"
+                )
             )
     publish(lines, args.out)
 
