@@ -54,8 +54,9 @@ class Combination:
         wanted: tuple[str, ...],
     ) -> dict[str, np.ndarray]:
         """The wanted outputs for rows [start, stop) of the batch, from ``contributors``."""
-        outputs = await self._outputs(prediction, contributors, start, stop, wanted)
-        _check_finite(outputs, prediction, contributors, slice(start, stop))
+        outputs, finite = await self._outputs(prediction, contributors, start, stop, wanted)
+        if not finite:  # (not known to be: look at the request's rows)
+            _check_finite(outputs, prediction, contributors, slice(start, stop))
         return outputs
 
     async def outputs_by_rows(
@@ -90,7 +91,9 @@ class Combination:
         start: int,
         stop: int,
         wanted: tuple[str, ...],
-    ) -> dict[str, np.ndarray]:
+    ) -> tuple[dict[str, np.ndarray], bool]:
+        """The outputs, and whether they are known to be finite (the batch's combination, shared
+        by its requests, is checked once for them all)."""
         shared = (
             prediction.finished.done()
             and len(contributors) == len(prediction.answers)
@@ -99,8 +102,8 @@ class Combination:
         if not shared:
             stacked = self._stack(prediction, contributors, slice(start, stop))
             if _large(stacked):
-                return await asyncio.to_thread(self._combine, stacked, wanted, contributors)
-            return self._combine(stacked, wanted, contributors)
+                return await asyncio.to_thread(self._combine, stacked, wanted, contributors), False
+            return self._combine(stacked, wanted, contributors), False
         cached = prediction.combined.get(contributors)
         if cached is None:
             stacked = self._stack(prediction, contributors, slice(0, prediction.batch))
@@ -112,7 +115,10 @@ class Combination:
                 cached = self._combine(stacked, wanted, contributors)
             prediction.combined[contributors] = cached
         whole = await asyncio.shield(cached) if isinstance(cached, asyncio.Task) else cached
-        return {name: array[start:stop] for name, array in whole.items()}
+        finite = prediction.finite.get(contributors)
+        if finite is None:
+            finite = prediction.finite[contributors] = all(map(_finite, whole.values()))
+        return {name: array[start:stop] for name, array in whole.items()}, finite
 
     def _stack(
         self, prediction: Prediction, contributors: tuple[str, ...], rows: slice | np.ndarray
@@ -168,6 +174,18 @@ def _large(stacked: dict[str, np.ndarray]) -> bool:
     return sum(a.nbytes for a in stacked.values()) >= _OFFLOAD_BYTES
 
 
+def _finite(array: np.ndarray) -> bool:
+    """Whether an output holds no NaN or inf (True for outputs that are not numbers that can)."""
+    kind = array.dtype.kind
+    if kind == "f":
+        return finite(array)
+    if kind == "c":
+        return bool(np.isfinite(array).all())
+    if array.dtype.name == "bfloat16":  # numpy sees ml_dtypes' bfloat16 as kind "V"
+        return finite(array.astype(np.float32))
+    return True
+
+
 def _check_finite(
     outputs: dict[str, np.ndarray],
     prediction: Prediction,
@@ -179,11 +197,10 @@ def _check_finite(
     request, when they are some of its rows) that holds NaN or inf, saying where it came
     from."""
     for name, array in outputs.items():
-        if array.dtype.kind not in "fc" and array.dtype.name != "bfloat16":
+        if _finite(array):
             continue
-        array = array.astype(np.float32) if array.dtype.name == "bfloat16" else array
-        if finite(array) if array.dtype.kind == "f" else np.isfinite(array).all():
-            continue
+        if array.dtype.kind not in "fc":  # bfloat16
+            array = array.astype(np.float32)
         bad_rows = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
         named = bad_rows if numbers is None else numbers[bad_rows]
         shown = ", ".join(map(str, named[:8])) + (", ..." if len(bad_rows) > 8 else "")

@@ -65,6 +65,7 @@ class Prediction:
         self.settled: asyncio.Future[None] = loop.create_future()
         self.gone: asyncio.Future[None] = loop.create_future()  # done once abandoned
         self.combined: dict[tuple[str, ...], Any] = {}  # the combination stage's, per contributors
+        self.finite: dict[tuple[str, ...], bool] = {}  # ... and whether that is finite
         self.groups: list[Group] = []
         self.latest = latest  # the last of its requests' deadlines; None: one has none
         self._quorum = quorum
