@@ -396,6 +396,48 @@ def big_members(root: Path, count: int = 4) -> Ensemble:
     return load_ensemble(root / "big.yaml")
 
 
+def cnn_members(root: Path, widths: tuple[int, ...] = (16, 24, 32, 48)) -> Ensemble:
+    """Four convolutional members on 3x64x64 images (two strided 3x3 convolutions, average
+    pool, linear; random weights: only their cost matters), 2-13 MFLOP a sample: members whose
+    work, not the combiner's, is most of a request."""
+    for k, width in enumerate(widths):
+        rng = np.random.default_rng(k)
+
+        def weight(name: str, *shape: int, rng: np.random.Generator = rng) -> onnx.TensorProto:
+            scale = 1.0 / np.sqrt(np.prod(shape[1:]))
+            return numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
+
+        conv = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+        graph = helper.make_graph(
+            [
+                helper.make_node("Conv", ["image", "W1"], ["c1"], **conv),
+                helper.make_node("Relu", ["c1"], ["r1"]),
+                helper.make_node("Conv", ["r1", "W2"], ["c2"], **conv),
+                helper.make_node("Relu", ["c2"], ["r2"]),
+                helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
+                helper.make_node("Flatten", ["pooled"], ["flat"]),
+                helper.make_node("MatMul", ["flat", "W3"], ["logits"]),
+            ],
+            f"cnn{k}",
+            [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 64, 64])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+            initializer=[
+                weight("W1", width, 3, 3, 3),
+                weight("W2", 2 * width, width, 3, 3),
+                weight("W3", 2 * width, 10),
+            ],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        onnx.save(model, str(root / f"cnn{k}.onnx"))
+    members = "".join(f"  - {{name: cnn{k}, path: cnn{k}.onnx}}\n" for k in range(len(widths)))
+    (root / "cnn.yaml").write_text(
+        f"name: cnn\nmembers:\n{members}combine: {{rule: mean, softmax: true}}\n"
+        "serving: {max_batch_size: 16}\n"
+    )
+    return load_ensemble(root / "cnn.yaml")
+
+
 def _cpu_load(d: Deployment, requests: list, c: int, seconds: float) -> tuple[Load, float, float]:
     """A load on the ensemble, with the combiner's and Triton's CPU seconds per request."""
     assert d.endpoints is not None and d.combiner is not None and d.triton is not None
@@ -520,6 +562,15 @@ def main() -> None:
         "## The digits ensemble (4 members, softmax + mean)",
         "",
         *compare(ensemble, x, args.seconds, args.rounds),
+        "",
+        "## Heavier members: 4 CNNs on 3x64x64 images (softmax + mean)",
+        "",
+        *compare(
+            cnn_members(root),
+            np.random.default_rng(1).random((256, 3, 64, 64), dtype=np.float32),
+            args.seconds,
+            args.rounds,
+        ),
         "",
         "## The combiner's own cost: a one-member ensemble vs the member directly",
         "",
