@@ -5,8 +5,9 @@ server on uvloop that answers every ModelInfer at once with a canned response.
     python -m benchmarks.profile_combiner [--seconds 3] [--rounds 3]
 
 CPU seconds are read from /proc for each process tree around each load; the client is this
-process. With py-spy installed (``pip install py-spy``), ``--py-spy`` also samples the combiner
-worker under load at concurrency 64 and lists where its own time goes.
+process. ``--py-spy`` (py-spy comes with the test extras) also splits the combiner worker's CPU
+at concurrency 64: its main thread (the event loop) and its other threads from /proc, and the
+main thread by py-spy's samples, by stage.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import uvloop
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -92,16 +94,20 @@ def floor(x: np.ndarray, seconds: float) -> list[str]:
     try:
         requests = requests_for("digits", "image", x)
         lines = [
-            "| concurrency | requests/s | server CPU ms/request | client CPU ms/request |",
-            "|---:|---:|---:|---:|",
+            "| concurrency | requests/s | server CPU ms/request | its main thread | "
+            "client CPU ms/request |",
+            "|---:|---:|---:|---:|---:|",
         ]
         for c in (1, 8, 64):
             load(f"127.0.0.1:{port}", requests, c, 0.5)
+            main_before = thread_cpu(server.pid or 0)[0]
             r, cpu = measured(
                 f"127.0.0.1:{port}", requests, c, seconds, {"server": [server.pid or 0]}
             )
+            main = (thread_cpu(server.pid or 0)[0] - main_before) / max(r.requests, 1) * 1000
             lines.append(
-                f"| {c} | {r.samples_per_s:,.0f} | {cpu['server']:.2f} | {cpu['client']:.2f} |"
+                f"| {c} | {r.samples_per_s:,.0f} | {cpu['server']:.2f} | {main:.2f} | "
+                f"{cpu['client']:.2f} |"
             )
         return lines
     finally:
@@ -139,55 +145,102 @@ def split(x: np.ndarray, seconds: float, rounds: int, py_spy: bool) -> list[str]
                     f"{cpu['triton']:.2f} | {cpu['client']:.2f} | {total:.2f} |"
                 )
         if py_spy:
-            spy_lines = sample(groups["combiner"][-1], d.endpoints.ensemble, ours, seconds)
+            spy_lines = sample(d.combiner.pid or 0, d.endpoints.ensemble, ours, seconds)
     return [*lines, "", *spy_lines]
 
 
-def sample(worker: int, url: str, requests: list, seconds: float) -> list[str]:
-    """py-spy's view of the combiner worker at concurrency 64: share of samples by frame."""
+# Where a sample of the combiner worker's main thread lies, by the first frame (from the top of
+# the stack) in one of these files; "the event loop's own C work" is a sample with no Python
+# frame below the loop's (uvloop, grpc.aio's Cython, protobuf, numpy's C called from there).
+STAGES = {
+    "metrics (prometheus_client)": ("prometheus_client/",),
+    "request parsing and checks": ("combiner/stages/request.py",),
+    "batching": ("combiner/stages/batching.py",),
+    "member calls (lanes, requests to Triton, their answers)": (
+        "combiner/stages/calls.py",
+        "combiner/stages/lanes.py",
+        "combiner/stages/messages.py",
+        "combiner/stages/batch_shm.py",
+        "combiner/triton/",
+    ),
+    "the prediction (tiers, the batch's state)": (
+        "combiner/stages/predict.py",
+        "combiner/stages/prediction.py",
+    ),
+    "combination (rule, checks)": ("combiner/stages/combination.py", "combiner/stages/rules.py"),
+    "the service (deadline, quorum, response)": ("combiner/stages/service.py",),
+    "the gRPC endpoint (handler, body timeout)": ("combiner/endpoints/",),
+    "grpc.aio's Python (client calls)": ("grpc/",),
+}
+
+
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process's main thread (its event loop), and of its other threads
+    (grpc.aio's poller and gRPC core's event engine)."""
+    main = other = 0.0
+    for t in psutil.Process(pid).threads():
+        if t.id == pid:
+            main += t.user_time + t.system_time
+        else:
+            other += t.user_time + t.system_time
+    return main, other
+
+
+def sample(combiner: int, url: str, requests: list, seconds: float) -> list[str]:
+    """The combiner worker at concurrency 64: its threads' CPU per request (from /proc), and
+    py-spy's samples of its main thread, by where they lie, spreading that thread's CPU."""
+    worker = next(
+        p
+        for p in descendants(combiner)
+        if "combiner.worker" in " ".join(psutil.Process(p).cmdline())
+    )
     out = Path(tempfile.mkdtemp()) / "spy.txt"
     spy = subprocess.Popen(
         [
-            "py-spy",
-            "record",
-            "-p",
-            str(worker),
-            "-d",
-            str(int(seconds)),
-            "-f",
-            "raw",
-            "-o",
-            str(out),
+            *("py-spy", "record", "-p", str(worker), "-d", str(int(seconds))),
+            *("-r", "400", "-f", "raw", "-o", str(out)),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    load(url, requests, 64, seconds + 1)
+    pids = descendants(combiner)
+    before, threads_before = cpu_seconds(pids), thread_cpu(worker)
+    r = load(url, requests, 64, seconds + 1)
+    n = max(r.requests, 1)
+    ms = (cpu_seconds(pids) - before) / n * 1000
+    main_ms, other_ms = (
+        (after - was) / n * 1000
+        for after, was in zip(thread_cpu(worker), threads_before, strict=True)
+    )
     spy.wait()
-    inclusive: Counter[str] = Counter()
-    total = 0
+    shares: Counter[str] = Counter()
     for line in out.read_text().splitlines():
-        stack, n = line.rsplit(" ", 1)
-        total += int(n)
-        for frame in set(stack.split(";")):
-            inclusive[frame.split(" (")[0]] += int(n)
-    wanted = [
-        "Thread.run",
-        "GrpcEndpoint.ModelInfer",
-        "EnsembleService._infer",
-        "RequestReader.parse",
-        "Batcher._dispatch_forever",
-        "Predictor._run",
-        "Predictor._settled",
-        "Upstream._infer",
-        "Combination.outputs",
-        "EnsembleService._response",
-    ]
+        stack, count = line.rsplit(" ", 1)
+        frames = stack.split(";")
+        if "runpy" not in frames[0]:  # not the main thread (py-spy counts a thread that waits
+            continue  # for the GIL as busy: /proc says what the others cost)
+        where = "the event loop's own C work (uvloop, grpc.aio's Cython, protobuf)"
+        for frame in reversed(frames):
+            stage = next((k for k, paths in STAGES.items() if any(p in frame for p in paths)), None)
+            if stage is not None:
+                where = stage
+                break
+        shares[where] += int(count)
+    total = max(sum(shares.values()), 1)
     return [
-        f"py-spy, combiner worker at concurrency 64 ({total} samples; `Thread.run` is grpc.aio's "
-        "poller thread, the rest of the samples are the event loop inside grpc and uvloop):",
+        f"The combiner at concurrency 64 (`--py-spy`): {ms:.3f} ms of CPU a request in all, "
+        f"{r.samples_per_s:,.0f} requests/s. Its worker's main thread (the event loop) "
+        f"{main_ms:.3f} ms, the worker's other threads {other_ms:.3f} ms, the supervisor and "
+        f"the rest {ms - main_ms - other_ms:.3f} ms (from /proc). The main thread's "
+        f"{total} py-spy samples over {int(seconds)} s, each where the innermost Chorus file "
+        "on its stack is (else the loop's own work), spread that thread's CPU:",
         "",
-        *(f"- {name}: {inclusive[name] / max(total, 1):.0%}" for name in wanted),
+        "| where, in the worker's main thread | share of samples | ms a request |",
+        "|---|---:|---:|",
+        *(
+            f"| {name} | {count / total:.0%} | {main_ms * count / total:.3f} |"
+            for name, count in shares.most_common()
+        ),
     ]
 
 
