@@ -178,6 +178,8 @@ class CombinerConfig(_Strict):
     workers: int = Field(
         1,
         ge=1,
+        le=256,
+        strict=True,
         description="combiner processes the plan needs to carry its throughput (python -m "
         "combiner --workers auto, the default, starts this many)",
     )

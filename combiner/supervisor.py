@@ -54,15 +54,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         workers = _workers(args.workers)
     except ValueError:
-        parser.error(f"--workers must be 'auto' or a whole number >= 1, not {args.workers!r}")
+        parser.error(
+            f"--workers must be 'auto' or a whole number from 1 to {_MAX_WORKERS}, "
+            f"not {args.workers!r}"
+        )
     try:
         Credentials.load(args.token_file, args.tls_cert, args.tls_key)
         loaded = CombinerConfig.load(args.config)
     except (OSError, ValueError) as e:
         parser.error(str(e))
     worker_stop_s = loaded.stop_s()
+    count = workers or loaded.workers
     _say(
-        f"python -m combiner: {workers or loaded.workers} worker process(es)"
+        f"python -m combiner: {count} worker process(es)"
         + ("" if workers else " (auto: the config's 'workers')")
     )
     argv = [sys.executable, "-m", "combiner.worker", "--config", str(args.config)]
@@ -80,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         _say(f"python -m combiner: {e.strerror}")
         raise SystemExit(2) from None
     try:
-        code = supervise(argv, workers, args.host, args.metrics_port, worker_stop_s, args.config)
+        code = supervise(
+            argv, workers, args.host, args.metrics_port, worker_stop_s, args.config, count
+        )
     finally:
         for s in held:
             s.close()
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 _READY_WAIT_S = 120.0
+_MAX_WORKERS = 256  # as the config allows
 _RELOAD_RETRY_S = 10.0
 
 
@@ -95,10 +102,9 @@ def _workers(value: str) -> int | None:
     """``--workers``: None for auto, else the count (ValueError if it is neither)."""
     if value == "auto":
         return None
-    count = int(value)
-    if count < 1:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= _MAX_WORKERS:
         raise ValueError(value)
-    return count
+    return int(value)
 
 
 def supervise(
@@ -108,10 +114,12 @@ def supervise(
     metrics_port: int | None,
     worker_stop_s: float,
     config: Path | None = None,
+    first: int | None = None,
 ) -> int:
     """Run and restart the workers until SIGINT/SIGTERM; ``worker_stop_s``: the longest a
     worker may take to stop (it is killed only after that). ``workers`` None: as many as the
-    config says, read again at each reload (``config`` is then required)."""
+    config says (``first``: at the start, as read already), read again at each reload
+    (``config`` is then required)."""
     metrics_dir = tempfile.mkdtemp(prefix="chorus-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     stop = threading.Event()
@@ -135,7 +143,9 @@ def supervise(
         return proc, ready
 
     served = _digest(config)
-    current = [start() for _ in range(_count(workers, config))]  # each worker and its ready file
+    current = [
+        start() for _ in range(workers or first or _count(workers, config))
+    ]  # each worker and its ready file
     procs = [p for p, _ in current]
     restarts = Restarts()
     reported = False  # whether <config>.served says what every worker serves

@@ -41,8 +41,8 @@ __all__ = ["node", "regenerate_configs", "up"]
 
 
 def _workers_option(value: str) -> str:
-    if value != "auto" and not (value.isdigit() and int(value) >= 1):
-        raise typer.BadParameter(f"'auto' or a whole number >= 1, not {value!r}")
+    if value != "auto" and not (value.isascii() and value.isdigit() and 1 <= int(value) <= 256):
+        raise typer.BadParameter(f"'auto' or a whole number from 1 to 256, not {value!r}")
     return value
 
 
@@ -151,7 +151,7 @@ def up(
             + (
                 f"{plan.data_path().describe()}\n"
                 if workers == "auto"
-                else f"combiner: {workers} process(es) (--workers; the plan needs "
+                else f"combiner: {workers} process(es) (--workers; auto would start "
                 f"{plan.combiner_workers})\n"
             )
             + "Ctrl-C to stop",

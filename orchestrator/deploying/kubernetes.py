@@ -351,8 +351,10 @@ def _combiner(
     stop_s: float,
     workers: int,
 ) -> list[dict[str, Any]]:
-    """Each pod runs the plan's combiner processes (``--workers auto``: the config's
-    ``workers``), and asks for half a core for each, up to one each plus one."""
+    """The plan's combiner processes (the config's ``workers``) shared over the ``replicas``
+    pods, each running its share (``--workers``) and asking for half a core a process, up to
+    one each plus one."""
+    workers = math.ceil(workers / replicas)
     pod_labels = {**labels, "app.kubernetes.io/component": "combiner"}
     container = {
         "name": "combiner",
@@ -371,6 +373,8 @@ def _combiner(
             "8102",
             "--token-file",
             "/etc/chorus/token/token",
+            "--workers",
+            str(workers),
         ],
         "ports": _container_ports(COMBINER_PORTS),
         "volumeMounts": [

@@ -33,7 +33,7 @@ from orchestrator.planning.allocate import (
     evaluate_moves,
     problem,
 )
-from orchestrator.planning.plan import Plan, make_plan
+from orchestrator.planning.plan import Plan, make_plan, with_data_path
 from orchestrator.planning.profile import Profile
 from orchestrator.planning.spec import Ensemble
 
@@ -88,13 +88,15 @@ def tune(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    deployment = Deployment(ensemble, workdir, plan=start)
+    deployment = Deployment(ensemble, workdir, plan=start, workers=None)  # the plan's processes
     with deployment as endpoints, Progress(*columns, disable=not show_progress) as progress:
         task = progress.add_task("measuring the starting plan", total=budget)
         best: list[tuple[float, Plan]] = []  # the best measured so far
 
         def measure(n: np.ndarray, b: np.ndarray, predicted: float) -> float:
-            plan = make_plan(ensemble.name, p, SearchResult(n, b, predicted, 0))
+            plan = with_data_path(
+                make_plan(ensemble.name, p, SearchResult(n, b, predicted, 0)), profile.host
+            )
             what = _describe(best[0][1], plan) if best else "start (cost model's plan)"
             progress.update(task, description=f"measuring: {what}")
             deployment.apply(plan)

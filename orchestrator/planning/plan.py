@@ -30,7 +30,13 @@ from orchestrator.planning.allocate import (
     sequential_throughput,
 )
 from orchestrator.planning.climb import Budget
-from orchestrator.planning.data_path import DataPath, data_path
+from orchestrator.planning.data_path import (
+    MAX_WORKERS,
+    UNMEASURED,
+    UNSIZED,
+    DataPath,
+    data_path,
+)
 from orchestrator.planning.hardware import Device
 from orchestrator.planning.profile import Host, Profile
 
@@ -73,15 +79,18 @@ class Plan:
     combiner_per_process: float | None = None
     combiner_cores: int | None = None
     members_throughput: float | None = None
+    combiner_rows: int = 1  # rows per request of the measure behind combiner_per_process
+    combiner_sized: bool = True  # False: read from a plan made before Chorus sized the combiner
 
     def data_path(self) -> DataPath:
+        members = self.members_throughput
         return DataPath(
             self.combiner_workers,
-            self.predicted_throughput
-            if self.members_throughput is None
-            else self.members_throughput,
+            self.predicted_throughput if members is None else members,
             self.combiner_per_process,
             self.combiner_cores,
+            self.combiner_rows,
+            UNMEASURED if self.combiner_sized else UNSIZED,
         )
 
     def member_shares(self) -> list[float] | None:
@@ -116,6 +125,7 @@ class Plan:
             "combiner_workers": self.combiner_workers,
             "combiner_per_process": _rounded(self.combiner_per_process),
             "combiner_cores": self.combiner_cores,
+            "combiner_rows_per_request": self.combiner_rows,
             "members_throughput": _rounded(self.members_throughput),
         }
         if self.shares:
@@ -193,34 +203,57 @@ def plan_ensemble(
         raise InfeasibleError(_target_message(p))
     if budget.cut and on_limit is not None:
         on_limit(budget)
-    full = None
-    if share_list is not None:
-        if all(s == 1.0 for s in share_list):
-            full = result.throughput  # the same problem: the same plan
-        else:
-            whole = problem_for(None)  # anew: shares also bound the batches a later tier gets
-            full = greedy(whole, effort=effort, budget=Budget(evaluations, time_limit_s)).throughput
-    return with_data_path(
-        make_plan(ensemble, p, result, full_ensemble_throughput=full), profile.host
-    )
+    planned = with_data_path(make_plan(ensemble, p, result), profile.host)
+    if share_list is None:
+        return planned
+    if all(s == 1.0 for s in share_list):
+        full = planned.predicted_throughput  # the same problem: the same plan
+    else:  # planned anew (shares also bound the batches a later tier gets), its data path too
+        whole = problem_for(None)
+        found = greedy(whole, effort=effort, budget=Budget(evaluations, time_limit_s))
+        full = with_data_path(make_plan(ensemble, whole, found), profile.host).predicted_throughput
+    return replace(planned, full_ensemble_throughput=full)
 
 
 def with_data_path(plan: Plan, host: Host | None) -> Plan:
     """The plan with its combiner processes (:func:`data_path`), its throughput capped at what
     they carry."""
     path = data_path(plan.predicted_throughput, host, plan.devices, plan.instances)
-    full = plan.full_ensemble_throughput
-    if full is not None and path.capacity is not None:
-        full = min(full, path.capacity)
     return replace(
         plan,
         predicted_throughput=path.throughput,
-        full_ensemble_throughput=full,
         combiner_workers=path.workers,
         combiner_per_process=path.per_worker,
         combiner_cores=path.cores,
         members_throughput=None if path.per_worker is None else plan.predicted_throughput,
+        combiner_rows=path.rows,
+        combiner_sized=True,
     )
+
+
+def _combiner_fields(file: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """The data path's fields of a plan file, checked (SpecError naming the field); a plan
+    from before they were there keeps one process, and says so."""
+    if "combiner_workers" not in data:
+        return {"combiner_sized": False}
+
+    def number(key: str, lowest: float, whole: bool, optional: bool) -> Any:
+        value: Any = data.get(key)
+        if value is None and optional:
+            return None
+        ok = isinstance(value, int) if whole else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or not math.isfinite(value) or value < lowest:
+            kind = "a whole number" if whole else "a number"
+            raise SpecError(file, key, f"{value!r} is not {kind} >= {lowest:g}")
+        return value
+
+    return {
+        "combiner_workers": min(number("combiner_workers", 1, True, False), MAX_WORKERS),
+        "combiner_per_process": number("combiner_per_process", 1e-9, False, True),
+        "combiner_cores": number("combiner_cores", 0, True, True),
+        "members_throughput": number("members_throughput", 0, False, True),
+        "combiner_rows": number("combiner_rows_per_request", 1, True, True) or 1,
+    }
 
 
 def _rounded(value: float | None) -> float | None:
@@ -390,10 +423,7 @@ def load_plan(path: str | Path) -> Plan:
             latency_target_ms=data.get("latency_target_ms"),
             shares={m: float(v) for m, v in data.get("shares", {}).items()},
             full_ensemble_throughput=data.get("full_ensemble_throughput"),
-            combiner_workers=int(data.get("combiner_workers", 1)),
-            combiner_per_process=data.get("combiner_per_process"),
-            combiner_cores=data.get("combiner_cores"),
-            members_throughput=data.get("members_throughput"),
+            **_combiner_fields(file, data),
         )
     except FileNotFoundError:
         raise SpecError(file, "", "no such file") from None

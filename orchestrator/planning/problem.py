@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.errors import SpecError
+from orchestrator.planning.data_path import combiner_cpu
 from orchestrator.planning.hardware import Device
 from orchestrator.planning.profile import Profile
 
@@ -201,8 +202,8 @@ def problem(
     call_rate = np.zeros(shape)
     cpu = np.zeros(shape)
     memory = np.full(shape, np.inf)
-    cpus = [j for j, d in enumerate(devices) if d.kind == "cpu"]
-    host = profile.host if cpus else None
+    here = combiner_cpu(devices)  # the CPU the combiner runs on, if the devices list it
+    host = profile.host if here is not None else None
     per_call = (host.call_cpu_ms or 0.0) if host is not None else 0.0  # None: unmeasured
     for i, m in enumerate(members):
         for j, (d, c) in enumerate(zip(devices, curves[m], strict=True)):
@@ -230,7 +231,7 @@ def problem(
         host_latency = (host.latency_ms or 0.0) / 1000.0
         sequential_call = (host.sequential_call_ms or 0.0) / 1000.0
         if host.busy_share is not None:  # the cores serving keeps busy on the host's CPU
-            lanes[cpus[0]] *= host.busy_share
+            lanes[here] *= host.busy_share
     return Problem(
         members=tuple(members),
         devices=tuple(devices),
@@ -243,7 +244,7 @@ def problem(
         call_rate=call_rate,
         cpu=cpu,
         host_cpu=host_cpu,
-        host_device=cpus[0] if cpus else -1,
+        host_device=-1 if here is None else here,
         host_latency=host_latency,
         sequential_call=sequential_call,
         rows_per_request=rows,

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from combiner.supervisor import _count
+import pytest
+
+from combiner.supervisor import _count, _workers
+from orchestrator.errors import SpecError
 from orchestrator.deploying.kubernetes import render_kubernetes
 from orchestrator.deploying.up import combiner_config
 from orchestrator.planning.data_path import data_path
@@ -92,7 +95,7 @@ def test_without_a_measurement_one_process_and_why(tmp_path):
     assert plan["combiner_per_process"] is None
     assert plan["members_throughput"] is None
     table = chorus("plan", *args, "--evaluations", "20000")
-    assert "run 'chorus profile' on this host" in " ".join(table.stdout.split())
+    assert "run 'chorus profile' on the serving host" in " ".join(table.stdout.split())
 
 
 def test_cores_not_known_do_not_cap_the_count(tmp_path):
@@ -135,5 +138,75 @@ def test_the_count_reaches_the_combiner_and_kubernetes(tmp_path):
     (container,) = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"
     ]
-    assert "--workers" not in container["args"]  # auto: the config's count
-    assert container["resources"]["requests"]["cpu"] == f"{500 * plan.combiner_workers}m"
+    per_pod = -(-plan.combiner_workers // 2)  # the default 2 replicas share them
+    assert container["args"][-2:] == ["--workers", str(per_pod)]
+    assert container["resources"]["requests"]["cpu"] == f"{500 * per_pod}m"
+
+
+def test_the_combiner_runs_on_the_first_node_for_the_cost_model_and_the_count(tmp_path):
+    # node a (GPUs, no CPU listed) comes first: the combiner is there, not beside b's 2 cores
+    a = [{"kind": "gpu", "index": i, "name": "V100", "memory_gb": 16} for i in range(8)]
+    b = [*a, {"kind": "cpu", "cores": 2, "memory_gb": 64}]
+    hardware = tmp_path / "two.yaml"
+    hardware.write_text(
+        yaml.safe_dump({"nodes": [{"name": "a", "devices": a}, {"name": "b", "devices": b}]})
+    )
+    args = _files(tmp_path, cpu_cores=None, combiner_cpu_ms=0.8)
+    args[args.index("--hardware") + 1] = str(hardware)
+    plan = _plan(tmp_path, *args)
+    assert plan["combiner_cores"] is None  # a lists no CPU
+    assert plan["members_throughput"] > 15_000  # b's 2 cores do not bound the combiner
+    assert plan["combiner_workers"] == -(-plan["members_throughput"] // 1250)
+
+
+def test_a_node_with_no_core_to_spare_says_so(tmp_path):
+    hardware = tmp_path / "cpu.yaml"
+    hardware.write_text(
+        yaml.safe_dump(
+            {"nodes": [{"name": "n", "devices": [{"kind": "cpu", "cores": 2, "memory_gb": 8}]}]}
+        )
+    )
+    (cpu,) = load_hardware(hardware)
+    path = data_path(9000.0, Host(1, 0.5, 0.1, 1.0), [cpu], {m: {cpu.id: 1} for m in "abcd"})
+    assert (path.cores, path.workers) == (0, 1)
+    assert "no core is left beside Triton's work" in path.describe()
+    assert "requests of 1 row(s)" in path.describe()
+
+
+def test_a_plan_file_with_a_bad_combiner_count_is_refused_naming_it(tmp_path):
+    args = _files(tmp_path, cpu_cores=32, combiner_cpu_ms=0.8)
+    out = tmp_path / "plan.json"
+    assert chorus("plan", *args, "-o", str(out), "--evaluations", "20000").returncode == 0
+    good = json.loads(out.read_text())
+    for field, value in [
+        ("combiner_workers", -3),
+        ("combiner_workers", 0),
+        ("combiner_workers", "abc"),
+        ("combiner_workers", 2.7),
+        ("combiner_workers", True),
+        ("combiner_per_process", "fast"),
+        ("combiner_cores", -1),
+    ]:
+        out.write_text(json.dumps({**good, field: value}))
+        with pytest.raises(SpecError, match=field):
+            load_plan(out)
+
+
+def test_a_plan_from_before_the_sizing_keeps_one_process_and_says_to_plan_again(tmp_path):
+    args = _files(tmp_path, cpu_cores=32, combiner_cpu_ms=0.8)
+    out = tmp_path / "plan.json"
+    assert chorus("plan", *args, "-o", str(out), "--evaluations", "20000").returncode == 0
+    old = {k: v for k, v in json.loads(out.read_text()).items() if not k.startswith("combiner")}
+    old.pop("members_throughput")
+    out.write_text(json.dumps(old))
+    plan = load_plan(out)
+    assert plan.combiner_workers == 1
+    assert "run 'chorus plan' again" in plan.data_path().describe()
+
+
+def test_workers_on_the_command_line_are_auto_or_a_plain_count():
+    assert _workers("auto") is None
+    assert _workers("3") == 3
+    for bad in ("0", "-1", "abc", "2.5", "", " 2", "+2", "\u0663", "257"):
+        with pytest.raises(ValueError):
+            _workers(bad)
