@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
-import pytest
-
 from combiner.supervisor import _count, _workers
-from orchestrator.errors import SpecError
 from orchestrator.deploying.kubernetes import render_kubernetes
 from orchestrator.deploying.up import combiner_config
+from orchestrator.errors import SpecError
 from orchestrator.planning.data_path import data_path
 from orchestrator.planning.hardware import load_hardware
 from orchestrator.planning.plan import load_plan
