@@ -3,11 +3,17 @@ test_supervision)."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from combiner.sdk import EnsembleClient
+from orchestrator.deploying.launch import free_port
+from tests.cli import chorus
+from tests.integration.conftest import Up
 from tests.integration.processes import alive, command_name, descendants
 
 
@@ -26,3 +32,39 @@ def test_stopping_chorus_up_leaves_no_process_behind(chorus_up, split, sig):
     if sig != signal.SIGKILL:  # its last line says it is done, and how it ended
         assert up.text().rstrip().splitlines()[-1].startswith("stopped in "), up.text()
     up.wait_for("every process gone", lambda: not any(alive(p) for p in tree))
+
+
+def test_workers_auto_start_the_processes_the_plan_asks_for(
+    ensemble_file, profile_file, split, tmp_path
+):
+    """`chorus up` without --workers serves a plan that needs two combiner processes (a plan
+    file, as `chorus plan -o` writes it for a host with the cores) with two, and says so."""
+    planned = tmp_path / "plan.json"
+    run = chorus("plan", str(ensemble_file), "--profile", str(profile_file), "-o", str(planned))
+    assert run.returncode == 0, run.stderr
+    data = json.loads(planned.read_text())
+    planned.write_text(json.dumps({**data, "combiner_workers": 2}))
+    port = free_port()
+    argv = [sys.executable, "-m", "orchestrator", "up", str(ensemble_file), "--plan", str(planned)]
+    argv += ["--grpc-port", str(port), "--http-port", str(free_port())]
+    argv += ["--metrics-port", str(free_port()), "--workdir", str(tmp_path / "work")]
+    log = tmp_path / "stderr.txt"
+    with (
+        log.open("w") as errors,
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True) as process,
+    ):
+        try:
+            assert process.stdout is not None
+            lines = [process.stdout.readline() for _ in range(5)]
+            assert any(line.startswith("combiner: 2 process(es)") for line in lines), lines
+            up = Up(process, f"127.0.0.1:{port}", log, tmp_path / "work")
+            up.wait_for("two workers", lambda: len(up.children("combiner.worker")) == 2)
+            with EnsembleClient(up.address) as client:
+                assert client.predict(split.x_test[:3]).shape == (3, 10)
+            config = json.loads((tmp_path / "work" / "combiner.json").read_text())
+            assert config["workers"] == 2
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 0, up.text()
+        finally:
+            if process.poll() is None:
+                process.kill()
