@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -144,8 +145,7 @@ class Up:
 def chorus_up(
     request: pytest.FixtureRequest, ensemble_file: Path, profile_file: Path, tmp_path: Path
 ) -> Iterator[Up]:
-    """``chorus up --workers 2``, as a user runs it (stderr to a file: a pipe nobody reads
-    could fill up and block it); more flags by indirect parametrization."""
+    """``chorus up --workers 2``, as a user runs it; more flags by indirect parametrization."""
     port = free_port()
     argv = [
         sys.executable,
@@ -167,6 +167,15 @@ def chorus_up(
         str(tmp_path / "work"),
         *getattr(request, "param", ()),
     ]
+    with launched_up(argv, port, tmp_path) as up:
+        up.wait_for("two workers", lambda: len(up.children("combiner.worker")) == 2)
+        yield up
+
+
+@contextmanager
+def launched_up(argv: list[str], port: int, tmp_path: Path) -> Iterator[Up]:
+    """A ``chorus up`` command line, once it serves on ``port`` (stderr to a file: a pipe
+    nobody reads could fill up and block it); killed after, if it still runs."""
     log = tmp_path / "stderr.txt"
     with (
         log.open("w") as errors,
@@ -176,9 +185,7 @@ def chorus_up(
             assert process.stdout is not None
             line = process.stdout.readline()
             assert f"serving on 127.0.0.1:{port}" in line, (line, log.read_text())
-            up = Up(process, f"127.0.0.1:{port}", log, tmp_path / "work")
-            up.wait_for("two workers", lambda: len(up.children("combiner.worker")) == 2)
-            yield up
+            yield Up(process, f"127.0.0.1:{port}", log, tmp_path / "work")
         finally:
             if process.poll() is None:
                 process.kill()

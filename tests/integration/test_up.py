@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from combiner.sdk import EnsembleClient
 from orchestrator.deploying.launch import free_port
 from tests.cli import chorus
-from tests.integration.conftest import Up
+from tests.integration.conftest import launched_up
 from tests.integration.processes import alive, command_name, descendants
 
 
@@ -48,23 +47,14 @@ def test_workers_auto_start_the_processes_the_plan_asks_for(
     argv = [sys.executable, "-m", "orchestrator", "up", str(ensemble_file), "--plan", str(planned)]
     argv += ["--grpc-port", str(port), "--http-port", str(free_port())]
     argv += ["--metrics-port", str(free_port()), "--workdir", str(tmp_path / "work")]
-    log = tmp_path / "stderr.txt"
-    with (
-        log.open("w") as errors,
-        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True) as process,
-    ):
-        try:
-            assert process.stdout is not None
-            lines = [process.stdout.readline() for _ in range(5)]
-            assert any(line.startswith("combiner: 2 process(es)") for line in lines), lines
-            up = Up(process, f"127.0.0.1:{port}", log, tmp_path / "work")
-            up.wait_for("two workers", lambda: len(up.children("combiner.worker")) == 2)
-            with EnsembleClient(up.address) as client:
-                assert client.predict(split.x_test[:3]).shape == (3, 10)
-            config = json.loads((tmp_path / "work" / "combiner.json").read_text())
-            assert config["workers"] == 2
-            process.send_signal(signal.SIGINT)
-            assert process.wait(timeout=60) == 0, up.text()
-        finally:
-            if process.poll() is None:
-                process.kill()
+    with launched_up(argv, port, tmp_path) as up:
+        assert up.process.stdout is not None
+        lines = [up.process.stdout.readline() for _ in range(4)]  # after "serving on"
+        assert any(line.startswith("combiner: 2 process(es)") for line in lines), lines
+        up.wait_for("two workers", lambda: len(up.children("combiner.worker")) == 2)
+        with EnsembleClient(up.address) as client:
+            assert client.predict(split.x_test[:3]).shape == (3, 10)
+        config = json.loads((tmp_path / "work" / "combiner.json").read_text())
+        assert config["workers"] == 2
+        up.process.send_signal(signal.SIGINT)
+        assert up.process.wait(timeout=60) == 0, up.text()

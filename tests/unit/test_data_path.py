@@ -14,7 +14,7 @@ from orchestrator.deploying.kubernetes import render_kubernetes
 from orchestrator.deploying.up import combiner_config
 from orchestrator.errors import SpecError
 from orchestrator.planning.data_path import data_path
-from orchestrator.planning.hardware import load_hardware
+from orchestrator.planning.hardware import Device, load_hardware
 from orchestrator.planning.plan import load_plan
 from orchestrator.planning.profile import Curve, Host, Profile
 from orchestrator.planning.spec import load_ensemble
@@ -103,14 +103,17 @@ def test_cores_not_known_do_not_cap_the_count(tmp_path):
     assert plan["combiner_workers"] == -(-plan["members_throughput"] // 1250)
 
 
-def test_cpu_instances_leave_their_cores_to_triton(tmp_path):
+def _cpu_alone(tmp_path: Path, cores: int) -> Device:
+    """The CPU of a one-node hardware file that lists only it."""
     hardware = tmp_path / "cpu.yaml"
-    hardware.write_text(
-        yaml.safe_dump(
-            {"nodes": [{"name": "n", "devices": [{"kind": "cpu", "cores": 8, "memory_gb": 64}]}]}
-        )
-    )
+    device = {"kind": "cpu", "cores": cores, "memory_gb": 64}
+    hardware.write_text(yaml.safe_dump({"nodes": [{"name": "n", "devices": [device]}]}))
     (cpu,) = load_hardware(hardware)
+    return cpu
+
+
+def test_cpu_instances_leave_their_cores_to_triton(tmp_path):
+    cpu = _cpu_alone(tmp_path, cores=8)
     host = Host(4, 2.0, 0.1, 1.0)  # 2,000 samples/s a process
     path = data_path(50_000.0, host, [cpu], {"a": {cpu.id: 3}, "b": {cpu.id: 2}})
     assert (path.cores, path.workers, path.capacity) == (3, 3, 6000.0)
@@ -159,13 +162,7 @@ def test_the_combiner_runs_on_the_first_node_for_the_cost_model_and_the_count(tm
 
 
 def test_a_node_with_no_core_to_spare_says_so(tmp_path):
-    hardware = tmp_path / "cpu.yaml"
-    hardware.write_text(
-        yaml.safe_dump(
-            {"nodes": [{"name": "n", "devices": [{"kind": "cpu", "cores": 2, "memory_gb": 8}]}]}
-        )
-    )
-    (cpu,) = load_hardware(hardware)
+    cpu = _cpu_alone(tmp_path, cores=2)
     path = data_path(9000.0, Host(1, 0.5, 0.1, 1.0), [cpu], {m: {cpu.id: 1} for m in "abcd"})
     assert (path.cores, path.workers) == (0, 1)
     assert "no core is left beside Triton's work" in path.describe()
