@@ -95,9 +95,11 @@ def serve_node(
 ) -> NoReturn:
     """Become this node's tritonserver (exec): the rendered repository, every model in it
     loaded, explicit model control, every API but health behind the key."""
+    if not repo.is_dir():
+        raise SpecError(repo, "", "no such repository: render the plan first")
     models = node_models(repo)
-    if not models:
-        raise SpecError(repo, "", "no model to serve: render the node's repository first")
+    if not models:  # the plan places nothing here: serve none, ready for a plan that does
+        print(f"{repo}: the plan places no model on this node; serving none", flush=True)
     key = read_key(key_file)
     server = TritonServer(repo, workdir, models, host, binary or find_tritonserver(), key=key)
     server.grpc_port, server.http_port = grpc_port, http_port

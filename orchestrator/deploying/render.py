@@ -211,6 +211,7 @@ def render_node(
     the plan has this node only), removing members that left it. Returns what changed."""
     groups = instance_groups(plan, node)
     changed = []
+    repo.mkdir(parents=True, exist_ok=True)  # a node the plan leaves empty still has its folder
     if groups:
         changed += render_repository(
             ensemble, repo, backend, groups, plan.max_batch_size, cpu_threads(plan, node)

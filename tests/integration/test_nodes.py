@@ -137,6 +137,44 @@ def test_two_nodes_answer_like_one_and_split_calls_by_instances(ensemble, tmp_pa
     assert counts["node1"] == {"mlp": 60, "cnn": 120, "wide_cnn": 90}
 
 
+def test_a_node_the_plan_leaves_empty_serves_nothing_and_the_others_answer(ensemble, tmp_path):
+    """Every instance on node1: node0's repository is rendered empty, and its ``chorus node``
+    still becomes ready (it exited with code 2 before, so a compose deployment failed)."""
+    plan = two_node_plan(ensemble)
+    b = plan.devices[1].id
+    plan = Plan(**{**plan.__dict__, "instances": {m: {b: 1} for m in plan.members}})
+    repo = tmp_path / "repository"
+    render_plan(ensemble, plan, repo, "python")
+    assert (repo / "node0").is_dir() and not any((repo / "node0").iterdir())
+    key = new_key(tmp_path / "triton.key")
+    with (
+        node(repo / "node0", tmp_path / "triton.key", tmp_path / "n0") as (url0, _),
+        node(repo / "node1", tmp_path / "triton.key", tmp_path / "n1") as (url1, _),
+    ):
+        assert "places no model on this node" in (tmp_path / "n0" / "node.log").read_text()
+        config = combiner_config(
+            ensemble, {"node0": url0, "node1": url1}, plan, key_file=tmp_path / "triton.key"
+        )
+        path = tmp_path / "combiner.json"
+        config.save(path)
+        with combiner(path, tmp_path) as address, EnsembleClient(address) as client:
+            x = np.random.default_rng(5).random((3, 1, 8, 8), np.float32)
+            want = direct_combination(ensemble, x)
+            np.testing.assert_allclose(client.predict(x), want, rtol=1e-4, atol=1e-6)
+        assert inferences(url0, key) == {}
+        assert set(inferences(url1, key)) == set(plan.members)
+
+
+def test_a_node_that_was_never_rendered_is_refused_by_name(tmp_path):
+    new_key(tmp_path / "triton.key")
+    missing = tmp_path / "repository" / "node0"
+    argv = [sys.executable, "-m", "orchestrator", "node", str(missing)]
+    argv += ["--key-file", str(tmp_path / "triton.key")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert str(missing) in done.stderr and "render the plan first" in done.stderr
+
+
 def test_a_member_stays_served_while_one_of_its_nodes_is_down(ensemble, tmp_path):
     """node1 holds only instances that node0 also has: with node1 gone, every answer still
     comes (from node0), none wrong."""
