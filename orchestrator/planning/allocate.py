@@ -13,6 +13,8 @@ is made:
 * :mod:`~orchestrator.planning.cost_model`: the throughput predicted for an allocation
   (:func:`evaluate`), and the model itself, in its docstring;
 * :mod:`~orchestrator.planning.placement`: the worst-fit placement (:func:`worst_fit`);
+* :mod:`~orchestrator.planning.balance`: the balanced start for many members (batch sizes
+  within a memory budget, every device about as busy as the others: :func:`balanced`);
 * :mod:`~orchestrator.planning.moves`: the allocations one move away (:func:`moves`), scored
   all at once (:func:`evaluate_moves`);
 * :mod:`~orchestrator.planning.climb`: one hill-climb, scored by any :class:`Evaluator`

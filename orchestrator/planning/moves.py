@@ -23,7 +23,9 @@ from orchestrator.planning.cost_model import (
 )
 from orchestrator.planning.problem import Problem
 
-__all__ = ["Moves", "evaluate_moves", "moves"]
+__all__ = ["MAX_SWAPS", "Moves", "evaluate_moves", "moves"]
+
+MAX_SWAPS = 100_000  # swaps in one neighbourhood at most (of ~2,000 instances and more)
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,11 @@ class Moves:
 
 def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = None) -> Moves:
     """Every allocation one move away: add, remove or move one instance; swap the devices of
-    two instances of different members; change one member's batch size, alone, or smaller
-    with one more instance, or larger with one fewer. ``only`` (M,) bool: just the moves of
-    those members (a swap: if either is one), built for them alone (on many members and
-    devices, building every move costs more than scoring the few that matter)."""
+    two instances of different members (at most :data:`MAX_SWAPS` of them, evenly sampled);
+    change one member's batch size, alone, or smaller with one more instance, or larger with
+    one fewer. ``only`` (M,) bool: just the moves of those members (a swap: if either is
+    one), built for them alone (on many members and devices, building every move costs more
+    than scoring the few that matter)."""
     members, devices = n.shape
     chosen = np.flatnonzero(np.ones(members, dtype=bool) if only is None else only)
     eye = np.eye(devices, dtype=n.dtype)
@@ -106,6 +109,9 @@ def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = No
         & (held_d[:, None] != held_d[None, :])
         & (mine[:, None] | mine[None, :])
     )
+    if len(i) > MAX_SWAPS:  # thousands of instances: an even sample, so a step stays bounded
+        pick = np.linspace(0, len(i) - 1, MAX_SWAPS).astype(np.int64)
+        i, j = i[pick], j[pick]
     m1, d1, m2, d2 = held_m[i], held_d[i], held_m[j], held_d[j]
     swap_member = np.stack([m1, m2], axis=1)
     swap_row = np.stack([n[m1] - eye[d1] + eye[d2], n[m2] - eye[d2] + eye[d1]], axis=1)

@@ -69,6 +69,8 @@ def worst_fit(p: Problem) -> tuple[np.ndarray, np.ndarray]:
 def _pack(p: Problem, order: list[int], budget: int = 200_000) -> dict[int, int] | None:
     """A placement of one instance per member at the smallest batch size, by depth-first search
     (devices with the most free memory first); None if there is none within the budget."""
+    if sum(p.memory[m, :, 0].min() for m in order) > p.capacity.sum():
+        return None  # not even all the devices' memory together holds them
     free = p.capacity.copy()
     placement: dict[int, int] = {}
     steps = 0
@@ -77,6 +79,8 @@ def _pack(p: Problem, order: list[int], budget: int = 200_000) -> dict[int, int]
         nonlocal steps
         if i == len(order):
             return True
+        if steps > budget:
+            return False
         m = order[i]
         tried: set[float] = set()
         for d in np.argsort(-free, kind="stable"):

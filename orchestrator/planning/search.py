@@ -1,9 +1,10 @@
 """The planner's search: where to start climbs, and how to get out of their local optima.
 
-:func:`greedy` climbs (:func:`orchestrator.planning.climb.climb`) from the worst-fit placement
-at several batch sizes, or on many identical devices from a small group's plan tiled over them,
-then runs iterated local search on the best: kick (a few random moves), climb again, keep what
-is better. :func:`exhaustive` tries every allocation of a small problem, the reference the
+:func:`greedy` climbs (:func:`orchestrator.planning.climb.climb`) from the balanced start
+(:mod:`orchestrator.planning.balance`), from a small group's plan tiled over many identical
+devices, and at the paper's scale from the worst-fit placement at several batch sizes, then
+runs iterated local search on the best: kick (a few random moves), climb again, keep what is
+better. :func:`exhaustive` tries every allocation of a small problem, the reference the
 planner benchmark measures the search against.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 
 from orchestrator.errors import InfeasibleError
+from orchestrator.planning.balance import balanced
 from orchestrator.planning.climb import Budget, SearchResult, climb
 from orchestrator.planning.cost_model import TOLERANCE, bottlenecks, evaluate
 from orchestrator.planning.moves import Moves, evaluate_moves, moves
@@ -38,66 +40,72 @@ def greedy(
     seed: int = 0,
     budget: Budget | None = None,
 ) -> SearchResult:
-    """The planner's search. From ``start`` it is one climb. By default:
+    """The planner's search. From ``start`` it is one climb. By default, climbs from:
 
-    * climbs from the worst-fit placement: with each member at its most efficient batch size,
-      and with every member at each of the :data:`UNIFORM_STARTS` largest batch sizes that fit
-      (cut at ``restart_evaluations`` unless a latency target needs them; memory-bound
-      problems climb to different optima from each); or, on many identical
-      devices, from a small group's plan tiled over them (:func:`_tiled`, which searches the
-      group) and from worst-fit at the most efficient batch sizes (beyond
-      :data:`FOCUS_CELLS` members x devices, from the tiled plan alone unless its group
-      holds more than :data:`CRAMPED` members a device: then from both, each within half of
-      what the budget has left, and kicks after);
-    * then iterated local search on the two best, in turn: each chain's best is kicked (a few
-      random moves) and climbed again; every other climb also takes moves that keep the
-      throughput and relieve the constraints nearest to binding (``calm``). It stops after
-      ``effort`` x :data:`KICK_EVALUATIONS` evaluations (fewer on more than four devices,
-      where each costs more; none after a tiled start, whose group had them) or when every
-      chain went ``effort`` x :data:`KICK_PATIENCE` kicks without finding better.
+    * the balanced start (:func:`orchestrator.planning.balance.balanced`: batch sizes within
+      a memory budget, every device about as busy as the others), within half the budget;
+    * on many identical devices, a small group's plan tiled over them (:func:`_tiled`, which
+      searches the group); beyond :data:`FOCUS_CELLS` members x devices only if it starts
+      above what the balanced climb reached (a climb over many instances costs the most);
+    * at the paper's scale (up to :data:`FOCUS_CELLS`), or where nothing else fits: the
+      worst-fit placement with each member at its most efficient batch size, and, without a
+      tiled plan, with every member at each of the :data:`UNIFORM_STARTS` largest batch sizes
+      that fit (cut at ``restart_evaluations`` unless a latency target needs them;
+      memory-bound problems climb to different optima from each);
+
+    then iterated local search on the two best, in turn: each chain's best is kicked (a few
+    random moves) and climbed again; every other climb also takes moves that keep the
+    throughput and relieve the constraints nearest to binding (``calm``). It stops after
+    ``effort`` x :data:`KICK_EVALUATIONS` evaluations (fewer on more than four devices, where
+    each costs more; none after a tiled start, whose group had them, nor beyond
+    :data:`FOCUS_CELLS`) or when every chain went ``effort`` x :data:`KICK_PATIENCE` kicks
+    without finding better.
 
     A climb alone stops at a local optimum; the starts and the kicks get out of most
-    (benchmarks/results/paper_scale.md measures what is left). Under a ``budget`` (evaluations,
-    seconds) every part of it stops when the budget is spent, and the best allocation found
-    so far is the answer: the first climb starts from the worst-fit placement, which is
-    feasible wherever anything fits. Deterministic for a ``seed`` (and an evaluation budget)."""
+    (benchmarks/results/paper_scale.md and planner_scale.md measure what is left). Under a
+    ``budget`` (evaluations, seconds) every part of it stops when the budget is spent, and
+    the best allocation found so far is the answer (a climb always has its start in hand,
+    and the balanced start is made before the budget is asked). Deterministic for a ``seed``
+    (and an evaluation budget)."""
     focus = len(p.members) * len(p.devices) > FOCUS_CELLS
     if start is not None:
         return climb(p, start, budget=budget, focus=focus)
-    n, b = worst_fit(p)
-    cap = restart_evaluations if p.latency_target is None else None
-    tiled = _tiled(p, effort, seed, budget)
-    # on many members or devices, a tiled plan whose group holds a few members a device: each
-    # device is as good as the group's already, and a climb from worst-fit over them all took
-    # most of the time and ended lower. Where the group is cramped (each member gets little
-    # room in it), the tiled plan and worst-fit are climbed in turn, each within half of what
-    # the budget has left, then kicks.
-    spread = tiled is not None and focus and len(p.members) * tiled[1] <= CRAMPED * len(p.devices)
-    if tiled is None:
-        starts = [climb(p, (n, b), budget=budget, focus=focus)]
-        fits = [
-            k
-            for k in range(len(p.batch_sizes))
-            if evaluate(p, n[None], np.full_like(b, k)[None]).feasible[0]
-        ]
-        for k in fits[-UNIFORM_STARTS:]:
-            if budget is not None and budget.stop():
-                break
-            uniform = (n, np.full_like(b, k))
-            starts.append(climb(p, uniform, max_evaluations=cap, budget=budget, focus=focus))
-    elif spread:
-        starts = [climb(p, tiled[0], budget=budget, focus=focus)]
-    elif not focus:  # many identical devices: a small group's plan, tiled, and worst-fit
-        starts = [climb(p, tiled[0], budget=budget)]
-        if budget is None or not budget.stop():
-            starts.append(climb(p, (n, b), budget=budget))
-    else:  # cramped
+    n, b = worst_fit(p)  # raises InfeasibleError, naming the member, where nothing fits
+
+    def spent_up() -> bool:
+        return budget is not None and budget.stop()
+
+    starts = []
+    even = balanced(p, stop=spent_up)
+    if even is not None:
+        if budget is not None:
+            budget.charge(even.evaluations, even.throughput)
         half = None if budget is None else budget.share(0.5)
-        cut = restart_evaluations if budget is None else None  # else the half bounds it
-        starts = [climb(p, tiled[0], max_evaluations=cut, budget=half, focus=focus)]
-        if budget is None or not budget.stop():
-            rest = None if budget is None else budget.share(0.5)
-            starts.append(climb(p, (n, b), max_evaluations=cut, budget=rest, focus=focus))
+        climbed = climb(p, (even.instances, even.batch), budget=half, focus=focus)
+        starts.append(replace(climbed, evaluations=climbed.evaluations + even.evaluations))
+    reached = max((r.throughput for r in starts), default=0.0)
+    tiled = None if spent_up() else _tiled(p, effort, seed, budget)
+    if tiled is not None and not spent_up():
+        at = float(evaluate(p, tiled[0][0][None], tiled[0][1][None]).throughput[0])
+        if not focus or at > reached:
+            starts.append(climb(p, tiled[0], budget=budget, focus=focus))
+    if (not focus or not starts) and not spent_up():
+        cap = restart_evaluations if p.latency_target is None else None
+        starts.append(climb(p, (n, b), budget=budget, focus=focus))
+        if tiled is None:
+            fits = [
+                k
+                for k in range(len(p.batch_sizes))
+                if evaluate(p, n[None], np.full_like(b, k)[None]).feasible[0]
+            ]
+            for k in fits[-UNIFORM_STARTS:]:
+                if spent_up():
+                    break
+                uniform = (n, np.full_like(b, k))
+                starts.append(climb(p, uniform, max_evaluations=cap, budget=budget, focus=focus))
+    if not starts:  # the budget was spent before any climb: worst-fit, as it is
+        e = evaluate(p, n[None], b[None])
+        starts = [SearchResult(n, b, float(e.throughput[0]), 1)]
     spent = sum(r.evaluations for r in starts)
     starts = sorted(starts, key=lambda r: -r.throughput)[:2]  # stable: the first among equals
     rng = np.random.default_rng(seed)
@@ -106,14 +114,14 @@ def greedy(
     # an evaluation costs about D: the same time, not the same count, on more devices; on
     # many identical devices the group's search (and its kicks) took the time
     kicks = effort * KICK_EVALUATIONS * 4 / max(4, len(p.devices))
-    if tiled is not None and (spread or not focus):
+    if tiled is not None or focus:
         kicks = 0.0
     kick_until = spent + int(kicks)
     idle = [0] * len(chains)
     patience = int(effort * KICK_PATIENCE)
     turn = 0
     while spent < kick_until and min(idle) < patience:
-        if budget is not None and budget.stop():
+        if spent_up():
             break
         i = turn % len(chains)
         turn += 1
@@ -184,7 +192,6 @@ UNIFORM_STARTS = 3  # the largest batch sizes that fit for every member, tried a
 # members x devices beyond which a climb scores the bottleneck members' moves first (the
 # paper's scale, 12 x 16, scores every move)
 FOCUS_CELLS = 256
-CRAMPED = 4  # members a device of the tiled group beyond which worst-fit climbs first
 KICK_EVALUATIONS = 100_000  # evaluations of iterated local search at effort 1
 KICK_PATIENCE = 20  # kicks in a row that find nothing better end it (at effort 1)
 
