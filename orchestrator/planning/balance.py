@@ -88,10 +88,10 @@ def balanced(p: Problem, stop: Callable[[], bool] = lambda: False) -> SearchResu
         if b.tobytes() in tried:
             continue
         tried.add(b.tobytes())
-        for tight in (False, True):
+        for tight, order in ((False, "work"), (True, "work"), (False, "either"), (True, "either")):
             if best is not None and stop():
                 return replace(best, evaluations=scored)
-            found = _bisect(p, b, tight, reached)
+            found = _bisect(p, b, tight, order, reached)
             if found is None:
                 continue
             n, nb, reached = found
@@ -103,7 +103,7 @@ def balanced(p: Problem, stop: Callable[[], bool] = lambda: False) -> SearchResu
 
 
 def _bisect(
-    p: Problem, b: np.ndarray, tight: bool, floor: float
+    p: Problem, b: np.ndarray, tight: bool, order: str, floor: float
 ) -> tuple[np.ndarray, np.ndarray, float] | None:
     """:func:`_place` at the largest T it reaches, bisected between ``floor`` and the devices'
     time over the members' work at ``b``: (instances, batch indices, T), or None if it does
@@ -117,12 +117,12 @@ def _bisect(
         return None
     low, placed = floor, None
     if floor > 0:  # one try first: most candidates do not beat the best so far
-        placed = _place(p, b, tight, floor * (1 + 1e-6))
+        placed = _place(p, b, tight, order, floor * (1 + 1e-6))
         if placed is None:
             return None
     for _ in range(_STEPS):
         mid = (low + high) / 2
-        found = _place(p, b, tight, mid)
+        found = _place(p, b, tight, order, mid)
         if found is None:
             high = mid
         else:
@@ -131,10 +131,12 @@ def _bisect(
 
 
 def _place(
-    p: Problem, b: np.ndarray, tight: bool, t: float
+    p: Problem, b: np.ndarray, tight: bool, order: str, t: float
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Every member placed at throughput ``t`` (the module's step 2), or None if one finds no
-    room: (instances, batch indices, some smaller than ``b`` where memory ran out)."""
+    room: (instances, batch indices, some smaller than ``b`` where memory ran out). Members
+    in ``order``: "work", the most work first; "either", the largest share first of one
+    device's time or of one device's memory (where memory binds, the large members first)."""
     members, devices = len(p.members), len(p.devices)
     busy = np.zeros(devices)  # the share of the time each device is busy
     free = p.capacity.astype(float).copy()
@@ -143,7 +145,12 @@ def _place(
     rows = np.arange(members)
     work = t / p.rate_by_batch[rows, b].max(axis=1)
     cap = int(p.lanes.sum()) + devices  # instances one member may take: more never help
-    for m in np.argsort(-work, kind="stable"):
+    if order == "either":
+        need = p.memory_by_batch[rows, b].min(axis=1) / p.capacity.max()
+        key = np.maximum(work / p.lanes.max(), need)
+    else:
+        key = work
+    for m in np.argsort(-key, kind="stable"):
         peak = p.rate_by_batch[m].max(axis=1)  # (B,)
         least = p.memory_by_batch[m].min(axis=1)  # (B,)
         smaller = [k for k in np.argsort(-peak, kind="stable") if least[k] < least[b[m]]]
@@ -207,8 +214,11 @@ def _spread(
     left after its share so far (several on one device where it has the time: a CPU's
     cores), until they carry ``t`` within every device's lanes. ``busy`` and ``free`` are
     updated if it fits, untouched if not."""
-    n = np.zeros(len(rate), dtype=np.int64)
     runs = rate > 0
+    open_ = runs & (memory <= free)
+    if not open_.any() or t / rate[open_].max() > (lanes - busy)[open_].sum() * (1 + _SLACK):
+        return None  # its instances take t / rate lanes at least: more than the time left
+    n = np.zeros(len(rate), dtype=np.int64)
     room = free.copy()
     for _ in range(cap):
         carried = float(n @ rate)
