@@ -337,6 +337,8 @@ def knapsack_bound(p: Problem, seconds: float = 20.0) -> float:
         bounds=Bounds(0, 1),
         options={"time_limit": seconds},
     )
+    if result.status == 2:  # infeasible: no batch size of some member fits, nothing serves
+        return 0.0
     least = getattr(result, "mip_dual_bound", None)
     if least is None or not np.isfinite(least):
         if result.status != 0:

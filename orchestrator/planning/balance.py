@@ -80,7 +80,7 @@ def balanced(p: Problem, stop: Callable[[], bool] = lambda: False) -> SearchResu
     asked between candidates (a search's budget)."""
     best: SearchResult | None = None
     scored = 0
-    reached = 0.0  # the best T step 2 reached so far: a later candidate must beat it
+    reached = 0.0  # the best the cost model gave so far: a later candidate must beat it
     total = float(p.capacity.sum())
     tried: set[bytes] = set()
     for fraction in FRACTIONS:
@@ -89,16 +89,16 @@ def balanced(p: Problem, stop: Callable[[], bool] = lambda: False) -> SearchResu
             continue
         tried.add(b.tobytes())
         for tight, order in ((False, "work"), (True, "work"), (False, "either"), (True, "either")):
-            if best is not None and stop():
-                return replace(best, evaluations=scored)
+            if stop():
+                return None if best is None else replace(best, evaluations=scored)
             found = _bisect(p, b, tight, order, reached)
             if found is None:
                 continue
-            n, nb, reached = found
+            n, nb, _ = found
             t = float(evaluate(p, n[None], nb[None]).throughput[0])
             scored += 1
             if t > 0 and (best is None or t > best.throughput):
-                best = SearchResult(n, nb, t, 0)
+                best, reached = SearchResult(n, nb, t, 0), t
     return None if best is None else replace(best, evaluations=scored)
 
 
@@ -146,8 +146,8 @@ def _place(
     work = t / p.rate_by_batch[rows, b].max(axis=1)
     cap = int(p.lanes.sum()) + devices  # instances one member may take: more never help
     if order == "either":
-        need = p.memory_by_batch[rows, b].min(axis=1) / p.capacity.max()
-        key = np.maximum(work / p.lanes.max(), need)
+        need = p.memory_by_batch[rows, b].min(axis=1) / max(float(p.capacity.max()), 1.0)
+        key = np.maximum(work / max(float(p.lanes.max()), 1e-9), need)
     else:
         key = work
     for m in np.argsort(-key, kind="stable"):

@@ -23,9 +23,10 @@ from orchestrator.planning.cost_model import (
 )
 from orchestrator.planning.problem import Problem
 
-__all__ = ["MAX_SWAPS", "Moves", "evaluate_moves", "moves"]
+__all__ = ["MAX_SWAPS", "SWAP_POOL", "Moves", "evaluate_moves", "moves"]
 
-MAX_SWAPS = 100_000  # swaps in one neighbourhood at most (of ~2,000 instances and more)
+MAX_SWAPS = 100_000  # swaps in one neighbourhood at most (of ~500 instances and more)
+SWAP_POOL = 2_000  # instances the swaps are drawn from at most
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,11 @@ class Moves:
 
 def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = None) -> Moves:
     """Every allocation one move away: add, remove or move one instance; swap the devices of
-    two instances of different members (at most :data:`MAX_SWAPS` of them, evenly sampled);
-    change one member's batch size, alone, or smaller with one more instance, or larger with
-    one fewer. ``only`` (M,) bool: just the moves of those members (a swap: if either is
-    one), built for them alone (on many members and devices, building every move costs more
-    than scoring the few that matter)."""
+    two instances of different members (at most :data:`MAX_SWAPS` of them, evenly sampled, from
+    at most :data:`SWAP_POOL` instances); change one member's batch size, alone, or smaller
+    with one more instance, or larger with one fewer. ``only`` (M,) bool: just the moves of
+    those members (a swap: if either is one), built for them alone (on many members and
+    devices, building every move costs more than scoring the few that matter)."""
     members, devices = n.shape
     chosen = np.flatnonzero(np.ones(members, dtype=bool) if only is None else only)
     eye = np.eye(devices, dtype=n.dtype)
@@ -103,16 +104,21 @@ def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = No
     member = np.stack([ms, none], axis=1)
     row = np.stack([rows, np.zeros_like(rows)], axis=1)
     batch = np.stack([batches, np.zeros_like(batches)], axis=1)
-    # swap: instances of two members trade devices
+    # swap: instances of two members trade devices (of thousands of instances, an even
+    # sample of them and of their pairs, so that a step stays bounded)
+    pool = np.arange(len(held_m))
+    if len(pool) > SWAP_POOL:
+        pool = np.linspace(0, len(pool) - 1, SWAP_POOL).astype(np.int64)
+    pm, pd, pmine = held_m[pool], held_d[pool], mine[pool]
     i, j = np.nonzero(
-        (held_m[:, None] < held_m[None, :])
-        & (held_d[:, None] != held_d[None, :])
-        & (mine[:, None] | mine[None, :])
+        (pm[:, None] < pm[None, :])
+        & (pd[:, None] != pd[None, :])
+        & (pmine[:, None] | pmine[None, :])
     )
-    if len(i) > MAX_SWAPS:  # thousands of instances: an even sample, so a step stays bounded
+    if len(i) > MAX_SWAPS:
         pick = np.linspace(0, len(i) - 1, MAX_SWAPS).astype(np.int64)
         i, j = i[pick], j[pick]
-    m1, d1, m2, d2 = held_m[i], held_d[i], held_m[j], held_d[j]
+    m1, d1, m2, d2 = pm[i], pd[i], pm[j], pd[j]
     swap_member = np.stack([m1, m2], axis=1)
     swap_row = np.stack([n[m1] - eye[d1] + eye[d2], n[m2] - eye[d2] + eye[d1]], axis=1)
     swap_batch = np.stack([b[m1], b[m2]], axis=1)

@@ -43,7 +43,8 @@ def greedy(
     """The planner's search. From ``start`` it is one climb. By default, climbs from:
 
     * the balanced start (:func:`orchestrator.planning.balance.balanced`: batch sizes within
-      a memory budget, every device about as busy as the others), within half the budget;
+      a memory budget, every device about as busy as the others), within half the budget
+      where a tiled start follows;
     * on many identical devices, a small group's plan tiled over them (:func:`_tiled`, which
       searches the group); beyond :data:`FOCUS_CELLS` members x devices only if it starts
       above what the balanced climb reached (a climb over many instances costs the most);
@@ -65,8 +66,9 @@ def greedy(
     (benchmarks/results/paper_scale.md and planner_scale.md measure what is left). Under a
     ``budget`` (evaluations, seconds) every part of it stops when the budget is spent, and
     the best allocation found so far is the answer (a climb always has its start in hand,
-    and the balanced start is made before the budget is asked). Deterministic for a ``seed``
-    (and an evaluation budget)."""
+    and the worst-fit placement, scored first, is the answer if nothing better was found in
+    time). Beyond :data:`FOCUS_CELLS`, the best start is climbed on with what the budget has
+    left. Deterministic for a ``seed`` (and an evaluation budget)."""
     focus = len(p.members) * len(p.devices) > FOCUS_CELLS
     if start is not None:
         return climb(p, start, budget=budget, focus=focus)
@@ -76,19 +78,29 @@ def greedy(
         return budget is not None and budget.stop()
 
     starts = []
+    # worst-fit as it is, scored: the answer if the budget is spent before anything better
+    e = evaluate(p, n[None], b[None])
+    placed = SearchResult(n, b, float(e.throughput[0]), 1)
+    if budget is not None:
+        budget.charge(1, placed.throughput)
     even = balanced(p, stop=spent_up)
+    identical = _identical(p) and len(p.devices) > 4  # a tiled start follows: half for it
     if even is not None:
         if budget is not None:
             budget.charge(even.evaluations, even.throughput)
-        half = None if budget is None else budget.share(0.5)
-        climbed = climb(p, (even.instances, even.batch), budget=half, focus=focus)
+        part = budget.share(0.5) if budget is not None and identical else budget
+        climbed = climb(p, (even.instances, even.batch), budget=part, focus=focus)
         starts.append(replace(climbed, evaluations=climbed.evaluations + even.evaluations))
     reached = max((r.throughput for r in starts), default=0.0)
-    tiled = None if spent_up() else _tiled(p, effort, seed, budget)
-    if tiled is not None and not spent_up():
+    tiled = _tiled(p, effort, seed, budget) if identical and not spent_up() else None
+    if tiled is not None:
         at = float(evaluate(p, tiled[0][0][None], tiled[0][1][None]).throughput[0])
-        if not focus or at > reached:
+        if not focus or at > reached:  # a spent budget leaves the climb its start
             starts.append(climb(p, tiled[0], budget=budget, focus=focus))
+    if focus and starts and not spent_up():  # the balanced climb stopped at its half: go on
+        top = max(starts, key=lambda r: r.throughput)
+        more = climb(p, (top.instances, top.batch), budget=budget, focus=focus)
+        starts.append(replace(more, evaluations=more.evaluations))
     if (not focus or not starts) and not spent_up():
         cap = restart_evaluations if p.latency_target is None else None
         starts.append(climb(p, (n, b), budget=budget, focus=focus))
@@ -103,9 +115,8 @@ def greedy(
                     break
                 uniform = (n, np.full_like(b, k))
                 starts.append(climb(p, uniform, max_evaluations=cap, budget=budget, focus=focus))
-    if not starts:  # the budget was spent before any climb: worst-fit, as it is
-        e = evaluate(p, n[None], b[None])
-        starts = [SearchResult(n, b, float(e.throughput[0]), 1)]
+    if not any(r.throughput >= placed.throughput for r in starts):
+        starts.append(placed)  # nothing climbed beyond worst-fit before the budget ran out
     spent = sum(r.evaluations for r in starts)
     starts = sorted(starts, key=lambda r: -r.throughput)[:2]  # stable: the first among equals
     rng = np.random.default_rng(seed)
@@ -149,6 +160,16 @@ def greedy(
     return SearchResult(best.instances, best.batch, best.throughput, spent)
 
 
+def _identical(p: Problem) -> bool:
+    """Whether every device is the same to the cost model (rates, memory, capacity, lanes)."""
+    return bool(
+        (p.rate == p.rate[:, :1]).all()
+        and (p.memory == p.memory[:, :1]).all()
+        and (p.capacity == p.capacity[0]).all()
+        and (p.lanes == p.lanes[0]).all()
+    )
+
+
 def _tiled(
     p: Problem, effort: float, seed: int, budget: Budget | None = None
 ) -> tuple[tuple[np.ndarray, np.ndarray], int] | None:
@@ -157,13 +178,7 @@ def _tiled(
     group's, and a start the search could not reach one move at a time on many devices. The
     group is planned at a fifth of the effort."""
     devices = len(p.devices)
-    same = (
-        (p.rate == p.rate[:, :1]).all()
-        and (p.memory == p.memory[:, :1]).all()
-        and (p.capacity == p.capacity[0]).all()
-        and (p.lanes == p.lanes[0]).all()
-    )
-    if not same:
+    if not _identical(p):
         return None
     for group in (g for g in range(4, devices) if devices % g == 0):
         host = p.host_device if p.host_device < group else -1

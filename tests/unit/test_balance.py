@@ -8,9 +8,11 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from orchestrator.planning.allocate import evaluate, greedy, problem
+from orchestrator.planning.allocate import Problem, evaluate, greedy, problem
 from orchestrator.planning.balance import balanced, knapsack_batches
 from orchestrator.planning.climb import Budget
+from orchestrator.planning.hardware import Device
+from orchestrator.planning.placement import worst_fit
 from orchestrator.planning.profile import Profile
 from tests.unit.test_allocate import curve, gpus
 from tests.unit.test_planner_budget import _large
@@ -64,3 +66,44 @@ def test_a_member_too_large_for_every_device_leaves_no_balanced_start():
     curves = {"small": curve(1.0), "huge": curve(40.0)}
     p = problem(list(curves), Profile({m: {"gpu": c} for m, c in curves.items()}), gpus(2, 16), 64)
     assert balanced(p) is None
+
+
+def test_a_candidate_the_latency_target_refuses_does_not_hide_a_later_one_it_accepts():
+    """Found by review: candidates that met no latency target set the bar the later ones had
+    to pass, so the one that met it was never scored and there was no balanced start."""
+    rng = np.random.default_rng(1)
+    members, devices = int(rng.integers(2, 6)), int(rng.integers(2, 4))
+    base = rng.uniform(50, 500, (members, 1, 1)) * np.array([1, 2.5, 4.0])[None, None, :]
+    speed = rng.uniform(0.2, 1.0, (1, devices, 1))
+    speed[0, 0, 0] = 1
+    memory = rng.uniform(1, 4, (members, 1, 1)) * 1e9 * np.array([1, 1.6, 2.5])[None, None, :]
+    capacity = np.full(devices, rng.uniform(3, 10) * 1e9)
+    lanes = np.ones(devices)
+    lanes[-1] = rng.integers(1, 8)
+    gpu = tuple(
+        Device("n", "gpu", i, "g", int(capacity[i]), int(capacity[i])) for i in range(devices)
+    )
+    p = Problem(
+        members=tuple(f"m{i}" for i in range(members)),
+        devices=gpu,
+        batch_sizes=(1, 4, 16),
+        rate=base * speed,
+        memory=memory * np.ones((1, devices, 1)),
+        capacity=capacity,
+        lanes=lanes,
+        latency_target=float(rng.uniform(0.02, 0.2)),
+    )
+    start = balanced(p)
+    assert start is not None and start.throughput > 0
+    assert evaluate(p, start.instances[None], start.batch[None]).feasible[0]
+
+
+def test_a_budget_spent_at_once_still_answers_no_worse_than_worst_fit():
+    """Found by review: with no budget left the first balanced candidate (the smallest batch
+    sizes, the worst) was the answer, below the worst-fit placement the search starts from."""
+    names, profile, devices = _large(100, 16)
+    p = problem(names, profile, devices, 64)
+    n, b = worst_fit(p)
+    placed = float(evaluate(p, n[None], b[None]).throughput[0])
+    found = greedy(p, budget=Budget(evaluations=0))
+    assert found.throughput >= placed > 0

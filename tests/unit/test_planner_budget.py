@@ -32,7 +32,7 @@ def _large(members: int = 100, devices: int = 16, seed: int = 3):
 def test_the_search_stops_at_its_evaluation_budget_with_a_feasible_plan():
     names, profile, devices = _large()
     p = problem(names, profile, devices, 64)
-    unbounded_guess = 3_000
+    unbounded_guess = 20_000
     budget = Budget(evaluations=unbounded_guess)
     found = greedy(p, budget=budget)
     assert budget.exhausted  # this search wanted more than the budget
