@@ -28,7 +28,7 @@ bisection steps x members x instances, all small.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -37,10 +37,14 @@ from orchestrator.planning.climb import SearchResult
 from orchestrator.planning.cost_model import evaluate
 from orchestrator.planning.problem import Problem
 
-__all__ = ["FRACTIONS", "balanced", "knapsack_batches"]
+__all__ = ["FRACTIONS", "PERTURBED", "PERTURBED_BATCHES", "balanced", "knapsack_batches"]
 
 # shares of all devices' memory the members' first instances may take, tried in turn
 FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+PERTURBED = 8  # random orders of the members tried at each of the best batch sizes, at least
+PERTURBED_CELLS = 12_000  # ... and as many as this over members x devices (small: cheap)
+PERTURBED_BATCHES = 3  # the fractions' batch sizes that placed best, perturbed
+Order = str | np.ndarray  # "work", "either", or a factor per member on its work
 _STEPS = 18  # bisection steps on T: within 1/2**18 of the best T step 2 reaches
 _SLACK = 1e-9  # relative: a device is not over its lanes by rounding
 
@@ -74,21 +78,37 @@ def knapsack_batches(p: Problem, memory: float) -> np.ndarray:
     return pick(high)[0]
 
 
-def balanced(p: Problem, stop: Callable[[], bool] = lambda: False) -> SearchResult | None:
+def balanced(
+    p: Problem, stop: Callable[[], bool] = lambda: False, seed: int = 0
+) -> SearchResult | None:
     """The balanced start (the module's docstring): the best feasible candidate by the cost
-    model (its evaluations: the candidates scored), or None if none was feasible. ``stop`` is
-    asked between candidates (a search's budget)."""
+    model (its evaluations: the candidates scored), or None if none was feasible. First each
+    fraction's batch sizes with the members in both orders and both ways of placing them;
+    then, at the :data:`PERTURBED_BATCHES` batch sizes that placed best, :data:`PERTURBED`
+    orders of the members by their work scaled by a random factor in [0.7, 1.3] (from
+    ``seed``): the packing depends on the order, and a few more orders find tighter ones.
+    ``stop`` is asked between candidates (a search's budget)."""
     best: SearchResult | None = None
     scored = 0
     reached = 0.0  # the best the cost model gave so far: a later candidate must beat it
     total = float(p.capacity.sum())
-    tried: set[bytes] = set()
-    for fraction in FRACTIONS:
-        b = knapsack_batches(p, fraction * total)
-        if b.tobytes() in tried:
-            continue
-        tried.add(b.tobytes())
-        for tight, order in ((False, "work"), (True, "work"), (False, "either"), (True, "either")):
+    by_batches: dict[bytes, tuple[float, np.ndarray]] = {}  # each batch vector's best
+    rng = np.random.default_rng(seed)
+    orders = max(PERTURBED, PERTURBED_CELLS // (len(p.members) * len(p.devices)))
+    factors = rng.uniform(0.7, 1.3, (orders, len(p.members)))
+
+    def candidates() -> Iterator[tuple[np.ndarray, Order]]:
+        for fraction in FRACTIONS:
+            b = knapsack_batches(p, fraction * total)
+            if b.tobytes() not in by_batches:
+                by_batches[b.tobytes()] = (0.0, b)
+                yield from ((b, order) for order in ("work", "either"))
+        ranked = sorted(by_batches.values(), key=lambda x: -x[0])
+        for _, b in [x for x in ranked if x[0] > 0][:PERTURBED_BATCHES]:
+            yield from ((b, factor) for factor in factors)
+
+    for b, order in candidates():
+        for tight in (False, True):
             if stop():
                 return None if best is None else replace(best, evaluations=scored)
             found = _bisect(p, b, tight, order, reached)
@@ -97,13 +117,15 @@ def balanced(p: Problem, stop: Callable[[], bool] = lambda: False) -> SearchResu
             n, nb, _ = found
             t = float(evaluate(p, n[None], nb[None]).throughput[0])
             scored += 1
+            key = b.tobytes()
+            by_batches[key] = (max(t, by_batches[key][0]), b)
             if t > 0 and (best is None or t > best.throughput):
                 best, reached = SearchResult(n, nb, t, 0), t
     return None if best is None else replace(best, evaluations=scored)
 
 
 def _bisect(
-    p: Problem, b: np.ndarray, tight: bool, order: str, floor: float
+    p: Problem, b: np.ndarray, tight: bool, order: Order, floor: float
 ) -> tuple[np.ndarray, np.ndarray, float] | None:
     """:func:`_place` at the largest T it reaches, bisected between ``floor`` and the devices'
     time over the members' work at ``b``: (instances, batch indices, T), or None if it does
@@ -131,12 +153,13 @@ def _bisect(
 
 
 def _place(
-    p: Problem, b: np.ndarray, tight: bool, order: str, t: float
+    p: Problem, b: np.ndarray, tight: bool, order: Order, t: float
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Every member placed at throughput ``t`` (the module's step 2), or None if one finds no
     room: (instances, batch indices, some smaller than ``b`` where memory ran out). Members
     in ``order``: "work", the most work first; "either", the largest share first of one
-    device's time or of one device's memory (where memory binds, the large members first)."""
+    device's time or of one device's memory (where memory binds, the large members first);
+    an array (M,): the most work times its factor first."""
     members, devices = len(p.members), len(p.devices)
     busy = np.zeros(devices)  # the share of the time each device is busy
     free = p.capacity.astype(float).copy()
@@ -145,7 +168,9 @@ def _place(
     rows = np.arange(members)
     work = t / p.rate_by_batch[rows, b].max(axis=1)
     cap = int(p.lanes.sum()) + devices  # instances one member may take: more never help
-    if order == "either":
+    if isinstance(order, np.ndarray):
+        key = work * order
+    elif order == "either":
         need = p.memory_by_batch[rows, b].min(axis=1) / max(float(p.capacity.max()), 1.0)
         key = np.maximum(work / max(float(p.lanes.max()), 1e-9), need)
     else:

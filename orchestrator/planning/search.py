@@ -43,11 +43,11 @@ def greedy(
     """The planner's search. From ``start`` it is one climb. By default, climbs from:
 
     * the balanced start (:func:`orchestrator.planning.balance.balanced`: batch sizes within
-      a memory budget, every device about as busy as the others), within half the budget
-      where a tiled start follows;
+      a memory budget, every device about as busy as the others; its random orders from
+      ``seed``), within half the budget where a tiled start follows;
     * on many identical devices, a small group's plan tiled over them (:func:`_tiled`, which
-      searches the group); beyond :data:`FOCUS_CELLS` members x devices only if it starts
-      above what the balanced climb reached (a climb over many instances costs the most);
+      searches the group); beyond :data:`FOCUS_CELLS` members x devices only where there is
+      no balanced start;
     * at the paper's scale (up to :data:`FOCUS_CELLS`), or where nothing else fits: the
       worst-fit placement with each member at its most efficient batch size, and, without a
       tiled plan, with every member at each of the :data:`UNIFORM_STARTS` largest batch sizes
@@ -67,8 +67,7 @@ def greedy(
     ``budget`` (evaluations, seconds) every part of it stops when the budget is spent, and
     the best allocation found so far is the answer (a climb always has its start in hand,
     and the worst-fit placement, scored first, is the answer if nothing better was found in
-    time). Beyond :data:`FOCUS_CELLS`, the best start is climbed on with what the budget has
-    left. Deterministic for a ``seed`` (and an evaluation budget)."""
+    time). Deterministic for a ``seed`` (and an evaluation budget)."""
     focus = len(p.members) * len(p.devices) > FOCUS_CELLS
     if start is not None:
         return climb(p, start, budget=budget, focus=focus)
@@ -83,24 +82,20 @@ def greedy(
     placed = SearchResult(n, b, float(e.throughput[0]), 1)
     if budget is not None:
         budget.charge(1, placed.throughput)
-    even = balanced(p, stop=spent_up)
-    identical = _identical(p) and len(p.devices) > 4  # a tiled start follows: half for it
+    even = balanced(p, stop=spent_up, seed=seed)
+    # on many identical devices, a tiled start follows (half the budget is left for it),
+    # beyond FOCUS_CELLS only without a balanced start: there the balanced one was better in
+    # every case measured, and the group's search took a third of the time
+    tiles = _identical(p) and len(p.devices) > 4 and (not focus or even is None)
     if even is not None:
         if budget is not None:
             budget.charge(even.evaluations, even.throughput)
-        part = budget.share(0.5) if budget is not None and identical else budget
+        part = budget.share(0.5) if budget is not None and tiles else budget
         climbed = climb(p, (even.instances, even.batch), budget=part, focus=focus)
         starts.append(replace(climbed, evaluations=climbed.evaluations + even.evaluations))
-    reached = max((r.throughput for r in starts), default=0.0)
-    tiled = _tiled(p, effort, seed, budget) if identical and not spent_up() else None
-    if tiled is not None:
-        at = float(evaluate(p, tiled[0][0][None], tiled[0][1][None]).throughput[0])
-        if not focus or at > reached:  # a spent budget leaves the climb its start
-            starts.append(climb(p, tiled[0], budget=budget, focus=focus))
-    if focus and starts and not spent_up():  # the balanced climb stopped at its half: go on
-        top = max(starts, key=lambda r: r.throughput)
-        more = climb(p, (top.instances, top.batch), budget=budget, focus=focus)
-        starts.append(replace(more, evaluations=more.evaluations))
+    tiled = _tiled(p, effort, seed, budget) if tiles and not spent_up() else None
+    if tiled is not None:  # a spent budget leaves the climb its start
+        starts.append(climb(p, tiled[0], budget=budget, focus=focus))
     if (not focus or not starts) and not spent_up():
         cap = restart_evaluations if p.latency_target is None else None
         starts.append(climb(p, (n, b), budget=budget, focus=focus))
