@@ -94,7 +94,9 @@ def balanced(
     total = float(p.capacity.sum())
     by_batches: dict[bytes, tuple[float, np.ndarray]] = {}  # each batch vector's best
     rng = np.random.default_rng(seed)
-    orders = max(PERTURBED, PERTURBED_CELLS // (len(p.members) * len(p.devices)))
+    orders = min(
+        4 * PERTURBED, max(PERTURBED, PERTURBED_CELLS // (len(p.members) * len(p.devices)))
+    )
     factors = rng.uniform(0.7, 1.3, (orders, len(p.members)))
 
     def candidates() -> Iterator[tuple[np.ndarray, Order]]:
