@@ -284,6 +284,8 @@ def render(
     from orchestrator.deploying.launch import find_tritonserver
     from orchestrator.deploying.render import render_node
 
+    if output.exists() and not output.is_dir():
+        raise SpecError(output, "", "is not a folder: give a folder to render into")
     backend = backend or pick_backend(find_tritonserver().backends)
     if node is None:
         written = render_plan(ensemble, result, output, backend)

@@ -17,6 +17,7 @@ either side would refuse:
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from combiner import CombinerConfig, is_served, key_metadata
 from orchestrator.deploying.launch import ServerBinary, TritonServer, find_tritonserver
+from orchestrator.deploying.render import NODE_MARKER
 from orchestrator.errors import ChorusError, SpecError
 from orchestrator.planning.plan import Plan
 
@@ -96,10 +98,15 @@ def serve_node(
     """Become this node's tritonserver (exec): the rendered repository, every model in it
     loaded, explicit model control, every API but health behind the key."""
     if not repo.is_dir():
-        raise SpecError(repo, "", "no such repository: render the plan first")
+        problem = "is not a folder" if repo.exists() else "does not exist"
+        raise SpecError(repo, "", f"the node's repository {problem}: render the plan first")
     models = node_models(repo)
-    if not models:  # the plan places nothing here: serve none, ready for a plan that does
-        print(f"{repo}: the plan places no model on this node; serving none", flush=True)
+    if not models:
+        if not (repo / NODE_MARKER).is_file():  # a wrong path, or a host never sent its part
+            raise SpecError(
+                repo, "", f"no model and no {NODE_MARKER}: not a rendered node's repository"
+            )
+        print(f"{repo}: the plan places no model on this node; serving none", file=sys.stderr)
     key = read_key(key_file)
     server = TritonServer(repo, workdir, models, host, binary or find_tritonserver(), key=key)
     server.grpc_port, server.http_port = grpc_port, http_port

@@ -27,6 +27,7 @@ from orchestrator.planning.plan import Plan
 from orchestrator.planning.spec import Ensemble, Member, validate_name
 
 __all__ = [
+    "NODE_MARKER",
     "Backend",
     "InstanceGroup",
     "describe_changes",
@@ -49,6 +50,10 @@ def _pbtxt(value: object) -> str:
     read back as itself and can never close its field or add one."""
     return '"' + text_encoding.CEscape(str(value), as_utf8=True) + '"'
 
+
+# written into every node's rendered repository (its node's name): a folder without it and
+# without models is not one, and `chorus node` refuses it. Not a model: Triton ignores it.
+NODE_MARKER = ".chorus-node"
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(model_repository_templates.__file__).parent),
@@ -212,6 +217,7 @@ def render_node(
     groups = instance_groups(plan, node)
     changed = []
     repo.mkdir(parents=True, exist_ok=True)  # a node the plan leaves empty still has its folder
+    _write(repo / NODE_MARKER, f"{node}\n".encode())  # `chorus node` serves it, even empty
     if groups:
         changed += render_repository(
             ensemble, repo, backend, groups, plan.max_batch_size, cpu_threads(plan, node)

@@ -145,15 +145,19 @@ def test_a_node_the_plan_leaves_empty_serves_nothing_and_the_others_answer(ensem
     plan = Plan(**{**plan.__dict__, "instances": {m: {b: 1} for m in plan.members}})
     repo = tmp_path / "repository"
     render_plan(ensemble, plan, repo, "python")
-    assert (repo / "node0").is_dir() and not any((repo / "node0").iterdir())
+    assert [p.name for p in (repo / "node0").iterdir()] == [".chorus-node"]  # no model
     key = new_key(tmp_path / "triton.key")
     with (
         node(repo / "node0", tmp_path / "triton.key", tmp_path / "n0") as (url0, _),
         node(repo / "node1", tmp_path / "triton.key", tmp_path / "n1") as (url1, _),
     ):
         assert "places no model on this node" in (tmp_path / "n0" / "node.log").read_text()
-        config = combiner_config(
-            ensemble, {"node0": url0, "node1": url1}, plan, key_file=tmp_path / "triton.key"
+        config = combiner_config(  # shared memory with node0, as compose's combiner has
+            ensemble,
+            {"node0": url0, "node1": url1},
+            plan,
+            shared_memory=True,
+            key_file=tmp_path / "triton.key",
         )
         path = tmp_path / "combiner.json"
         config.save(path)
@@ -165,14 +169,21 @@ def test_a_node_the_plan_leaves_empty_serves_nothing_and_the_others_answer(ensem
         assert set(inferences(url1, key)) == set(plan.members)
 
 
-def test_a_node_that_was_never_rendered_is_refused_by_name(tmp_path):
+def test_a_node_repository_that_was_never_rendered_is_refused_by_name(tmp_path):
+    """Missing, a file, or a folder with neither a model nor the render's marker (a wrong
+    path, a host that never got its part): exit 2 naming it, no empty Triton that passes a
+    health check."""
     new_key(tmp_path / "triton.key")
-    missing = tmp_path / "repository" / "node0"
-    argv = [sys.executable, "-m", "orchestrator", "node", str(missing)]
-    argv += ["--key-file", str(tmp_path / "triton.key")]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert str(missing) in done.stderr and "render the plan first" in done.stderr
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = {"missing": "does not exist", "a-file": "is not a folder", "empty": ".chorus-node"}
+    for name, says in cases.items():
+        argv = [sys.executable, "-m", "orchestrator", "node", str(tmp_path / name)]
+        argv += ["--key-file", str(tmp_path / "triton.key")]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2, (name, done.stdout + done.stderr)
+        assert str(tmp_path / name) in done.stderr and says in done.stderr, done.stderr
+        assert done.stdout == ""
 
 
 def test_a_member_stays_served_while_one_of_its_nodes_is_down(ensemble, tmp_path):
