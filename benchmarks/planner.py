@@ -141,7 +141,8 @@ def main() -> None:
         "## Planning time, 12 members onto 16 GPUs of 32 GiB",
         "",
         "Random profiles (5-14 GiB per instance); the default search (`effort` 1: climbs from "
-        "worst-fit and from a 4-GPU plan tiled over the 16, then iterated local search).",
+        "the balanced start and from a 4-GPU plan tiled over the 16, then iterated local "
+        "search).",
         "",
         "| profile | planning s | allocations evaluated | instances placed | predicted samples/s |",
         "|---:|---:|---:|---:|---:|",
