@@ -52,9 +52,14 @@ _SLACK = 1e-9  # relative: a device is not over its lanes by rounding
 def knapsack_batches(p: Problem, memory: float) -> np.ndarray:
     """(M,) batch indices: the least work (``1 / rate`` at the member's best device) whose
     instances, one a member at its least memory over the devices, fit in ``memory`` bytes,
-    by the Lagrangian (a member that fits nowhere within it takes its smallest memory)."""
+    by the Lagrangian (a member that fits nowhere within it takes its smallest memory). With
+    a latency target, only batch sizes served within it on some device count."""
     rate = p.rate_by_batch.max(axis=2)  # (M, B)
     need = p.memory_by_batch.min(axis=2)  # (M, B): unrunnable is more than any device has
+    if p.latency_target is not None:  # a batch served slower than the target never meets it
+        quick = p.service_by_batch.min(axis=2) < p.latency_target  # (M, B)
+        quick[~quick.any(axis=1), 0] = True  # none does: the smallest, for the error to name
+        rate = np.where(quick, rate, 0.0)
     with np.errstate(divide="ignore"):
         work = np.where(rate > 0, 1.0 / rate, np.inf)
     rows = np.arange(len(p.members))
@@ -158,7 +163,9 @@ def _place(
     p: Problem, b: np.ndarray, tight: bool, order: Order, t: float
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Every member placed at throughput ``t`` (the module's step 2), or None if one finds no
-    room: (instances, batch indices, some smaller than ``b`` where memory ran out). Members
+    room: (instances, batch indices, some smaller than ``b`` where memory ran out; with a
+    latency target, on devices and at batch sizes that meet it at ``t``, the fill time
+    counted as the cost model does). Members
     in ``order``: "work", the most work first; "either", the largest share first of one
     device's time or of one device's memory (where memory binds, the large members first);
     an array (M,): the most work times its factor first."""
@@ -177,14 +184,24 @@ def _place(
         key = np.maximum(work / max(float(p.lanes.max()), 1e-9), need)
     else:
         key = work
+    target = p.latency_target
     for m in np.argsort(-key, kind="stable"):
         peak = p.rate_by_batch[m].max(axis=1)  # (B,)
         least = p.memory_by_batch[m].min(axis=1)  # (B,)
-        smaller = [k for k in np.argsort(-peak, kind="stable") if least[k] < least[b[m]]]
-        for k in [int(b[m]), *smaller]:
+        options = [int(b[m])] + [
+            int(k) for k in np.argsort(-peak, kind="stable") if least[k] < least[b[m]]
+        ]
+        if target is not None:  # at t, the batch fills in rows / t: the others, fastest first
+            options += [int(k) for k in np.argsort(-peak, kind="stable") if k not in options]
+        for k in options:
             if peak[k] <= 0:
                 continue
             rate, memory = p.rate_by_batch[m, k], p.memory_by_batch[m, k]
+            if target is not None:  # only devices whose service leaves time to fill a batch
+                late = p.batch_rows[m, k] / t + p.service_by_batch[m, k] > target
+                if late.all():
+                    continue
+                rate = np.where(late, 0.0, rate)
             got = _tight(rate, memory, t, busy, free, p.lanes) if tight else None
             if got is None:
                 got = _spread(rate, memory, t, busy, free, p.lanes, cap)

@@ -45,9 +45,8 @@ def greedy(
     * the balanced start (:func:`orchestrator.planning.balance.balanced`: batch sizes within
       a memory budget, every device about as busy as the others; its random orders from
       ``seed``), within half the budget where a tiled start follows;
-    * on many identical devices, a small group's plan tiled over them (:func:`_tiled`, which
-      searches the group); beyond :data:`FOCUS_CELLS` members x devices only where there is
-      no balanced start;
+    * on many identical devices, up to :data:`FOCUS_CELLS` members x devices, a small
+      group's plan tiled over them (:func:`_tiled`, which searches the group);
     * at the paper's scale (up to :data:`FOCUS_CELLS`), or where nothing else fits: the
       worst-fit placement with each member at its most efficient batch size, and, without a
       tiled plan, with every member at each of the :data:`UNIFORM_STARTS` largest batch sizes
@@ -82,11 +81,22 @@ def greedy(
     placed = SearchResult(n, b, float(e.throughput[0]), 1)
     if budget is not None:
         budget.charge(1, placed.throughput)
-    even = balanced(p, stop=spent_up, seed=seed)
-    # on many identical devices, a tiled start follows (half the budget is left for it),
-    # beyond FOCUS_CELLS only without a balanced start: there the balanced one was better in
-    # every case measured, and the group's search took a third of the time
-    tiles = _identical(p) and len(p.devices) > 4 and (not focus or even is None)
+    # the balanced start within a third of the time (its candidates may all miss a latency
+    # target): the climbs need the rest
+    until = None
+    if budget is not None and budget.seconds is not None:
+        until = budget.elapsed + max(0.0, budget.seconds - budget.elapsed) / 3
+    even = balanced(
+        p,
+        stop=lambda: (
+            spent_up() or (until is not None and budget is not None and budget.elapsed > until)
+        ),
+        seed=seed,
+    )
+    # on many identical devices, a tiled start follows (half the budget is left for it), up
+    # to FOCUS_CELLS: beyond, the balanced one was better in every case measured, and the
+    # group's search took a third of the time (without a balanced start, worst-fit climbs)
+    tiles = _identical(p) and len(p.devices) > 4 and not focus
     if even is not None:
         if budget is not None:
             budget.charge(even.evaluations, even.throughput)

@@ -8,11 +8,13 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
+from orchestrator.errors import InfeasibleError
 from orchestrator.planning.allocate import Problem, evaluate, greedy, problem
 from orchestrator.planning.balance import balanced, knapsack_batches
 from orchestrator.planning.climb import Budget
 from orchestrator.planning.hardware import Device
 from orchestrator.planning.placement import worst_fit
+from orchestrator.planning.plan import plan_ensemble
 from orchestrator.planning.profile import Profile
 from tests.unit.test_allocate import curve, gpus
 from tests.unit.test_planner_budget import _large
@@ -107,3 +109,37 @@ def test_a_budget_spent_at_once_still_answers_no_worse_than_worst_fit():
     placed = float(evaluate(p, n[None], b[None]).throughput[0])
     found = greedy(p, budget=Budget(evaluations=0))
     assert found.throughput >= placed > 0
+
+
+def test_a_latency_target_on_a_hundred_members_is_met_by_the_balanced_start():
+    """Found by review: the balanced start chose batch sizes blind to the target, found no
+    candidate that met it, and took the time the climbs from worst-fit (infeasible here)
+    needed; `chorus plan` said the budget ran out. Now a batch fills within the target at the
+    throughput it is placed for, on devices that serve it in time."""
+    from benchmarks.planner_scale import members as zoo
+
+    curves = zoo(100, 0)
+    profile = Profile({m: {"gpu": c} for m, c in curves.items()})
+    p = problem(list(curves), profile, gpus(64, 16), 256, latency_target_ms=150)
+    n, b = worst_fit(p)
+    assert not evaluate(p, n[None], b[None]).feasible[0]  # worst-fit misses the target
+    start = balanced(p)
+    assert start is not None and start.throughput > 0
+    assert evaluate(p, start.instances[None], start.batch[None]).feasible[0]
+
+
+def test_a_member_slower_than_the_target_is_named_even_when_the_budget_ran_out():
+    """Found by review: an impossible target was blamed on the budget ("give it more")."""
+    names, profile, devices = _large(12, 4)
+    slowest = max(profile.members[m]["gpu"].latency(1) or 0.0 for m in names)
+    with pytest.raises(InfeasibleError, match="ms for one sample on its fastest device"):
+        plan_ensemble(
+            "e",
+            names,
+            64,
+            profile,
+            devices,
+            latency_target_ms=slowest / 2,
+            evaluations=1,
+            time_limit_s=None,
+        )
