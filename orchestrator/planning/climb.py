@@ -20,9 +20,20 @@ from orchestrator.planning.cost_model import TOLERANCE, Evaluation, bottlenecks,
 from orchestrator.planning.moves import Moves, evaluate_moves, moves
 from orchestrator.planning.problem import Problem
 
-__all__ = ["CHUNK", "PREDICTED", "Budget", "Evaluator", "SearchResult", "climb"]
+__all__ = [
+    "CHUNK",
+    "NEIGHBOURHOOD_CELLS",
+    "PREDICTED",
+    "Budget",
+    "Evaluator",
+    "SearchResult",
+    "climb",
+]
 
 CHUNK = 16_384  # moves scored at once under a budget: it is checked between chunks
+# a step's neighbourhood at most (moves x 2 x devices entries, ~8 bytes each): beyond, the
+# members' moves are built and scored in windows (hundreds of GPUs)
+NEIGHBOURHOOD_CELLS = 16_000_000
 
 
 class Budget:
@@ -201,7 +212,26 @@ def climb(
             parts.append(e)
         return _joined(parts)
 
-    for _ in range(max_steps):
+    def step(
+        n: np.ndarray, b: np.ndarray, only: np.ndarray | None, turn: int
+    ) -> tuple[Moves, Evaluation, int | None, bool] | None:
+        """The best move among those of ``only`` (None: every member), window by window
+        where they are too many to build at once (the first window rotating with ``turn``),
+        until one helps: (its window's moves and scores, the pick or None, whether it took
+        more than one window); None if the budget ran out."""
+        windows = _windows(p, n, only)
+        found = None
+        for k in range(len(windows)):
+            mv = moves(n, b, len(p.batch_sizes), windows[(turn + k) % len(windows)])
+            e = scored(n, b, mv)
+            if e is None:
+                return None
+            found = (mv, e, _best_step(e, best, calm), len(windows) > 1)
+            if found[2] is not None:
+                break
+        return found
+
+    for turn in range(max_steps):
         if max_evaluations is not None and evaluations >= max_evaluations:
             break
         if budget is not None and budget.stop():
@@ -209,25 +239,23 @@ def climb(
         only = bottlenecks(p, n, b) if focus else None
         if only is not None and not only.any():  # the limit is no member's (the host's CPU)
             only = None
-        mv = moves(n, b, len(p.batch_sizes), only)
-        e = scored(n, b, mv)
-        if e is None:
+        got = step(n, b, only, turn)
+        if got is None:
             break
-        pick = _best_step(e, best, calm)
+        mv, e, pick, windowed = got
         if pick is None and only is not None and not only.all():  # every move, then
-            mv = moves(n, b, len(p.batch_sizes))
-            e = scored(n, b, mv)
-            if e is None:
+            got = step(n, b, None, turn)
+            if got is None:
                 break
-            pick = _best_step(e, best, calm)
+            mv, e, pick, windowed = got
         if pick is not None:
             n, b = mv.apply(pick, n, b)
             best = _score(e, pick)
             if budget is not None:
                 budget.charge(0, best[0])
             continue
-        if not evaluator.lookahead or lookahead_budget <= 0:
-            break
+        if not evaluator.lookahead or lookahead_budget <= 0 or windowed:
+            break  # (two moves ahead over windows would build each window's neighbourhoods)
         # stuck: look two moves ahead from the most promising first moves
         t = np.where(e.feasible, e.throughput, -1.0)
         width = min(16, max(2, lookahead_budget // len(mv)), int(e.feasible.sum()))
@@ -248,6 +276,32 @@ def climb(
             break
         best, n, b = found
     return SearchResult(n, b, best[0], evaluations)
+
+
+def _windows(p: Problem, n: np.ndarray, only: np.ndarray | None) -> list[np.ndarray | None]:
+    """The members whose moves one step scores, as masks: ``only`` itself, unless their
+    neighbourhood (about (instances + batch sizes + 1) x D moves a member, each D wide) would
+    exceed :data:`NEIGHBOURHOOD_CELLS`; then consecutive groups of them that do not."""
+    members, devices = n.shape
+    chosen = np.flatnonzero(only) if only is not None else np.arange(members)
+    cells = (n[chosen].sum(axis=1) + len(p.batch_sizes) + 1) * devices * devices * 2
+    if cells.sum() <= NEIGHBOURHOOD_CELLS:
+        return [only]
+    groups: list[np.ndarray | None] = []
+    start, total = 0, 0
+    for i, c in enumerate(cells):
+        if i > start and total + c > NEIGHBOURHOOD_CELLS:
+            groups.append(_mask(members, chosen[start:i]))
+            start, total = i, 0
+        total += int(c)
+    groups.append(_mask(members, chosen[start:]))
+    return groups
+
+
+def _mask(members: int, chosen: np.ndarray) -> np.ndarray:
+    mask = np.zeros(members, dtype=bool)
+    mask[chosen] = True
+    return mask
 
 
 def _joined(parts: list[Evaluation]) -> Evaluation:

@@ -23,10 +23,11 @@ from orchestrator.planning.cost_model import (
 )
 from orchestrator.planning.problem import Problem
 
-__all__ = ["MAX_SWAPS", "SWAP_POOL", "Moves", "evaluate_moves", "moves"]
+__all__ = ["MAX_SWAPS", "SWAP_CELLS", "SWAP_POOL", "Moves", "evaluate_moves", "moves"]
 
 MAX_SWAPS = 100_000  # swaps in one neighbourhood at most (of ~500 instances and more)
 SWAP_POOL = 2_000  # instances the swaps are drawn from at most
+SWAP_CELLS = 8_000_000  # and swaps x 2 x devices at most (hundreds of GPUs)
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,10 @@ class Moves:
 
 def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = None) -> Moves:
     """Every allocation one move away: add, remove or move one instance; swap the devices of
-    two instances of different members (at most :data:`MAX_SWAPS` of them, evenly sampled, from
-    at most :data:`SWAP_POOL` instances); change one member's batch size, alone, or smaller
-    with one more instance, or larger with one fewer. ``only`` (M,) bool: just the moves of
+    two instances of different members (at most :data:`MAX_SWAPS` of them and
+    :data:`SWAP_CELLS` entries, evenly sampled, from at most :data:`SWAP_POOL` instances);
+    change one member's batch size, alone, or smaller with one more instance, or larger with
+    one fewer. ``only`` (M,) bool: just the moves of
     those members (a swap: if either is one), built for them alone (on many members and
     devices, building every move costs more than scoring the few that matter)."""
     members, devices = n.shape
@@ -115,8 +117,9 @@ def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = No
         & (pd[:, None] != pd[None, :])
         & (pmine[:, None] | pmine[None, :])
     )
-    if len(i) > MAX_SWAPS:
-        pick = np.linspace(0, len(i) - 1, MAX_SWAPS).astype(np.int64)
+    most = min(MAX_SWAPS, SWAP_CELLS // (2 * devices))  # each swap is 2 x D wide
+    if len(i) > most:
+        pick = np.linspace(0, len(i) - 1, most).astype(np.int64)
         i, j = i[pick], j[pick]
     m1, d1, m2, d2 = pm[i], pd[i], pm[j], pd[j]
     swap_member = np.stack([m1, m2], axis=1)

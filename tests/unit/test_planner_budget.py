@@ -103,3 +103,29 @@ def test_a_budget_spent_before_any_plan_meets_the_latency_target_says_so():
         )
     found = plan_ensemble("e", names, 64, profile, devices, latency_target_ms=60)
     assert found.predicted_throughput > 0  # the target can be met, given the search
+
+
+def test_a_neighbourhood_too_large_to_build_at_once_is_scored_in_windows(monkeypatch):
+    """Found by a hostile run: on 100 members x 256 GPUs one step built 450,000 moves 256
+    wide (5 GB, 20 s past a 3 s budget). Beyond NEIGHBOURHOOD_CELLS a step builds and scores
+    the members' moves a window at a time, each member in one window; the climb still climbs."""
+    import orchestrator.planning.climb as climbing
+
+    names, profile, devices = _large(30, 16)
+    p = problem(names, profile, devices, 64)
+    n, b = worst_fit(p)
+    placed = float(evaluate(p, n[None], b[None]).throughput[0])
+    monkeypatch.setattr(climbing, "NEIGHBOURHOOD_CELLS", 100_000)
+    windows = climbing._windows(p, n, None)
+    assert len(windows) > 1
+    assert (np.sum(windows, axis=0) == 1).all()  # every member in exactly one window
+
+    def cells(only):
+        return len(moves(n, b, len(p.batch_sizes), only)) * 2 * len(devices)
+
+    assert cells(None) > 100_000  # the whole neighbourhood would not fit
+    assert all(cells(w) <= 2 * 100_000 for w in windows)  # each window about within it
+    found = climb(p, (n, b), budget=Budget(evaluations=20_000))
+    assert found.throughput > placed
+    e = evaluate(p, found.instances[None], found.batch[None])
+    assert e.feasible[0] and e.throughput[0] == found.throughput
