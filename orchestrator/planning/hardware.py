@@ -123,16 +123,16 @@ def _cpu_model() -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DeviceFile(_Strict):
     kind: Literal["gpu", "cpu"]
     index: int = Field(0, ge=0)
     name: str | None = Field(None, description="device name, matched against profile keys")
-    memory_gb: float = Field(gt=0)
+    memory_gb: float = Field(gt=0, le=1e9)  # up to an exabyte
     cores: int | None = Field(None, ge=1, description="CPU cores")
-    speed: float = Field(1.0, gt=0)
+    speed: float = Field(1.0, gt=0, le=1e6)
     lanes: int | None = Field(None, ge=1)
 
 

@@ -168,7 +168,7 @@ def _round(value: float | None, digits: int) -> float | None:
 
 
 class _CurveFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     memory_bytes: int = Field(ge=0)
     memory_per_sample_bytes: int = Field(0, ge=0)
@@ -195,7 +195,7 @@ class _CurveFile(BaseModel):
 
 
 class _HostFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     rows_per_request: int = Field(ge=1)
     combiner_cpu_ms: float | None = Field(ge=0)
@@ -220,7 +220,7 @@ class _HostFile(BaseModel):
 
 
 class _ProfileFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     members: dict[str, dict[str, _CurveFile]]
     host: _HostFile | None = None
