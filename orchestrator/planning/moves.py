@@ -23,11 +23,20 @@ from orchestrator.planning.cost_model import (
 )
 from orchestrator.planning.problem import Problem
 
-__all__ = ["MAX_SWAPS", "SWAP_CELLS", "SWAP_POOL", "Moves", "evaluate_moves", "moves"]
+__all__ = [
+    "KIND_CELLS",
+    "MAX_SWAPS",
+    "SWAP_CELLS",
+    "SWAP_POOL",
+    "Moves",
+    "evaluate_moves",
+    "moves",
+]
 
 MAX_SWAPS = 100_000  # swaps in one neighbourhood at most (of ~500 instances and more)
 SWAP_POOL = 2_000  # instances the swaps are drawn from at most
 SWAP_CELLS = 8_000_000  # and swaps x 2 x devices at most (hundreds of GPUs)
+KIND_CELLS = 4_000_000  # moves of each other kind x 2 x devices at most (thousands of GPUs)
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,8 @@ def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = No
     two instances of different members (at most :data:`MAX_SWAPS` of them and
     :data:`SWAP_CELLS` entries, evenly sampled, from at most :data:`SWAP_POOL` instances);
     change one member's batch size, alone, or smaller with one more instance, or larger with
-    one fewer. ``only`` (M,) bool: just the moves of
+    one fewer (each kind evenly sampled to :data:`KIND_CELLS` entries, on thousands of
+    devices). ``only`` (M,) bool: just the moves of
     those members (a swap: if either is one), built for them alone (on many members and
     devices, building every move costs more than scoring the few that matter)."""
     members, devices = n.shape
@@ -76,8 +86,8 @@ def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = No
     def single(ms: np.ndarray, rows: np.ndarray, batches: np.ndarray) -> None:
         singles.append((ms, rows, batches))
 
-    all_m = np.repeat(chosen, devices)
-    all_d = np.tile(np.arange(devices), len(chosen))
+    most = max(1, KIND_CELLS // (2 * devices))  # moves of one kind, at most (evenly sampled)
+    all_m, all_d = _thin(most, np.repeat(chosen, devices), np.tile(np.arange(devices), len(chosen)))
     single(all_m, n[all_m] + eye[all_d], b[all_m])  # add
     rm_m, rm_d = own_m[spare], own_d[spare]
     single(rm_m, n[rm_m] - eye[rm_d], b[rm_m])  # remove
@@ -85,7 +95,7 @@ def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = No
     mv_src = np.repeat(own_d, devices)
     mv_dst = np.tile(np.arange(devices), len(own_m))
     keep = mv_src != mv_dst
-    mv_m, mv_src, mv_dst = mv_m[keep], mv_src[keep], mv_dst[keep]
+    mv_m, mv_src, mv_dst = _thin(most, mv_m[keep], mv_src[keep], mv_dst[keep])
     single(mv_m, n[mv_m] - eye[mv_src] + eye[mv_dst], b[mv_m])  # move
     rb_m = np.repeat(chosen, sizes)
     rb_k = np.tile(np.arange(sizes), len(chosen))
@@ -94,10 +104,15 @@ def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = No
     single(rb_m, n[rb_m], rb_k)  # another batch size
     smaller = rb_k < b[rb_m]  # a smaller batch frees memory: one more instance with it
     sm_m, sm_k = rb_m[smaller], rb_k[smaller]
-    ra_m, ra_d = np.repeat(sm_m, devices), np.tile(np.arange(devices), len(sm_m))
-    single(ra_m, n[ra_m] + eye[ra_d], np.repeat(sm_k, devices))
+    ra_m, ra_d, ra_k = _thin(
+        most,
+        np.repeat(sm_m, devices),
+        np.tile(np.arange(devices), len(sm_m)),
+        np.repeat(sm_k, devices),
+    )
+    single(ra_m, n[ra_m] + eye[ra_d], ra_k)
     # a larger batch needs memory: one fewer instance with it
-    ri, hi = np.nonzero((rb_m[:, None] == rm_m[None, :]) & ~smaller[:, None])
+    ri, hi = _thin(most, *np.nonzero((rb_m[:, None] == rm_m[None, :]) & ~smaller[:, None]))
     single(rb_m[ri], n[rb_m[ri]] - eye[rm_d[hi]], rb_k[ri])
     ms = np.concatenate([s[0] for s in singles])
     rows = np.concatenate([s[1] for s in singles])
@@ -130,6 +145,14 @@ def moves(n: np.ndarray, b: np.ndarray, sizes: int, only: np.ndarray | None = No
         np.concatenate([row, swap_row]),
         np.concatenate([batch, swap_batch]),
     )
+
+
+def _thin(most: int, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The same rows of every column, at most ``most`` of them, evenly spread."""
+    if len(columns[0]) <= most:
+        return columns
+    pick = np.linspace(0, len(columns[0]) - 1, most).astype(np.int64)
+    return tuple(c[pick] for c in columns)
 
 
 def evaluate_moves(p: Problem, n: np.ndarray, b: np.ndarray, mv: Moves) -> Evaluation:
