@@ -225,7 +225,8 @@ def test_rows_that_exit_at_tier_0_do_not_wait_for_the_slow_tier(stack):
     answers = asyncio.run(run())
     assert sorted(order[:6]) == list(range(6))  # the agreeing ones came back first
     assert all(a.tiers == (0,) and not a.partial for a in answers[:6])
-    assert all(a.tiers == (1,) and a.contributors == ("a", "b", "slow") for a in answers[6:])
+    late = [(a.tiers, a.contributors, a.partial) for a in answers[6:]]
+    assert all(t[:2] == ((1,), ("a", "b", "slow")) for t in late), late
 
 
 def test_a_later_tier_whose_queue_cannot_answer_in_time_leaves_the_rows_to_tier_0(stack):
