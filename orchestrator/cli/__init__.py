@@ -8,10 +8,16 @@ example); what several of them share (the console, options, the work folder, the
 calibration and the plan) is :mod:`orchestrator.cli.options`.
 
 Exit codes: 0 success; 2 invalid input (the message names the file, the field and the problem);
-3 the ensemble cannot fit the hardware; 1 anything else that went wrong.
+3 the ensemble cannot fit the hardware; 1 anything else that went wrong; 130 and 143 a command
+stopped by Ctrl-C or SIGTERM before its end (both stop what it had started, in order).
+``chorus up`` once serving stops on either and exits 0.
 """
 
 from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
 
 import typer
 from rich.text import Text
@@ -42,9 +48,33 @@ app.command()(planning.render)
 app.command()(examples.example)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is: a command unwinds as on Ctrl-C, so the
+    Tritons and combiners it started are stopped in order (by default Python would end at
+    once, and a Triton killed with it can leave its Python backend's stubs behind)."""
+
+
+_terminated = threading.Event()
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    if not _terminated.is_set():  # once: the unwinding stops processes, a second one would
+        _terminated.set()  # cut that short
+        raise Terminated
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)  # `chorus up`, once serving, takes it over
     try:
         app()  # click reports usage errors itself, with exit code 2
     except ChorusError as e:
         console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         raise SystemExit(e.exit_code) from None
+    except SystemExit as e:
+        if _terminated.is_set() and e.code == _INTERRUPTED:
+            console.print("stopped by SIGTERM (what the command had started is stopped)")
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
+
+
+_INTERRUPTED = 130  # typer's exit code for an interrupt (128 + SIGINT)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -58,3 +60,38 @@ def test_workers_auto_start_the_processes_the_plan_asks_for(
         assert config["workers"] == 2
         up.process.send_signal(signal.SIGINT)
         assert up.process.wait(timeout=60) == 0, up.text()
+
+
+def test_sigterm_while_chorus_up_profiles_stops_its_triton_and_leaves_nothing(
+    ensemble_file, tmp_path
+):
+    """SIGTERM (what systemd, docker and kubectl send) before serving stops the command as
+    Ctrl-C does: here while it profiles the members, a stub of the profile's Triton running.
+    Python's default had ended the command at once, by the signal and without a word, and the
+    Triton killed with it could leave a Python-backend stub behind."""
+    argv = [sys.executable, "-m", "orchestrator", "up", str(ensemble_file)]
+    argv += ["--grpc-port", str(free_port()), "--http-port", str(free_port())]
+    argv += ["--workdir", str(tmp_path / "work")]  # nothing profiled there yet
+    log = tmp_path / "output.txt"
+    with log.open("w") as out, subprocess.Popen(argv, stdout=out, stderr=out) as process:
+        try:
+            deadline = time.monotonic() + 120
+            while not any(
+                "triton_python_backend_stub" in command_name(p) for p in descendants(process.pid)
+            ):
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            tree = descendants(process.pid)
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    output = log.read_text()
+    assert code == 128 + signal.SIGTERM, output  # not -SIGTERM: it ended, it was not ended
+    assert output.rstrip().splitlines()[-1].startswith("stopped by SIGTERM"), output
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in tree):
+        assert time.monotonic() < deadline, [command_name(p) for p in tree if alive(p)]
+        time.sleep(0.2)
