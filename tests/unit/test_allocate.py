@@ -117,6 +117,30 @@ def test_a_member_bigger_than_every_device_is_infeasible_with_the_numbers():
     assert "largest free device memory is 29.80 GiB (32000000000 bytes)" in text
 
 
+def test_a_member_measured_only_from_batch_2_is_placed_and_planned():
+    """A curve may start above the smallest batch size another member was measured at: that
+    member's smallest batch is its own. Worst-fit read every member at the overall smallest
+    one, found none runnable and said the member 'needs -0.00 GiB (-1 bytes)'."""
+    late = curve(4)
+    late = Curve(late.memory_bytes, late.memory_per_sample_bytes, late.latency_ms[1:])  # from 2
+    members = {"small": curve(4), "late": late}
+    p = problem(list(members), Profile({m: {"gpu": c} for m, c in members.items()}), gpus(2), 64)
+    n, b = worst_fit(p)
+    assert n.sum(axis=1).tolist() == [1, 1]
+    assert p.batch_sizes[b[1]] >= 2 and p.rate[1, n[1].argmax(), b[1]] > 0
+    plan = plan_of(members, gpus(2))
+    assert plan.max_batch_size["late"] >= 2 and plan.predicted_throughput > 0
+
+
+def test_a_member_that_fits_nowhere_at_its_own_smallest_batch_is_named_with_its_numbers():
+    big = curve(40)
+    big = Curve(big.memory_bytes, big.memory_per_sample_bytes, big.latency_ms[2:])  # from 4
+    with pytest.raises(InfeasibleError) as e:
+        plan_of({"small": curve(4), "big": big}, gpus(2, memory_gb=32))
+    text = str(e.value)
+    assert "'big' needs 37.33 GiB (40080000000 bytes) for one instance at batch size 4" in text
+
+
 def test_planning_is_deterministic():
     rng = np.random.default_rng(3)
     members = {f"m{i}": curve(rng.uniform(1, 8), rng.uniform(1, 9)) for i in range(5)}
