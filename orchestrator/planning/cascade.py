@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from combiner import CascadeRoute, combine, exits, scores
 from orchestrator.errors import ChorusError, SpecError, from_validation
+from orchestrator.planning.files import read_json
 from orchestrator.planning.hardware import Device
 from orchestrator.planning.profile import Profile
 from orchestrator.planning.spec import Ensemble
@@ -485,10 +486,10 @@ def _digest(path: Path) -> str | None:
 
 def load_calibration(path: str | Path) -> Calibration:
     file = Path(path)
+    if not file.exists():
+        raise SpecError(file, "", "no such file (write it with 'chorus calibrate')")
     try:
-        return Calibration.model_validate_json(file.read_text())
-    except FileNotFoundError:
-        raise SpecError(file, "", "no such file (write it with 'chorus calibrate')") from None
+        return Calibration.model_validate_json(read_json(file))
     except ValidationError as e:
         raise from_validation(file, e) from None
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Literal
 
 import psutil
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import SpecError, from_validation
+from orchestrator.planning.files import read_yaml
 
 __all__ = ["LOCAL_NODE", "Device", "discover", "gpu_used_bytes", "load_hardware"]
 
@@ -148,13 +148,9 @@ class HardwareFile(_Strict):
 def load_hardware(path: str | Path) -> tuple[Device, ...]:
     """The devices a hardware file describes, in file order."""
     file = Path(path)
+    raw = read_yaml(file)
     try:
-        raw = yaml.safe_load(file.read_text())
         spec = HardwareFile.model_validate(raw)
-    except FileNotFoundError:
-        raise SpecError(file, "", "no such file") from None
-    except yaml.YAMLError as e:
-        raise SpecError(file, "", f"not valid YAML: {e}") from e
     except ValidationError as e:
         raise from_validation(file, e) from None
     devices: list[Device] = []

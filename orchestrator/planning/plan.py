@@ -37,6 +37,7 @@ from orchestrator.planning.data_path import (
     DataPath,
     data_path,
 )
+from orchestrator.planning.files import read_json
 from orchestrator.planning.hardware import Device
 from orchestrator.planning.profile import Host, Profile
 
@@ -399,8 +400,8 @@ def make_plan(
 def load_plan(path: str | Path) -> Plan:
     """Read a plan written by ``chorus plan -o``."""
     file = Path(path)
+    data = json.loads(read_json(file))
     try:
-        data = json.loads(file.read_text())
         devices = tuple(
             Device(
                 d["node"],
@@ -431,9 +432,7 @@ def load_plan(path: str | Path) -> Plan:
             full_ensemble_throughput=data.get("full_ensemble_throughput"),
             **_combiner_fields(file, data),
         )
-    except FileNotFoundError:
-        raise SpecError(file, "", "no such file") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise SpecError(file, "", f"not a plan written by 'chorus plan' ({e!r})") from e
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.errors import SpecError, from_validation
+from orchestrator.errors import from_validation
+from orchestrator.planning.files import read_json
 from orchestrator.planning.hardware import Device
 
 __all__ = ["HOST_COSTS", "Curve", "Host", "Profile", "load_profile", "save_profile"]
@@ -229,9 +230,7 @@ class _ProfileFile(BaseModel):
 def load_profile(path: str | Path) -> Profile:
     file = Path(path)
     try:
-        spec = _ProfileFile.model_validate_json(file.read_text())
-    except FileNotFoundError:
-        raise SpecError(file, "", "no such file") from None
+        spec = _ProfileFile.model_validate_json(read_json(file))
     except ValidationError as e:
         raise from_validation(file, e) from None
     host = spec.host

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import onnx
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -27,6 +26,7 @@ from pydantic import (
 
 from combiner import load_rule
 from orchestrator.errors import SpecError, from_validation
+from orchestrator.planning.files import read_yaml
 
 __all__ = [
     "Cascade",
@@ -250,12 +250,7 @@ def load_ensemble(path: str | Path, read_models: bool = True) -> Ensemble:
     need not exist; tensors are then only those declared in the file.
     """
     file = Path(path)
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except FileNotFoundError:
-        raise SpecError(file, "", "no such file") from None
-    except yaml.YAMLError as e:
-        raise SpecError(file, "", f"not valid YAML: {e}") from e
+    raw = read_yaml(file)
     if not isinstance(raw, dict):
         raise SpecError(file, "", "expected a mapping with 'name' and 'members'")
     try:

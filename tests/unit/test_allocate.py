@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.errors import InfeasibleError
+from orchestrator.errors import InfeasibleError, SpecError
 from orchestrator.planning.allocate import (
     evaluate,
     evaluate_moves,
@@ -393,6 +393,38 @@ def test_plan_cli_exits_3_when_a_member_fits_nowhere(planning_files):
     assert result.returncode == 3, result.stderr
     assert "'b'" in result.stderr and "8.38 GiB" in result.stderr
     assert "largest free device memory is 8.00 GiB" in result.stderr.replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "key"),
+    [
+        # a profile merged by hand with member 'a' twice: the last one had silently won
+        ("profile.json", lambda t: t.replace('{"members": {', '{"members": {"a": {}, ', 1), "a"),
+        ("ensemble.yaml", lambda t: t + "combine: {rule: max}\ncombine: {rule: mean}\n", "combine"),
+        (
+            "hw.yaml",
+            lambda t: t.replace("memory_gb: 16", "memory_gb: 16\n    memory_gb: 8", 1),
+            "memory_gb",
+        ),
+    ],
+    ids=["profile", "ensemble", "hardware"],
+)
+def test_plan_cli_refuses_a_key_given_twice_naming_it(planning_files, file, edit, key):
+    d = planning_files
+    (d / file).write_text(edit((d / file).read_text()))
+    result = plan_cli(d)
+    assert result.returncode == 2, result.stderr
+    text = " ".join(result.stderr.split())
+    assert file in text and f"key '{key}' is given twice" in text, text
+
+
+def test_a_plan_file_with_a_key_twice_is_refused(planning_files):
+    d = planning_files
+    assert plan_cli(d, "-o", str(d / "plan.json")).returncode == 0
+    text = (d / "plan.json").read_text()
+    (d / "plan.json").write_text(text.replace('"ensemble": ', '"ensemble": "x", "ensemble": ', 1))
+    with pytest.raises(SpecError, match="key 'ensemble' is given twice"):
+        load_plan(d / "plan.json")
 
 
 def test_plan_cli_exits_2_on_a_bad_hardware_file(planning_files):
