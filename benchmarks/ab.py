@@ -54,8 +54,8 @@ if kind == "one":  # one member, beside itself called directly
     ((_, member_input),) = member.input_map
     one = Path(tempfile.mkdtemp()) / "one.yaml"
     one.write_text(
-        f"name: one\nmembers:\n  - {{name: cnn, path: {member.path}}}\n"
-        "combine: {rule: mean, softmax: true}\nserving: {max_batch_size: 64}\n"
+        f"name: one\\nmembers:\\n  - {{name: cnn, path: {member.path}}}\\n"
+        "combine: {rule: mean, softmax: true}\\nserving: {max_batch_size: 64}\\n"
     )
     ensemble = load_ensemble(one)
 keyed = "headers" in inspect.signature(load).parameters
