@@ -1,6 +1,8 @@
 """Where the CPU goes per request: the combiner, Triton (with its backend stubs) and the client,
 for Chorus and Triton's native ensemble on the digits ensemble; and the floor, a grpc.aio
-server on uvloop that answers every ModelInfer at once with a canned response.
+server on uvloop that answers every ModelInfer at once with a canned response: with a plain
+unary handler, and reading its message as Chorus does (a stream-unary handler waiting for it
+under a timeout: what bounds a client that never sends it, ``body_timeout_s``).
 
     python -m benchmarks.profile_combiner [--seconds 3] [--rounds 3]
 
@@ -13,6 +15,7 @@ main thread by py-spy's samples, by stage.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing as mp
 import resource
 import shutil
@@ -27,7 +30,7 @@ import grpc
 import numpy as np
 import psutil
 import uvloop
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 
 from benchmarks.baselines import (
     add_baselines,
@@ -44,18 +47,44 @@ from orchestrator.examples.digits.train import HERE, load_split, train_members
 from orchestrator.planning.spec import load_ensemble
 
 
-class _Canned(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    async def ModelInfer(self, request, context):
-        response = service_pb2.ModelInferResponse(model_name="digits", id=request.id)
-        response.outputs.add(name="logits", datatype="FP32", shape=[1, 10])
-        response.raw_output_contents.append(bytes(40))
-        return response
+def _canned(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+    response = service_pb2.ModelInferResponse(model_name="digits", id=request.id)
+    response.outputs.add(name="logits", datatype="FP32", shape=[1, 10])
+    response.raw_output_contents.append(bytes(40))
+    return response
 
 
-def _serve_canned(port: int) -> None:
+def _serve_canned(port: int, reading: str) -> None:
+    """``reading``: "unary", a plain unary handler; "timed", as Chorus reads a message: a
+    stream-unary handler that waits for it under a timeout (the body timeout)."""
+
+    async def unary(request, context):
+        return _canned(request)
+
+    async def timed(requests, context):
+        async with asyncio.timeout(30):
+            request = await anext(aiter(requests), None)
+        return _canned(request)
+
+    if reading == "unary":
+        kind, method = grpc.unary_unary_rpc_method_handler, unary
+    else:
+        kind, method = grpc.stream_unary_rpc_method_handler, timed
+    handler = kind(
+        method,
+        request_deserializer=service_pb2.ModelInferRequest.FromString,
+        response_serializer=service_pb2.ModelInferResponse.SerializeToString,
+    )
+
     async def go() -> None:
         server = grpc.aio.server()
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Canned(), server)
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "inference.GRPCInferenceService", {"ModelInfer": handler}
+                ),
+            )
+        )
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
@@ -86,41 +115,70 @@ def measured(
     return r, cpu
 
 
-def floor(x: np.ndarray, seconds: float) -> list[str]:
-    port = free_port()
-    server = mp.get_context("spawn").Process(target=_serve_canned, args=(port,), daemon=True)
-    server.start()
+FLOORS = {
+    "unary": "unary handler",
+    "timed": "reading its message as Chorus does (stream-unary, under a timeout)",
+}
+
+
+def floor(
+    x: np.ndarray, seconds: float, rounds: int
+) -> tuple[list[str], dict[tuple[str, int], float]]:
+    """Two grpc.aio servers answering at once: a plain unary handler, and one that reads its
+    message as Chorus must to bound a slow sender (the body timeout); rounds interleaved."""
+    servers = {}
+    for reading in FLOORS:
+        port = free_port()
+        process = mp.get_context("spawn").Process(
+            target=_serve_canned, args=(port, reading), daemon=True
+        )
+        process.start()
+        servers[reading] = (port, process)
     time.sleep(1.5)
+    cpu_of: dict[tuple[str, int], float] = {}
     try:
         requests = requests_for("digits", "image", x)
         lines = [
-            "| concurrency | requests/s | server CPU ms/request | its main thread | "
+            "| concurrency | server | requests/s | server CPU ms/request | its main thread | "
             "client CPU ms/request |",
-            "|---:|---:|---:|---:|---:|",
+            "|---:|---|---:|---:|---:|---:|",
         ]
+
+        def one(reading: str, c: int):
+            port, process = servers[reading]
+            url = f"127.0.0.1:{port}"
+            load(url, requests, c, 0.3)
+            main_before = thread_cpu(process.pid or 0)[0]
+            r, cpu = measured(url, requests, c, seconds, {"server": [process.pid or 0]})
+            main = (thread_cpu(process.pid or 0)[0] - main_before) / max(r.requests, 1) * 1000
+            return r, cpu, main
+
         for c in (1, 8, 64):
-            load(f"127.0.0.1:{port}", requests, c, 0.5)
-            main_before = thread_cpu(server.pid or 0)[0]
-            r, cpu = measured(
-                f"127.0.0.1:{port}", requests, c, seconds, {"server": [server.pid or 0]}
-            )
-            main = (thread_cpu(server.pid or 0)[0] - main_before) / max(r.requests, 1) * 1000
-            lines.append(
-                f"| {c} | {r.samples_per_s:,.0f} | {cpu['server']:.2f} | {main:.2f} | "
-                f"{cpu['client']:.2f} |"
-            )
-        return lines
+            cases = {reading: (lambda reading=reading, c=c: one(reading, c)) for reading in FLOORS}
+            for reading, (r, cpu, main) in interleaved(
+                cases, rounds, lambda t: t[0].samples_per_s
+            ).items():
+                cpu_of[reading, c] = cpu["server"]
+                lines.append(
+                    f"| {c} | {FLOORS[reading]} | {r.samples_per_s:,.0f} | {cpu['server']:.2f} "
+                    f"| {main:.2f} | {cpu['client']:.2f} |"
+                )
+        return lines, cpu_of
     finally:
-        server.terminate()
+        for _, process in servers.values():
+            process.terminate()
 
 
-def split(x: np.ndarray, seconds: float, rounds: int, py_spy: bool) -> list[str]:
+def split(
+    x: np.ndarray, seconds: float, rounds: int, py_spy: bool
+) -> tuple[list[str], dict[int, float]]:
     ensemble = load_ensemble(HERE / "ensemble.yaml")
     lines = [
         "| endpoint | concurrency | requests/s | combiner | Triton | client | total |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     spy_lines: list[str] = []
+    combiner: dict[int, float] = {}
     with served(ensemble, "chorus-profile-") as d:
         assert d.endpoints is not None and d.combiner is not None and d.triton is not None
         key = d.endpoints.triton_headers
@@ -140,13 +198,15 @@ def split(x: np.ndarray, seconds: float, rounds: int, py_spy: bool) -> list[str]
             }
             for label, (r, cpu) in interleaved(cases, rounds, lambda t: t[0].samples_per_s).items():
                 total = cpu["combiner"] + cpu["triton"] + cpu["client"]
+                if label == "Chorus":
+                    combiner[c] = cpu["combiner"]
                 lines.append(
                     f"| {label} | {c} | {r.samples_per_s:,.0f} | {cpu['combiner']:.2f} | "
                     f"{cpu['triton']:.2f} | {cpu['client']:.2f} | {total:.2f} |"
                 )
         if py_spy:
             spy_lines = sample(d.combiner.pid or 0, d.endpoints.ensemble, ours, seconds)
-    return [*lines, "", *spy_lines]
+    return [*lines, "", *spy_lines], combiner
 
 
 # Where a sample of the combiner worker's main thread lies, by the first frame (from the top of
@@ -257,6 +317,8 @@ def main() -> None:
     if not (HERE / "models" / "mlp.onnx").is_file():
         train_members(HERE / "models", data)
     x = data.x_test
+    chorus, combiner = split(x, args.seconds, args.rounds, args.py_spy)
+    floor_lines, floors = floor(x, args.seconds, args.rounds)
     lines = [
         "# Where the CPU goes, per request",
         "",
@@ -268,11 +330,19 @@ def main() -> None:
         "",
         "## The digits ensemble: Chorus vs Triton's native ensemble",
         "",
-        *split(x, args.seconds, args.rounds, args.py_spy),
+        *chorus,
         "",
         "## The floor: a grpc.aio server (uvloop) answering at once",
         "",
-        *floor(x, args.seconds),
+        *floor_lines,
+        "",
+        *(
+            f"- concurrency {c}: the combiner's CPU a request is "
+            f"{combiner[c] / floors['unary', c]:.2f}x the unary floor's and "
+            f"{combiner[c] / floors['timed', c]:.2f}x the floor's that reads its message as "
+            "Chorus does"
+            for c in (8, 64)
+        ),
         "",
     ]
     publish(lines, args.out)
