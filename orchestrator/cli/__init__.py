@@ -9,14 +9,13 @@ calibration and the plan) is :mod:`orchestrator.cli.options`.
 
 Exit codes: 0 success; 2 invalid input (the message names the file, the field and the problem);
 3 the ensemble cannot fit the hardware; 1 anything else that went wrong; 130 and 143 a command
-stopped by Ctrl-C or SIGTERM before its end (both stop what it had started, in order).
-``chorus up`` once serving stops on either and exits 0.
+stopped by Ctrl-C or SIGTERM before its end (both stop what it had started, in order; a second
+signal meanwhile is ignored). ``chorus up`` once serving drains on either and exits 0.
 """
 
 from __future__ import annotations
 
 import signal
-import threading
 from types import FrameType
 
 import typer
@@ -54,24 +53,29 @@ class Terminated(KeyboardInterrupt):
     once, and a Triton killed with it can leave its Python backend's stubs behind)."""
 
 
-_terminated = threading.Event()
+_stopping: list[int] = []  # the signal that began the unwinding
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    if not _terminated.is_set():  # once: the unwinding stops processes, a second one would
-        _terminated.set()  # cut that short
-        raise Terminated
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """The first SIGINT or SIGTERM unwinds the command; any later one is ignored, since the
+    unwinding stops processes and a second interruption would cut that short (Ctrl-C, then
+    the SIGTERM of a `docker stop`)."""
+    if not _stopping:
+        _stopping.append(signum)
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)  # `chorus up`, once serving, takes it over
+    signal.signal(signal.SIGTERM, _interrupt)  # `chorus up`, once serving, takes both over
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where ignored)
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         app()  # click reports usage errors itself, with exit code 2
     except ChorusError as e:
         console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         raise SystemExit(e.exit_code) from None
     except SystemExit as e:
-        if _terminated.is_set() and e.code == _INTERRUPTED:
+        if _stopping == [signal.SIGTERM] and e.code == _INTERRUPTED:
             console.print("stopped by SIGTERM (what the command had started is stopped)")
             raise SystemExit(128 + signal.SIGTERM) from None
         raise

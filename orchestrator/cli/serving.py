@@ -113,9 +113,6 @@ def up(
             shares_file=cascading.calibration,
         )
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     deployment = Deployment(
         ensemble,
         workdir,
@@ -134,7 +131,10 @@ def up(
     )
     try:
         with console.status(f"starting Triton and the combiner for {ensemble.name!r}..."):
-            endpoints = deployment.start()
+            endpoints = deployment.start()  # a signal meanwhile stops it: exit 130 or 143
+        stop = threading.Event()  # from here on a signal drains: exit 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         scheme = "https" if tls_cert else "http"
         print(
             f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "

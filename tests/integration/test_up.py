@@ -62,36 +62,71 @@ def test_workers_auto_start_the_processes_the_plan_asks_for(
         assert up.process.wait(timeout=60) == 0, up.text()
 
 
-def test_sigterm_while_chorus_up_profiles_stops_its_triton_and_leaves_nothing(
-    ensemble_file, tmp_path
-):
-    """SIGTERM (what systemd, docker and kubectl send) before serving stops the command as
-    Ctrl-C does: here while it profiles the members, a stub of the profile's Triton running.
-    Python's default had ended the command at once, by the signal and without a word, and the
-    Triton killed with it could leave a Python-backend stub behind."""
-    argv = [sys.executable, "-m", "orchestrator", "up", str(ensemble_file)]
-    argv += ["--grpc-port", str(free_port()), "--http-port", str(free_port())]
-    argv += ["--workdir", str(tmp_path / "work")]  # nothing profiled there yet
+def signalled(argv, tmp_path, running: str, signals, apart_s: float = 0.3):
+    """Run a chorus command line until a process whose command line holds ``running`` is
+    below it, then send it ``signals`` (``apart_s`` apart); its exit code, its output, and
+    the processes it had then, once all of them are gone (15 s at most)."""
     log = tmp_path / "output.txt"
     with log.open("w") as out, subprocess.Popen(argv, stdout=out, stderr=out) as process:
         try:
             deadline = time.monotonic() + 120
-            while not any(
-                "triton_python_backend_stub" in command_name(p) for p in descendants(process.pid)
-            ):
+            while not any(running in command_name(p) for p in descendants(process.pid)):
                 assert process.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
             tree = descendants(process.pid)
-            process.send_signal(signal.SIGTERM)
+            for i, sig in enumerate(signals):
+                if i:
+                    time.sleep(apart_s)
+                process.send_signal(sig)
             code = process.wait(timeout=60)
         finally:
             if process.poll() is None:
                 process.kill()
-    output = log.read_text()
-    assert code == 128 + signal.SIGTERM, output  # not -SIGTERM: it ended, it was not ended
-    assert output.rstrip().splitlines()[-1].startswith("stopped by SIGTERM"), output
     deadline = time.monotonic() + 15
     while any(alive(p) for p in tree):
         assert time.monotonic() < deadline, [command_name(p) for p in tree if alive(p)]
         time.sleep(0.2)
+    return code, log.read_text()
+
+
+def up_argv(ensemble_file, tmp_path, *more: str) -> list[str]:
+    argv = [sys.executable, "-m", "orchestrator", "up", str(ensemble_file), *more]
+    argv += ["--grpc-port", str(free_port()), "--http-port", str(free_port())]
+    return [*argv, "--workdir", str(tmp_path / "work")]
+
+
+def test_sigterm_while_chorus_up_profiles_stops_its_triton_and_leaves_nothing(
+    ensemble_file, tmp_path
+):
+    """SIGTERM (what systemd, docker and kubectl send) before serving stops the command as
+    Ctrl-C does: here while it profiles the members (nothing profiled in its workdir yet), a
+    stub of the profile's Triton running. Python's default had ended the command at once, by
+    the signal and without a word, and the Triton killed with it could leave a Python-backend
+    stub behind."""
+    argv = up_argv(ensemble_file, tmp_path)
+    code, output = signalled(argv, tmp_path, "triton_python_backend_stub", [signal.SIGTERM])
+    assert code == 128 + signal.SIGTERM, output  # not -SIGTERM: it ended, it was not ended
+    assert output.rstrip().splitlines()[-1].startswith("stopped by SIGTERM"), output
+
+
+def test_a_sigterm_after_ctrl_c_does_not_cut_the_stopping_short(ensemble_file, tmp_path):
+    """Ctrl-C, then the SIGTERM of a `docker stop` while Chorus stops what it started: the
+    second signal is ignored (it had ended the command at once, its Triton mid-shutdown)."""
+    argv = up_argv(ensemble_file, tmp_path)
+    signals = [signal.SIGINT, signal.SIGTERM]
+    code, output = signalled(argv, tmp_path, "triton_python_backend_stub", signals)
+    assert code == 128 + signal.SIGINT, output
+
+
+def test_sigterm_while_chorus_up_starts_stops_it_before_it_serves(
+    ensemble_file, tmp_path, served_plan
+):
+    """A signal while Triton and the combiner start (here from a plan file: no profiling)
+    stops them; it used to be held until they served, so `serving on` was printed first."""
+    planned = tmp_path / "plan.json"
+    planned.write_text(served_plan.to_json())
+    argv = up_argv(ensemble_file, tmp_path, "--plan", str(planned))
+    code, output = signalled(argv, tmp_path, "tritonserver", [signal.SIGTERM])
+    assert code == 128 + signal.SIGTERM, output
+    assert "serving on" not in output, output

@@ -418,6 +418,37 @@ def test_plan_cli_refuses_a_key_given_twice_naming_it(planning_files, file, edit
     assert file in text and f"key '{key}' is given twice" in text, text
 
 
+def test_a_key_twice_deep_in_a_profile_is_named_by_its_path_each_time(planning_files):
+    """Every curve has a batch size '1': the message says which curve, and every key twice."""
+    d = planning_files
+    text = (d / "profile.json").read_text()
+    text = text.replace('"latency_ms": {"1": 5.0', '"latency_ms": {"1": 4.0, "1": 5.0', 1)
+    (d / "profile.json").write_text(text.replace('{"members": {', '{"members": {"b": {}, ', 1))
+    result = plan_cli(d)
+    assert result.returncode == 2, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "key 'b' is given twice in members" in text, text
+    assert "key '1' is given twice in members.a.gpu.latency_ms" in text, text
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"name: e\n? [a, b]\n: 1\n", "found unhashable key"),  # PyYAML's own error, exit 2
+        (b"name: caf\xe9\n", "not UTF-8 text"),
+    ],
+    ids=["unhashable key", "latin-1"],
+)
+def test_an_ensemble_file_yaml_cannot_read_is_refused_not_a_traceback(
+    planning_files, content, says
+):
+    d = planning_files
+    (d / "ensemble.yaml").write_bytes(content)
+    result = plan_cli(d)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_a_plan_file_with_a_key_twice_is_refused(planning_files):
     d = planning_files
     assert plan_cli(d, "-o", str(d / "plan.json")).returncode == 0
