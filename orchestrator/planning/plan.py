@@ -192,10 +192,12 @@ def plan_ensemble(
         )
 
     p = problem_for(share_list)
+    if _too_slow(p):  # no search helps a member slower than the target at batch 1
+        raise InfeasibleError(_target_message(p))
     budget = Budget(evaluations, time_limit_s, on_progress)
     result = greedy(p, effort=effort, budget=budget)
     if result.throughput <= 0 and p.latency_target is not None:
-        if budget.cut and not _too_slow(p):  # no budget helps a member slower than the target
+        if budget.cut:
             raise InfeasibleError(
                 "the search's budget ran out before it found a plan that meets the latency "
                 f"target of {p.latency_target * 1000:g} ms: give it more (--time-limit, "

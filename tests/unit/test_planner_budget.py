@@ -105,6 +105,20 @@ def test_a_budget_spent_before_any_plan_meets_the_latency_target_says_so():
     assert found.predicted_throughput > 0  # the target can be met, given the search
 
 
+def test_a_target_some_member_misses_at_batch_1_is_refused_before_the_search(monkeypatch):
+    """The search of 100 members on 16 GPUs takes its whole time limit; a target that one
+    member misses for a single sample on its fastest device is known to fail before it."""
+    names, profile, devices = _large()
+    profile = Profile({**profile.members, "slow": {"gpu": curve(1, fixed_ms=80)}})
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the search ran for a target no plan can meet")
+
+    monkeypatch.setattr("orchestrator.planning.plan.greedy", no_search)
+    with pytest.raises(InfeasibleError, match=r"latency target of 60 ms: member 'slow' takes 80"):
+        plan_ensemble("e", [*names, "slow"], 64, profile, devices, latency_target_ms=60)
+
+
 def test_a_neighbourhood_too_large_to_build_at_once_is_scored_in_windows(monkeypatch):
     """Found by a hostile run: on 100 members x 256 GPUs one step built 450,000 moves 256
     wide (5 GB, 20 s past a 3 s budget). Beyond NEIGHBOURHOOD_CELLS a step builds and scores
