@@ -237,8 +237,6 @@ def climb(
         if budget is not None and budget.stop():
             break
         only = bottlenecks(p, n, b) if focus else None
-        if only is not None and not only.any():  # the limit is no member's (the host's CPU)
-            only = None
         got = step(n, b, only, turn)
         if got is None:
             break

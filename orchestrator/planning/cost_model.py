@@ -96,16 +96,19 @@ def evaluate(p: Problem, n: np.ndarray, b: np.ndarray) -> Evaluation:
     return Evaluation(np.where(feasible, throughput, 0.0), binding, feasible, congestion)
 
 
-def bottlenecks(p: Problem, n: np.ndarray, b: np.ndarray, slack: float = 0.1) -> np.ndarray:
+def bottlenecks(p: Problem, n: np.ndarray, b: np.ndarray, slack: float = 0.1) -> np.ndarray | None:
     """(M,) bool: the members a move must touch to raise one allocation's throughput or relieve
     what limits it: those whose capacity is within ``slack`` of the throughput, and those with
     an instance on a device whose limit is. A move of any other member changes no constraint
-    at or near the minimum (the climb on many members scores only these moves)."""
+    at or near the minimum (the climb on many members scores only these moves). None when the
+    limit is no member's (the host's CPU, counted on a device holding none): every move may
+    relieve it."""
     member_rate, device_limit, _ = _limits(p, n[None], b[None])
     throughput = min(member_rate.min(), device_limit.min())
     near = throughput * (1 + slack)
     on_busy = (n[:, device_limit[0] <= near] > 0).any(axis=1)
-    return np.asarray((member_rate[0] <= near) | on_busy)
+    limiting = np.asarray((member_rate[0] <= near) | on_busy)
+    return limiting if limiting.any() else None
 
 
 def _limits(p: Problem, n: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -225,7 +225,7 @@ def _kick(
     cost = 0
     for _ in range(int(rng.integers(_KICK_MOVES[0], _KICK_MOVES[1] + 1))):
         only = bottlenecks(p, n, b) if focus else None
-        mv = moves(n, b, len(p.batch_sizes), only if only is not None and only.any() else None)
+        mv = moves(n, b, len(p.batch_sizes), only)
         pick = rng.choice(len(mv), size=min(len(mv), _KICK_SAMPLE), replace=False)
         sample = Moves(mv.member[pick], mv.row[pick], mv.batch[pick])
         e = evaluate_moves(p, n, b, sample)
