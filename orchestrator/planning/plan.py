@@ -14,12 +14,13 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 from rich.table import Table
 
-from orchestrator.errors import InfeasibleError, SpecError
+from orchestrator.errors import InfeasibleError, SpecError, from_validation
 from orchestrator.planning.allocate import (
     Problem,
     SearchResult,
@@ -234,31 +235,6 @@ def with_data_path(plan: Plan, host: Host | None) -> Plan:
     )
 
 
-def _combiner_fields(file: Path, data: dict[str, Any]) -> dict[str, Any]:
-    """The data path's fields of a plan file, checked (SpecError naming the field); a plan
-    from before they were there keeps one process, and says so."""
-    if "combiner_workers" not in data:
-        return {"combiner_sized": False}
-
-    def number(key: str, lowest: float, whole: bool, optional: bool) -> Any:
-        value: Any = data.get(key)
-        if value is None and optional:
-            return None
-        ok = isinstance(value, int) if whole else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok or not math.isfinite(value) or value < lowest:
-            kind = "a whole number" if whole else "a number"
-            raise SpecError(file, key, f"{value!r} is not {kind} >= {lowest:g}")
-        return value
-
-    return {
-        "combiner_workers": min(number("combiner_workers", 1, True, False), MAX_WORKERS),
-        "combiner_per_process": number("combiner_per_process", 1e-9, False, True),
-        "combiner_cores": number("combiner_cores", 0, True, True),
-        "members_throughput": number("members_throughput", 0, False, True),
-        "combiner_rows": number("combiner_rows_per_request", 1, True, True) or 1,
-    }
-
-
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
@@ -400,42 +376,126 @@ def make_plan(
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read a plan written by ``chorus plan -o``."""
+    """Read a plan written by ``chorus plan -o`` (or edited by hand): SpecError naming each
+    field that is not what ``chorus plan`` writes (a count that is not a whole number, a
+    batch size out of Triton's range, a number that is not finite, a member or device the
+    plan does not have)."""
     file = Path(path)
-    data = json.loads(read_json(file))
     try:
-        devices = tuple(
-            Device(
-                d["node"],
-                d["kind"],
-                d["index"],
-                d.get("name", d["kind"]),
-                d["memory_bytes"],
-                d["memory_bytes"],
-                cores=d.get("cores", 0),
-                speed=d.get("speed", 1.0),
-                lanes=d.get("lanes", 1),
-            )
-            for d in data["devices"]
+        spec = _PlanFile.model_validate_json(read_json(file))
+    except ValidationError as e:
+        raise from_validation(file, e) from None
+    devices = tuple(
+        Device(
+            d.node,
+            d.kind,
+            d.index,
+            d.name or d.kind,
+            d.memory_bytes,
+            d.memory_bytes,
+            cores=d.cores,
+            speed=d.speed,
+            lanes=d.lanes,
         )
-        return Plan(
-            ensemble=data["ensemble"],
-            devices=devices,
-            planned_memory_bytes={
-                d["id"]: d.get("planned_memory_bytes", 0) for d in data["devices"]
-            },
-            members=tuple(data["members"]),
-            instances={m: dict(v) for m, v in data["instances"].items()},
-            max_batch_size=dict(data["max_batch_size"]),
-            predicted_throughput=float(data["predicted_throughput"]),
-            predicted_latency_ms=dict(data.get("predicted_latency_ms", {})),
-            latency_target_ms=data.get("latency_target_ms"),
-            shares={m: float(v) for m, v in data.get("shares", {}).items()},
-            full_ensemble_throughput=data.get("full_ensemble_throughput"),
-            **_combiner_fields(file, data),
-        )
-    except (KeyError, TypeError, AttributeError) as e:
-        raise SpecError(file, "", f"not a plan written by 'chorus plan' ({e!r})") from e
+        for d in spec.devices
+    )
+    sized = spec.combiner_workers is not None
+    return Plan(
+        ensemble=spec.ensemble,
+        devices=devices,
+        planned_memory_bytes={
+            device.id: file.planned_memory_bytes
+            for device, file in zip(devices, spec.devices, strict=True)
+        },
+        members=tuple(spec.members),
+        instances={m: {d: n for d, n in spec.instances[m].items() if n} for m in spec.members},
+        max_batch_size={m: spec.max_batch_size[m] for m in spec.members},
+        predicted_throughput=spec.predicted_throughput,
+        predicted_latency_ms=dict(spec.predicted_latency_ms),
+        latency_target_ms=spec.latency_target_ms,
+        shares=dict(spec.shares),
+        full_ensemble_throughput=spec.full_ensemble_throughput,
+        combiner_workers=min(spec.combiner_workers or 1, MAX_WORKERS),
+        combiner_per_process=spec.combiner_per_process if sized else None,
+        combiner_cores=spec.combiner_cores if sized else None,
+        members_throughput=spec.members_throughput if sized else None,
+        combiner_rows=spec.combiner_rows_per_request or 1,
+        combiner_sized=sized,  # a plan from before Chorus sized the combiner keeps one process
+    )
+
+
+class _PlanDevice(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+    id: str | None = None
+    node: str = Field(min_length=1)
+    kind: Literal["gpu", "cpu"]
+    index: int = Field(ge=0)
+    name: str | None = None
+    memory_bytes: StrictInt = Field(ge=0)
+    planned_memory_bytes: StrictInt = Field(0, ge=0)
+    speed: float = Field(1.0, gt=0)
+    lanes: StrictInt = Field(1, ge=1)
+    cores: StrictInt = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _id_as_written(self) -> _PlanDevice:
+        own = f"{self.node}/{self.kind}{self.index}"
+        if self.id is not None and self.id != own:
+            raise ValueError(f"id {self.id!r} is not its node/kind and index ({own!r})")
+        return self
+
+
+class _PlanFile(BaseModel):
+    """A plan's JSON as :meth:`Plan.to_dict` writes it. Keys a later Chorus adds are ignored
+    (the contract: fields may be added)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+    ensemble: str
+    devices: list[_PlanDevice] = Field(min_length=1)
+    members: list[str] = Field(min_length=1)
+    instances: dict[str, dict[str, Annotated[StrictInt, Field(ge=0, le=1024)]]]
+    max_batch_size: dict[str, Annotated[StrictInt, Field(ge=1, le=65536)]]
+    predicted_throughput: float = Field(ge=0)
+    predicted_latency_ms: dict[str, Annotated[float, Field(ge=0)]] = {}
+    latency_target_ms: float | None = Field(None, gt=0)
+    shares: dict[str, Annotated[float, Field(gt=0, le=1)]] = {}
+    full_ensemble_throughput: float | None = Field(None, ge=0)
+    combiner_workers: StrictInt | None = Field(None, ge=1)  # None: a plan from before it
+    combiner_per_process: float | None = Field(None, gt=0)
+    combiner_cores: StrictInt | None = Field(None, ge=0)
+    combiner_rows_per_request: StrictInt | None = Field(None, ge=1)
+    members_throughput: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_plan(self) -> _PlanFile:
+        members = set(self.members)
+        if len(members) < len(self.members):
+            raise ValueError(f"members: a member is named twice ({self.members})")
+        ids = {f"{d.node}/{d.kind}{d.index}" for d in self.devices}
+        for name, per_member in (
+            ("instances", self.instances),
+            ("max_batch_size", self.max_batch_size),
+        ):
+            if set(per_member) != members:
+                raise ValueError(
+                    f"{name}: names members {sorted(per_member)}, the plan has {sorted(members)}"
+                )
+        for m, counts in self.instances.items():
+            unknown = sorted(set(counts) - ids)
+            if unknown:
+                raise ValueError(f"instances.{m}: no device {', '.join(unknown)} in the plan")
+            if not any(counts.values()):
+                raise ValueError(f"instances.{m}: the member has no instance")
+        for name, keyed in (
+            ("shares", self.shares),
+            ("predicted_latency_ms", self.predicted_latency_ms),
+        ):
+            unknown = sorted(set(keyed) - members)
+            if unknown:
+                raise ValueError(f"{name}: no member {', '.join(unknown)} in the plan")
+        return self
 
 
 def plan_table(plan: Plan) -> Table:

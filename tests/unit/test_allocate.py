@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import yaml
@@ -455,6 +458,45 @@ def test_a_plan_file_with_a_key_twice_is_refused(planning_files):
     text = (d / "plan.json").read_text()
     (d / "plan.json").write_text(text.replace('"ensemble": ', '"ensemble": "x", "ensemble": ', 1))
     with pytest.raises(SpecError, match="key 'ensemble' is given twice"):
+        load_plan(d / "plan.json")
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda p: p["max_batch_size"].update(a=float("nan")), "max_batch_size.a"),
+        (lambda p: p["max_batch_size"].update(a=0), "max_batch_size.a"),
+        (lambda p: p["instances"]["a"].update({p["devices"][0]["id"]: 1.5}), "instances.a"),
+        (lambda p: p["instances"]["a"].update({p["devices"][0]["id"]: -1}), "instances.a"),
+        (lambda p: p["instances"]["a"].update({"node9/gpu3": 1}), "no device node9/gpu3"),
+        (lambda p: p["instances"].pop("a"), "instances: names members"),
+        (lambda p: p.update(predicted_throughput=float("inf")), "predicted_throughput"),
+        (lambda p: p.update(predicted_throughput="fast"), "predicted_throughput"),
+        (lambda p: p["devices"][0].update(memory_bytes=-5), "devices[0].memory_bytes"),
+        (lambda p: p.update(members=[*p["members"], "a"]), "named twice"),
+    ],
+    ids=[
+        "NaN batch",
+        "batch 0",
+        "fractional count",
+        "negative count",
+        "unknown device",
+        "member without instances",
+        "infinite throughput",
+        "string throughput",
+        "negative memory",
+        "member twice",
+    ],
+)
+def test_a_plan_edited_into_nonsense_is_refused_naming_the_field(planning_files, edit, says):
+    """Found by a hostile review: a NaN batch size or a string throughput in a plan passed to
+    chorus up --plan got into the rendered configs, or ended in a ValueError traceback."""
+    d = planning_files
+    assert plan_cli(d, "-o", str(d / "plan.json")).returncode == 0
+    data = json.loads((d / "plan.json").read_text())
+    edit(data)
+    (d / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(SpecError, match=re.escape(says)):
         load_plan(d / "plan.json")
 
 
