@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ def read_yaml(file: Path) -> Any:
         return yaml.load(stream, Loader=_UniqueKeys)  # (a SafeLoader)
     except yaml.YAMLError as e:
         raise SpecError(file, "", f"not valid YAML: {e}") from e
+    except RecursionError:
+        raise SpecError(file, "", "nested too deeply to read") from None
 
 
 def read_json(file: Path) -> str:
@@ -36,10 +39,17 @@ def read_json(file: Path) -> str:
         parsed = json.loads(text, object_pairs_hook=_Object.of)
     except json.JSONDecodeError as e:
         raise SpecError(file, "", f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise SpecError(file, "", "nested too deeply to read") from None
     twice = list(_given_twice(parsed, ""))
     if twice:
-        raise SpecError(file, "", "; ".join(twice))
+        shown = twice[:_SHOWN]
+        more = f"; and {len(twice) - _SHOWN} more" if len(twice) > _SHOWN else ""
+        raise SpecError(file, "", "; ".join(shown) + more)
     return text
+
+
+_SHOWN = 10  # keys given twice named in the error, at most
 
 
 def _text(file: Path) -> str:
@@ -51,6 +61,8 @@ def _text(file: Path) -> str:
         raise SpecError(file, "", "a directory, not a file") from None
     except PermissionError:
         raise SpecError(file, "", "not readable (permission denied)") from None
+    except OSError as e:  # not a directory on the way, a loop of links, a name too long
+        raise SpecError(file, "", f"not readable ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise SpecError(file, "", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -64,8 +76,8 @@ class _Object(dict[str, Any]):
     def of(cls, pairs: list[tuple[str, Any]]) -> _Object:
         made = cls(pairs)
         if len(made) < len(pairs):
-            keys = [k for k, _ in pairs]
-            made.twice = tuple(dict.fromkeys(k for k in keys if keys.count(k) > 1))
+            counts = Counter(k for k, _ in pairs)
+            made.twice = tuple(k for k, n in counts.items() if n > 1)
         return made
 
 
@@ -83,13 +95,35 @@ def _given_twice(value: Any, path: str) -> Iterator[str]:
 
 
 class _UniqueKeys(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+    """PyYAML's safe loader, refusing a key given twice in one mapping, and a second merge key
+    (``<<``) in one, which PyYAML would drop without a word."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked: set[yaml.MappingNode] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # PyYAML rewrites a mapping's node when it merges it (into its own or another's):
+        # checked the first time it is seen, before that, its keys are the ones written
+        if node not in self._checked:
+            self._checked.add(node)
+            _refuse_twice(self, node)
+        super().flatten_mapping(node)
 
 
-def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+def _refuse_twice(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
     seen = set()
+    merges = 0
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': merged keys may be overridden
+            merges += 1
+            if merges > 1:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    "'<<' is given twice in one mapping (merge several with '<<: [*a, *b]')",
+                    key_node.start_mark,
+                )
             continue
         key = loader.construct_object(key_node)
         try:
@@ -101,7 +135,3 @@ def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
                 None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
             )
         seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)

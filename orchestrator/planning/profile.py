@@ -14,10 +14,12 @@ Measuring lives in :mod:`orchestrator.measuring.measure`; this module is pure.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -176,6 +178,20 @@ class _CurveFile(BaseModel):
     latency_ms: dict[int, float] = Field(min_length=1, description="batch size -> latency")
     service_ms: dict[int, float] = Field({}, description="batch size -> busy time of an instance")
     cpu_ms: dict[int, float] = Field({}, description="batch size -> Triton CPU per call")
+
+    @field_validator("latency_ms", "service_ms", "cpu_ms", mode="before")
+    @classmethod
+    def _batch_sizes_written_plainly(cls, v: Any) -> Any:
+        # pydantic reads "01", "+1" and "1_0" as numbers: two spellings of one batch size
+        # would keep the last without a word
+        if isinstance(v, dict):
+            for batch in v:
+                if not isinstance(batch, int) and not re.fullmatch(r"[1-9][0-9]*", str(batch)):
+                    raise ValueError(
+                        f"batch size {batch!r} is not a whole number from 1, written "
+                        "plainly (1, 8, 64)"
+                    )
+        return v
 
     @field_validator("latency_ms", "service_ms")
     @classmethod

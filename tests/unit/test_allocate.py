@@ -21,6 +21,7 @@ from orchestrator.planning.allocate import (
     sequential_throughput,
     worst_fit,
 )
+from orchestrator.planning.files import read_json, read_yaml
 from orchestrator.planning.hardware import Device
 from orchestrator.planning.plan import load_plan, make_plan, plan_ensemble
 from orchestrator.planning.profile import Curve, Profile
@@ -439,8 +440,11 @@ def test_a_key_twice_deep_in_a_profile_is_named_by_its_path_each_time(planning_f
     [
         (b"name: e\n? [a, b]\n: 1\n", "found unhashable key"),  # PyYAML's own error, exit 2
         (b"name: caf\xe9\n", "not UTF-8 text"),
+        # PyYAML kept one of the two merges and dropped the other without a word
+        (b"a: &a {x: 1}\nb: &b {y: 2}\nname: {<<: *a, <<: *b}\n", "'<<' is given twice"),
+        (b"[" * 100_000, "nested too deeply"),  # had been a RecursionError traceback
     ],
-    ids=["unhashable key", "latin-1"],
+    ids=["unhashable key", "latin-1", "two merge keys", "deep nesting"],
 )
 def test_an_ensemble_file_yaml_cannot_read_is_refused_not_a_traceback(
     planning_files, content, says
@@ -450,6 +454,46 @@ def test_an_ensemble_file_yaml_cannot_read_is_refused_not_a_traceback(
     result = plan_cli(d)
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_batch_size_written_two_ways_in_a_profile_is_refused(planning_files):
+    """Found by a hostile review: pydantic reads "01" as 1, so {"1": 4.0, "01": 5.0} passed
+    the duplicate check and kept 5.0."""
+    d = planning_files
+    text = (d / "profile.json").read_text()
+    (d / "profile.json").write_text(text.replace('{"1": 5.0', '{"1": 4.0, "01": 5.0', 1))
+    result = plan_cli(d)
+    assert result.returncode == 2, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "members.a.gpu.latency_ms" in text and "batch size '01'" in text, text
+
+
+def test_a_merge_inside_a_merged_mapping_reads_as_pyyaml_reads_it(tmp_path):
+    """The duplicate check sees each mapping as written, before a merge rewrites it: the key
+    'x' is given once in the mapping &b (it had been refused as given twice)."""
+    text = "c:\n  <<: &b\n    <<: {x: 1}\n    x: 2\nd: *b\n"
+    (tmp_path / "f.yaml").write_text(text)
+    assert read_yaml(tmp_path / "f.yaml") == yaml.safe_load(text)
+
+
+def test_a_file_that_cannot_be_opened_is_named_with_why(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path, says in [
+        (tmp_path / "f.yaml" / "x", "Not a directory"),
+        (tmp_path / "loop", "symbolic links"),
+        (tmp_path / ("x" * 300), "too long"),
+    ]:
+        (tmp_path / "f.yaml").write_text("a: 1\n")
+        with pytest.raises(SpecError, match=says):
+            read_yaml(path)
+
+
+def test_many_keys_twice_make_a_bounded_error(tmp_path):
+    (tmp_path / "p.json").write_text("[" + ",".join(['{"a": 1, "a": 2}'] * 5000) + "]")
+    with pytest.raises(SpecError) as e:
+        read_json(tmp_path / "p.json")
+    assert "key 'a' is given twice in [9]; and 4990 more" in str(e.value)
+    assert len(str(e.value)) < 1000
 
 
 def test_a_plan_file_with_a_key_twice_is_refused(planning_files):
