@@ -32,13 +32,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
+from typing import Any
 
 import psutil
 
@@ -75,6 +77,36 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held until the block ends, then handled as they would have been.
+    A KeyboardInterrupt raised inside Popen (while it waits for the child's exec) or before
+    its result is stored leaves a running child that no one stops; held, the interrupt comes
+    once the child is known. (Python runs signal handlers in the main thread only: elsewhere
+    nothing is held, as nothing is interrupted.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, FrameType | None]] = []
+    previous: dict[int, Any] = {s: signal.getsignal(s) for s in _STOPS}
+    for s, handler in previous.items():
+        if callable(handler):  # (an ignored or default one stays as it is)
+            signal.signal(s, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            if callable(handler):
+                signal.signal(s, handler)
+        for signum, frame in held:
+            handler = previous[signum]
+            assert callable(handler)
+            handler(signum, frame)
+
+
 class ManagedProcess:
     """A child process with a log file, that dies with its parent and stops in steps."""
 
@@ -99,7 +131,7 @@ class ManagedProcess:
         self._reap_earlier_run()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._started = time.time()
-        with open(self.log, "ab" if self.proc is not None else "wb") as out:
+        with open(self.log, "ab" if self.proc is not None else "wb") as out, _signals_held():
             try:
                 self.proc = subprocess.Popen(
                     self.argv,
@@ -112,7 +144,7 @@ class ManagedProcess:
                 )
             except OSError as e:
                 raise LaunchError(f"cannot start {self.name} ({self.argv[0]}): {e}") from e
-        self._session_file.write_text(f"{self.proc.pid}\n")
+            self._session_file.write_text(f"{self.proc.pid}\n")
 
     @property
     def _session_file(self) -> Path:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import os
 import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -116,3 +118,31 @@ def test_backend_shared_memory_nobody_maps_any_more_is_unlinked(tmp_path):
         removed = reclaim_backend_shm(tmp_path)
     assert removed == [str(left)]
     assert not left.exists() and in_use.exists() and other.exists() and young.exists()
+
+
+def test_a_ctrl_c_as_a_child_starts_comes_once_the_child_is_known(tmp_path, monkeypatch):
+    """Found by a hostile review: a KeyboardInterrupt inside Popen (while it waits for the
+    child's exec) or before its result was stored left a running child that no stop knew of.
+    Here the signal lands just after the real Popen returns."""
+    import orchestrator.deploying.launch as launch
+
+    real = subprocess.Popen
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        child = real(*args, **kwargs)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the handler runs here, in the main thread
+        except KeyboardInterrupt:
+            child.kill()  # (what the test would otherwise leave running)
+            child.wait()
+            raise
+        return child
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen_then_ctrl_c)
+    sleeper = ManagedProcess("sleeper", ["sleep", "30"], tmp_path / "sleep.log")
+    with pytest.raises(KeyboardInterrupt):
+        sleeper.start()
+    assert sleeper.proc is not None and sleeper.proc.poll() is None  # known, so stopped
+    sleeper.stop(timeout=5)
+    assert sleeper.proc.poll() is not None
