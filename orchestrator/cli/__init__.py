@@ -10,7 +10,7 @@ calibration and the plan) is :mod:`orchestrator.cli.options`.
 Exit codes: 0 success; 2 invalid input (the message names the file, the field and the problem);
 3 the ensemble cannot fit the hardware; 1 anything else that went wrong; 130 and 143 a command
 stopped by Ctrl-C or SIGTERM before its end (both stop what it had started, in order; a second
-signal meanwhile is ignored). ``chorus up`` once serving drains on either and exits 0.
+signal meanwhile is ignored, with a word). ``chorus up`` once serving drains on either and exits 0.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import typer
 from rich.text import Text
 
 from orchestrator.cli import cascade, examples, planning, serving
-from orchestrator.cli.options import console
+from orchestrator.cli.options import already_stopping, console
 from orchestrator.errors import ChorusError
 
 __all__ = ["app", "main"]
@@ -63,6 +63,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     if not _stopping:
         _stopping.append(signum)
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    already_stopping()
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ ensemble file's, completed by the calibration) and the plan.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, NamedTuple
@@ -29,6 +30,7 @@ __all__ = [
     "HardwareOpt",
     "ProfileOpt",
     "WorkdirOpt",
+    "already_stopping",
     "console",
     "make_plan",
     "resolve_cascade_options",
@@ -37,6 +39,13 @@ __all__ = [
 ]
 
 console = Console(stderr=True)
+
+
+def already_stopping() -> None:
+    """Say that a signal came while stopping, and is ignored (written straight to stderr: safe
+    inside a signal handler, whatever the console is printing)."""
+    os.write(2, b"already stopping what was started, in order: this signal is ignored\n")
+
 
 EnsembleArg = Annotated[Path, typer.Argument(help="the ensemble file (ensemble.yaml)")]
 HardwareOpt = Annotated[

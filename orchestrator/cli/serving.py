@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -20,6 +21,7 @@ from orchestrator.cli.options import (
     HardwareOpt,
     ProfileOpt,
     WorkdirOpt,
+    already_stopping,
     console,
     make_plan,
     resolve_cascade_options,
@@ -133,8 +135,15 @@ def up(
         with console.status(f"starting Triton and the combiner for {ensemble.name!r}..."):
             endpoints = deployment.start()  # a signal meanwhile stops it: exit 130 or 143
         stop = threading.Event()  # from here on a signal drains: exit 0
+
+        def drain(signum: int, frame: FrameType | None) -> None:
+            if stop.is_set():
+                already_stopping()
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # (run with SIGINT ignored: kept)
+                signal.signal(sig, drain)
         scheme = "https" if tls_cert else "http"
         print(
             f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "

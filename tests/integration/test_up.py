@@ -4,6 +4,7 @@ test_supervision)."""
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -117,6 +118,7 @@ def test_a_sigterm_after_ctrl_c_does_not_cut_the_stopping_short(ensemble_file, t
     signals = [signal.SIGINT, signal.SIGTERM]
     code, output = signalled(argv, tmp_path, "triton_python_backend_stub", signals)
     assert code == 128 + signal.SIGINT, output
+    assert "already stopping what was started, in order: this signal is ignored" in output
 
 
 def test_sigterm_while_chorus_up_starts_stops_it_before_it_serves(
@@ -130,3 +132,22 @@ def test_sigterm_while_chorus_up_starts_stops_it_before_it_serves(
     code, output = signalled(argv, tmp_path, "tritonserver", [signal.SIGTERM])
     assert code == 128 + signal.SIGTERM, output
     assert "serving on" not in output, output
+
+
+def test_chorus_up_run_with_sigint_ignored_keeps_ignoring_it_once_serving(
+    ensemble_file, profile_file, split, tmp_path
+):
+    """Started where SIGINT is ignored (a background job of a script: `trap '' INT`), chorus
+    up had taken SIGINT back once serving and drained on it; SIGTERM still stops it."""
+    port = free_port()
+    command = up_argv(ensemble_file, tmp_path, "--profile", str(profile_file))
+    command[command.index("--grpc-port") + 1] = str(port)
+    argv = ["bash", "-c", "trap '' INT; exec " + shlex.join(command)]
+    with launched_up(argv, port, tmp_path) as up:
+        up.process.send_signal(signal.SIGINT)
+        time.sleep(1.0)  # a drain would have closed the endpoint by now
+        assert up.process.poll() is None, up.text()
+        with EnsembleClient(up.address) as client:
+            assert client.predict(split.x_test[:3]).shape == (3, 10)
+        up.process.send_signal(signal.SIGTERM)
+        assert up.process.wait(timeout=60) == 0, up.text()
