@@ -21,15 +21,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import psutil
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import SpecError, from_validation
 from orchestrator.planning.files import read_yaml
 
-__all__ = ["LOCAL_NODE", "Device", "discover", "gpu_used_bytes", "load_hardware"]
+__all__ = ["LOCAL_NODE", "Device", "NodeName", "discover", "gpu_used_bytes", "load_hardware"]
 
 LOCAL_NODE = "node0"
 _GB = 1 << 30
@@ -122,6 +122,16 @@ def _cpu_model() -> str:
         return "cpu"
 
 
+def _not_a_folder_step(name: str) -> str:
+    if name in (".", ".."):
+        raise ValueError(f"{name!r} is not a node name: each node gets a folder by its name")
+    return name
+
+
+# a node's name: its repository's folder under the render's output, its service and pod names
+NodeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_a_folder_step)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -137,7 +147,7 @@ class DeviceFile(_Strict):
 
 
 class NodeFile(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: NodeName
     devices: list[DeviceFile] = Field(min_length=1)
 
 

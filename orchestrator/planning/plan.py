@@ -39,7 +39,7 @@ from orchestrator.planning.data_path import (
     data_path,
 )
 from orchestrator.planning.files import read_json
-from orchestrator.planning.hardware import Device
+from orchestrator.planning.hardware import Device, NodeName
 from orchestrator.planning.profile import Host, Profile
 
 __all__ = [
@@ -269,22 +269,37 @@ def _shares(
     return [float(shares.get(m, 1.0)) for m in members]
 
 
+def _quickest(p: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each member's least service time for one call anywhere (at its smallest batch size
+    measured, on its fastest device; inf where it runs nowhere): seconds (M,), and the batch
+    size and device indices where it is."""
+    members = len(p.members)
+    flat = p.service_by_batch.reshape(members, -1)
+    at = flat.argmin(axis=1)
+    batch, device = np.unravel_index(at, p.service_by_batch.shape[1:])
+    return flat[np.arange(members), at], batch, device
+
+
 def _too_slow(p: Problem) -> bool:
-    """Whether some member takes longer than the latency target for one sample anywhere."""
-    fastest = p.service_by_batch[:, 0, :].min(axis=1)
-    return bool(p.latency_target is not None and (fastest > p.latency_target).any())
+    """Whether some member takes longer than the latency target for any one call anywhere
+    (so no allocation meets it)."""
+    if p.latency_target is None:
+        return False
+    quickest = _quickest(p)[0]
+    return bool((np.isfinite(quickest) & (quickest > p.latency_target)).any())
 
 
 def _target_message(p: Problem) -> str:
-    service = p.service_by_batch[:, 0, :]  # (M, D) at batch 1
-    fastest = service.min(axis=1)
-    m = int(np.argmax(fastest))
+    quickest, batch, device = _quickest(p)
+    m = int(np.argmax(np.where(np.isfinite(quickest), quickest, -1.0)))
     target = p.latency_target * 1000 if p.latency_target else 0.0
+    size = p.batch_sizes[int(batch[m])]
+    call = "one sample" if size == 1 else f"a batch of {size} (its smallest)"
     return (
         f"no allocation meets the latency target of {target:g} ms: member "
-        f"{p.members[m]!r} takes {fastest[m] * 1000:.1f} ms for one sample on its fastest "
-        f"device ({p.devices[int(np.argmin(service[m]))].id})"
-        if fastest[m] * 1000 > target
+        f"{p.members[m]!r} takes {quickest[m] * 1000:.1f} ms for {call} on its fastest "
+        f"device ({p.devices[int(device[m])].id})"
+        if np.isfinite(quickest[m]) and quickest[m] * 1000 > target
         else f"no allocation meets the latency target of {target:g} ms at any throughput "
         "these devices reach (raise the target, or add devices)"
     )
@@ -425,10 +440,10 @@ def load_plan(path: str | Path) -> Plan:
 
 
 class _PlanDevice(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False, strict=True)
 
     id: str | None = None
-    node: str = Field(min_length=1)
+    node: NodeName
     kind: Literal["gpu", "cpu"]
     index: int = Field(ge=0)
     name: str | None = None
@@ -450,12 +465,12 @@ class _PlanFile(BaseModel):
     """A plan's JSON as :meth:`Plan.to_dict` writes it. Keys a later Chorus adds are ignored
     (the contract: fields may be added)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False, strict=True)
 
     ensemble: str
     devices: list[_PlanDevice] = Field(min_length=1)
     members: list[str] = Field(min_length=1)
-    instances: dict[str, dict[str, Annotated[StrictInt, Field(ge=0, le=1024)]]]
+    instances: dict[str, dict[str, Annotated[StrictInt, Field(ge=0)]]]
     max_batch_size: dict[str, Annotated[StrictInt, Field(ge=1, le=65536)]]
     predicted_throughput: float = Field(ge=0)
     predicted_latency_ms: dict[str, Annotated[float, Field(ge=0)]] = {}
@@ -473,7 +488,11 @@ class _PlanFile(BaseModel):
         members = set(self.members)
         if len(members) < len(self.members):
             raise ValueError(f"members: a member is named twice ({self.members})")
-        ids = {f"{d.node}/{d.kind}{d.index}" for d in self.devices}
+        listed = [f"{d.node}/{d.kind}{d.index}" for d in self.devices]
+        ids = set(listed)
+        if len(ids) < len(listed):
+            twice = sorted({i for i in listed if listed.count(i) > 1})
+            raise ValueError(f"devices: {', '.join(twice)} listed twice")
         for name, per_member in (
             ("instances", self.instances),
             ("max_batch_size", self.max_batch_size),

@@ -518,6 +518,10 @@ def test_a_plan_file_with_a_key_twice_is_refused(planning_files):
         (lambda p: p.update(predicted_throughput="fast"), "predicted_throughput"),
         (lambda p: p["devices"][0].update(memory_bytes=-5), "devices[0].memory_bytes"),
         (lambda p: p.update(members=[*p["members"], "a"]), "named twice"),
+        (lambda p: p["devices"].append(p["devices"][0]), "listed twice"),
+        (lambda p: p["devices"][0].update(node=".."), "devices[0].node"),  # a folder outside
+        (lambda p: p["devices"][0].update(speed="2"), "devices[0].speed"),
+        (lambda p: p["devices"][0].update(index=True), "devices[0].index"),
     ],
     ids=[
         "NaN batch",
@@ -530,6 +534,10 @@ def test_a_plan_file_with_a_key_twice_is_refused(planning_files):
         "string throughput",
         "negative memory",
         "member twice",
+        "device twice",
+        "node ..",
+        "speed as text",
+        "index true",
     ],
 )
 def test_a_plan_edited_into_nonsense_is_refused_naming_the_field(planning_files, edit, says):
@@ -542,6 +550,16 @@ def test_a_plan_edited_into_nonsense_is_refused_naming_the_field(planning_files,
     (d / "plan.json").write_text(json.dumps(data))
     with pytest.raises(SpecError, match=re.escape(says)):
         load_plan(d / "plan.json")
+
+
+def test_a_plan_with_more_instances_than_a_thousand_loads(tmp_path):
+    """What the planner writes, the loader reads: 2,049 instances of one small member on a CPU
+    of 2,048 lanes (a bound of 1,024 had refused it)."""
+    cpu = Device("n0", "cpu", 0, "cpu", 64 * GB, 64 * GB, cores=2048, lanes=2048)
+    profile = Profile({"a": {"cpu": curve(0.01, fixed_ms=5)}})
+    plan = plan_ensemble("e", ["a"], 64, profile, (cpu,), evaluations=2000, time_limit_s=None)
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    assert load_plan(tmp_path / "plan.json").instances == plan.instances
 
 
 def test_plan_cli_exits_2_on_a_bad_hardware_file(planning_files):

@@ -55,3 +55,12 @@ def test_an_infinite_or_absurd_device_is_refused_by_its_field(tmp_path, device, 
     path.write_text(f"nodes:\n  - name: n\n    devices:\n      - {{kind: gpu, {device}}}\n")
     with pytest.raises(SpecError, match=rf"devices\[0\]\.{field}"):
         load_hardware(path)
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_a_node_named_as_a_folder_step_is_refused(tmp_path, name):
+    """A node's repository is the render's folder / its name: '..' wrote outside it."""
+    path = tmp_path / "hardware.yaml"
+    path.write_text(f"nodes:\n  - name: '{name}'\n    devices: [{{kind: cpu, memory_gb: 8}}]\n")
+    with pytest.raises(SpecError, match=r"nodes\[0\]\.name.*not a node name"):
+        load_hardware(path)

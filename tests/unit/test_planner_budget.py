@@ -15,8 +15,8 @@ from orchestrator.planning.climb import CHUNK, Budget, climb
 from orchestrator.planning.cost_model import bottlenecks
 from orchestrator.planning.placement import worst_fit
 from orchestrator.planning.plan import plan_ensemble
-from orchestrator.planning.profile import Profile
-from tests.unit.test_allocate import curve, gpus
+from orchestrator.planning.profile import Curve, Profile
+from tests.unit.test_allocate import GB, curve, gpus
 
 
 def _large(members: int = 100, devices: int = 16, seed: int = 3):
@@ -117,6 +117,22 @@ def test_a_target_some_member_misses_at_batch_1_is_refused_before_the_search(mon
     monkeypatch.setattr("orchestrator.planning.plan.greedy", no_search)
     with pytest.raises(InfeasibleError, match=r"latency target of 60 ms: member 'slow' takes 80"):
         plan_ensemble("e", [*names, "slow"], 64, profile, devices, latency_target_ms=60)
+
+
+def test_a_member_measured_from_batch_8_on_is_judged_at_batch_8():
+    """Found by a hostile review: the early refusal read every member at the smallest batch
+    size of all (1), where one measured from 8 on has no time (inf), and refused a target of
+    100 ms its 9 ms meet; a target of 5 ms names that batch."""
+    profile = Profile(
+        {
+            "a": {"gpu": Curve(GB, 0, ((1, 5.0), (8, 9.0), (64, 40.0)))},
+            "b": {"gpu": Curve(GB, 0, ((8, 9.0), (64, 40.0)))},
+        }
+    )
+    found = plan_ensemble("e", ["a", "b"], 64, profile, gpus(2), latency_target_ms=100)
+    assert found.predicted_throughput > 0
+    with pytest.raises(InfeasibleError, match=r"'b' takes 9.0 ms for a batch of 8 \(its smallest"):
+        plan_ensemble("e", ["a", "b"], 64, profile, gpus(2), latency_target_ms=7)
 
 
 def test_a_neighbourhood_too_large_to_build_at_once_is_scored_in_windows(monkeypatch):
