@@ -6,6 +6,7 @@ ensemble file's, completed by the calibration) and the plan.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,7 +45,8 @@ console = Console(stderr=True)
 def already_stopping() -> None:
     """Say that a signal came while stopping, and is ignored (written straight to stderr: safe
     inside a signal handler, whatever the console is printing)."""
-    os.write(2, b"already stopping what was started, in order: this signal is ignored\n")
+    with contextlib.suppress(OSError):  # stderr closed, or a pipe whose reader is gone
+        os.write(2, b"already stopping what was started, in order: this signal is ignored\n")
 
 
 EnsembleArg = Annotated[Path, typer.Argument(help="the ensemble file (ensemble.yaml)")]

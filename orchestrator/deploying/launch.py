@@ -341,8 +341,8 @@ class TritonServer:
         if self.process is not None:  # a previous run: what it left behind goes first
             self.stop()
         self.process = ManagedProcess("tritonserver", argv, self.workdir / "tritonserver.log", env)
-        self.process.start()
-        try:
+        try:  # (an interrupt held while it started comes at its end: then it is stopped too)
+            self.process.start()
             self._wait_ready(deadline)
         except BaseException:
             self.stop()
