@@ -129,7 +129,11 @@ def _not_a_folder_step(name: str) -> str:
 
 
 # a node's name: its repository's folder under the render's output, its service and pod names
-NodeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_a_folder_step)]
+NodeName = Annotated[
+    str,
+    Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=255),  # (a folder's name)
+    AfterValidator(_not_a_folder_step),
+]
 
 
 class _Strict(BaseModel):

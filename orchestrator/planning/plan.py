@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -294,11 +295,11 @@ def _target_message(p: Problem) -> str:
     m = int(np.argmax(np.where(np.isfinite(quickest), quickest, -1.0)))
     target = p.latency_target * 1000 if p.latency_target else 0.0
     size = p.batch_sizes[int(batch[m])]
-    call = "one sample" if size == 1 else f"a batch of {size} (its smallest)"
+    call = "one sample" if size == 1 else f"a batch of {size}"
     return (
         f"no allocation meets the latency target of {target:g} ms: member "
         f"{p.members[m]!r} takes {quickest[m] * 1000:.1f} ms for {call} on its fastest "
-        f"device ({p.devices[int(device[m])].id})"
+        f"device ({p.devices[int(device[m])].id}), its quickest call"
         if np.isfinite(quickest[m]) and quickest[m] * 1000 > target
         else f"no allocation meets the latency target of {target:g} ms at any throughput "
         "these devices reach (raise the target, or add devices)"
@@ -470,7 +471,9 @@ class _PlanFile(BaseModel):
     ensemble: str
     devices: list[_PlanDevice] = Field(min_length=1)
     members: list[str] = Field(min_length=1)
-    instances: dict[str, dict[str, Annotated[StrictInt, Field(ge=0)]]]
+    instances: dict[
+        str, dict[str, Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]]
+    ]  # Triton's int32
     max_batch_size: dict[str, Annotated[StrictInt, Field(ge=1, le=65536)]]
     predicted_throughput: float = Field(ge=0)
     predicted_latency_ms: dict[str, Annotated[float, Field(ge=0)]] = {}
@@ -488,11 +491,12 @@ class _PlanFile(BaseModel):
         members = set(self.members)
         if len(members) < len(self.members):
             raise ValueError(f"members: a member is named twice ({self.members})")
-        listed = [f"{d.node}/{d.kind}{d.index}" for d in self.devices]
+        listed = Counter(f"{d.node}/{d.kind}{d.index}" for d in self.devices)
+        twice = [i for i, n in listed.items() if n > 1]
+        if twice:
+            more = f" and {len(twice) - 10} more" if len(twice) > 10 else ""
+            raise ValueError(f"devices: {', '.join(twice[:10])}{more} listed twice")
         ids = set(listed)
-        if len(ids) < len(listed):
-            twice = sorted({i for i in listed if listed.count(i) > 1})
-            raise ValueError(f"devices: {', '.join(twice)} listed twice")
         for name, per_member in (
             ("instances", self.instances),
             ("max_batch_size", self.max_batch_size),

@@ -158,7 +158,9 @@ def _later_tiers_batch_what_reaches_them(
         if share >= 1:
             continue
         rows = math.ceil(max_batch_size * share)
-        holding = [k for k, b in enumerate(sizes) if b >= rows]
+        holding = [  # the first batch size that holds them at which the member runs
+            k for k, b in enumerate(sizes) if b >= rows and (rate[i, :, k] > 0).any()
+        ]
         if holding:
             rate[i, :, holding[0] + 1 :] = 0.0
             memory[i, :, holding[0] + 1 :] = np.inf

@@ -505,6 +505,12 @@ def test_a_plan_file_with_a_key_twice_is_refused(planning_files):
         load_plan(d / "plan.json")
 
 
+def _devices_like(device: dict, count: int) -> list[dict]:
+    return [
+        {**device, "index": i, "id": f"{device['node']}/{device['kind']}{i}"} for i in range(count)
+    ]
+
+
 @pytest.mark.parametrize(
     ("edit", "says"),
     [
@@ -522,6 +528,9 @@ def test_a_plan_file_with_a_key_twice_is_refused(planning_files):
         (lambda p: p["devices"][0].update(node=".."), "devices[0].node"),  # a folder outside
         (lambda p: p["devices"][0].update(speed="2"), "devices[0].speed"),
         (lambda p: p["devices"][0].update(index=True), "devices[0].index"),
+        (lambda p: p["instances"]["a"].update({p["devices"][0]["id"]: 2**31}), "instances.a"),
+        (lambda p: p["devices"][0].update(node="n" * 300), "devices[0].node"),
+        (lambda p: p.update(devices=_devices_like(p["devices"][0], 12) * 2), "and 2 more listed"),
     ],
     ids=[
         "NaN batch",
@@ -538,6 +547,9 @@ def test_a_plan_file_with_a_key_twice_is_refused(planning_files):
         "node ..",
         "speed as text",
         "index true",
+        "count beyond int32",
+        "node name of 300",
+        "many devices twice",
     ],
 )
 def test_a_plan_edited_into_nonsense_is_refused_naming_the_field(planning_files, edit, says):

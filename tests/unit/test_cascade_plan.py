@@ -12,8 +12,8 @@ from rich.console import Console
 from orchestrator.errors import SpecError
 from orchestrator.planning.allocate import evaluate, member_latency, problem, sequential_throughput
 from orchestrator.planning.plan import load_plan, plan_ensemble, plan_table, predict
-from orchestrator.planning.profile import Profile
-from tests.unit.test_allocate import _cpu_problem, curve, fast_and_full, gpus
+from orchestrator.planning.profile import Curve, Profile
+from tests.unit.test_allocate import GB, _cpu_problem, curve, fast_and_full, gpus
 
 # Two tiers: two cheap members every row reaches, two dear ones that few rows reach. At 10 GB
 # an instance, a 16 GB GPU holds one, so the plan is a split of the GPUs among the members.
@@ -226,3 +226,16 @@ def test_a_later_tier_is_planned_at_the_batch_it_gets_the_rows_of_a_combiner_bat
     plan = _plan(TIERS, devices, shares=dict.fromkeys(SECOND_TIER, 0.05))
     assert all(plan.max_batch_size[m] <= 4 for m in SECOND_TIER)
     assert max(plan.max_batch_size[m] for m in TIERS if m not in SECOND_TIER) > 4
+
+
+def test_a_later_tier_measured_from_batch_8_on_keeps_its_batch_8():
+    """Found by a hostile review: the cut-off came from every member's batch sizes together,
+    so a member measured at 8 and 64 only, which 5% of 64 rows (4) reach, kept batches up to
+    4, where it has none, and the plan failed ("runs at no batch size on any device")."""
+    members = {
+        "a": Curve(GB, 0, ((1, 2.0), (4, 3.0), (8, 4.0), (64, 20.0))),
+        "c": Curve(GB, 0, ((8, 9.0), (64, 40.0))),
+    }
+    plan = _plan(members, gpus(2), shares={"c": 0.05})
+    assert plan.max_batch_size["c"] == 8
+    assert plan.predicted_throughput > 0
