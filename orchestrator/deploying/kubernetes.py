@@ -32,6 +32,7 @@ import yaml
 
 from combiner import CascadeRoute
 from orchestrator.deploying.launch import RESTRICTED
+from orchestrator.errors import ChorusError
 from orchestrator.planning.plan import Plan
 from orchestrator.planning.spec import Ensemble
 
@@ -45,7 +46,31 @@ _KEY_HEADER = "chorus-key"
 def _dns(name: str) -> str:
     """A DNS-1123 label from a name (lowercase, digits, '-')."""
     label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    return label[:63] or "x"
+    return label[:63].rstrip("-") or "x"
+
+
+# a label value (kubernetes.io/hostname holds a node's name): alphanumeric at both ends
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+
+
+def _check_nodes(nodes: tuple[str, ...]) -> None:
+    """ChorusError unless every node can be pinned by its hostname label and gets names of its
+    own (its Service, its manifest): two names alike but for case or punctuation would share
+    them, and one node's Triton would be dropped without a word."""
+    for node in nodes:
+        if not _LABEL_VALUE.fullmatch(node):
+            raise ChorusError(
+                f"node {node!r} cannot be a Kubernetes node's hostname label (at most 63 "
+                "letters, digits, '-', '_' or '.', a letter or digit at each end)"
+            )
+    seen: dict[str, str] = {}
+    for node in nodes:
+        other = seen.setdefault(_dns(node), node)
+        if other != node:
+            raise ChorusError(
+                f"nodes {other!r} and {node!r} make the same Kubernetes name "
+                f"({_dns(node)!r}): rename one in the hardware file"
+            )
 
 
 def _security() -> dict[str, Any]:
@@ -84,6 +109,7 @@ def render_kubernetes(
     calls the members tier by tier. The two Secrets get fresh random values each time: apply
     them once, or replace them together with the pods."""
     plan = as_pods_see_it(plan)
+    _check_nodes(plan.nodes())
     app = _dns(f"chorus-{ensemble.name}")
     meta: dict[str, Any] = {"namespace": namespace} if namespace else {}
     labels = {"app.kubernetes.io/name": "chorus", "app.kubernetes.io/instance": app}
@@ -221,7 +247,7 @@ def _node(
     memory = sum(plan.planned_memory_bytes.get(d, 0) for d in used)
     memory_mib = max(1024, (memory >> 20) + 512)
     backend = "onnxruntime" if gpus else "python"
-    pod_labels = {**labels, "app.kubernetes.io/component": f"triton-{_dns(node)}"}
+    pod_labels = {**labels, "app.kubernetes.io/component": _dns(f"triton-{node}")}
     render = {
         "name": "render",
         "image": image,

@@ -4,13 +4,16 @@ kubernetes-validate --strict and say what the plan says."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from orchestrator.deploying.kubernetes import render_kubernetes
+from orchestrator.errors import ChorusError
 from orchestrator.planning.plan import load_plan
 from tests.unit.test_render import _gpu_plan
 
@@ -129,3 +132,21 @@ def test_a_pod_numbers_its_gpus_from_zero_in_the_order_it_gets_them(ensemble, tm
         for member, pod_gpus in per_member.items():
             config = parse_config((tmp_path / node / member / "config.pbtxt").read_text(), member)
             assert [list(g.gpus) for g in config.instance_group] == [pod_gpus]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "says"),
+    [
+        (("node_1", "node-1"), "make the same Kubernetes name ('node-1')"),
+        (("A", "a"), "make the same Kubernetes name ('a')"),
+        (("-x", "y"), "node '-x' cannot be a Kubernetes node's hostname label"),
+    ],
+    ids=["punctuation", "case", "leading dash"],
+)
+def test_nodes_kubernetes_cannot_tell_apart_or_pin_are_refused(ensemble, tmp_path, nodes, says):
+    """Found by a hostile review: two nodes alike but for case or punctuation made one
+    manifest and one Service, so one node's Triton was dropped without a word; '-x' made a
+    nodeSelector no cluster accepts."""
+    plan = _gpu_plan(ensemble, nodes=nodes)
+    with pytest.raises(ChorusError, match=re.escape(says)):
+        render_kubernetes(ensemble, plan, tmp_path / "k8s")
