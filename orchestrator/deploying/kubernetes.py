@@ -20,6 +20,7 @@ capabilities, with resource requests and limits.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -44,32 +45,40 @@ _KEY_HEADER = "chorus-key"
 
 
 def _dns(name: str) -> str:
-    """A DNS-1123 label from a name (lowercase, digits, '-')."""
+    """A DNS-1123 label from a name (lowercase, digits, '-'); a name cut to 63 characters ends
+    in a digest of the whole, so that two cut names differ."""
     label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    return label[:63].rstrip("-") or "x"
+    if len(label) > 63:
+        label = f"{label[:54].rstrip('-')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return label or "x"
 
 
-# a label value (kubernetes.io/hostname holds a node's name): alphanumeric at both ends
-_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+# what a kubelet registers as a node's kubernetes.io/hostname: a lowercase DNS label
+_HOSTNAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?")
 
 
 def _check_nodes(nodes: tuple[str, ...]) -> None:
-    """ChorusError unless every node can be pinned by its hostname label and gets names of its
-    own (its Service, its manifest): two names alike but for case or punctuation would share
-    them, and one node's Triton would be dropped without a word."""
+    """ChorusError unless every node can be pinned by its hostname label."""
     for node in nodes:
-        if not _LABEL_VALUE.fullmatch(node):
+        if not _HOSTNAME.fullmatch(node):
             raise ChorusError(
-                f"node {node!r} cannot be a Kubernetes node's hostname label (at most 63 "
-                "letters, digits, '-', '_' or '.', a letter or digit at each end)"
+                f"node {node!r} cannot be a Kubernetes node's hostname (at most 63 lowercase "
+                "letters, digits, '-' or '.', a letter or digit at each end): name the nodes "
+                "in the hardware file as the cluster does"
             )
-    seen: dict[str, str] = {}
-    for node in nodes:
-        other = seen.setdefault(_dns(node), node)
-        if other != node:
+
+
+def _check_names(app: str, services: dict[str, str]) -> None:
+    """ChorusError unless each node's Deployment and Service get a name of their own: two
+    nodes named alike but for punctuation, or a node named 'combiner', would share one, and a
+    node's Triton would be dropped without a word."""
+    taken = {app: "the combiner's Service", f"{app}-combiner": "the combiner's Deployment"}
+    for node, name in services.items():
+        other = taken.setdefault(name, f"node {node!r}")
+        if other != f"node {node!r}":
             raise ChorusError(
-                f"nodes {other!r} and {node!r} make the same Kubernetes name "
-                f"({_dns(node)!r}): rename one in the hardware file"
+                f"node {node!r} would be named {name!r} in Kubernetes, as {other} is: rename "
+                "it in the hardware file"
             )
 
 
@@ -114,6 +123,7 @@ def render_kubernetes(
     meta: dict[str, Any] = {"namespace": namespace} if namespace else {}
     labels = {"app.kubernetes.io/name": "chorus", "app.kubernetes.io/instance": app}
     services = {n: _dns(f"{app}-{n}") for n in plan.nodes()}
+    _check_names(app, services)
     files: dict[str, list[dict[str, Any]]] = {"secrets.yaml": [], "config.yaml": []}
 
     files["secrets.yaml"] = [

@@ -144,7 +144,7 @@ class Problem:
 
 
 def _later_tiers_batch_what_reaches_them(
-    rate: np.ndarray,
+    rates: Sequence[np.ndarray],
     memory: np.ndarray,
     sizes: Sequence[int],
     max_batch_size: int,
@@ -152,18 +152,20 @@ def _later_tiers_batch_what_reaches_them(
 ) -> None:
     """A member a share s of the rows reaches (a cascade's later tier) gets, per batch of the
     combiner (at most ``max_batch_size`` rows), only the rows of it that reach it: about
-    s x max_batch_size. It is never called with more, so batch sizes beyond the first measured
-    one that holds them cannot run (their rate would be a batch it never sees)."""
+    s x max_batch_size. It is never called with more, so on each device, batch sizes beyond the
+    first one measured there that holds them cannot run (their rate would be a batch it never
+    sees): ``rates`` (each (M, D, B): the rate, the call rate) get 0 there, ``memory`` inf."""
+    rate = rates[0]
     for i, share in enumerate(shares):
         if share >= 1:
             continue
         rows = math.ceil(max_batch_size * share)
-        holding = [  # the first batch size that holds them at which the member runs
-            k for k, b in enumerate(sizes) if b >= rows and (rate[i, :, k] > 0).any()
-        ]
-        if holding:
-            rate[i, :, holding[0] + 1 :] = 0.0
-            memory[i, :, holding[0] + 1 :] = np.inf
+        for j in range(rate.shape[1]):
+            holding = [k for k, b in enumerate(sizes) if b >= rows and rate[i, j, k] > 0]
+            if holding:
+                for r in rates:
+                    r[i, j, holding[0] + 1 :] = 0.0
+                memory[i, j, holding[0] + 1 :] = np.inf
 
 
 def problem(
@@ -220,7 +222,9 @@ def problem(
                     if d.kind == "cpu" and c.cpu_ms:  # a call when serving, never below 0
                         cpu[i, j, k] = max(0.0, c.cpu(b) + per_call) / 1000.0 / d.speed / b
     if shares is not None:
-        _later_tiers_batch_what_reaches_them(rate, memory, sizes, max_batch_size, shares)
+        _later_tiers_batch_what_reaches_them(
+            (rate, call_rate, cpu), memory, sizes, max_batch_size, shares
+        )
     lanes = np.array([d.lanes for d in devices], dtype=float)
     host_cpu = host_latency = sequential_call = 0.0
     rows = 1

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from orchestrator.errors import SpecError
 from orchestrator.planning.allocate import evaluate, member_latency, problem, sequential_throughput
+from orchestrator.planning.hardware import Device
 from orchestrator.planning.plan import load_plan, plan_ensemble, plan_table, predict
 from orchestrator.planning.profile import Curve, Profile
 from tests.unit.test_allocate import GB, _cpu_problem, curve, fast_and_full, gpus
@@ -239,3 +240,25 @@ def test_a_later_tier_measured_from_batch_8_on_keeps_its_batch_8():
     plan = _plan(members, gpus(2), shares={"c": 0.05})
     assert plan.max_batch_size["c"] == 8
     assert plan.predicted_throughput > 0
+
+
+def test_a_later_tier_keeps_on_each_device_the_sizes_it_was_measured_at_there():
+    """Found by a hostile review: the cut-off was shared by the devices, so 'c', measured at
+    1 and 4 on a T4 (where it does not fit) and at 8 and 64 on an A100, lost every size on
+    the A100 and could be placed nowhere."""
+    devices = [
+        Device("node0", "gpu", 0, "a100", 80 * GB, 80 * GB),
+        Device("node0", "gpu", 1, "t4", 16 * GB, 16 * GB),
+    ]
+    profile = Profile(
+        {
+            "a": {"gpu": Curve(GB, 0, ((1, 2.0), (4, 3.0), (8, 4.0), (64, 20.0)))},
+            "c": {
+                "a100": Curve(GB, 0, ((8, 9.0), (64, 40.0))),
+                "t4": Curve(20 * GB, 0, ((1, 30.0), (4, 60.0))),
+            },
+        }
+    )
+    plan = plan_ensemble("e", ["a", "c"], 64, profile, devices, shares={"c": 0.05})
+    assert plan.instances["c"] and set(plan.instances["c"]) == {"node0/gpu0"}
+    assert plan.max_batch_size["c"] == 8

@@ -137,16 +137,29 @@ def test_a_pod_numbers_its_gpus_from_zero_in_the_order_it_gets_them(ensemble, tm
 @pytest.mark.parametrize(
     ("nodes", "says"),
     [
-        (("node_1", "node-1"), "make the same Kubernetes name ('node-1')"),
-        (("A", "a"), "make the same Kubernetes name ('a')"),
-        (("-x", "y"), "node '-x' cannot be a Kubernetes node's hostname label"),
+        (("a.b", "a-b"), "node 'a-b' would be named 'chorus-"),
+        (("combiner",), "as the combiner's Deployment is"),
+        (("gke-pool-" + "x" * 45 + "-k8xz", "gke-pool-" + "x" * 45 + "-p2mn"), None),
+        (("Node0",), "node 'Node0' cannot be a Kubernetes node's hostname"),
+        (("-x", "y"), "node '-x' cannot be a Kubernetes node's hostname"),
     ],
-    ids=["punctuation", "case", "leading dash"],
+    ids=["punctuation", "combiner", "long names cut apart", "uppercase", "leading dash"],
 )
 def test_nodes_kubernetes_cannot_tell_apart_or_pin_are_refused(ensemble, tmp_path, nodes, says):
-    """Found by a hostile review: two nodes alike but for case or punctuation made one
-    manifest and one Service, so one node's Triton was dropped without a word; '-x' made a
-    nodeSelector no cluster accepts."""
+    """Found by hostile reviews: two nodes alike but for punctuation, or two long names alike
+    in their first 63 characters, made one Service, so one node's Triton was dropped without
+    a word; a node named 'combiner' took the combiner's Deployment name; an uppercase or '-x'
+    node made a nodeSelector no node matches."""
     plan = _gpu_plan(ensemble, nodes=nodes)
+    if says is None:  # names cut to 63 characters end in a digest of the whole: they differ
+        render_kubernetes(ensemble, plan, tmp_path / "k8s")
+        names = [
+            doc["metadata"]["name"]
+            for path in (tmp_path / "k8s").glob("node-*.yaml")
+            for doc in yaml.safe_load_all(path.read_text())
+            if doc["kind"] == "Service"
+        ]
+        assert len(set(names)) == 2 and all(len(n) <= 63 for n in names), names
+        return
     with pytest.raises(ChorusError, match=re.escape(says)):
         render_kubernetes(ensemble, plan, tmp_path / "k8s")
