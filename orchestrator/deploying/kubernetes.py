@@ -74,12 +74,14 @@ def _check_names(app: str, services: dict[str, str]) -> None:
     node's Triton would be dropped without a word."""
     taken = {app: "the combiner's Service", f"{app}-combiner": "the combiner's Deployment"}
     for node, name in services.items():
-        other = taken.setdefault(name, f"node {node!r}")
-        if other != f"node {node!r}":
-            raise ChorusError(
-                f"node {node!r} would be named {name!r} in Kubernetes, as {other} is: rename "
-                "it in the hardware file"
-            )
+        # its Service and Deployment, and its manifest's file and its pods' label
+        for named in (name, f"node-{_dns(node)}.yaml"):
+            other = taken.setdefault(named, f"node {node!r}")
+            if other != f"node {node!r}":
+                raise ChorusError(
+                    f"node {node!r} would be named {named!r} in Kubernetes, as {other} is: "
+                    "rename it in the hardware file"
+                )
 
 
 def _security() -> dict[str, Any]:
