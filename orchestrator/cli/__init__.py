@@ -10,7 +10,8 @@ calibration and the plan) is :mod:`orchestrator.cli.options`.
 Exit codes: 0 success; 2 invalid input (the message names the file, the field and the problem);
 3 the ensemble cannot fit the hardware; 1 anything else that went wrong; 130 and 143 a command
 stopped by Ctrl-C or SIGTERM before its end (both stop what it had started, in order; a second
-signal meanwhile is ignored, with a word). ``chorus up`` once serving drains on either and exits 0.
+signal meanwhile is ignored, with a word). ``chorus up`` once serving drains on either and exits
+0.
 """
 
 from __future__ import annotations

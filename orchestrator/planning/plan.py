@@ -194,7 +194,7 @@ def plan_ensemble(
         )
 
     p = problem_for(share_list)
-    if _too_slow(p):  # no search helps a member slower than the target at batch 1
+    if _too_slow(p):  # no search helps a member slower than the target at its quickest call
         raise InfeasibleError(_target_message(p))
     budget = Budget(evaluations, time_limit_s, on_progress)
     result = greedy(p, effort=effort, budget=budget)
@@ -471,9 +471,8 @@ class _PlanFile(BaseModel):
     ensemble: str
     devices: list[_PlanDevice] = Field(min_length=1)
     members: list[str] = Field(min_length=1)
-    instances: dict[
-        str, dict[str, Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]]
-    ]  # Triton's int32
+    # member -> device id -> count (an int32 in Triton's config)
+    instances: dict[str, dict[str, Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]]]
     max_batch_size: dict[str, Annotated[StrictInt, Field(ge=1, le=65536)]]
     predicted_throughput: float = Field(ge=0)
     predicted_latency_ms: dict[str, Annotated[float, Field(ge=0)]] = {}

@@ -154,7 +154,8 @@ def _later_tiers_batch_what_reaches_them(
     combiner (at most ``max_batch_size`` rows), only the rows of it that reach it: about
     s x max_batch_size. It is never called with more, so on each device, batch sizes beyond the
     first one measured there that holds them cannot run (their rate would be a batch it never
-    sees): ``rates`` (each (M, D, B): the rate, the call rate) get 0 there, ``memory`` inf."""
+    sees): ``rates`` (each (M, D, B): the rate, the call rate, the CPU) get 0 there, and
+    ``memory`` inf."""
     rate = rates[0]
     for i, share in enumerate(shares):
         if share >= 1:
