@@ -11,13 +11,18 @@ Exit codes: 0 success; 2 invalid input (the message names the file, the field an
 3 the ensemble cannot fit the hardware; 1 anything else that went wrong; 130 and 143 a command
 stopped by Ctrl-C or SIGTERM before its end (both stop what it had started, in order; a second
 signal meanwhile is ignored, with a word). ``chorus up`` once serving drains on either and exits
-0.
+0. What the commands write is a report: a reader that goes away (``| head -1``) loses the rest
+of it, and the command goes on as it would have.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 from types import FrameType
+from typing import TextIO
 
 import typer
 from rich.text import Text
@@ -67,7 +72,44 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     already_stopping()
 
 
+class _Unread:
+    """A standard stream whose reader may go away (``chorus up 2>&1 | head -1``, the terminal
+    of a closed session): the first write that fails points its descriptor at /dev/null, so
+    that this and every later write is dropped instead of raising where it was written. Rich
+    answers a broken pipe with SystemExit(1) and click an escaping EPIPE with exit 1: either
+    had stopped a deployment at its next line of output (a restart it reports, or its stop)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._drop()
+
+    def _drop(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(OSError):  # what the buffer still holds goes there too
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> object:  # isatty, fileno, encoding, ...: the stream's
+        return getattr(self._stream, name)
+
+
 def main() -> None:
+    sys.stdout, sys.stderr = _Unread(sys.stdout), _Unread(sys.stderr)  # type: ignore[assignment]
     signal.signal(signal.SIGTERM, _interrupt)  # `chorus up`, once serving, takes both over
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where ignored)
         signal.signal(signal.SIGINT, _interrupt)

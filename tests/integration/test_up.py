@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from combiner.sdk import EnsembleClient
+from combiner.sdk import EnsembleClient, Unavailable
 from orchestrator.deploying.launch import free_port
 from tests.cli import chorus
 from tests.integration.conftest import launched_up
@@ -94,6 +94,7 @@ def signalled(argv, tmp_path, running: str, signals, apart_s: float = 0.3):
 def up_argv(ensemble_file, tmp_path, *more: str) -> list[str]:
     argv = [sys.executable, "-m", "orchestrator", "up", str(ensemble_file), *more]
     argv += ["--grpc-port", str(free_port()), "--http-port", str(free_port())]
+    argv += ["--metrics-port", str(free_port())]  # (its default, 8102, may be another's)
     return [*argv, "--workdir", str(tmp_path / "work")]
 
 
@@ -151,3 +152,45 @@ def test_chorus_up_run_with_sigint_ignored_keeps_ignoring_it_once_serving(
             assert client.predict(split.x_test[:3]).shape == (3, 10)
         up.process.send_signal(signal.SIGTERM)
         assert up.process.wait(timeout=60) == 0, up.text()
+
+
+def test_chorus_up_whose_output_reader_is_gone_keeps_serving_and_restarting(
+    ensemble_file, profile_file, split, tmp_path
+):
+    """`chorus up ... 2>&1 | head -1`: once the reader of its output is gone, the next line
+    it wrote (here: that Triton died and is being restarted) stopped the deployment, exit 1
+    without a word (a broken pipe, which rich answers with SystemExit). Its output is a
+    report: without a reader it is dropped, and the deployment goes on as it would have."""
+    port = free_port()
+    argv = up_argv(ensemble_file, tmp_path, "--profile", str(profile_file))
+    argv[argv.index("--grpc-port") + 1] = str(port)
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            seen = [process.stdout.readline()]
+            while "serving on" not in seen[-1]:
+                assert seen[-1], f"ended before serving: {seen}"
+                seen.append(process.stdout.readline())
+            process.stdout.close()  # what `head -1` does once it has its line
+            (triton,) = {p for p in descendants(process.pid) if "tritonserver" in command_name(p)}
+            subprocess.run(["kill", "-9", str(triton)], check=True)
+
+            def answers() -> bool:
+                assert process.poll() is None, "chorus up ended"
+                try:
+                    with EnsembleClient(f"127.0.0.1:{port}") as client:
+                        return client.predict(split.x_test[:3]).shape == (3, 10)
+                except Unavailable:
+                    return False  # Triton on its way back
+
+            deadline = time.monotonic() + 90
+            while not answers():
+                assert time.monotonic() < deadline, "not serving again within 90 s"
+                time.sleep(0.2)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 0  # drained as usual
+        finally:
+            if process.poll() is None:
+                process.kill()
