@@ -24,6 +24,7 @@ _PUBLIC = {
     "combiner.config": [
         "CascadeRoute",
         "CombinerConfig",
+        "DAY_MS",
         "MemberRoute",
         "NodeRoute",
         "TensorInfo",
@@ -44,6 +45,7 @@ _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 __all__ = ["Answer", "AsyncEnsembleClient", "EnsembleClient", "EnsembleError", "__version__"]
 
 if TYPE_CHECKING:  # what the names are, for type checkers (they load lazily below)
+    from combiner.config import DAY_MS as DAY_MS
     from combiner.config import CascadeRoute as CascadeRoute
     from combiner.config import CombinerConfig as CombinerConfig
     from combiner.config import MemberRoute as MemberRoute

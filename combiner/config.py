@@ -31,6 +31,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# the longest any of its times may be (a day): beyond, a stop's wait overflows a timeout
+# (threading's), and a manifest's grace period an int64
+DAY_MS = 86_400_000.0
+
 _HEADER_ROOM = 1 << 16
 _VARIABLE_LIMIT = 64 << 20
 # protobuf bytes of one value of a typed contents field (packed), at most: floats are fixed,
@@ -96,11 +100,15 @@ class CombinerConfig(_Strict):
     softmax: bool = False
     uncertainty: tuple[Literal["entropy", "mutual_information", "variance", "agreement"], ...] = ()
     deadline_ms: float | None = Field(
-        None, gt=0, description="default time to wait for the members; None waits for all"
+        None,
+        gt=0,
+        le=DAY_MS,
+        description="default time to wait for the members; None waits for all",
     )
     member_timeout_ms: float = Field(
         30_000.0,
         gt=0,
+        le=DAY_MS,
         description="how long a batch waits for a member before counting it missing; its call "
         "is left to finish on Triton (never cancelled) and its answer dropped",
     )
@@ -149,16 +157,23 @@ class CombinerConfig(_Strict):
         "refuses new connections",
     )
     idle_timeout_s: float = Field(
-        30.0, gt=0, description="a client connection with no request for this long is closed"
+        30.0,
+        gt=0,
+        le=DAY_MS / 1000,
+        description="a client connection with no request for this long is closed",
     )
     body_timeout_s: float = Field(
         30.0,
         gt=0,
+        le=DAY_MS / 1000,
         description="an HTTP request body, or a gRPC request message, must arrive within this "
         "(slow senders)",
     )
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"
+        30.0,
+        ge=0,
+        le=DAY_MS / 1000,
+        description="on SIGTERM, how long requests in flight may take to finish",
     )
     batching: bool = Field(
         True, description="gather concurrent requests into one batch before the fan-out"
@@ -166,6 +181,7 @@ class CombinerConfig(_Strict):
     batch_fill_ms: float = Field(
         5.0,
         ge=0,
+        le=DAY_MS,
         description="under load, how long a freed batch slot may wait for more requests to "
         "join while they keep arriving (0: never; an idle combiner never waits)",
     )

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from combiner import PortInUse, claim_ports
+from combiner import DAY_MS, PortInUse, claim_ports
 from orchestrator.cli.options import (
     BorrowOpt,
     CalibrationOpt,
@@ -84,7 +84,10 @@ def up(
     tls_cert: Annotated[Path | None, typer.Option(help="serve TLS with this certificate")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="... and this private key")] = None,
     drain_timeout: Annotated[
-        float, typer.Option(min=0, help="on stop, seconds to answer the requests in flight")
+        float,
+        typer.Option(
+            min=0, max=DAY_MS / 1000, help="on stop, seconds to answer the requests in flight"
+        ),
     ] = 30.0,
     calibration: CalibrationOpt = None,
 ) -> None:

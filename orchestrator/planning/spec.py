@@ -24,7 +24,7 @@ from pydantic import (
     ValidationError,
 )
 
-from combiner import load_rule
+from combiner import DAY_MS, load_rule
 from orchestrator.errors import SpecError, from_validation
 from orchestrator.planning.files import read_yaml
 
@@ -149,11 +149,15 @@ class CombineFile(_Strict):
 class ServingFile(_Strict):
     max_batch_size: int = Field(64, ge=1, le=65536)
     deadline_ms: float | None = Field(
-        None, gt=0, description="default time to wait for members (per request: deadline_ms)"
+        None,
+        gt=0,
+        le=DAY_MS,
+        description="default time to wait for members (per request: deadline_ms)",
     )
     member_timeout_ms: float = Field(
         30_000,
         gt=0,
+        le=DAY_MS,
         description="how long a batch waits for a member before counting it missing (its "
         "call is left to finish on Triton, its answer dropped)",
     )

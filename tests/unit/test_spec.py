@@ -127,8 +127,19 @@ def test_every_problem_in_the_file_is_reported(tmp_path, members):
         (lambda s, d: s["members"][0].update(path="missing.onnx"), "members[0].path"),
         (lambda s, d: linear(d / "b.onnx", out_dim=7), "members[1].outputs"),
         (lambda s, d: s["members"][1].update(name="../b"), "members[1].name"),
+        # past a day: the stop's wait (member timeout and all) had overflowed threading's
+        # timeout, and a manifest's grace period an int64
+        (lambda s, d: s.update(serving={"member_timeout_ms": 1e300}), "member_timeout_ms"),
+        (lambda s, d: s.update(serving={"deadline_ms": 1e300}), "deadline_ms"),
     ],
-    ids=["unknown key", "missing member file", "outputs disagree in shape", "bad member name"],
+    ids=[
+        "unknown key",
+        "missing member file",
+        "outputs disagree in shape",
+        "bad member name",
+        "member timeout past a day",
+        "deadline past a day",
+    ],
 )
 def test_cli_exits_2_naming_the_field(tmp_path, members, change, field):
     change(members, tmp_path)
@@ -137,6 +148,14 @@ def test_cli_exits_2_naming_the_field(tmp_path, members, change, field):
     assert field in result.stderr
     assert "ensemble.yaml" in result.stderr
     assert not (tmp_path / "w").exists()  # nothing was started or written
+
+
+def test_a_drain_timeout_past_a_day_is_refused_before_anything_starts(tmp_path, members):
+    path = write(tmp_path, members)
+    result = chorus("up", str(path), "--drain-timeout", "1e300", "--workdir", str(tmp_path / "w"))
+    assert result.returncode == 2, result.stderr
+    assert "--drain-timeout" in result.stderr and "86400" in result.stderr, result.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def test_an_unknown_rule_names_the_field_and_the_choices(tmp_path, members):
