@@ -142,12 +142,14 @@ class _Strict(BaseModel):
 
 class DeviceFile(_Strict):
     kind: Literal["gpu", "cpu"]
-    index: int = Field(0, ge=0)
+    # (a number past these is a typo: a GPU index of 1e20 had been rendered into Triton's
+    # config, and that many cores had the data path plan 256 combiner processes)
+    index: int = Field(0, ge=0, le=1023)
     name: str | None = Field(None, description="device name, matched against profile keys")
     memory_gb: float = Field(gt=0, le=1e9)  # up to an exabyte
-    cores: int | None = Field(None, ge=1, description="CPU cores")
+    cores: int | None = Field(None, ge=1, le=1 << 20, description="CPU cores")
     speed: float = Field(1.0, gt=0, le=1e6)
-    lanes: int | None = Field(None, ge=1)
+    lanes: int | None = Field(None, ge=1, le=1024)
 
 
 class NodeFile(_Strict):

@@ -48,6 +48,9 @@ def test_a_non_finite_latency_or_host_cost_is_refused(tmp_path):
         ("memory_gb: 1e300", "memory_gb"),
         ("memory_gb: 16, speed: .inf", "speed"),
         ("memory_gb: .nan", "memory_gb"),
+        ("memory_gb: 16, index: 100000000000000000000", "index"),
+        ("memory_gb: 16, lanes: 100000000000000000000", "lanes"),
+        ("memory_gb: 16, cores: 100000000000000000000", "cores"),
     ],
 )
 def test_an_infinite_or_absurd_device_is_refused_by_its_field(tmp_path, device, field):
