@@ -4,6 +4,7 @@ stopped), ``regenerate-configs`` (plan again and switch the running Tritons to i
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -35,7 +36,7 @@ from orchestrator.deploying.render import (
     render_plan,
 )
 from orchestrator.deploying.up import Deployment
-from orchestrator.errors import SpecError
+from orchestrator.errors import ChorusError, SpecError
 from orchestrator.planning.plan import Plan, load_plan
 from orchestrator.planning.spec import load_ensemble
 
@@ -158,7 +159,7 @@ def up(
             )
             + "\n"
             f"Triton (members) on {endpoints.triton_grpc}, its APIs behind a key only Chorus "
-            f"holds; logs in {workdir}\n"
+            f"holds; logs in {workdir} (restarts: events.log)\n"
             + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
             + (
                 f"{plan.data_path().describe()}\n"
@@ -169,15 +170,41 @@ def up(
             + "Ctrl-C to stop",
             flush=True,
         )
-        deployment.supervise(stop, lambda line: console.print(line))
-        console.print(f"stopping: answering the requests in flight (up to {drain_timeout:g} s)...")
+        events = _Events(workdir / "events.log")
+        events.note(f"serving on {endpoints.ensemble}")
+        try:
+            deployment.supervise(stop, events.say)
+        except ChorusError as e:  # a crash loop: main() prints it
+            events.note(f"error: {e}")
+            raise
+        events.say(f"stopping: answering the requests in flight (up to {drain_timeout:g} s)...")
         stopping = time.monotonic()
     finally:
         deployment.stop()
-    console.print(
+    events.say(
         f"stopped in {time.monotonic() - stopping:.1f} s: the combiner answered what it had "
         "accepted, and Triton is down"
     )
+
+
+class _Events:
+    """What ``chorus up`` reports once serving (restarts, the stop), on the console and, with
+    the time, in WORKDIR/events.log, which stays where the console's reader may be gone
+    (``| head``, a closed terminal)."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        with contextlib.suppress(OSError):
+            file.write_text("")
+
+    def say(self, line: str) -> None:
+        console.print(line)
+        self.note(line)
+
+    def note(self, line: str) -> None:
+        """In the file alone."""
+        with contextlib.suppress(OSError), self.file.open("a") as out:  # (a full disk: served on)
+            out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
 def _check_files(**paths: Path | None) -> None:

@@ -167,3 +167,5 @@ def test_a_crash_loop_ends_chorus_up_with_a_message_and_code_1(chorus_up):
     assert code == 1, up.text()
     assert "tritonserver exited with code" in up.text()
     assert "5 restarts within 60 s, giving up" in up.text()
+    events = (up.workdir / "events.log").read_text()  # also where the console may be gone
+    assert "error: " in events and "5 restarts within 60 s, giving up" in events, events

@@ -160,7 +160,8 @@ def test_chorus_up_whose_output_reader_is_gone_keeps_serving_and_restarting(
     """`chorus up ... 2>&1 | head -1`: once the reader of its output is gone, the next line
     it wrote (here: that Triton died and is being restarted) stopped the deployment, exit 1
     without a word (a broken pipe, which rich answers with SystemExit). Its output is a
-    report: without a reader it is dropped, and the deployment goes on as it would have."""
+    report: without a reader it is dropped, the deployment goes on as it would have, and
+    its events are in WORKDIR/events.log."""
     port = free_port()
     argv = up_argv(ensemble_file, tmp_path, "--profile", str(profile_file))
     argv[argv.index("--grpc-port") + 1] = str(port)
@@ -194,3 +195,6 @@ def test_chorus_up_whose_output_reader_is_gone_keeps_serving_and_restarting(
         finally:
             if process.poll() is None:
                 process.kill()
+    events = (tmp_path / "work" / "events.log").read_text()  # what the console lost
+    assert "tritonserver exited with code -9; restarting it" in events, events
+    assert "tritonserver is back" in events and "stopped in " in events, events
