@@ -21,7 +21,6 @@ import resource
 import shutil
 import subprocess
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -134,7 +133,9 @@ def floor(
         )
         process.start()
         servers[reading] = (port, process)
-    time.sleep(1.5)
+    for port, _ in servers.values():  # a slow host takes seconds to import grpc and bind
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
     cpu_of: dict[tuple[str, int], float] = {}
     try:
         requests = requests_for("digits", "image", x)
