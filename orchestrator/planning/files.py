@@ -29,6 +29,8 @@ def read_yaml(file: Path) -> Any:
         raise SpecError(file, "", f"not valid YAML: {e}") from e
     except RecursionError:
         raise SpecError(file, "", "nested too deeply to read") from None
+    except ValueError as e:  # an integer of more digits than Python converts (4300)
+        raise SpecError(file, "", f"not readable: {str(e).split(';')[0]}") from None
 
 
 def read_json(file: Path) -> str:
@@ -41,6 +43,8 @@ def read_json(file: Path) -> str:
         raise SpecError(file, "", f"not valid JSON: {e}") from None
     except RecursionError:
         raise SpecError(file, "", "nested too deeply to read") from None
+    except ValueError as e:  # an integer of more digits than Python converts (4300)
+        raise SpecError(file, "", f"not readable: {str(e).split(';')[0]}") from None
     twice = list(_given_twice(parsed, ""))
     if twice:
         shown = twice[:_SHOWN]

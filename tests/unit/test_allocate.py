@@ -444,8 +444,11 @@ def test_a_key_twice_deep_in_a_profile_is_named_by_its_path_each_time(planning_f
         (b"a: &a {x: 1}\nb: &b {y: 2}\nname: {<<: *a, <<: *b}\n", "'<<' is given twice"),
         # had been a RecursionError traceback; libyaml's parser stops at 1,000 levels
         (b"[" * 100_000, "exceeded maximum nesting depth"),
+        # found by a hostile review: ValueError tracebacks, exit 1
+        (b"name: e\nserving: {max_batch_size: " + b"9" * 5000 + b"}\n", "value has 5000 digits"),
+        (b"name: e\nwhen: 2001-13-01\n", "month must be in 1..12"),
     ],
-    ids=["unhashable key", "latin-1", "two merge keys", "deep nesting"],
+    ids=["unhashable key", "latin-1", "two merge keys", "deep nesting", "huge int", "bad date"],
 )
 def test_an_ensemble_file_yaml_cannot_read_is_refused_not_a_traceback(
     planning_files, content, says
@@ -455,6 +458,17 @@ def test_an_ensemble_file_yaml_cannot_read_is_refused_not_a_traceback(
     result = plan_cli(d)
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_profile_with_an_integer_python_does_not_convert_is_refused(planning_files):
+    """Found by a hostile review: json.loads raises a ValueError (not a JSONDecodeError) for
+    an integer past 4300 digits; that had been a traceback and exit 1."""
+    d = planning_files
+    (d / "profile.json").write_text('{"members": ' + "9" * 5000 + "}")
+    result = plan_cli(d)
+    assert result.returncode == 2, result.stderr
+    assert "profile.json" in result.stderr and "value has 5000 digits" in result.stderr
+    assert "Traceback" not in result.stderr and "set_int_max_str_digits" not in result.stderr
 
 
 def test_a_batch_size_written_two_ways_in_a_profile_is_refused(planning_files):
