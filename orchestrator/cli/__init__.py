@@ -8,16 +8,18 @@ example); what several of them share (the console, options, the work folder, the
 calibration and the plan) is :mod:`orchestrator.cli.options`.
 
 Exit codes: 0 success; 2 invalid input (the message names the file, the field and the problem);
-3 the ensemble cannot fit the hardware; 1 anything else that went wrong; 130 and 143 a command
-stopped by Ctrl-C or SIGTERM before its end (both stop what it had started, in order; a second
-signal meanwhile is ignored, with a word). ``chorus up`` once serving drains on either and exits
-0. What the commands write is a report: a reader that goes away (``| head -1``) loses the rest
-of it, and the command goes on as it would have.
+3 the ensemble cannot fit the hardware; 1 anything else that went wrong (output that cannot be
+written included); 130, 143 and 129 a command stopped by Ctrl-C, SIGTERM or SIGHUP before its
+end (each stops what it had started, in order; a second signal meanwhile is ignored, with a
+word). ``chorus up`` once serving drains on any of them and exits 0. What the commands write is
+a report: a reader that goes away (``| head -1``, a closed terminal) loses the rest of it, and
+the command goes on as it would have.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -54,48 +56,58 @@ app.command()(examples.example)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is: a command unwinds as on Ctrl-C, so the
-    Tritons and combiners it started are stopped in order (by default Python would end at
-    once, and a Triton killed with it can leave its Python backend's stubs behind)."""
+    """SIGTERM or SIGHUP (the terminal closed), raised where the main thread is: a command
+    unwinds as on Ctrl-C, so the Tritons and combiners it started are stopped in order (by
+    default Python would end at once, and a Triton killed with it can leave its Python
+    backend's stubs behind)."""
 
 
 _stopping: list[int] = []  # the signal that began the unwinding
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """The first SIGINT or SIGTERM unwinds the command; any later one is ignored, since the
+    """The first SIGINT, SIGTERM or SIGHUP unwinds the command; any later one is ignored, since the
     unwinding stops processes and a second interruption would cut that short (Ctrl-C, then
     the SIGTERM of a `docker stop`)."""
     if not _stopping:
         _stopping.append(signum)
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
     already_stopping()
 
 
 class _Unread:
     """A standard stream whose reader may go away (``chorus up 2>&1 | head -1``, the terminal
-    of a closed session): the first write that fails points its descriptor at /dev/null, so
-    that this and every later write is dropped instead of raising where it was written. Rich
-    answers a broken pipe with SystemExit(1) and click an escaping EPIPE with exit 1: either
-    had stopped a deployment at its next line of output (a restart it reports, or its stop)."""
+    of a closed session): the first write that finds no reader (EPIPE; EIO on a terminal that
+    hung up) points its descriptor at /dev/null, so that this and every later write is dropped
+    instead of raising where it was written. Rich answers a broken pipe with SystemExit(1) and
+    click an escaping EPIPE with exit 1: either had stopped a deployment at its next line of
+    output (a restart it reports, or its stop). Any other failure (a full disk under
+    ``--json > plan.json``) is an error, exit 1: the output is not what the command made."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, name: str) -> None:
         self._stream = stream
+        self._name = name
+        try:
+            self._tty = os.isatty(stream.fileno())
+        except (OSError, ValueError):
+            self._tty = False
 
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except OSError:
-            self._drop()
+        except OSError as e:
+            self._failed(e)
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except OSError:
-            self._drop()
+        except OSError as e:
+            self._failed(e)
 
-    def _drop(self) -> None:
+    def _failed(self, e: OSError) -> None:
+        if not (e.errno == errno.EPIPE or (e.errno == errno.EIO and self._tty)):
+            raise ChorusError(f"cannot write to {self._name}: {e.strerror or e}") from None
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, self._stream.fileno())
@@ -108,20 +120,46 @@ class _Unread:
         return getattr(self._stream, name)
 
 
+def _streams() -> None:
+    """Standard descriptors that were closed at start (``chorus up >&-``) are pointed at
+    /dev/null, as a daemon's are: else the next file opened would take descriptor 1 or 2 and
+    get what is written there; then stdout and stderr are wrapped as :class:`_Unread`."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:  # (Python leaves a stream None where its descriptor was closed)
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the process's own stdout
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    sys.stdout = _Unread(sys.stdout, "stdout")  # type: ignore[assignment]
+    sys.stderr = _Unread(sys.stderr, "stderr")  # type: ignore[assignment]
+
+
 def main() -> None:
-    sys.stdout, sys.stderr = _Unread(sys.stdout), _Unread(sys.stderr)  # type: ignore[assignment]
-    signal.signal(signal.SIGTERM, _interrupt)  # `chorus up`, once serving, takes both over
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where ignored)
-        signal.signal(signal.SIGINT, _interrupt)
+    _streams()
+    signal.signal(signal.SIGTERM, _interrupt)  # `chorus up`, once serving, takes all over
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # (kept where ignored: nohup, `cmd &`)
+            signal.signal(sig, _interrupt)
     try:
-        app()  # click reports usage errors itself, with exit code 2
+        try:
+            app()  # click reports usage errors itself, with exit code 2
+        finally:  # here, not at exit: a failed write is an error with a word, not exit 120
+            sys.stdout.flush()
+            sys.stderr.flush()
     except ChorusError as e:
         console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         raise SystemExit(e.exit_code) from None
     except SystemExit as e:
-        if _stopping == [signal.SIGTERM] and e.code == _INTERRUPTED:
-            console.print("stopped by SIGTERM (what the command had started is stopped)")
-            raise SystemExit(128 + signal.SIGTERM) from None
+        if _stopping and _stopping[0] != signal.SIGINT and e.code == _INTERRUPTED:
+            name = signal.Signals(_stopping[0]).name
+            console.print(f"stopped by {name} (what the command had started is stopped)")
+            raise SystemExit(128 + _stopping[0]) from None
         raise
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -774,3 +776,38 @@ def test_each_call_of_a_sequential_fan_out_adds_what_the_profile_measured():
         per_sample = 1 / sequential_throughput(plain, n, b)
         added = 3 * 1e-3 / plain.batch_sizes[k]  # three calls of batch b per b samples
         assert 1 / sequential_throughput(slower, n, b) == pytest.approx(per_sample + added)
+
+
+def _plan_argv(d) -> list[str]:
+    argv = [sys.executable, "-m", "orchestrator", "plan", str(d / "ensemble.yaml")]
+    return [*argv, "--profile", str(d / "profile.json"), "--hardware", str(d / "hw.yaml")]
+
+
+def _with_closed(fds: tuple[int, ...], argv: list[str]) -> int:
+    """The exit code of ``argv`` run with these standard descriptors closed (`>&-`)."""
+    code = "import os, subprocess, sys\n" + "".join(f"os.close({fd})\n" for fd in fds)
+    code += f"sys.exit(subprocess.run({argv!r}).returncode)\n"
+    return subprocess.run([sys.executable, "-c", code], timeout=120, check=False).returncode
+
+
+def test_a_stream_closed_from_the_start_is_dev_null_not_a_traceback(planning_files):
+    """Found by a hostile review: with stdout or stderr closed (`chorus plan >&-`), Python
+    leaves sys.stdout None, and the wrapper that drops output without a reader called
+    write on None: exit 120 and a traceback; `chorus up >&-` tore down what it had started."""
+    d = planning_files
+    for fds in ((1,), (2,), (1, 2)):
+        assert _with_closed(fds, _plan_argv(d)) == 0, fds
+    (d / "ensemble.yaml").write_text("name: [\n")  # an error with stderr closed: still exit 2
+    assert _with_closed((2,), _plan_argv(d)) == 2
+
+
+def test_output_that_cannot_be_written_is_an_error_not_a_silent_success(planning_files):
+    """Found by a hostile review: `chorus plan --json > plan.json` on a full disk exited 0
+    with nothing written, since every failed write was taken for a reader gone away. Only a
+    missing reader (EPIPE; EIO on a terminal that hung up) is dropped."""
+    with open("/dev/full", "w") as full:
+        argv = [*_plan_argv(planning_files), "--json"]
+        result = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "cannot write to stdout: No space left on device" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
