@@ -5,7 +5,11 @@ stopped), ``regenerate-configs`` (plan again and switch the running Tritons to i
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
 import signal
+import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -135,76 +139,143 @@ def up(
         drain_timeout_s=drain_timeout,
         cascade=cascading.route,
     )
+    events = _Events(workdir / "events.log")
+    events.note(f"starting {ensemble.name!r} (chorus up, pid {os.getpid()})")
     try:
-        with console.status(f"starting Triton and the combiner for {ensemble.name!r}..."):
-            endpoints = deployment.start()  # a signal meanwhile stops it: exit 130 or 143
-        stop = threading.Event()  # from here on a signal drains: exit 0
-
-        def drain(signum: int, frame: FrameType | None) -> None:
-            if stop.is_set():
-                already_stopping()
-            stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:  # (run with SIGINT ignored: kept)
-                signal.signal(sig, drain)
-        scheme = "https" if tls_cert else "http"
-        print(
-            f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
-            f"{endpoints.ensemble} (gRPC, KServe v2)"
-            + (
-                f" and {scheme}://{endpoints.ensemble_http} (HTTP/REST)"
-                if endpoints.ensemble_http
-                else ""
-            )
-            + "\n"
-            f"Triton (members) on {endpoints.triton_grpc}, its APIs behind a key only Chorus "
-            f"holds; logs in {workdir} (restarts: events.log)\n"
-            + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
-            + (
-                f"{plan.data_path().describe()}\n"
-                if workers == "auto"
-                else f"combiner: {workers} process(es) (--workers; auto would start "
-                f"{plan.combiner_workers})\n"
-            )
-            + "Ctrl-C to stop",
-            flush=True,
-        )
-        events = _Events(workdir / "events.log")
-        events.note(f"serving on {endpoints.ensemble}")
         try:
+            with console.status(f"starting Triton and the combiner for {ensemble.name!r}..."):
+                endpoints = deployment.start()  # a signal meanwhile stops it: exit 130, 143, 129
+            stop = threading.Event()  # from here on a signal drains: exit 0
+
+            def drain(signum: int, frame: FrameType | None) -> None:
+                if stop.is_set():
+                    already_stopping()
+                stop.set()
+
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # (SIGINT or SIGHUP ignored:
+                    signal.signal(sig, drain)  # kept, as under nohup)
+            scheme = "https" if tls_cert else "http"
+            events.show(
+                f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
+                f"{endpoints.ensemble} (gRPC, KServe v2)"
+                + (
+                    f" and {scheme}://{endpoints.ensemble_http} (HTTP/REST)"
+                    if endpoints.ensemble_http
+                    else ""
+                )
+                + "\n"
+                f"Triton (members) on {endpoints.triton_grpc}, its APIs behind a key only Chorus "
+                f"holds; logs in {workdir} (restarts: events.log)\n"
+                + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
+                + (
+                    f"{plan.data_path().describe()}\n"
+                    if workers == "auto"
+                    else f"combiner: {workers} process(es) (--workers; auto would start "
+                    f"{plan.combiner_workers})\n"
+                )
+                + "Ctrl-C to stop"
+            )
+            events.note(f"serving on {endpoints.ensemble}")
             deployment.supervise(stop, events.say)
-        except ChorusError as e:  # a crash loop: main() prints it
-            events.note(f"error: {e}")
-            raise
-        events.say(f"stopping: answering the requests in flight (up to {drain_timeout:g} s)...")
-        stopping = time.monotonic()
+            events.say(f"stopping: answering the requests in flight (up to {drain_timeout:g} s)...")
+            stopping = time.monotonic()
+        finally:
+            deployment.stop()
+        events.say(
+            f"stopped in {time.monotonic() - stopping:.1f} s: the combiner answered what it had "
+            "accepted, and Triton is down"
+        )
+    except ChorusError as e:  # a failed start, or a crash loop: main() prints it
+        events.note(f"error: {e}")
+        raise
+    except KeyboardInterrupt:  # a signal before serving: what had started is stopped
+        events.note("stopped by a signal before serving")
+        raise
     finally:
-        deployment.stop()
-    events.say(
-        f"stopped in {time.monotonic() - stopping:.1f} s: the combiner answered what it had "
-        "accepted, and Triton is down"
-    )
+        events.close()
 
 
 class _Events:
-    """What ``chorus up`` reports once serving (restarts, the stop), on the console and, with
-    the time, in WORKDIR/events.log, which stays where the console's reader may be gone
-    (``| head``, a closed terminal)."""
+    """What ``chorus up`` reports from its start: in WORKDIR/events.log (appended, each line
+    with the time), written first, then on the console by a thread of its own, so that a
+    console nobody reads (a terminal paused with Ctrl-S, a stuck pipe) never holds up the
+    supervision or a stop; a line the console cannot take (more than ``BACKLOG`` waiting) is
+    dropped there, never in the file. The file stays where the console's reader is gone
+    (``| head``, a closed terminal). One that is not a regular file (a FIFO, a device) or
+    cannot be written is not used, with a word on the console."""
+
+    BACKLOG = 256
 
     def __init__(self, file: Path) -> None:
         self.file = file
-        with contextlib.suppress(OSError):
-            file.write_text("")
+        self._lines: queue.Queue[tuple[int, str] | None] = queue.Queue(self.BACKLOG)
+        for stream in (sys.stdout, sys.stderr):  # what was printed before comes first
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        self._printer = threading.Thread(target=self._print, name="console", daemon=True)
+        self._printer.start()
+        self._fd: int | None = None
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            # O_NONBLOCK: a FIFO without a reader is ENXIO at once, not a wait for one
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(file, flags, 0o644)
+        except OSError as e:
+            self._unusable(e.strerror or str(e))
+            return
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            self._unusable("not a regular file")
+            return
+        self._fd = fd
 
     def say(self, line: str) -> None:
-        console.print(line)
+        """In the file, then on stderr."""
         self.note(line)
+        self._put(2, line)
+
+    def show(self, text: str) -> None:
+        """On stdout alone (the banner that says where the ensemble serves)."""
+        self._put(1, text)
 
     def note(self, line: str) -> None:
         """In the file alone."""
-        with contextlib.suppress(OSError), self.file.open("a") as out:  # (a full disk: served on)
-            out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        if self._fd is None:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        text = "".join(f"{stamp} {part}\n" for part in line.splitlines() or [""])
+        try:
+            os.write(self._fd, text.encode())
+        except OSError as e:  # a full disk: served on, and said once
+            os.close(self._fd)
+            self._fd = None
+            self._unusable(e.strerror or str(e))
+
+    def close(self, wait_s: float = 2.0) -> None:
+        """The console's last lines, waited for at most ``wait_s`` (its reader may be stuck)."""
+        with contextlib.suppress(queue.Full):
+            self._lines.put_nowait(None)
+        self._printer.join(wait_s)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _unusable(self, why: str) -> None:
+        self._put(2, f"warning: cannot write {self.file} ({why}): events go to the console only")
+
+    def _put(self, fd: int, text: str) -> None:
+        with contextlib.suppress(queue.Full):
+            self._lines.put_nowait((fd, text))
+
+    def _print(self) -> None:
+        """Straight to the descriptor: no lock of Python's stream held while a write blocks."""
+        while (item := self._lines.get()) is not None:
+            fd, text = item
+            data = (text + "\n").encode(errors="replace")
+            with contextlib.suppress(OSError):  # (no reader: EPIPE, or EIO once hung up)
+                while data:
+                    data = data[os.write(fd, data) :]
 
 
 def _check_files(**paths: Path | None) -> None:

@@ -3,13 +3,17 @@ test_supervision)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from combiner.sdk import EnsembleClient, Unavailable
@@ -198,3 +202,111 @@ def test_chorus_up_whose_output_reader_is_gone_keeps_serving_and_restarting(
     events = (tmp_path / "work" / "events.log").read_text()  # what the console lost
     assert "tritonserver exited with code -9; restarting it" in events, events
     assert "tritonserver is back" in events and "stopped in " in events, events
+
+
+def _serving_again(process: subprocess.Popen, port: int, split, within_s: float = 90) -> None:
+    """Until the ensemble on ``port`` answers (Triton on its way back: UNAVAILABLE)."""
+
+    def answers() -> bool:
+        assert process.poll() is None, "chorus up ended"
+        try:
+            with EnsembleClient(f"127.0.0.1:{port}") as client:
+                return client.predict(split.x_test[:3]).shape == (3, 10)
+        except Unavailable:
+            return False
+
+    deadline = time.monotonic() + within_s
+    while not answers():
+        assert time.monotonic() < deadline, f"not serving within {within_s:g} s"
+        time.sleep(0.2)
+
+
+def _kill_triton(process: subprocess.Popen) -> None:
+    (triton,) = {p for p in descendants(process.pid) if "tritonserver" in command_name(p)}
+    subprocess.run(["kill", "-9", str(triton)], check=True)
+
+
+def test_chorus_up_whose_console_nobody_reads_still_restarts_and_stops(
+    ensemble_file, profile_file, split, tmp_path
+):
+    """Found by a hostile review: with a console that takes nothing (a terminal paused with
+    Ctrl-S, a stuck pipe), `chorus up` blocked in its first write once serving: Triton,
+    killed, was never restarted, SIGTERM did nothing, and events.log had nothing (the
+    console came first). Its events go to the file first, the console has a thread of its
+    own, and the terminal closing (SIGHUP) drains like SIGTERM (it had killed chorus up at
+    once, no drain). The file is appended to, from the start: a previous run's lines stay."""
+    port = free_port()
+    argv = up_argv(ensemble_file, tmp_path, "--profile", str(profile_file))
+    argv[argv.index("--grpc-port") + 1] = str(port)
+    events = tmp_path / "work" / "events.log"
+    events.parent.mkdir()
+    events.write_text("a line of the run before\n")
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETFL, os.O_NONBLOCK)
+    with contextlib.suppress(BlockingIOError):  # the pipe full: not one more byte goes in
+        while True:
+            os.write(write_end, b"x" * 4096)
+    fcntl.fcntl(write_end, fcntl.F_SETFL, 0)
+    with subprocess.Popen(argv, stdout=write_end, stderr=write_end) as process:
+        os.close(write_end)
+        try:
+            _serving_again(process, port, split, within_s=120)
+            _kill_triton(process)
+            _serving_again(process, port, split)
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while "stopped in " not in events.read_text():
+                assert time.monotonic() < deadline, events.read_text()
+                time.sleep(0.2)
+            assert process.wait(timeout=30) == 0  # the console still taking nothing
+        finally:
+            os.close(read_end)
+            if process.poll() is None:
+                process.kill()
+    lines = events.read_text().splitlines()
+    assert lines[0] == "a line of the run before", lines
+    said = [line.split(" ", 2)[2] for line in lines[1:]]  # after the date and time
+    assert said[0].startswith("starting 'digits'") and said[1].startswith("serving on"), said
+    assert any(s.startswith("tritonserver exited with code -9; restarting") for s in said), said
+    assert any(s.startswith("tritonserver is back") for s in said), said
+    assert said[-1].startswith("stopped in "), said
+
+
+def test_chorus_up_with_stdout_closed_and_events_log_a_fifo_serves(
+    ensemble_file, profile_file, split, tmp_path
+):
+    """Found by a hostile review: `chorus up >&-` tore the deployment down at its first line
+    (exit 120), and an events.log that is a FIFO nobody reads hung it in open() for good: no
+    restarts, SIGTERM ignored. A closed stdout is /dev/null, and an events.log that is not a
+    regular file is not used, with a word on stderr."""
+    port = free_port()
+    argv = up_argv(ensemble_file, tmp_path, "--profile", str(profile_file))
+    argv[argv.index("--grpc-port") + 1] = str(port)
+    events = tmp_path / "work" / "events.log"
+    events.parent.mkdir()
+    os.mkfifo(events)
+    log = tmp_path / "stderr.txt"
+    code = f"import os, subprocess, sys\nos.close(1)\nsys.exit(subprocess.run({argv!r}).returncode)"
+    with log.open("w") as errors:
+        shell = subprocess.Popen([sys.executable, "-c", code], stderr=errors)
+    try:
+        deadline = time.monotonic() + 30
+        while not (ups := psutil.Process(shell.pid).children()):  # chorus up itself
+            assert shell.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        (up,) = ups
+        _serving_again(shell, port, split, within_s=120)
+        _kill_triton(shell)
+        _serving_again(shell, port, split)
+        up.send_signal(signal.SIGTERM)
+        assert shell.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if shell.poll() is None:
+            for p in descendants(shell.pid):
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(p).kill()
+            shell.kill()
+    text = " ".join(log.read_text().split())
+    assert f"cannot write {events} (No such device or address)" in text, text
+    assert "tritonserver exited with code -9; restarting" in text, text
+    assert "stopped in " in text, text
