@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import psutil
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+)
 
 from orchestrator.errors import SpecError, from_validation
 from orchestrator.planning.files import read_yaml
@@ -144,12 +152,13 @@ class DeviceFile(_Strict):
     kind: Literal["gpu", "cpu"]
     # (a number past these is a typo: a GPU index of 1e20 had been rendered into Triton's
     # config, and that many cores had the data path plan 256 combiner processes)
-    index: int = Field(0, ge=0, le=1023)
+    # (strict: YAML's `true` had been read as 1, a GPU index node0/gpu1)
+    index: StrictInt = Field(0, ge=0, le=1023)
     name: str | None = Field(None, description="device name, matched against profile keys")
-    memory_gb: float = Field(gt=0, le=1e9)  # up to an exabyte
-    cores: int | None = Field(None, ge=1, le=1 << 20, description="CPU cores")
-    speed: float = Field(1.0, gt=0, le=1e6)
-    lanes: int | None = Field(None, ge=1, le=1024)
+    memory_gb: StrictFloat = Field(gt=0, le=1e9)  # up to an exabyte
+    cores: StrictInt | None = Field(None, ge=1, le=1 << 20, description="CPU cores")
+    speed: StrictFloat = Field(1.0, gt=0, le=1e6)
+    lanes: StrictInt | None = Field(None, ge=1, le=1024)
 
 
 class NodeFile(_Strict):

@@ -85,7 +85,9 @@ class TensorFile(_Strict):
 
     name: str
     dtype: str = Field(description="Triton data type, e.g. FP32")
-    shape: list[int] = Field(description="dimensions after the batch dimension; -1 is variable")
+    shape: list[StrictInt] = Field(
+        description="dimensions after the batch dimension; -1 is variable"
+    )
 
 
 class MemberFile(_Strict):
@@ -94,7 +96,7 @@ class MemberFile(_Strict):
         description="the member's ONNX file (.onnx) or TorchScript file (.pt), relative to the "
         "ensemble file"
     )
-    weight: float = Field(1.0, gt=0, description="weight in weighted_mean")
+    weight: StrictFloat = Field(1.0, gt=0, description="weight in weighted_mean")
     inputs: dict[str, str] = Field(
         default_factory=dict, description="ensemble input name -> this member's input name"
     )
@@ -118,7 +120,7 @@ class CascadeFile(_Strict):
         description="agreement: the share of the members so far that vote for their "
         "combination's top class; confidence: the combination's top value",
     )
-    threshold: float | None = Field(
+    threshold: StrictFloat | None = Field(
         None,
         ge=0,
         le=1,
@@ -147,14 +149,15 @@ class CombineFile(_Strict):
 
 
 class ServingFile(_Strict):
-    max_batch_size: int = Field(64, ge=1, le=65536)
-    deadline_ms: float | None = Field(
+    # Strict: a number is a number (YAML's `true` had been read as 1 ms)
+    max_batch_size: StrictInt = Field(64, ge=1, le=65536)
+    deadline_ms: StrictFloat | None = Field(
         None,
         gt=0,
         le=DAY_MS,
         description="default time to wait for members (per request: deadline_ms)",
     )
-    member_timeout_ms: float = Field(
+    member_timeout_ms: StrictFloat = Field(
         30_000,
         gt=0,
         le=DAY_MS,
@@ -164,7 +167,7 @@ class ServingFile(_Strict):
     quorum: StrictInt | StrictFloat = Field(
         1.0, description="members that must answer: a fraction in (0, 1] or a count (integer)"
     )
-    latency_target_ms: float | None = Field(
+    latency_target_ms: StrictFloat | None = Field(
         None,
         gt=0,
         allow_inf_nan=False,

@@ -51,6 +51,12 @@ def test_a_non_finite_latency_or_host_cost_is_refused(tmp_path):
         ("memory_gb: 16, index: 100000000000000000000", "index"),
         ("memory_gb: 16, lanes: 100000000000000000000", "lanes"),
         ("memory_gb: 16, cores: 100000000000000000000", "cores"),
+        # YAML's true had been read as 1 (index: true was node/gpu1)
+        ("memory_gb: 16, index: true", "index"),
+        ("memory_gb: 16, cores: true", "cores"),
+        ("memory_gb: 16, lanes: true", "lanes"),
+        ("memory_gb: true", "memory_gb"),
+        ("memory_gb: 16, speed: true", "speed"),
     ],
 )
 def test_an_infinite_or_absurd_device_is_refused_by_its_field(tmp_path, device, field):

@@ -150,6 +150,28 @@ def test_cli_exits_2_naming_the_field(tmp_path, members, change, field):
     assert not (tmp_path / "w").exists()  # nothing was started or written
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda s: s.update(serving={"member_timeout_ms": True}), "serving.member_timeout_ms"),
+        (lambda s: s.update(serving={"deadline_ms": True}), "serving.deadline_ms"),
+        (lambda s: s.update(serving={"max_batch_size": True}), "serving.max_batch_size"),
+        (lambda s: s.update(serving={"latency_target_ms": True}), "serving.latency_target_ms"),
+        (lambda s: s["members"][1].update(weight=True), "members[1].weight"),
+        (
+            lambda s: s.update(outputs=[{"name": "y", "dtype": "FP32", "shape": [True]}]),
+            "outputs[0].shape[0]",
+        ),
+    ],
+)
+def test_a_boolean_is_not_a_number(tmp_path, members, change, field):
+    """Found by a hostile review: YAML's `true` was read as 1 (a member timeout of 1 ms)."""
+    change(members)
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert field in str(e.value), str(e.value)
+
+
 def test_a_drain_timeout_past_a_day_is_refused_before_anything_starts(tmp_path, members):
     path = write(tmp_path, members)
     result = chorus("up", str(path), "--drain-timeout", "1e300", "--workdir", str(tmp_path / "w"))
