@@ -19,7 +19,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="where the model repository and logs go")] = Path(
         ".chorus/demo"
     ),
-    epochs: Annotated[int, typer.Option(help="training epochs per member")] = 20,
+    epochs: Annotated[int, typer.Option(min=1, max=10_000, help="training epochs per member")] = 20,
 ) -> None:
     """Train 4 DNNs on digits, serve them on a real Triton, report accuracy and throughput."""
     from orchestrator.examples.digits.demo import run

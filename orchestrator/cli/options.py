@@ -7,8 +7,9 @@ ensemble file's, completed by the calibration) and the plan.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, NamedTuple
 
@@ -33,6 +34,7 @@ __all__ = [
     "WorkdirOpt",
     "already_stopping",
     "console",
+    "finite",
     "make_plan",
     "resolve_cascade_options",
     "resolve_profile",
@@ -40,6 +42,26 @@ __all__ = [
 ]
 
 console = Console(stderr=True)
+
+
+def finite(low: float, high: float) -> Callable[[str], float]:
+    """The parser of a float option from ``low`` to ``high``: NaN and the infinities are
+    refused by name before the range. Click's range lets NaN through (every comparison with it
+    is false), typer's called a NaN past the maximum, and an infinite effort had ended in a
+    traceback."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise typer.BadParameter(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"a finite number from {low:g} to {high:g}, not {text}")
+        if not low <= value <= high:
+            raise typer.BadParameter(f"from {low:g} to {high:g}, not {text}")
+        return value
+
+    return parse
 
 
 def already_stopping() -> None:

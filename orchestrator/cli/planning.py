@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from combiner import DAY_MS
 from orchestrator.cli.options import (
     BorrowOpt,
     CalibrationOpt,
@@ -20,6 +21,7 @@ from orchestrator.cli.options import (
     ProfileOpt,
     WorkdirOpt,
     console,
+    finite,
     make_plan,
     resolve_cascade_options,
     resolve_profile,
@@ -41,7 +43,10 @@ def profile(
         Path | None, typer.Option("-o", "--output", help="\\[default: WORKDIR/profile.json]")
     ] = None,
     workdir: WorkdirOpt = None,
-    seconds: Annotated[float, typer.Option(help="measuring time per batch size")] = 0.3,
+    seconds: Annotated[
+        float,
+        typer.Option(parser=finite(0.01, 3600), help="measuring time per batch size (0.01-3600 s)"),
+    ] = 0.3,
 ) -> None:
     """Measure each member on a real Triton: memory per instance, latency, busy time and
     Triton's CPU per batch size; then what a request costs beyond its members, through the
@@ -109,7 +114,10 @@ def plan(
     ] = None,
     effort: Annotated[
         float,
-        typer.Option(min=0, help="search effort: 1 plans 12 members x 16 GPUs in under 1 s"),
+        typer.Option(
+            parser=finite(0, 1000),
+            help="search effort (0-1000): 1 plans 12 members x 16 GPUs in under 1 s",
+        ),
     ] = 1.0,
     borrow_curves: BorrowOpt = False,
     workdir: WorkdirOpt = None,
@@ -117,14 +125,16 @@ def plan(
     time_limit: Annotated[
         float,
         typer.Option(
-            min=0,
-            help="seconds the search may take: then the best plan found so far (0: no limit)",
+            parser=finite(0, DAY_MS / 1000),
+            help="seconds the search may take (at most 86400): then the best plan found so far "
+            "(0: no limit)",
         ),
     ] = TIME_LIMIT_S,
     evaluations: Annotated[
         int | None,
         typer.Option(
             min=1,
+            max=1 << 40,
             help="stop after this many allocations scored: with --time-limit 0, the same "
             "plan on any machine",
         ),
@@ -170,10 +180,13 @@ def tune(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="\\[default: WORKDIR/tuned-plan.json]")
     ] = None,
-    budget: Annotated[int, typer.Option(help="measurements at most")] = 12,
-    seconds: Annotated[float, typer.Option(help="load time per measurement")] = 2.0,
-    batch: Annotated[int, typer.Option(help="rows per client request")] = 16,
-    concurrency: Annotated[int, typer.Option(help="concurrent clients")] = 8,
+    budget: Annotated[int, typer.Option(min=1, max=10_000, help="measurements at most")] = 12,
+    seconds: Annotated[
+        float,
+        typer.Option(parser=finite(0.1, 3600), help="load time per measurement (0.1-3600 s)"),
+    ] = 2.0,
+    batch: Annotated[int, typer.Option(min=1, max=65536, help="rows per client request")] = 16,
+    concurrency: Annotated[int, typer.Option(min=1, max=4096, help="concurrent clients")] = 8,
     workdir: WorkdirOpt = None,
 ) -> None:
     """The greedy search, measured on the live Triton: each candidate applied and loaded."""
@@ -254,7 +267,7 @@ def render(
     ensemble_path: Annotated[
         str, typer.Option(help="kubernetes: the ensemble file's path inside that claim")
     ] = "ensemble.yaml",
-    replicas: Annotated[int, typer.Option(min=1, help="kubernetes: combiner pods")] = 2,
+    replicas: Annotated[int, typer.Option(min=1, max=1000, help="kubernetes: combiner pods")] = 2,
     namespace: Annotated[str | None, typer.Option(help="kubernetes: namespace")] = None,
     calibration: CalibrationOpt = None,
 ) -> None:

@@ -28,6 +28,7 @@ from orchestrator.cli.options import (
     WorkdirOpt,
     already_stopping,
     console,
+    finite,
     make_plan,
     resolve_cascade_options,
     resolve_workdir,
@@ -58,12 +59,15 @@ def up(
     host: Annotated[str, typer.Option(help="address the ensemble endpoint listens on")] = (
         "127.0.0.1"
     ),
-    grpc_port: Annotated[int, typer.Option(help="gRPC (KServe v2) port of the ensemble")] = 8100,
+    grpc_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="gRPC (KServe v2) port of the ensemble")
+    ] = 8100,
     http_port: Annotated[
-        int | None, typer.Option(help="HTTP/REST (KServe v2) port of the ensemble")
+        int | None,
+        typer.Option(min=0, max=65535, help="HTTP/REST (KServe v2) port of the ensemble"),
     ] = 8101,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Prometheus /metrics of the combiner")
+        int | None, typer.Option(min=0, max=65535, help="Prometheus /metrics of the combiner")
     ] = 8102,
     workers: Annotated[
         str,
@@ -91,7 +95,8 @@ def up(
     drain_timeout: Annotated[
         float,
         typer.Option(
-            min=0, max=DAY_MS / 1000, help="on stop, seconds to answer the requests in flight"
+            parser=finite(0, DAY_MS / 1000),
+            help="on stop, seconds to answer the requests in flight (at most 86400)",
         ),
     ] = 30.0,
     calibration: CalibrationOpt = None,
@@ -406,8 +411,8 @@ def node(
     repo: Annotated[Path, typer.Argument(help="the node's rendered repository")],
     key_file: Annotated[Path, typer.Option(help="the key to its restricted APIs")],
     host: Annotated[str, typer.Option(help="address Triton listens on")] = "127.0.0.1",
-    grpc_port: Annotated[int, typer.Option()] = 8001,
-    http_port: Annotated[int, typer.Option()] = 8000,
+    grpc_port: Annotated[int, typer.Option(min=1, max=65535)] = 8001,
+    http_port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     workdir: Annotated[Path, typer.Option(help="where the Python backend's files go")] = Path(
         "/tmp/chorus-node"
     ),

@@ -180,6 +180,35 @@ def test_a_drain_timeout_past_a_day_is_refused_before_anything_starts(tmp_path, 
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["plan", "--effort", "inf"], "'--effort': a finite number from 0 to 1000, not inf"),
+        (["plan", "--effort", "nan"], "'--effort': a finite number from 0 to 1000, not nan"),
+        (["plan", "--time-limit", "nan"], "'--time-limit': a finite number"),
+        (["up", "--drain-timeout", "nan"], "'--drain-timeout': a finite number"),
+        (["profile", "--seconds", "inf"], "'--seconds': a finite number"),
+        (["up", "--grpc-port", "65536"], "'--grpc-port'"),
+        (["up", "--grpc-port", "-1"], "'--grpc-port'"),
+        (["up", "--grpc-port", "99999999999999999999"], "'--grpc-port'"),
+        (["up", "--metrics-port", "70000"], "'--metrics-port'"),
+        (["tune", "--concurrency", "0"], "'--concurrency'"),
+    ],
+)
+def test_a_number_option_out_of_range_exits_2_naming_it(tmp_path, members, argv, says):
+    """Found by a hostile review: --effort inf was an OverflowError traceback, --grpc-port
+    65536 printed "serving on :65536" while the combiner took a random port, -1 and a huge
+    port were tracebacks, --metrics-port 70000 crash-looped the combiner, and a NaN was
+    called past the maximum."""
+    path = write(tmp_path, members)
+    command, *options = argv
+    result = chorus(command, str(path), *options, "--workdir", str(tmp_path / "w"))
+    assert result.returncode == 2, result.stderr
+    assert says in " ".join(result.stderr.replace("│", " ").split()), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()  # nothing was started or written
+
+
 def test_an_unknown_rule_names_the_field_and_the_choices(tmp_path, members):
     members["combine"] = {"rule": "average"}
     with pytest.raises(SpecError) as e:
