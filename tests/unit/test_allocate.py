@@ -811,3 +811,29 @@ def test_output_that_cannot_be_written_is_an_error_not_a_silent_success(planning
     assert result.returncode == 1, result.stderr
     assert "cannot write to stdout: No space left on device" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_table_of_a_plan_on_many_alike_gpus_draws_a_row_per_run_of_them():
+    """Found by a hostile review: `chorus plan` on 1,024 GPUs spent 4 s drawing a table of
+    1,024 rows. Devices next to each other with the same row are one row, which says how many;
+    every device is in exactly one row."""
+    from rich.console import Console
+
+    from orchestrator.planning.plan import plan_table
+
+    members = {"a": curve(4), "b": curve(4, fixed_ms=9)}
+    profile = Profile({m: {"gpu": c} for m, c in members.items()})
+    plan = plan_ensemble("e", list(members), 64, profile, gpus(64, memory_gb=16))
+    console = Console(record=True, width=200)
+    console.print(plan_table(plan))
+    rows = [line for line in console.export_text().splitlines() if "node0/gpu" in line]
+    assert len(rows) < 64, rows
+    covered = 0
+    for row in rows:
+        found = re.search(r"node0/gpu(\d+)(?: \.\. node0/gpu(\d+) \(gpu, (\d+) alike\))?", row)
+        assert found, row
+        first, last, alike = found.groups()
+        count = 1 if last is None else int(alike)
+        assert count == (1 if last is None else int(last) - int(first) + 1), row
+        covered += count
+    assert covered == 64
