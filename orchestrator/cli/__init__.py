@@ -81,8 +81,10 @@ class _Unread:
     hung up) points its descriptor at /dev/null, so that this and every later write is dropped
     instead of raising where it was written. Rich answers a broken pipe with SystemExit(1) and
     click an escaping EPIPE with exit 1: either had stopped a deployment at its next line of
-    output (a restart it reports, or its stop). Any other failure (a full disk under
-    ``--json > plan.json``) is an error, exit 1: the output is not what the command made."""
+    output (a restart it reports, or its stop). Any other failure of stdout (a full disk under
+    ``--json > plan.json``) is an error, exit 1: the output is not what the command made; of
+    stderr, which holds only the report, it is dropped too (a full disk under ``2> log`` must
+    not stop a plan or a deployment)."""
 
     def __init__(self, stream: TextIO, name: str) -> None:
         self._stream = stream
@@ -106,7 +108,8 @@ class _Unread:
             self._failed(e)
 
     def _failed(self, e: OSError) -> None:
-        if not (e.errno == errno.EPIPE or (e.errno == errno.EIO and self._tty)):
+        gone = e.errno == errno.EPIPE or (e.errno == errno.EIO and self._tty)
+        if not gone and self._name == "stdout":
             raise ChorusError(f"cannot write to {self._name}: {e.strerror or e}") from None
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:

@@ -837,3 +837,14 @@ def test_the_table_of_a_plan_on_many_alike_gpus_draws_a_row_per_run_of_them():
         assert count == (1 if last is None else int(last) - int(first) + 1), row
         covered += count
     assert covered == 64
+
+
+def test_a_stderr_that_cannot_be_written_does_not_stop_the_command(planning_files, tmp_path):
+    """Found by a hostile review: with stderr on a full disk, the report's first line ended
+    `chorus plan` with exit 1 and nothing on stdout (`chorus up` did not start). Stderr holds
+    only the report: its failures are dropped; stdout's are errors."""
+    with open("/dev/full", "w") as full, (tmp_path / "p.json").open("w") as out:
+        argv = [*_plan_argv(planning_files), "--json"]
+        result = subprocess.run(argv, stdout=out, stderr=full, timeout=120, check=False)
+    assert result.returncode == 0
+    assert json.loads((tmp_path / "p.json").read_text())["ensemble"] == "big"
