@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +119,15 @@ class _UniqueKeys(_SafeLoader):  # type: ignore[misc,valid-type]
             self._checked.add(node)
             _refuse_twice(self, node)
         super().flatten_mapping(node)
+
+
+# YAML 1.2's floats (and JSON's) without a dot: PyYAML, on YAML 1.1, reads `1e9` as a string,
+# which the files' strict numbers refuse ("memory_gb: 1e9", as the README writes its bound)
+_UniqueKeys.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def _refuse_twice(loader: Any, node: yaml.MappingNode) -> None:

@@ -73,3 +73,12 @@ def test_a_node_named_as_a_folder_step_is_refused(tmp_path, name):
     path.write_text(f"nodes:\n  - name: '{name}'\n    devices: [{{kind: cpu, memory_gb: 8}}]\n")
     with pytest.raises(SpecError, match=r"nodes\[0\]\.name.*not a node name"):
         load_hardware(path)
+
+
+def test_a_number_in_exponent_form_without_a_dot_is_a_number(tmp_path):
+    """Found by a hostile review: PyYAML (YAML 1.1) reads `1e9` as a string, which the strict
+    numbers refused as "not a valid number" (the README writes the bound as 1e9)."""
+    path = tmp_path / "hardware.yaml"
+    path.write_text("nodes:\n  - name: n\n    devices: [{kind: gpu, memory_gb: 1e3, speed: 2E0}]\n")
+    (device,) = load_hardware(path)
+    assert device.memory_bytes == 1000 * 2**30 and device.speed == 2.0
