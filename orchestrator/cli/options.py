@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import queue
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import IO, Annotated, NamedTuple
 
 import typer
 from rich.console import Console
@@ -28,6 +31,7 @@ __all__ = [
     "BorrowOpt",
     "CalibrationOpt",
     "Cascading",
+    "ConsoleThread",
     "EnsembleArg",
     "HardwareOpt",
     "ProfileOpt",
@@ -65,10 +69,96 @@ def finite(low: float, high: float) -> Callable[[str], float]:
 
 
 def already_stopping() -> None:
-    """Say that a signal came while stopping, and is ignored (written straight to stderr: safe
+    """Say that a signal came while stopping, and is ignored: through the console thread where
+    one runs (a console nobody reads must not hold the stop up), else straight to stderr (safe
     inside a signal handler, whatever the console is printing)."""
+    line = "already stopping what was started, in order: this signal is ignored\n"
+    if _threads:
+        _threads[-1].put(2, line)
+        return
     with contextlib.suppress(OSError):  # stderr closed, or a pipe whose reader is gone
-        os.write(2, b"already stopping what was started, in order: this signal is ignored\n")
+        os.write(2, line.encode())
+
+
+class ConsoleThread:
+    """The console of a command that must never wait for it (``chorus up``): what it prints
+    (rich's console, and :meth:`put`) is queued for a thread of its own, which writes it
+    straight to the descriptor, so a console nobody reads (a terminal paused with Ctrl-S, a
+    stuck pipe) holds up that thread alone, never the supervision, a signal's handler or a
+    stop; past ``BACKLOG`` writes waiting, more are dropped. On leaving, the queue has
+    ``wait_s`` to drain; a console still stuck then is given up (stdout and stderr pointed at
+    /dev/null), so that the command ends, and what it says last is dropped."""
+
+    BACKLOG = 1024
+
+    def __init__(self, wait_s: float = 2.0) -> None:
+        self.wait_s = wait_s
+        self._queue: queue.SimpleQueue[tuple[int, str] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="console", daemon=True)
+        self._file: IO[str] | None = None
+
+    def put(self, fd: int, text: str) -> None:
+        """Queue ``text`` for descriptor ``fd`` (1 or 2). Safe in a signal handler: a
+        SimpleQueue's put may interrupt another in the same thread."""
+        if self._queue.qsize() < self.BACKLOG:
+            self._queue.put((fd, text))
+
+    def __enter__(self) -> ConsoleThread:
+        for stream in (sys.stdout, sys.stderr):  # what was printed before comes first
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        self._thread.start()
+        self._file = console.file
+        console.file = _Queued(self, 2, self._file)  # type: ignore[assignment]
+        _threads.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _threads.remove(self)
+        if self._file is not None:
+            console.file = self._file
+        self._queue.put(None)
+        self._thread.join(self.wait_s)
+        if self._thread.is_alive():  # stuck: what comes after is dropped, not waited for
+            null = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fd, text = item
+            data = text.encode(errors="replace")
+            with contextlib.suppress(OSError):  # (no reader: EPIPE, or EIO once hung up)
+                while data:
+                    data = data[os.write(fd, data) :]
+
+
+_threads: list[ConsoleThread] = []  # the console thread in use, if any
+
+
+class _Queued:
+    """rich's console file while a :class:`ConsoleThread` runs: writes are queued."""
+
+    encoding = "utf-8"
+
+    def __init__(self, thread: ConsoleThread, fd: int, was: IO[str]) -> None:
+        self._thread, self._fd, self._was = thread, fd, was
+
+    def write(self, text: str) -> int:
+        self._thread.put(self._fd, text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return self._was.isatty()
+        return False
+
+    def fileno(self) -> int:
+        return self._fd
 
 
 EnsembleArg = Annotated[Path, typer.Argument(help="the ensemble file (ensemble.yaml)")]

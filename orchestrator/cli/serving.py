@@ -4,14 +4,12 @@ stopped), ``regenerate-configs`` (plan again and switch the running Tritons to i
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
 import signal
 import stat
-import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -22,6 +20,7 @@ from combiner import DAY_MS, PortInUse, claim_ports
 from orchestrator.cli.options import (
     BorrowOpt,
     CalibrationOpt,
+    ConsoleThread,
     EnsembleArg,
     HardwareOpt,
     ProfileOpt,
@@ -67,7 +66,8 @@ def up(
         typer.Option(min=0, max=65535, help="HTTP/REST (KServe v2) port of the ensemble"),
     ] = 8101,
     metrics_port: Annotated[
-        int | None, typer.Option(min=0, max=65535, help="Prometheus /metrics of the combiner")
+        int | None,
+        typer.Option(min=0, max=65535, help="Prometheus /metrics of the combiner (0: none)"),
     ] = 8102,
     workers: Annotated[
         str,
@@ -106,50 +106,82 @@ def up(
     Triton or the combiner that dies is restarted (the ensemble answers UNAVAILABLE
     meanwhile); only a crash loop (5 restarts in a minute) ends the command, with exit code 1.
     """
-    ensemble = load_ensemble(ensemble_file)
-    _check_files(token_file=token_file, tls_cert=tls_cert, tls_key=tls_key)
-    if (tls_cert is None) != (tls_key is None):
-        raise SpecError("--tls-cert/--tls-key", "", "TLS needs both a certificate and a key")
-    try:  # before any long step: the combiner's supervisor refuses them too, later
-        claim_ports(host, [p for p in (grpc_port, http_port, metrics_port) if p], hold=False)
-    except PortInUse as e:
-        raise SpecError("--grpc-port/--http-port/--metrics-port", "", str(e.strerror)) from None
-    workdir = resolve_workdir(ensemble, workdir)
-    cascading = resolve_cascade_options(ensemble, calibration, workdir)
-    plan = (
-        load_plan(plan_file)
-        if plan_file
-        else make_plan(
-            ensemble,
-            None,
-            profile,
-            workdir,
-            shares=cascading.shares,
-            shares_file=cascading.calibration,
+    with ConsoleThread() as out:  # from here on, nothing waits for the console
+        ensemble = load_ensemble(ensemble_file)
+        _check_files(token_file=token_file, tls_cert=tls_cert, tls_key=tls_key)
+        if (tls_cert is None) != (tls_key is None):
+            raise SpecError("--tls-cert/--tls-key", "", "TLS needs both a certificate and a key")
+        try:  # before any long step: the combiner's supervisor refuses them too, later
+            claim_ports(host, [p for p in (grpc_port, http_port, metrics_port) if p], hold=False)
+        except PortInUse as e:
+            raise SpecError("--grpc-port/--http-port/--metrics-port", "", str(e.strerror)) from None
+        workdir = resolve_workdir(ensemble, workdir)
+        cascading = resolve_cascade_options(ensemble, calibration, workdir)
+        plan = (
+            load_plan(plan_file)
+            if plan_file
+            else make_plan(
+                ensemble,
+                None,
+                profile,
+                workdir,
+                shares=cascading.shares,
+                shares_file=cascading.calibration,
+            )
         )
-    )
-    deployment = Deployment(
-        ensemble,
-        workdir,
-        host=host,
-        grpc_port=grpc_port,
-        http_port=http_port,
-        plan=plan,
-        workers=None if workers == "auto" else int(workers),
-        metrics_port=metrics_port,
-        allow_client_shm=allow_client_shm,
-        token_file=token_file,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        drain_timeout_s=drain_timeout,
-        cascade=cascading.route,
-    )
-    events = _Events(workdir / "events.log")
+        deployment = Deployment(
+            ensemble,
+            workdir,
+            host=host,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            plan=plan,
+            workers=None if workers == "auto" else int(workers),
+            metrics_port=metrics_port or None,  # (0: no metrics endpoint)
+            allow_client_shm=allow_client_shm,
+            token_file=token_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            drain_timeout_s=drain_timeout,
+            cascade=cascading.route,
+        )
+
+        def banner(triton: str) -> str:
+            return (
+                f"Triton (members) on {triton}, its APIs behind a key only Chorus holds; logs "
+                f"in {workdir} (restarts: events.log)\n"
+                + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
+                + (
+                    f"{plan.data_path().describe()}\n"
+                    if workers == "auto"
+                    else f"combiner: {workers} process(es) (--workers; auto would start "
+                    f"{plan.combiner_workers})\n"
+                )
+                + "Ctrl-C to stop"
+            )
+
+        events = _Events(workdir / "events.log", out)
+        try:
+            _serve(deployment, events, banner, "https" if tls_cert else "http", drain_timeout)
+        finally:
+            events.close()
+
+
+def _serve(
+    deployment: Deployment,
+    events: _Events,
+    banner: Callable[[str], str],
+    scheme: str,
+    drain_timeout: float,
+) -> None:
+    """Start the deployment, serve it until a signal (then drain) or a crash loop, stop it;
+    each step in events.log."""
+    ensemble = deployment.ensemble
     events.note(f"starting {ensemble.name!r} (chorus up, pid {os.getpid()})")
     try:
         try:
             with console.status(f"starting Triton and the combiner for {ensemble.name!r}..."):
-                endpoints = deployment.start()  # a signal meanwhile stops it: exit 130, 143, 129
+                endpoints = deployment.start()  # a signal meanwhile stops it: 130, 143, 129
             stop = threading.Event()  # from here on a signal drains: exit 0
 
             def drain(signum: int, frame: FrameType | None) -> None:
@@ -160,26 +192,13 @@ def up(
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # (SIGINT or SIGHUP ignored:
                     signal.signal(sig, drain)  # kept, as under nohup)
-            scheme = "https" if tls_cert else "http"
+            http = endpoints.ensemble_http
             events.show(
                 f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
                 f"{endpoints.ensemble} (gRPC, KServe v2)"
-                + (
-                    f" and {scheme}://{endpoints.ensemble_http} (HTTP/REST)"
-                    if endpoints.ensemble_http
-                    else ""
-                )
+                + (f" and {scheme}://{http} (HTTP/REST)" if http else "")
                 + "\n"
-                f"Triton (members) on {endpoints.triton_grpc}, its APIs behind a key only Chorus "
-                f"holds; logs in {workdir} (restarts: events.log)\n"
-                + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
-                + (
-                    f"{plan.data_path().describe()}\n"
-                    if workers == "auto"
-                    else f"combiner: {workers} process(es) (--workers; auto would start "
-                    f"{plan.combiner_workers})\n"
-                )
-                + "Ctrl-C to stop"
+                + banner(endpoints.triton_grpc)
             )
             events.note(f"serving on {endpoints.ensemble}")
             deployment.supervise(stop, events.say)
@@ -197,90 +216,68 @@ def up(
     except KeyboardInterrupt:  # a signal before serving: what had started is stopped
         events.note("stopped by a signal before serving")
         raise
-    finally:
-        events.close()
 
 
 class _Events:
     """What ``chorus up`` reports from its start: in WORKDIR/events.log (appended, each line
-    with the time), written first, then on the console by a thread of its own, so that a
-    console nobody reads (a terminal paused with Ctrl-S, a stuck pipe) never holds up the
-    supervision or a stop; a line the console cannot take (more than ``BACKLOG`` waiting) is
-    dropped there, never in the file. The file stays where the console's reader is gone
-    (``| head``, a closed terminal). One that is not a regular file (a FIFO, a device) or
-    cannot be written is not used, with a word on the console."""
+    with the time), written first, then on the console through its thread (which never holds
+    the supervision or a stop up). The file stays where the console's reader is gone (``|
+    head``, a closed terminal). One that is not a regular file (a FIFO, a device) or cannot be
+    written is not used, with a word on the console."""
 
-    BACKLOG = 256
-
-    def __init__(self, file: Path) -> None:
+    def __init__(self, file: Path, out: ConsoleThread) -> None:
         self.file = file
-        self._lines: queue.Queue[tuple[int, str] | None] = queue.Queue(self.BACKLOG)
-        for stream in (sys.stdout, sys.stderr):  # what was printed before comes first
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        self._printer = threading.Thread(target=self._print, name="console", daemon=True)
-        self._printer.start()
+        self._out = out
         self._fd: int | None = None
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
             # O_NONBLOCK: a FIFO without a reader is ENXIO at once, not a wait for one
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
             fd = os.open(file, flags, 0o644)
         except OSError as e:
             self._unusable(e.strerror or str(e))
             return
+        size = os.fstat(fd).st_size
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             self._unusable("not a regular file")
             return
         self._fd = fd
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut short (a full disk)
+            self._write(b"\n")
 
     def say(self, line: str) -> None:
         """In the file, then on stderr."""
         self.note(line)
-        self._put(2, line)
+        self._out.put(2, line + "\n")
 
     def show(self, text: str) -> None:
         """On stdout alone (the banner that says where the ensemble serves)."""
-        self._put(1, text)
+        self._out.put(1, text + "\n")
 
     def note(self, line: str) -> None:
         """In the file alone."""
-        if self._fd is None:
-            return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        text = "".join(f"{stamp} {part}\n" for part in line.splitlines() or [""])
-        try:
-            os.write(self._fd, text.encode())
-        except OSError as e:  # a full disk: served on, and said once
-            os.close(self._fd)
-            self._fd = None
-            self._unusable(e.strerror or str(e))
+        self._write("".join(f"{stamp} {part}\n" for part in line.splitlines() or [""]).encode())
 
-    def close(self, wait_s: float = 2.0) -> None:
-        """The console's last lines, waited for at most ``wait_s`` (its reader may be stuck)."""
-        with contextlib.suppress(queue.Full):
-            self._lines.put_nowait(None)
-        self._printer.join(wait_s)
+    def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            return
+        try:
+            while data:  # a short write (a disk filling up) goes on, or fails below
+                data = data[os.write(self._fd, data) :]
+        except OSError as e:  # a full disk: served on, and said once
+            self.close()
+            self._unusable(e.strerror or str(e))
+
     def _unusable(self, why: str) -> None:
-        self._put(2, f"warning: cannot write {self.file} ({why}): events go to the console only")
-
-    def _put(self, fd: int, text: str) -> None:
-        with contextlib.suppress(queue.Full):
-            self._lines.put_nowait((fd, text))
-
-    def _print(self) -> None:
-        """Straight to the descriptor: no lock of Python's stream held while a write blocks."""
-        while (item := self._lines.get()) is not None:
-            fd, text = item
-            data = (text + "\n").encode(errors="replace")
-            with contextlib.suppress(OSError):  # (no reader: EPIPE, or EIO once hung up)
-                while data:
-                    data = data[os.write(fd, data) :]
+        line = f"warning: cannot write {self.file} ({why}): events go to the console only\n"
+        self._out.put(2, line)
 
 
 def _check_files(**paths: Path | None) -> None:
