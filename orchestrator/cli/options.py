@@ -114,7 +114,6 @@ class ConsoleThread:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _threads.remove(self)
         if self._file is not None:
             console.file = self._file
         self._queue.put(None)
@@ -124,6 +123,7 @@ class ConsoleThread:
             for fd in (1, 2):
                 os.dup2(null, fd)
             os.close(null)
+        _threads.remove(self)  # last: a signal during the wait is still said through it
 
     def _write(self) -> None:
         while (item := self._queue.get()) is not None:
