@@ -11,13 +11,29 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BeforeValidator, StrictFloat
 
 from orchestrator.errors import SpecError
 
-__all__ = ["read_json", "read_yaml"]
+__all__ = ["Real", "read_json", "read_yaml"]
+
+
+def _yaml12_float(value: Any) -> Any:
+    """A string written as YAML 1.2 (and JSON) writes a float, as that float: PyYAML, on YAML
+    1.1, reads `1e9` and `.5e3` (no dot, or no digit before it) as strings."""
+    if isinstance(value, str) and _FLOAT_12.fullmatch(value):
+        return float(value)
+    return value
+
+
+_FLOAT_12 = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?")
+
+# A float field of a file: a number (not `true`), written as YAML 1.2 writes one ("memory_gb:
+# 1e9", as the README writes its bound); names that look like one (`name: 1e3`) stay names
+Real = Annotated[StrictFloat, BeforeValidator(_yaml12_float)]
 
 
 def read_yaml(file: Path) -> Any:
@@ -119,15 +135,6 @@ class _UniqueKeys(_SafeLoader):  # type: ignore[misc,valid-type]
             self._checked.add(node)
             _refuse_twice(self, node)
         super().flatten_mapping(node)
-
-
-# YAML 1.2's floats (and JSON's) without a dot: PyYAML, on YAML 1.1, reads `1e9` as a string,
-# which the files' strict numbers refuse ("memory_gb: 1e9", as the README writes its bound)
-_UniqueKeys.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 
 def _refuse_twice(loader: Any, node: yaml.MappingNode) -> None:

@@ -29,13 +29,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StrictFloat,
     StrictInt,
     ValidationError,
 )
 
 from orchestrator.errors import SpecError, from_validation
-from orchestrator.planning.files import read_yaml
+from orchestrator.planning.files import Real, read_yaml
 
 __all__ = ["LOCAL_NODE", "Device", "NodeName", "discover", "gpu_used_bytes", "load_hardware"]
 
@@ -155,9 +154,9 @@ class DeviceFile(_Strict):
     # (strict: YAML's `true` had been read as 1, a GPU index node0/gpu1)
     index: StrictInt = Field(0, ge=0, le=1023)
     name: str | None = Field(None, description="device name, matched against profile keys")
-    memory_gb: StrictFloat = Field(gt=0, le=1e9)  # up to an exabyte
+    memory_gb: Real = Field(gt=0, le=1e9)  # up to an exabyte
     cores: StrictInt | None = Field(None, ge=1, le=1 << 20, description="CPU cores")
-    speed: StrictFloat = Field(1.0, gt=0, le=1e6)
+    speed: Real = Field(1.0, gt=0, le=1e6)
     lanes: StrictInt | None = Field(None, ge=1, le=1024)
 
 

@@ -26,7 +26,7 @@ from pydantic import (
 
 from combiner import DAY_MS, load_rule
 from orchestrator.errors import SpecError, from_validation
-from orchestrator.planning.files import read_yaml
+from orchestrator.planning.files import Real, read_yaml
 
 __all__ = [
     "Cascade",
@@ -96,7 +96,7 @@ class MemberFile(_Strict):
         description="the member's ONNX file (.onnx) or TorchScript file (.pt), relative to the "
         "ensemble file"
     )
-    weight: StrictFloat = Field(1.0, gt=0, description="weight in weighted_mean")
+    weight: Real = Field(1.0, gt=0, description="weight in weighted_mean")
     inputs: dict[str, str] = Field(
         default_factory=dict, description="ensemble input name -> this member's input name"
     )
@@ -120,7 +120,7 @@ class CascadeFile(_Strict):
         description="agreement: the share of the members so far that vote for their "
         "combination's top class; confidence: the combination's top value",
     )
-    threshold: StrictFloat | None = Field(
+    threshold: Real | None = Field(
         None,
         ge=0,
         le=1,
@@ -151,13 +151,13 @@ class CombineFile(_Strict):
 class ServingFile(_Strict):
     # Strict: a number is a number (YAML's `true` had been read as 1 ms)
     max_batch_size: StrictInt = Field(64, ge=1, le=65536)
-    deadline_ms: StrictFloat | None = Field(
+    deadline_ms: Real | None = Field(
         None,
         gt=0,
         le=DAY_MS,
         description="default time to wait for members (per request: deadline_ms)",
     )
-    member_timeout_ms: StrictFloat = Field(
+    member_timeout_ms: Real = Field(
         30_000,
         gt=0,
         le=DAY_MS,
@@ -167,7 +167,7 @@ class ServingFile(_Strict):
     quorum: StrictInt | StrictFloat = Field(
         1.0, description="members that must answer: a fraction in (0, 1] or a count (integer)"
     )
-    latency_target_ms: StrictFloat | None = Field(
+    latency_target_ms: Real | None = Field(
         None,
         gt=0,
         allow_inf_nan=False,

@@ -79,6 +79,7 @@ def test_a_number_in_exponent_form_without_a_dot_is_a_number(tmp_path):
     """Found by a hostile review: PyYAML (YAML 1.1) reads `1e9` as a string, which the strict
     numbers refused as "not a valid number" (the README writes the bound as 1e9)."""
     path = tmp_path / "hardware.yaml"
-    path.write_text("nodes:\n  - name: n\n    devices: [{kind: gpu, memory_gb: 1e3, speed: 2E0}]\n")
+    device = "{kind: gpu, memory_gb: 1e3, speed: .5e1}"
+    path.write_text(f"nodes:\n  - name: n\n    devices: [{device}]\n")
     (device,) = load_hardware(path)
-    assert device.memory_bytes == 1000 * 2**30 and device.speed == 2.0
+    assert device.memory_bytes == 1000 * 2**30 and device.speed == 5.0

@@ -150,6 +150,19 @@ def test_cli_exits_2_naming_the_field(tmp_path, members, change, field):
     assert not (tmp_path / "w").exists()  # nothing was started or written
 
 
+def test_a_name_that_looks_like_a_number_in_exponent_form_stays_a_name(tmp_path, members):
+    """Found by a hostile review: reading `1e3` as a float everywhere had refused `name: 1e3`
+    ("Input should be a valid string"); only a float field reads it as a number."""
+    members["name"] = "1e3"
+    members["members"][0]["name"] = "2e4"
+    text = yaml.safe_dump(members).replace("'1e3'", "1e3").replace("'2e4'", "2e4")
+    text += "serving: {member_timeout_ms: 1e3}\n"
+    (tmp_path / "ensemble.yaml").write_text(text)
+    ensemble = load_ensemble(tmp_path / "ensemble.yaml")
+    assert ensemble.name == "1e3" and ensemble.members[0].name == "2e4"
+    assert ensemble.member_timeout_ms == 1000.0
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
