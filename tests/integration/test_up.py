@@ -159,6 +159,28 @@ def test_chorus_up_run_with_sigint_ignored_keeps_ignoring_it_once_serving(
         assert up.process.wait(timeout=60) == 0, up.text()
 
 
+def _serving_again(process: subprocess.Popen, port: int, split, within_s: float = 90) -> None:
+    """Until the ensemble on ``port`` answers (Triton on its way back: UNAVAILABLE)."""
+
+    def answers() -> bool:
+        assert process.poll() is None, "chorus up ended"
+        try:
+            with EnsembleClient(f"127.0.0.1:{port}") as client:
+                return client.predict(split.x_test[:3]).shape == (3, 10)
+        except Unavailable:
+            return False  # Triton on its way back
+
+    deadline = time.monotonic() + within_s
+    while not answers():
+        assert time.monotonic() < deadline, f"not serving within {within_s:g} s"
+        time.sleep(0.2)
+
+
+def _kill_triton(process: subprocess.Popen) -> None:
+    (triton,) = {p for p in descendants(process.pid) if "tritonserver" in command_name(p)}
+    subprocess.run(["kill", "-9", str(triton)], check=True)
+
+
 def test_chorus_up_whose_output_reader_is_gone_keeps_serving_and_restarting(
     ensemble_file, profile_file, split, tmp_path
 ):
@@ -180,21 +202,8 @@ def test_chorus_up_whose_output_reader_is_gone_keeps_serving_and_restarting(
                 assert seen[-1], f"ended before serving: {seen}"
                 seen.append(process.stdout.readline())
             process.stdout.close()  # what `head -1` does once it has its line
-            (triton,) = {p for p in descendants(process.pid) if "tritonserver" in command_name(p)}
-            subprocess.run(["kill", "-9", str(triton)], check=True)
-
-            def answers() -> bool:
-                assert process.poll() is None, "chorus up ended"
-                try:
-                    with EnsembleClient(f"127.0.0.1:{port}") as client:
-                        return client.predict(split.x_test[:3]).shape == (3, 10)
-                except Unavailable:
-                    return False  # Triton on its way back
-
-            deadline = time.monotonic() + 90
-            while not answers():
-                assert time.monotonic() < deadline, "not serving again within 90 s"
-                time.sleep(0.2)
+            _kill_triton(process)
+            _serving_again(process, port, split)
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=60) == 0  # drained as usual
         finally:
@@ -203,28 +212,6 @@ def test_chorus_up_whose_output_reader_is_gone_keeps_serving_and_restarting(
     events = (tmp_path / "work" / "events.log").read_text()  # what the console lost
     assert "tritonserver exited with code -9; restarting it" in events, events
     assert "tritonserver is back" in events and "stopped in " in events, events
-
-
-def _serving_again(process: subprocess.Popen, port: int, split, within_s: float = 90) -> None:
-    """Until the ensemble on ``port`` answers (Triton on its way back: UNAVAILABLE)."""
-
-    def answers() -> bool:
-        assert process.poll() is None, "chorus up ended"
-        try:
-            with EnsembleClient(f"127.0.0.1:{port}") as client:
-                return client.predict(split.x_test[:3]).shape == (3, 10)
-        except Unavailable:
-            return False
-
-    deadline = time.monotonic() + within_s
-    while not answers():
-        assert time.monotonic() < deadline, f"not serving within {within_s:g} s"
-        time.sleep(0.2)
-
-
-def _kill_triton(process: subprocess.Popen) -> None:
-    (triton,) = {p for p in descendants(process.pid) if "tritonserver" in command_name(p)}
-    subprocess.run(["kill", "-9", str(triton)], check=True)
 
 
 def test_chorus_up_whose_console_nobody_reads_still_restarts_and_stops(
