@@ -39,7 +39,7 @@ from orchestrator.deploying.render import (
     pick_backend,
     render_plan,
 )
-from orchestrator.deploying.up import Deployment
+from orchestrator.deploying.up import Deployment, Endpoints
 from orchestrator.errors import ChorusError, SpecError
 from orchestrator.planning.plan import Plan, load_plan
 from orchestrator.planning.spec import load_ensemble
@@ -146,10 +146,16 @@ def up(
             cascade=cascading.route,
         )
 
-        def banner(triton: str) -> str:
+        def banner(endpoints: Endpoints) -> str:
+            http = endpoints.ensemble_http
+            scheme = "https" if tls_cert else "http"
             return (
-                f"Triton (members) on {triton}, its APIs behind a key only Chorus holds; logs "
-                f"in {workdir} (restarts: events.log)\n"
+                f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
+                f"{endpoints.ensemble} (gRPC, KServe v2)"
+                + (f" and {scheme}://{http} (HTTP/REST)" if http else "")
+                + "\n"
+                f"Triton (members) on {endpoints.triton_grpc}, its APIs behind a key only Chorus "
+                f"holds; logs in {workdir} (restarts: events.log)\n"
                 + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
                 + (
                     f"{plan.data_path().describe()}\n"
@@ -162,7 +168,7 @@ def up(
 
         events = _Events(workdir / "events.log", out)
         try:
-            _serve(deployment, events, banner, "https" if tls_cert else "http", drain_timeout)
+            _serve(deployment, events, banner, drain_timeout)
         finally:
             events.close()
 
@@ -170,8 +176,7 @@ def up(
 def _serve(
     deployment: Deployment,
     events: _Events,
-    banner: Callable[[str], str],
-    scheme: str,
+    banner: Callable[[Endpoints], str],
     drain_timeout: float,
 ) -> None:
     """Start the deployment, serve it until a signal (then drain) or a crash loop, stop it;
@@ -192,14 +197,7 @@ def _serve(
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # (SIGINT or SIGHUP ignored:
                     signal.signal(sig, drain)  # kept, as under nohup)
-            http = endpoints.ensemble_http
-            events.show(
-                f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
-                f"{endpoints.ensemble} (gRPC, KServe v2)"
-                + (f" and {scheme}://{http} (HTTP/REST)" if http else "")
-                + "\n"
-                + banner(endpoints.triton_grpc)
-            )
+            events.show(banner(endpoints))
             events.note(f"serving on {endpoints.ensemble}")
             deployment.supervise(stop, events.say)
             events.say(f"stopping: answering the requests in flight (up to {drain_timeout:g} s)...")
@@ -237,12 +235,13 @@ class _Events:
         except OSError as e:
             self._unusable(e.strerror or str(e))
             return
-        size = os.fstat(fd).st_size
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             os.close(fd)
             self._unusable("not a regular file")
             return
         self._fd = fd
+        size = status.st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut short (a full disk)
             self._write(b"\n")
 
