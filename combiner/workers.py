@@ -18,9 +18,10 @@ __all__ = ["PortInUse", "Restarts", "claim_ports", "die_with_parent"]
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """Run in a child between fork and exec: it gets SIGKILL when its parent dies."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Run in a child between fork and exec: it gets ``sig`` when its parent dies (the
+    thread that started it, in fact: start children from a thread that lives as long)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
 
 
 class PortInUse(OSError):

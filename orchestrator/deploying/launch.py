@@ -1,11 +1,14 @@
 """Start and stop the processes Chorus runs: tritonserver and the combiner.
 
 Every child is started in its own session (so a terminal's Ctrl-C reaches Chorus, which stops
-them in order) with ``PR_SET_PDEATHSIG`` (so it dies with Chorus even if Chorus is killed), its
-output kept in a log file whose tail goes into every error. Stopping is SIGINT (SIGTERM for the
-combiner), a timeout, then SIGKILL. What a child leaves behind in its session when it dies (the
-Python backend's stubs outlive a Triton killed with -9) is killed too; and if Chorus itself was
-killed, the next start in the same working directory kills what the last one left.
+them in order) with ``PR_SET_PDEATHSIG`` (so it ends with Chorus even if Chorus is killed: the
+combiner on SIGTERM, so that it drains and cleans up, Triton on SIGKILL), its output kept in a
+log file whose tail goes into every error. Stopping is SIGINT (SIGTERM for the combiner), a
+timeout, then SIGKILL. What a child leaves behind in its session when it dies (the Python
+backend's stubs outlive a Triton killed with -9) is killed too. If Chorus itself is killed, a
+watchdog beside each child (``watchdog.py``) kills what is left in the child's process group;
+and if that was killed as well, the next start in the same working directory kills what the
+last one left.
 
 Triton is launched with every API but health (inference included) behind a per-run key that only
 Chorus holds (``--grpc-restricted-protocol``, ``--http-restricted-api``): no other local process
@@ -40,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import IO, Any
 
 import psutil
 
@@ -117,14 +120,21 @@ class ManagedProcess:
         log: Path,
         env: dict[str, str] | None = None,
         stop_signal: int = signal.SIGINT,
+        death_signal: int = signal.SIGKILL,
+        stop_timeout: float = 15.0,
     ) -> None:
+        """``death_signal``: what the process gets when Chorus dies; ``stop_timeout``: how
+        long it has to end on ``stop_signal`` (or on its death signal) before it is killed."""
         self.name = name
         self.argv = list(argv)
         self.log = log
         self.env = env
         self.stop_signal = stop_signal
+        self.death_signal = death_signal
+        self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self._started = 0.0
+        self._watchdog: tuple[subprocess.Popen[bytes], int] | None = None  # and its pipe
 
     def start(self) -> None:
         self.reap()
@@ -140,11 +150,23 @@ class ManagedProcess:
                     stderr=subprocess.STDOUT,
                     env=self.env,
                     start_new_session=True,
-                    preexec_fn=die_with_parent,
+                    preexec_fn=functools.partial(die_with_parent, self.death_signal),
                 )
             except OSError as e:
                 raise LaunchError(f"cannot start {self.name} ({self.argv[0]}): {e}") from e
             self._session_file.write_text(f"{self.proc.pid}\n")
+            self._watchdog = _watchdog(self.proc.pid, self.stop_timeout, out)
+
+    def _stand_down(self) -> None:
+        """Tell the watchdog that Chorus has stopped the process itself; it ends."""
+        if self._watchdog is not None:
+            watchdog, pipe = self._watchdog
+            self._watchdog = None
+            with contextlib.suppress(OSError):  # (a watchdog killed by someone: no reader)
+                os.write(pipe, b"x")
+            os.close(pipe)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                watchdog.wait(5.0)
 
     @property
     def _session_file(self) -> Path:
@@ -185,13 +207,14 @@ class ManagedProcess:
     def failure(self, what: str) -> LaunchError:
         return LaunchError(f"{self.name} {what} (log: {self.log})", self.log_tail())
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop it: its stop signal, ``timeout`` (default: its ``stop_timeout``), SIGKILL."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(self.stop_signal)
-                self.proc.wait(timeout)
+                self.proc.wait(self.stop_timeout if timeout is None else timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -203,6 +226,7 @@ class ManagedProcess:
         a reused id is never mistaken for one of them."""
         if self.proc is None or self.proc.poll() is None:
             return []
+        self._stand_down()
         killed = []
         for other in psutil.process_iter(["create_time"]):
             try:
@@ -214,6 +238,36 @@ class ManagedProcess:
             except (OSError, psutil.Error):  # gone meanwhile
                 continue
         return killed
+
+
+def _watchdog(
+    pid: int, grace_s: float, log: IO[bytes]
+) -> tuple[subprocess.Popen[bytes], int] | None:
+    """Start the watchdog of process ``pid`` (just started, so not yet reaped: the id is
+    its), logging to ``log``; it and the write end of its pipe (None: this kernel has no
+    pidfd, and the next start's reaping is all there is)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    read, write = os.pipe()  # (neither end is inherited by what Chorus starts later)
+    script = Path(__file__).with_name("watchdog.py")
+    try:
+        watchdog = subprocess.Popen(
+            [sys.executable, "-I", str(script), str(pidfd), str(pid), f"{grace_s:g}"],
+            stdin=read,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(pidfd,),
+            start_new_session=True,
+        )
+    except OSError:
+        os.close(write)
+        return None
+    finally:
+        os.close(read)
+        os.close(pidfd)
+    return watchdog, write
 
 
 @dataclass(frozen=True)

@@ -394,6 +394,8 @@ class Deployment:
             self.workdir / "combiner.log",
             env=dict(os.environ),
             stop_signal=signal.SIGTERM,
+            death_signal=signal.SIGTERM,  # so that it drains, and removes its metrics folder
+            stop_timeout=self._combiner_stop_s,
         )
         self.combiner.start()
         _wait_combiner_ready(self.combiner, config_file, deadline)
@@ -402,7 +404,7 @@ class Deployment:
         """SIGTERM, then as long as it may take: its workers answer what they accepted, and
         the calls they still have on Triton end (a kill would cancel them)."""
         if self.combiner is not None:
-            self.combiner.stop(self._combiner_stop_s)
+            self.combiner.stop()
 
     def processes(self) -> list[ManagedProcess]:
         """The processes started so far: Triton, then the combiner."""

@@ -32,6 +32,9 @@ def test_stopping_chorus_up_leaves_no_process_behind(chorus_up, split, sig):
     tree = descendants(up.process.pid)
     names = " | ".join(command_name(p) for p in tree)
     assert "tritonserver" in names and "-m combiner" in names, names
+    (worker, *_) = up.children("combiner.worker")
+    metrics = psutil.Process(worker).environ()["PROMETHEUS_MULTIPROC_DIR"]
+    assert os.path.isdir(metrics)
 
     up.process.send_signal(sig)
     code = up.process.wait(timeout=60)
@@ -39,6 +42,51 @@ def test_stopping_chorus_up_leaves_no_process_behind(chorus_up, split, sig):
     if sig != signal.SIGKILL:  # its last line says it is done, and how it ended
         assert up.text().rstrip().splitlines()[-1].startswith("stopped in "), up.text()
     up.wait_for("every process gone", lambda: not any(alive(p) for p in tree))
+    # the combiner's metrics folder (in /tmp) went with it: each `kill -9` had left one
+    assert not os.path.exists(metrics)
+
+
+def test_chorus_up_killed_while_triton_loads_leaves_no_stub_behind(
+    ensemble_file, tmp_path, served_plan
+):
+    """`kill -9` of chorus up while its Triton loads the members: Triton dies with it, but
+    Python-backend stubs that were still starting outlived it, for good (on this host all
+    four did when the first was 0.3 s old). Here they are held (SIGSTOP) 0.1 s after the
+    first starts until a second after the kill, so that they are starting when Triton dies.
+    A watchdog of Chorus's kills what Triton's process group has left."""
+    planned = tmp_path / "plan.json"
+    planned.write_text(served_plan.to_json())
+    argv = up_argv(ensemble_file, tmp_path, "--plan", str(planned))
+    with (tmp_path / "output.txt").open("w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=out)
+    tree: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not _below(process, "triton_python_backend_stub"):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.1)
+        stubs = _below(process, "triton_python_backend_stub")
+        for stub in stubs:
+            with contextlib.suppress(ProcessLookupError):  # (a shell on its way to exec one)
+                os.kill(stub, signal.SIGSTOP)
+        tree = descendants(process.pid)
+        process.kill()
+        process.wait(timeout=60)
+        time.sleep(1.0)
+        for stub in stubs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stub, signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        while left := [command_name(p) for p in tree if alive(p)]:
+            assert time.monotonic() < deadline, left
+            time.sleep(0.2)
+    finally:
+        process.kill()
+        for pid in tree | descendants(process.pid):
+            with contextlib.suppress(OSError):
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_workers_auto_start_the_processes_the_plan_asks_for(
@@ -176,8 +224,12 @@ def _serving_again(process: subprocess.Popen, port: int, split, within_s: float 
         time.sleep(0.2)
 
 
+def _below(process: subprocess.Popen, marker: str) -> set[int]:
+    return {p for p in descendants(process.pid) if marker in command_name(p)}
+
+
 def _kill_triton(process: subprocess.Popen) -> None:
-    (triton,) = {p for p in descendants(process.pid) if "tritonserver" in command_name(p)}
+    (triton,) = _below(process, "tritonserver")
     subprocess.run(["kill", "-9", str(triton)], check=True)
 
 
