@@ -4,6 +4,7 @@ combiner) per test run."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,16 @@ from orchestrator.planning.profile import Profile, save_profile
 from orchestrator.planning.spec import Ensemble, load_ensemble
 from tests.integration.processes import command_name, descendants
 from tests.integration.test_serving import direct_combination
+
+
+@pytest.fixture(scope="session", autouse=True)
+def signals_as_at_a_terminal() -> None:
+    """The tests play a user at a terminal, whose Ctrl-C and hang-up reach `chorus up`. Run
+    as a script's background job or under nohup, the suite would pass SIGINT or SIGHUP on
+    ignored to what it starts, and chorus up keeps ignored what it is given so (a test
+    sending SIGINT then waits for a stop that never comes)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

@@ -294,7 +294,6 @@ def test_chorus_up_whose_console_nobody_reads_still_restarts_and_stops(
         argv,
         stdout=write_end,
         stderr=write_end,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),  # (CI runs nohup)
     ) as process:
         os.close(write_end)
         try:
