@@ -317,7 +317,8 @@ class CombinerConfig(_Strict):
 
     @classmethod
     def load(cls, path: Path) -> CombinerConfig:
-        return cls.model_validate_json(path.read_text())
+        # strict: a number is a number (JSON's `true` had been read as 1), a name a string
+        return cls.model_validate_json(path.read_text(), strict=True)
 
 
 # -- what the supervisor reports serving: <config>.served holds the SHA-256 of the config file
