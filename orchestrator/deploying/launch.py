@@ -5,10 +5,11 @@ them in order) with ``PR_SET_PDEATHSIG`` (so it ends with Chorus even if Chorus 
 combiner on SIGTERM, so that it drains and cleans up, Triton on SIGKILL), its output kept in a
 log file whose tail goes into every error. Stopping is SIGINT (SIGTERM for the combiner), a
 timeout, then SIGKILL. What a child leaves behind in its session when it dies (the Python
-backend's stubs outlive a Triton killed with -9) is killed too. If Chorus itself is killed, a
-watchdog beside each child (``watchdog.py``) kills what is left in the child's process group;
-and if that was killed as well, the next start in the same working directory kills what the
-last one left.
+backend's stubs outlive a Triton killed with -9) is killed too, as soon as Chorus sees the child
+end. If Chorus itself is killed, a watchdog beside each child (``watchdog.py``) kills what is
+left in the child's session, and unlinks the shared memory of the stubs it killed; a watchdog
+killed by someone is started again; and if Chorus was killed with its watchdogs, the next
+start in the same working directory kills what the last one left.
 
 Triton is launched with every API but health (inference included) behind a per-run key that only
 Chorus holds (``--grpc-restricted-protocol``, ``--http-restricted-api``): no other local process
@@ -30,6 +31,7 @@ import contextlib
 import functools
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -43,7 +45,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import Any
 
 import psutil
 
@@ -134,10 +136,12 @@ class ManagedProcess:
         self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self._started = 0.0
+        self._pidfd: int | None = None  # the process's, while it is not reaped
         self._watchdog: tuple[subprocess.Popen[bytes], int] | None = None  # and its pipe
+        self._settled = True  # its end seen to: leftovers killed, watchdog stood down, reaped
 
     def start(self) -> None:
-        self.reap()
+        self._ended(0)
         self._reap_earlier_run()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._started = time.time()
@@ -154,19 +158,69 @@ class ManagedProcess:
                 )
             except OSError as e:
                 raise LaunchError(f"cannot start {self.name} ({self.argv[0]}): {e}") from e
+            self._settled = False
             self._session_file.write_text(f"{self.proc.pid}\n")
-            self._watchdog = _watchdog(self.proc.pid, self.stop_timeout, out)
+            with contextlib.suppress(OSError):  # (no pidfd on this kernel: no watchdog)
+                self._pidfd = os.pidfd_open(self.proc.pid)  # just started: the id is its
+                self._watchdog = _watchdog(self._pidfd, self.proc.pid, self.stop_timeout, self.log)
+
+    def _rewatch(self) -> None:
+        """Start a new watchdog where the process's was killed (by someone: it had been left
+        a zombie, and the process unwatched); not again where that fails."""
+        if self._watchdog is None or self._watchdog[0].poll() is None:
+            return
+        os.close(self._watchdog[1])
+        self._watchdog = None
+        if self._pidfd is not None and self.proc is not None:
+            self._watchdog = _watchdog(self._pidfd, self.proc.pid, self.stop_timeout, self.log)
+
+    def _ended(self, timeout: float | None) -> bool:
+        """Whether the process has ended, waiting up to ``timeout`` s (None: until it has).
+        Once it has, and before it is reaped (while its id, which is its group's and its
+        session's, cannot be a new process's): what it left in its session is killed, and its
+        watchdog stood down, so that no watchdog signals a group whose id was given again."""
+        if self.proc is None or self._settled:
+            return True
+        if self.proc.returncode is None:  # (else someone reaped it: only a test does)
+            if self._pidfd is not None:
+                if not select.select([self._pidfd], [], [], timeout)[0]:  # readable: ended
+                    self._rewatch()
+                    return False
+            else:
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    return False
+        self._kill_leftovers()
+        self._stand_down()
+        self.proc.wait()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._settled = True
+        return True
+
+    def _signal(self, sig: int) -> None:
+        """Send ``sig`` without reaping (``Popen.send_signal`` polls first, which reaps)."""
+        with contextlib.suppress(ProcessLookupError):
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            elif self.proc is not None and self.proc.returncode is None:
+                os.kill(self.proc.pid, sig)
 
     def _stand_down(self) -> None:
-        """Tell the watchdog that Chorus has stopped the process itself; it ends."""
+        """Tell the watchdog that Chorus has seen to the process itself; it ends."""
         if self._watchdog is not None:
             watchdog, pipe = self._watchdog
             self._watchdog = None
             with contextlib.suppress(OSError):  # (a watchdog killed by someone: no reader)
                 os.write(pipe, b"x")
             os.close(pipe)
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 watchdog.wait(5.0)
+            except subprocess.TimeoutExpired:  # (stopped by someone: it ends on the byte)
+                watchdog.kill()
+                watchdog.wait()
 
     @property
     def _session_file(self) -> Path:
@@ -195,7 +249,7 @@ class ManagedProcess:
 
     def exited(self) -> int | None:
         """The exit code if the process has ended, else None."""
-        return None if self.proc is None else self.proc.poll()
+        return self.proc.returncode if self.proc is not None and self._ended(0) else None
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -209,64 +263,52 @@ class ManagedProcess:
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop it: its stop signal, ``timeout`` (default: its ``stop_timeout``), SIGKILL."""
-        if self.proc is None:
+        if self._ended(0):
             return
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(self.stop_signal)
-                self.proc.wait(self.stop_timeout if timeout is None else timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.reap()
+        self._signal(self.stop_signal)
+        if not self._ended(self.stop_timeout if timeout is None else timeout):
+            self._signal(signal.SIGKILL)
+            self._ended(None)
 
-    def reap(self) -> list[int]:
-        """Once the process has ended, kill what it left in its session (its children that
-        did not die with it); returns their pids. Only processes started after it count, so
-        a reused id is never mistaken for one of them."""
-        if self.proc is None or self.proc.poll() is None:
-            return []
-        self._stand_down()
-        killed = []
+    def _kill_leftovers(self) -> None:
+        """The process has ended: kill what it left in its session (its children that did not
+        die with it). Only processes started after it count, so a reused id is never mistaken
+        for one of them."""
+        assert self.proc is not None
         for other in psutil.process_iter(["create_time"]):
             try:
                 if os.getsid(other.pid) != self.proc.pid or other.pid == os.getpid():
                     continue
                 if other.info["create_time"] >= self._started - 1.0:
                     other.kill()
-                    killed.append(other.pid)
             except (OSError, psutil.Error):  # gone meanwhile
                 continue
-        return killed
 
 
 def _watchdog(
-    pid: int, grace_s: float, log: IO[bytes]
+    pidfd: int, pid: int, grace_s: float, log: Path
 ) -> tuple[subprocess.Popen[bytes], int] | None:
-    """Start the watchdog of process ``pid`` (just started, so not yet reaped: the id is
-    its), logging to ``log``; it and the write end of its pipe (None: this kernel has no
-    pidfd, and the next start's reaping is all there is)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return None
+    """Start the watchdog of process ``pid`` (``pidfd`` its pidfd), appending to ``log``; it
+    and the write end of its pipe (None, said in the log, if it could not be started)."""
     read, write = os.pipe()  # (neither end is inherited by what Chorus starts later)
     script = Path(__file__).with_name("watchdog.py")
     try:
-        watchdog = subprocess.Popen(
-            [sys.executable, "-I", str(script), str(pidfd), str(pid), f"{grace_s:g}"],
-            stdin=read,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            pass_fds=(pidfd,),
-            start_new_session=True,
-        )
-    except OSError:
+        with open(log, "ab") as out:
+            watchdog = subprocess.Popen(
+                [sys.executable, "-I", str(script), str(pidfd), str(pid), f"{grace_s:g}"],
+                stdin=read,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                pass_fds=(pidfd,),
+                start_new_session=True,
+            )
+    except OSError as e:
         os.close(write)
+        with contextlib.suppress(OSError), open(log, "a") as out:
+            out.write(f"chorus: no watchdog for this process ({e})\n")
         return None
     finally:
         os.close(read)
-        os.close(pidfd)
     return watchdog, write
 
 

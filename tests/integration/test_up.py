@@ -35,6 +35,8 @@ def test_stopping_chorus_up_leaves_no_process_behind(chorus_up, split, sig):
     (worker, *_) = up.children("combiner.worker")
     metrics = psutil.Process(worker).environ()["PROMETHEUS_MULTIPROC_DIR"]
     assert os.path.isdir(metrics)
+    regions = _regions(up.process)  # the Python backend's, one a stub
+    assert regions and all(os.path.exists(r) for r in regions), regions
 
     up.process.send_signal(sig)
     code = up.process.wait(timeout=60)
@@ -42,8 +44,17 @@ def test_stopping_chorus_up_leaves_no_process_behind(chorus_up, split, sig):
     if sig != signal.SIGKILL:  # its last line says it is done, and how it ended
         assert up.text().rstrip().splitlines()[-1].startswith("stopped in "), up.text()
     up.wait_for("every process gone", lambda: not any(alive(p) for p in tree))
-    # the combiner's metrics folder (in /tmp) went with it: each `kill -9` had left one
+    # the combiner's metrics folder (in /tmp) went with it: each `kill -9` had left one; and
+    # the stubs' shared memory (a killed Triton cannot unlink it): each had left 13 MiB
     assert not os.path.exists(metrics)
+    up.wait_for("the stubs' shared memory gone", lambda: not any(map(os.path.exists, regions)))
+
+
+def _regions(process: subprocess.Popen) -> set[str]:
+    """The shared-memory regions the stubs below ``process`` name (one each)."""
+    stubs = _below(process, "triton_python_backend_stub")
+    words = {w for p in stubs for w in command_name(p).split()}
+    return {f"/dev/shm/{w}" for w in words if w.startswith("triton_python_backend_shm_region_")}
 
 
 def test_chorus_up_killed_while_triton_loads_leaves_no_stub_behind(
@@ -87,6 +98,90 @@ def test_chorus_up_killed_while_triton_loads_leaves_no_stub_behind(
             with contextlib.suppress(OSError):
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
+
+
+def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
+    ensemble_file, profile_file, tmp_path
+):
+    """Found by a hostile review: Chorus reaped a Triton that died (freeing its pid) before
+    it stood that Triton's watchdog down (in the restart, 0.1 s later or more; after a whole
+    drain where a Ctrl-C came first). Chorus killed then (here: stopped at once, then
+    `kill -9`), the watchdog killed the process group that had since taken the pid: a
+    process of someone else's. Where this host lets the test choose the next pid
+    (/proc/sys/kernel/ns_last_pid, as root), such a process is made; in any case no watchdog
+    of the dead Triton may be left once its pid is free. And a watchdog killed by someone is
+    started again (it had been left a zombie, its child unwatched)."""
+    argv = up_argv(ensemble_file, tmp_path, "--profile", str(profile_file))
+    with (tmp_path / "output.txt").open("w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=out)
+    victim: subprocess.Popen | None = None
+    tree: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while "serving on" not in (tmp_path / "output.txt").read_text():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        (triton,) = _below(process, "tritonserver")
+        # and a watchdog killed by someone (here first) had left its child unwatched for good
+        (first,) = [p for p in _below(process, "watchdog.py") if f" {triton} " in command_name(p)]
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not [p for p in _below(process, "watchdog.py") if f" {triton} " in command_name(p)]:
+            assert time.monotonic() < deadline, "the killed watchdog was not started again"
+            time.sleep(0.1)
+        assert not alive(first) and not psutil.pid_exists(first)  # and reaped
+        tree = descendants(process.pid)
+        os.kill(triton, signal.SIGKILL)
+        while psutil.pid_exists(triton):  # until chorus up has reaped it
+            time.sleep(0.001)
+        process.send_signal(signal.SIGSTOP)
+        watching = [p for p in _below(process, "watchdog.py") if f" {triton} " in command_name(p)]
+        assert not watching, "a watchdog of the reaped Triton is still there"
+        deadline = time.monotonic() + 30
+        while any(_in_session(p, triton) for p in tree):  # the stubs end and are reaped
+            assert time.monotonic() < deadline, "the stubs did not end"
+            time.sleep(0.1)
+        victim = _process_with_pid(triton)
+        if victim is not None:
+            assert os.getpgid(victim.pid) == triton
+        process.kill()
+        process.wait(timeout=60)
+        time.sleep(2.0)  # what a watchdog would do, it has done
+        if victim is not None:
+            assert victim.poll() is None, "another's process killed by Chorus's watchdog"
+    finally:
+        process.kill()
+        for pid in tree | descendants(process.pid):
+            with contextlib.suppress(OSError):
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        if victim is not None:
+            victim.kill()
+            victim.wait()
+
+
+def _in_session(pid: int, session: int) -> bool:
+    """Whether process ``pid`` (a zombie too: it holds its ids) is of ``session``."""
+    try:
+        return os.getsid(pid) == session
+    except ProcessLookupError:
+        return False
+
+
+def _process_with_pid(pid: int) -> subprocess.Popen | None:
+    """A new process (a group of its own) with id ``pid``, where the host lets us choose it."""
+    for _ in range(20):
+        try:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(pid - 1))
+        except OSError:
+            return None  # not root, or not this kernel: only the watchdog is checked
+        other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        if other.pid == pid:
+            return other
+        other.kill()  # another process of the host took it first
+        other.wait()
+    return None
 
 
 def test_workers_auto_start_the_processes_the_plan_asks_for(
