@@ -50,6 +50,7 @@ from typing import Any
 import psutil
 
 from combiner import KEY_HEADER, die_with_parent, key_metadata
+from orchestrator.deploying.watchdog import end_session, started
 from orchestrator.errors import LaunchError
 
 __all__ = [
@@ -135,7 +136,7 @@ class ManagedProcess:
         self.death_signal = death_signal
         self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen[bytes] | None = None
-        self._started = 0.0
+        self._since = 0  # its start time (clock ticks since boot): what is left of it began after
         self._pidfd: int | None = None  # the process's, while it is not reaped
         self._watchdog: tuple[subprocess.Popen[bytes], int] | None = None  # and its pipe
         self._settled = True  # its end seen to: leftovers killed, watchdog stood down, reaped
@@ -144,7 +145,6 @@ class ManagedProcess:
         self._ended(0)
         self._reap_earlier_run()
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self._started = time.time()
         with open(self.log, "ab" if self.proc is not None else "wb") as out, _signals_held():
             try:
                 self.proc = subprocess.Popen(
@@ -160,19 +160,25 @@ class ManagedProcess:
                 raise LaunchError(f"cannot start {self.name} ({self.argv[0]}): {e}") from e
             self._settled = False
             self._session_file.write_text(f"{self.proc.pid}\n")
+            self._since = started(self.proc.pid) or 0  # not reaped: the id is its
             with contextlib.suppress(OSError):  # (no pidfd on this kernel: no watchdog)
-                self._pidfd = os.pidfd_open(self.proc.pid)  # just started: the id is its
-                self._watchdog = _watchdog(self._pidfd, self.proc.pid, self.stop_timeout, self.log)
+                self._pidfd = os.pidfd_open(self.proc.pid)
+                self._watchdog = self._new_watchdog()
+
+    def _new_watchdog(self) -> tuple[subprocess.Popen[bytes], int] | None:
+        assert self.proc is not None and self._pidfd is not None
+        return _watchdog(self._pidfd, self.proc.pid, self._since, self.stop_timeout, self.log)
 
     def _rewatch(self) -> None:
         """Start a new watchdog where the process's was killed (by someone: it had been left
         a zombie, and the process unwatched); not again where that fails."""
         if self._watchdog is None or self._watchdog[0].poll() is None:
             return
-        os.close(self._watchdog[1])
-        self._watchdog = None
-        if self._pidfd is not None and self.proc is not None:
-            self._watchdog = _watchdog(self._pidfd, self.proc.pid, self.stop_timeout, self.log)
+        with _signals_held():  # (interrupted, a watchdog that no one knows of)
+            os.close(self._watchdog[1])
+            self._watchdog = None
+            if self._pidfd is not None:
+                self._watchdog = self._new_watchdog()
 
     def _ended(self, timeout: float | None) -> bool:
         """Whether the process has ended, waiting up to ``timeout`` s (None: until it has).
@@ -191,13 +197,14 @@ class ManagedProcess:
                     self.proc.wait(timeout)
                 except subprocess.TimeoutExpired:
                     return False
-        self._kill_leftovers()
-        self._stand_down()
-        self.proc.wait()
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-        self._settled = True
+        with _signals_held():  # (interrupted, a watchdog armed for an id that is free)
+            end_session(self.proc.pid, self._since)  # what it left: stubs, their memory
+            self._stand_down()
+            self.proc.wait()
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+            self._settled = True
         return True
 
     def _signal(self, sig: int) -> None:
@@ -270,32 +277,27 @@ class ManagedProcess:
             self._signal(signal.SIGKILL)
             self._ended(None)
 
-    def _kill_leftovers(self) -> None:
-        """The process has ended: kill what it left in its session (its children that did not
-        die with it). Only processes started after it count, so a reused id is never mistaken
-        for one of them."""
-        assert self.proc is not None
-        for other in psutil.process_iter(["create_time"]):
-            try:
-                if os.getsid(other.pid) != self.proc.pid or other.pid == os.getpid():
-                    continue
-                if other.info["create_time"] >= self._started - 1.0:
-                    other.kill()
-            except (OSError, psutil.Error):  # gone meanwhile
-                continue
-
 
 def _watchdog(
-    pidfd: int, pid: int, grace_s: float, log: Path
+    pidfd: int, pid: int, since: int, grace_s: float, log: Path
 ) -> tuple[subprocess.Popen[bytes], int] | None:
-    """Start the watchdog of process ``pid`` (``pidfd`` its pidfd), appending to ``log``; it
-    and the write end of its pipe (None, said in the log, if it could not be started)."""
+    """Start the watchdog of process ``pid`` (``pidfd`` its pidfd, ``since`` its start time),
+    appending to ``log``; it and the write end of its pipe (None, said in the log, if it
+    could not be started)."""
     read, write = os.pipe()  # (neither end is inherited by what Chorus starts later)
     script = Path(__file__).with_name("watchdog.py")
     try:
         with open(log, "ab") as out:
             watchdog = subprocess.Popen(
-                [sys.executable, "-I", str(script), str(pidfd), str(pid), f"{grace_s:g}"],
+                [
+                    sys.executable,
+                    "-I",
+                    str(script),
+                    str(pidfd),
+                    str(pid),
+                    str(since),
+                    f"{grace_s:g}",
+                ],
                 stdin=read,
                 stdout=out,
                 stderr=subprocess.STDOUT,

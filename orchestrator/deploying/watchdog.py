@@ -1,36 +1,38 @@
-"""What kills a child's process group when Chorus dies without stopping the child.
+"""What ends a child's session when Chorus dies without stopping the child.
 
 A child of Chorus dies with it (``PR_SET_PDEATHSIG``), but what the child started does not:
 Python-backend stubs that were still starting when Triton was killed outlive it for good. So
 each child Chorus starts has one of these beside it, in a session of its own (no terminal's
 signal reaches it), run by path with only the standard library (``python -I watchdog.py``):
 
-    watchdog.py PIDFD GROUP GRACE_S
+    watchdog.py PIDFD SESSION SINCE GRACE_S
 
 Its standard input is the read end of a pipe whose write end only Chorus holds. A byte on it
-means that Chorus stopped the child itself: nothing to do. The end of the pipe with no byte
-means that Chorus is gone. The child then has ``GRACE_S`` to end on its death signal (the
-combiner drains), then it is killed, and so is every process left in its session (the child
-started it: its id is the child's pid, so its group's too). The Python backend's shared-memory
-regions that those processes name on their command lines (a stub's region, which Triton made
-for it and, killed, could not unlink) are unlinked once they are killed.
+means that Chorus has seen to the child itself: nothing to do. The end of the pipe with no
+byte means that Chorus is gone. The child then has ``GRACE_S`` to end on its death signal (the
+combiner drains), then it is killed, and the session it leads is ended (:func:`end_session`,
+which Chorus uses too once it sees a child end).
 
 ``PIDFD`` (a pidfd of the child, inherited) names the child whatever becomes of its pid.
-``GROUP`` is the child's pid: its session's and its group's id. Chorus stands the watchdog
-down before it reaps the child, so while the watchdog watches the id is the child's, and
-then its session's for as long as a member is left (the kernel gives a pid that is a
-session's or a group's id to no new process)."""
+``SESSION`` is the child's pid, its session's id; ``SINCE`` the child's start time. Chorus
+stands the watchdog down before it reaps the child, and the kernel gives no new process an id
+that a session still holds; but a watchdog that acts late (Chorus gone, the session empty, the
+id given again) must not end another's session: see :func:`end_session`."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import sys
 
+# the Python backend's shared memory, one region a stub, named on the stub's command line
+REGION = re.compile(r"triton_python_backend_shm_region_[0-9a-f-]+")
 
-def watch(pidfd: int, group: int, grace_s: float) -> None:
+
+def watch(pidfd: int, session: int, since: int, grace_s: float) -> None:
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     try:
@@ -43,40 +45,72 @@ def watch(pidfd: int, group: int, grace_s: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         select.select([pidfd], [], [], 5.0)
+    end_session(session, since)
+
+
+def end_session(session: int, since: int) -> list[int]:
+    """Kill the processes of ``session`` (the id of its leader, who started at ``since``)
+    that started at ``since`` or later, and unlink the shared-memory regions their command
+    lines name (a stub's, which its Triton, killed, could not unlink); the pids killed.
+
+    Nothing, where a process of that id runs that started at another time: the id was given
+    again, so the session is another's. Where none runs, a member that started before its
+    leader is not of it. (Left: a new session of that id whose own leader already ended.)"""
+    leader = started(session)
+    if leader is not None and leader != since:
+        return []
+    killed: list[int] = []
     regions: set[str] = set()
-    for pid, argv in _session(group):
-        regions.update(a for a in argv if a.startswith(REGION) and "/" not in a)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # (empty: nothing left)
-        os.killpg(group, signal.SIGKILL)
+    for _ in range(3):  # (a member may start one more as it is killed)
+        found = [(p, argv) for p, start, argv in _session(session) if start >= since]
+        for pid, argv in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # gone, or not ours to kill
+                continue
+            killed.append(pid)
+            regions.update(w for w in argv if REGION.fullmatch(w))
+        if not found:
+            break
     for name in regions:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join("/dev/shm", name))
+    return killed
 
 
-REGION = "triton_python_backend_shm_region_"
+def started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), or None if there is none."""
+    try:
+        return _stat(pid)[1]
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-def _session(sid: int) -> list[tuple[int, list[str]]]:
-    """The processes of session ``sid`` (from /proc): their pids and command lines."""
+def _stat(pid: int) -> tuple[int, int]:
+    """Process ``pid``'s session and start time, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3 on (the name may hold spaces)
+    return int(fields[3]), int(fields[19])  # fields 6 (session) and 22 (starttime)
+
+
+def _session(session: int) -> list[tuple[int, int, list[str]]]:
+    """The processes of ``session`` but this one: their pids, start times and command lines."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(b")") + 2 :].split()  # (the name may hold spaces)
-            if int(fields[3]) != sid:  # state, ppid, pgrp, session
+            sid, start = _stat(int(entry))
+            if sid != session:
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read().decode(errors="replace").split("\0")
         except (OSError, ValueError, IndexError):  # gone meanwhile
             continue
-        found.append((int(entry), argv))
+        found.append((int(entry), start, argv))
     return found
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]))
+    watch(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))

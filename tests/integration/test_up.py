@@ -123,20 +123,23 @@ def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
             time.sleep(0.1)
         (triton,) = _below(process, "tritonserver")
         # and a watchdog killed by someone (here first) had left its child unwatched for good
-        (first,) = [p for p in _below(process, "watchdog.py") if f" {triton} " in command_name(p)]
+        (first,) = _watchdogs_of(process, triton)
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while not [p for p in _below(process, "watchdog.py") if f" {triton} " in command_name(p)]:
+        while not _watchdogs_of(process, triton):
             assert time.monotonic() < deadline, "the killed watchdog was not started again"
             time.sleep(0.1)
         assert not alive(first) and not psutil.pid_exists(first)  # and reaped
         tree = descendants(process.pid)
+        regions = _regions(process)
         os.kill(triton, signal.SIGKILL)
         while psutil.pid_exists(triton):  # until chorus up has reaped it
             time.sleep(0.001)
         process.send_signal(signal.SIGSTOP)
-        watching = [p for p in _below(process, "watchdog.py") if f" {triton} " in command_name(p)]
-        assert not watching, "a watchdog of the reaped Triton is still there"
+        assert not _watchdogs_of(process, triton), "a watchdog of the reaped Triton is still there"
+        # and its stubs' shared memory is gone with them (a kill -9 of chorus up before the
+        # next reclaim, 10 s after, had left every killed Triton's)
+        assert regions and not any(map(os.path.exists, regions)), regions
         deadline = time.monotonic() + 30
         while any(_in_session(p, triton) for p in tree):  # the stubs end and are reaped
             assert time.monotonic() < deadline, "the stubs did not end"
@@ -158,6 +161,63 @@ def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
         if victim is not None:
             victim.kill()
             victim.wait()
+
+
+def test_a_watchdog_that_acts_late_leaves_another_session_alone(
+    ensemble_file, profile_file, tmp_path
+):
+    """Found by a hostile review: a watchdog that acts late (here stopped until then) after
+    Chorus was killed, when its Triton's session had ended and a new process had its id,
+    killed that process's session. It now ends nothing where a process of that id started
+    at another time than its child."""
+    if not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
+        pytest.skip("this host does not let the test choose the next pid (ns_last_pid)")
+    argv = up_argv(ensemble_file, tmp_path, "--profile", str(profile_file))
+    with (tmp_path / "output.txt").open("w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=out)
+    victim: subprocess.Popen | None = None
+    tree: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while "serving on" not in (tmp_path / "output.txt").read_text():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        tree = descendants(process.pid)
+        (triton,) = _below(process, "tritonserver")
+        (watchdog,) = _watchdogs_of(process, triton)
+        os.kill(watchdog, signal.SIGSTOP)
+        process.kill()
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_in_session(p, triton) for p in tree):  # Triton and its stubs end
+            assert time.monotonic() < deadline, "Triton's session did not end"
+            time.sleep(0.1)
+        victim = _process_with_pid(triton)
+        assert victim is not None, f"pid {triton} could not be had"
+        os.kill(watchdog, signal.SIGCONT)
+        psutil.Process(watchdog).wait(timeout=30)  # it did what it does
+        assert victim.poll() is None, "another's process killed by Chorus's watchdog"
+    finally:
+        process.kill()
+        for pid in tree | descendants(process.pid):
+            with contextlib.suppress(OSError, psutil.Error):
+                if alive(pid):
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
+        if victim is not None:
+            victim.kill()
+            victim.wait()
+
+
+def _watchdogs_of(process: subprocess.Popen, child: int) -> list[int]:
+    """The watchdogs below ``process`` of its child ``child`` (watchdog.py PIDFD CHILD ...)."""
+    found = []
+    for pid in _below(process, "watchdog.py"):
+        argv = command_name(pid).split()
+        script = next((i for i, a in enumerate(argv) if a.endswith("watchdog.py")), None)
+        if script is not None and argv[script + 2 : script + 3] == [str(child)]:
+            found.append(pid)
+    return found
 
 
 def _in_session(pid: int, session: int) -> bool:
