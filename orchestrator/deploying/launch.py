@@ -159,8 +159,8 @@ class ManagedProcess:
             except OSError as e:
                 raise LaunchError(f"cannot start {self.name} ({self.argv[0]}): {e}") from e
             self._settled = False
-            self._session_file.write_text(f"{self.proc.pid}\n")
             self._since = started(self.proc.pid) or 0  # not reaped: the id is its
+            self._session_file.write_text(f"{self.proc.pid} {self._since}\n")
             with contextlib.suppress(OSError):  # (no pidfd on this kernel: no watchdog)
                 self._pidfd = os.pidfd_open(self.proc.pid)
                 self._watchdog = self._new_watchdog()
@@ -204,6 +204,7 @@ class ManagedProcess:
             if self._pidfd is not None:
                 os.close(self._pidfd)
                 self._pidfd = None
+            self._session_file.unlink(missing_ok=True)  # (nothing of it left to find)
             self._settled = True
         return True
 
@@ -235,20 +236,13 @@ class ManagedProcess:
 
     def _reap_earlier_run(self) -> None:
         """Kill what a run of this process in this working directory left when Chorus was
-        killed with it: processes of its session whose command line names the directory."""
+        killed with it: processes of its session (as its session file names it: the id and
+        the start time of its leader) whose command line names the directory."""
         try:
-            session = int(self._session_file.read_text())
-        except (OSError, ValueError):
+            session, since = map(int, self._session_file.read_text().split())
+        except (OSError, ValueError):  # none (a clean stop removes it), or from before
             return
-        folder = str(self.log.parent)
-        for other in psutil.process_iter(["cmdline"]):
-            try:
-                if os.getsid(other.pid) == session and any(
-                    folder in arg for arg in other.info["cmdline"] or ()
-                ):
-                    other.kill()
-            except (OSError, psutil.Error):  # gone meanwhile
-                continue
+        end_session(session, since, naming=str(self.log.parent))
 
     @property
     def pid(self) -> int | None:

@@ -48,10 +48,11 @@ def watch(pidfd: int, session: int, since: int, grace_s: float) -> None:
     end_session(session, since)
 
 
-def end_session(session: int, since: int) -> list[int]:
+def end_session(session: int, since: int, naming: str | None = None) -> list[int]:
     """Kill the processes of ``session`` (the id of its leader, who started at ``since``)
-    that started at ``since`` or later, and unlink the shared-memory regions their command
-    lines name (a stub's, which its Triton, killed, could not unlink); the pids killed.
+    that started at ``since`` or later (and whose command line names the folder ``naming``,
+    if given), and unlink the shared-memory regions their command lines name (a stub's,
+    which its Triton, killed, could not unlink); the pids killed.
 
     Nothing, where a process of that id runs that started at another time: the id was given
     again, so the session is another's. Where none runs, a member that started before its
@@ -62,7 +63,11 @@ def end_session(session: int, since: int) -> list[int]:
     killed: list[int] = []
     regions: set[str] = set()
     for _ in range(3):  # (a member may start one more as it is killed)
-        found = [(p, argv) for p, start, argv in _session(session) if start >= since]
+        found = [
+            (p, argv)
+            for p, start, argv in _session(session)
+            if start >= since and (naming is None or any(_names(w, naming) for w in argv))
+        ]
         for pid, argv in found:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -76,6 +81,11 @@ def end_session(session: int, since: int) -> list[int]:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join("/dev/shm", name))
     return killed
+
+
+def _names(word: str, folder: str) -> bool:
+    """Whether a command line's word names ``folder`` or a path in it (not ``folder2/``)."""
+    return (word + "/").find(folder.rstrip("/") + "/") >= 0
 
 
 def started(pid: int) -> int | None:

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from orchestrator.deploying.launch import ManagedProcess, TritonServer, find_tritonserver
+from orchestrator.deploying.watchdog import started
 from orchestrator.errors import LaunchError
 
 
@@ -83,8 +84,9 @@ def test_a_new_start_kills_what_the_last_run_here_left_when_chorus_was_killed(tm
         [sys.executable, "-c", SLEEPER, str(work / "repository")], start_new_session=True
     )
     unrelated = subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
-    log.with_suffix(".session").write_text(f"{leftover.pid}\n")  # what the last run wrote
-    (work / "other.session").write_text(f"{unrelated.pid}\n")
+    # what the last run wrote: the session's id and its leader's start time
+    log.with_suffix(".session").write_text(f"{leftover.pid} {started(leftover.pid)}\n")
+    (work / "other.session").write_text(f"{unrelated.pid} {started(unrelated.pid)}\n")
     thing = ManagedProcess("thing", [sys.executable, "-c", "pass"], log)
     thing.start()
     try:
@@ -94,6 +96,40 @@ def test_a_new_start_kills_what_the_last_run_here_left_when_chorus_was_killed(tm
         unrelated.kill()
         unrelated.wait()
         thing.stop()
+    assert not log.with_suffix(".session").exists()  # a clean stop: nothing left to find
+
+
+@pytest.mark.parametrize("case", ["the id given again", "a sibling folder"])
+def test_a_new_start_leaves_alone_a_session_the_last_run_here_did_not_leave(tmp_path, case):
+    """Found by a hostile review: the session file of a run (never removed, even after a
+    clean stop) named a pid that, once given again, could be another deployment's session,
+    and a command line naming `work2/...` counted as naming `work`: that deployment's
+    Triton was killed."""
+    work = tmp_path / "work"
+    work.mkdir()
+    log = work / "thing.log"
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLEEPER,
+            str(work if case == "the id given again" else tmp_path / "work2"),
+        ],
+        start_new_session=True,
+    )
+    try:
+        since = started(other.pid)
+        assert since is not None
+        if case == "the id given again":
+            since -= 1  # the leader the file names started before this process
+        log.with_suffix(".session").write_text(f"{other.pid} {since}\n")
+        thing = ManagedProcess("thing", [sys.executable, "-c", "pass"], log)
+        thing.start()
+        thing.stop()
+        assert other.poll() is None, "another deployment's process was killed"
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_backend_shared_memory_nobody_maps_any_more_is_unlinked(tmp_path):
