@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+
 import psutil
 
-__all__ = ["alive", "command_name", "descendants"]
+__all__ = ["alive", "command_name", "descendants", "end_all", "held"]
 
 
 def descendants(pid: int) -> set[int]:
@@ -28,3 +31,21 @@ def command_name(pid: int) -> str:
         return " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
         return "?"
+
+
+def held(pid: int) -> list[psutil.Process]:
+    """Every live process below ``pid``, held: unlike its pid, which may be given again once it
+    ends (sooner where a test chose the next pid), one names that process only."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def end_all(processes: Iterable[psutil.Process]) -> None:
+    """SIGKILL (after SIGCONT: it may be stopped) those of ``processes`` still running; psutil
+    signals nothing whose pid is another process's by now."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.resume()
+            process.kill()

@@ -21,7 +21,7 @@ from combiner.sdk import EnsembleClient, Unavailable
 from orchestrator.deploying.launch import free_port
 from tests.cli import chorus
 from tests.integration.conftest import launched_up
-from tests.integration.processes import alive, command_name, descendants
+from tests.integration.processes import alive, command_name, descendants, end_all, held
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
@@ -71,6 +71,7 @@ def test_chorus_up_killed_while_triton_loads_leaves_no_stub_behind(
     with (tmp_path / "output.txt").open("w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=out)
     tree: set[int] = set()
+    owned: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
         while not _below(process, "triton_python_backend_stub"):
@@ -81,7 +82,8 @@ def test_chorus_up_killed_while_triton_loads_leaves_no_stub_behind(
         for stub in stubs:
             with contextlib.suppress(ProcessLookupError):  # (a shell on its way to exec one)
                 os.kill(stub, signal.SIGSTOP)
-        tree = descendants(process.pid)
+        owned = held(process.pid)
+        tree = {p.pid for p in owned}
         process.kill()
         process.wait(timeout=60)
         time.sleep(1.0)
@@ -94,10 +96,7 @@ def test_chorus_up_killed_while_triton_loads_leaves_no_stub_behind(
             time.sleep(0.2)
     finally:
         process.kill()
-        for pid in tree | descendants(process.pid):
-            with contextlib.suppress(OSError):
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+        end_all([*owned, *held(process.pid)])
 
 
 def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
@@ -116,6 +115,7 @@ def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
         process = subprocess.Popen(argv, stdout=out, stderr=out)
     victim: subprocess.Popen | None = None
     tree: set[int] = set()
+    owned: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
         while "serving on" not in (tmp_path / "output.txt").read_text():
@@ -130,7 +130,8 @@ def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
             assert time.monotonic() < deadline, "the killed watchdog was not started again"
             time.sleep(0.1)
         assert not alive(first) and not psutil.pid_exists(first)  # and reaped
-        tree = descendants(process.pid)
+        owned = held(process.pid)
+        tree = {p.pid for p in owned}
         regions = _regions(process)
         os.kill(triton, signal.SIGKILL)
         while psutil.pid_exists(triton):  # until chorus up has reaped it
@@ -154,10 +155,7 @@ def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
             assert victim.poll() is None, "another's process killed by Chorus's watchdog"
     finally:
         process.kill()
-        for pid in tree | descendants(process.pid):
-            with contextlib.suppress(OSError):
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+        end_all([*owned, *held(process.pid)])
         if victim is not None:
             victim.kill()
             victim.wait()
@@ -177,12 +175,14 @@ def test_a_watchdog_that_acts_late_leaves_another_session_alone(
         process = subprocess.Popen(argv, stdout=out, stderr=out)
     victim: subprocess.Popen | None = None
     tree: set[int] = set()
+    owned: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
         while "serving on" not in (tmp_path / "output.txt").read_text():
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
-        tree = descendants(process.pid)
+        owned = held(process.pid)
+        tree = {p.pid for p in owned}
         (triton,) = _below(process, "tritonserver")
         (watchdog,) = _watchdogs_of(process, triton)
         os.kill(watchdog, signal.SIGSTOP)
@@ -199,11 +199,7 @@ def test_a_watchdog_that_acts_late_leaves_another_session_alone(
         assert victim.poll() is None, "another's process killed by Chorus's watchdog"
     finally:
         process.kill()
-        for pid in tree | descendants(process.pid):
-            with contextlib.suppress(OSError, psutil.Error):
-                if alive(pid):
-                    os.kill(pid, signal.SIGCONT)
-                    os.kill(pid, signal.SIGKILL)
+        end_all([*owned, *held(process.pid)])
         if victim is not None:
             victim.kill()
             victim.wait()
