@@ -57,6 +57,47 @@ def _regions(process: subprocess.Popen) -> set[str]:
     return {f"/dev/shm/{w}" for w in words if w.startswith("triton_python_backend_shm_region_")}
 
 
+class _Run:
+    """A chorus command line run (its output in a file); at the end, what is left of it and
+    of the processes it had is killed (held as psutil objects: their pids may be another's by
+    then, sooner where a test chose the next pid), and so are the others a test made."""
+
+    def __init__(self, argv: list[str], tmp_path) -> None:
+        self.output = tmp_path / "output.txt"
+        with self.output.open("w") as out:
+            self.process = subprocess.Popen(argv, stdout=out, stderr=out)
+        self.owned: list[psutil.Process] = []
+        self.others: list[subprocess.Popen] = []
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.kill()
+        self.process.wait()
+        end_all([*self.owned, *held(self.process.pid)])
+        for other in self.others:
+            other.kill()
+            other.wait()
+
+    def hold(self) -> set[int]:
+        """The processes below the command now (held until the end): their pids."""
+        self.owned += held(self.process.pid)
+        return {p.pid for p in self.owned}
+
+    def other(self, process: subprocess.Popen | None) -> subprocess.Popen | None:
+        """``process`` (if any), killed at the end."""
+        if process is not None:
+            self.others.append(process)
+        return process
+
+    def wait_serving(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while "serving on" not in self.output.read_text():
+            assert self.process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+
+
 def test_chorus_up_killed_while_triton_loads_leaves_no_stub_behind(
     ensemble_file, tmp_path, served_plan
 ):
@@ -68,11 +109,8 @@ def test_chorus_up_killed_while_triton_loads_leaves_no_stub_behind(
     planned = tmp_path / "plan.json"
     planned.write_text(served_plan.to_json())
     argv = up_argv(ensemble_file, tmp_path, "--plan", str(planned))
-    with (tmp_path / "output.txt").open("w") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=out)
-    tree: set[int] = set()
-    owned: list[psutil.Process] = []
-    try:
+    with _Run(argv, tmp_path) as run:
+        process = run.process
         deadline = time.monotonic() + 120
         while not _below(process, "triton_python_backend_stub"):
             assert process.poll() is None and time.monotonic() < deadline
@@ -82,8 +120,7 @@ def test_chorus_up_killed_while_triton_loads_leaves_no_stub_behind(
         for stub in stubs:
             with contextlib.suppress(ProcessLookupError):  # (a shell on its way to exec one)
                 os.kill(stub, signal.SIGSTOP)
-        owned = held(process.pid)
-        tree = {p.pid for p in owned}
+        tree = run.hold()
         process.kill()
         process.wait(timeout=60)
         time.sleep(1.0)
@@ -94,9 +131,6 @@ def test_chorus_up_killed_while_triton_loads_leaves_no_stub_behind(
         while left := [command_name(p) for p in tree if alive(p)]:
             assert time.monotonic() < deadline, left
             time.sleep(0.2)
-    finally:
-        process.kill()
-        end_all([*owned, *held(process.pid)])
 
 
 def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
@@ -111,16 +145,9 @@ def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
     of the dead Triton may be left once its pid is free. And a watchdog killed by someone is
     started again (it had been left a zombie, its child unwatched)."""
     argv = up_argv(ensemble_file, tmp_path, "--profile", str(profile_file))
-    with (tmp_path / "output.txt").open("w") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=out)
-    victim: subprocess.Popen | None = None
-    tree: set[int] = set()
-    owned: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 120
-        while "serving on" not in (tmp_path / "output.txt").read_text():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+    with _Run(argv, tmp_path) as run:
+        process = run.process
+        run.wait_serving()
         (triton,) = _below(process, "tritonserver")
         # and a watchdog killed by someone (here first) had left its child unwatched for good
         (first,) = _watchdogs_of(process, triton)
@@ -130,8 +157,7 @@ def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
             assert time.monotonic() < deadline, "the killed watchdog was not started again"
             time.sleep(0.1)
         assert not alive(first) and not psutil.pid_exists(first)  # and reaped
-        owned = held(process.pid)
-        tree = {p.pid for p in owned}
+        tree = run.hold()
         regions = _regions(process)
         os.kill(triton, signal.SIGKILL)
         while psutil.pid_exists(triton):  # until chorus up has reaped it
@@ -145,7 +171,7 @@ def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
         while any(_in_session(p, triton) for p in tree):  # the stubs end and are reaped
             assert time.monotonic() < deadline, "the stubs did not end"
             time.sleep(0.1)
-        victim = _process_with_pid(triton)
+        victim = run.other(_process_with_pid(triton))
         if victim is not None:
             assert os.getpgid(victim.pid) == triton
         process.kill()
@@ -153,12 +179,6 @@ def test_a_watchdog_never_kills_a_group_that_took_its_dead_childs_id(
         time.sleep(2.0)  # what a watchdog would do, it has done
         if victim is not None:
             assert victim.poll() is None, "another's process killed by Chorus's watchdog"
-    finally:
-        process.kill()
-        end_all([*owned, *held(process.pid)])
-        if victim is not None:
-            victim.kill()
-            victim.wait()
 
 
 def test_a_watchdog_that_acts_late_leaves_another_session_alone(
@@ -171,18 +191,10 @@ def test_a_watchdog_that_acts_late_leaves_another_session_alone(
     if not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
         pytest.skip("this host does not let the test choose the next pid (ns_last_pid)")
     argv = up_argv(ensemble_file, tmp_path, "--profile", str(profile_file))
-    with (tmp_path / "output.txt").open("w") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=out)
-    victim: subprocess.Popen | None = None
-    tree: set[int] = set()
-    owned: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 120
-        while "serving on" not in (tmp_path / "output.txt").read_text():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        owned = held(process.pid)
-        tree = {p.pid for p in owned}
+    with _Run(argv, tmp_path) as run:
+        process = run.process
+        run.wait_serving()
+        tree = run.hold()
         (triton,) = _below(process, "tritonserver")
         (watchdog,) = _watchdogs_of(process, triton)
         os.kill(watchdog, signal.SIGSTOP)
@@ -192,17 +204,11 @@ def test_a_watchdog_that_acts_late_leaves_another_session_alone(
         while any(_in_session(p, triton) for p in tree):  # Triton and its stubs end
             assert time.monotonic() < deadline, "Triton's session did not end"
             time.sleep(0.1)
-        victim = _process_with_pid(triton)
+        victim = run.other(_process_with_pid(triton))
         assert victim is not None, f"pid {triton} could not be had"
         os.kill(watchdog, signal.SIGCONT)
         psutil.Process(watchdog).wait(timeout=30)  # it did what it does
         assert victim.poll() is None, "another's process killed by Chorus's watchdog"
-    finally:
-        process.kill()
-        end_all([*owned, *held(process.pid)])
-        if victim is not None:
-            victim.kill()
-            victim.wait()
 
 
 def _watchdogs_of(process: subprocess.Popen, child: int) -> list[int]:
