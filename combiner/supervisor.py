@@ -18,17 +18,19 @@ the endpoint answers throughout. A reload that fails (an invalid config, workers
 come up) is tried again every few seconds while the file stays as it is; the old config is
 served meanwhile. The SHA-256 of the config every worker serves is written to
 ``<config>.served`` (what ``regenerate-configs`` and ``chorus up`` wait for).
+
+The workers write their metrics to a folder of the supervisor's in ``$TMPDIR``, removed at its
+stop; one a killed supervisor left is removed by the next to start on the host
+(:mod:`combiner.metrics_folder`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from combiner.config import CombinerConfig, config_digest, served_file
 from combiner.endpoints.auth import Credentials
+from combiner.metrics_folder import MetricsFolder
 from combiner.worker import add_endpoint_arguments
 from combiner.workers import PortInUse, Restarts, claim_ports, die_with_parent
 
@@ -120,7 +123,13 @@ def supervise(
     worker may take to stop (it is killed only after that). ``workers`` None: as many as the
     config says (``first``: at the start, as read already), read again at each reload
     (``config`` is then required)."""
-    metrics_dir = tempfile.mkdtemp(prefix="chorus-metrics-")
+    folder = MetricsFolder()
+    if folder.reclaimed:
+        _say(
+            f"removed {len(folder.reclaimed)} metrics folder(s) of combiners that were killed: "
+            + ", ".join(map(str, folder.reclaimed))
+        )
+    metrics_dir = str(folder.path)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -139,6 +148,7 @@ def supervise(
             env=env,
             preexec_fn=die_with_parent,
             process_group=0,
+            pass_fds=(folder.fd,),  # the folder's lock: held until the last worker is gone
         )
         return proc, ready
 
@@ -204,7 +214,7 @@ def supervise(
         return 0
     finally:
         _stop_all(procs, worker_stop_s + 5.0)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        folder.remove()
 
 
 def _reload(
