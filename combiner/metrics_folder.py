@@ -1,31 +1,34 @@
 """The folder a combiner's workers write their Prometheus metrics to (prometheus_client's
-multiprocess mode), one per supervisor, in the temporary folder (``$TMPDIR``).
+multiprocess mode), one per supervisor, in the temporary folder (``$TMPDIR``, which must be on a
+local file system: ``flock`` on a network one may not be seen by other hosts).
 
 A supervisor that is killed (kill -9, the OOM killer) cannot remove its folder; the next one to
-start on the host does. A folder's owner is alive exactly while the folder's lock file
-(``owner.lock``) is locked (``flock``): the supervisor locks it before it takes that name, and
-its workers inherit it, so the kernel ends the lock when the last of them dies, however it dies
-(a pid could not tell: one given again, or in another PID namespace). At its start a supervisor
-removes every folder of this form that is its user's and whose lock nobody holds; a folder with
-no lock file (another version's) or another user's is left alone.
+start on the host, as the same user with the same ``$TMPDIR``, does. A folder's owner is alive
+exactly while the folder's lock file (``owner.lock``) is locked (``flock``): the supervisor
+locks it before it takes that name, and its workers inherit it (each keeps it from its own
+children), so the kernel ends the lock when the last of them dies, however it dies (a pid could
+not tell: one given again, or in another PID namespace). At its start a supervisor removes every
+folder of this form that is its user's and whose lock nobody holds, the lock file last (a folder
+removed in part is tried again at the next start). A folder with no lock file (made by a version
+before this one), another user's, or a link is left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["MetricsFolder", "reclaim_stale"]
+__all__ = ["LOCK_FD_ENV", "MetricsFolder", "keep_from_children", "reclaim_stale"]
 
-log = logging.getLogger("chorus.combiner")
 _PREFIX = "chorus-metrics-"
 _LOCK = "owner.lock"
+LOCK_FD_ENV = "CHORUS_METRICS_LOCK_FD"  # tells a worker which of its descriptors is the lock
 
 
 class MetricsFolder:
@@ -37,16 +40,31 @@ class MetricsFolder:
         parent = Path(parent or tempfile.gettempdir())
         self.reclaimed = reclaim_stale(parent)
         self.path = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=parent))  # 0700: ours alone
-        taking = self.path / f".{_LOCK}"
-        self.fd = os.open(taking, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        # the lock file appears under its name locked already: a supervisor starting meanwhile
-        # never finds it unlocked and takes the folder for a dead one's
-        os.rename(taking, self.path / _LOCK)
+        try:
+            taking = self.path / f".{_LOCK}"
+            # read-write: where flock is emulated with byte-range locks (NFS), an exclusive
+            # lock needs a file open for writing
+            self.fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            # the lock file appears under its name locked already: a supervisor starting
+            # meanwhile never finds it unlocked and takes the folder for a dead one's
+            os.rename(taking, self.path / _LOCK)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        _remove(self.path)
         os.close(self.fd)
+
+
+def keep_from_children() -> None:
+    """In a worker: the inherited lock is not passed on to what the worker may start (a child
+    that outlived it would keep a dead deployment's folder)."""
+    fd = os.environ.get(LOCK_FD_ENV, "")
+    if fd.isdigit():
+        with contextlib.suppress(OSError):
+            os.set_inheritable(int(fd), False)
 
 
 def reclaim_stale(parent: Path) -> list[Path]:
@@ -63,21 +81,48 @@ def reclaim_stale(parent: Path) -> list[Path]:
             continue
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             continue  # a link, a file, another user's: not ours to judge
-        try:
-            fd = os.open(folder / _LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:  # (not blocking on a FIFO; not through a link)
+            fd = os.open(folder / _LOCK, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue  # no lock file: another version's, or a folder being made
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             continue  # its supervisor, or one of its workers, lives
         else:  # removed under the lock: nobody can take it meanwhile
-            shutil.rmtree(folder, ignore_errors=True)
-            if not folder.exists():
+            if _remove(folder):
                 removed.append(folder)
             else:
-                log.warning("cannot remove %s, left by a combiner that was killed", folder)
+                print(
+                    f"python -m combiner: cannot remove all of {folder}, left by a combiner "
+                    "that was killed (trying again at the next start)",
+                    file=sys.stderr,
+                )
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
     return removed
+
+
+def _remove(folder: Path) -> bool:
+    """Remove ``folder``, its lock file last: what is left of a removal that fails part way
+    (or is killed) still has it, and is tried again. Whether it is gone."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return not folder.exists()
+    for entry in entries:
+        if entry.name == _LOCK:
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    with contextlib.suppress(OSError):
+        if [e.name for e in folder.iterdir()] == [_LOCK]:
+            (folder / _LOCK).unlink()
+        folder.rmdir()
+    return not os.path.lexists(folder)

@@ -27,6 +27,7 @@ from combiner.config import CombinerConfig
 from combiner.endpoints.auth import Credentials
 from combiner.endpoints.connections import raise_file_limit
 from combiner.endpoints.server import Listen, serve
+from combiner.metrics_folder import keep_from_children
 
 
 def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("aiohttp.server").addFilter(_BadRequests())
     config = CombinerConfig.load(args.config)
     raise_file_limit()  # each client connection holds a descriptor (endpoints.connections)
+    keep_from_children()  # the supervisor's lock on the metrics folder stays with this process
     try:
         credentials = Credentials.load(args.token_file, args.tls_cert, args.tls_key)
     except (OSError, ValueError) as e:

@@ -5,6 +5,7 @@ own (``TMPDIR``), so what it looks at is theirs alone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -82,9 +83,25 @@ def test_the_next_supervisor_removes_the_folder_a_killed_one_left(
     assert folders(tmp) == set()  # a clean stop removes its own
 
 
+def lock_flags(pid: int, lock: Path) -> list[int]:
+    """The flags of each descriptor of process ``pid`` open on ``lock``."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == str(lock):
+                info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+                found.append(int(info.split("flags:")[1].split()[0], 8))
+    return found
+
+
 def test_a_supervisor_that_lives_keeps_its_folder(deployment: Deployment, tmp: Path) -> None:
-    with supervisor(deployment, tmp, "first"):
+    with supervisor(deployment, tmp, "first") as first_process:
         (first,) = folders(tmp)
+        workers = [p for p in held(first_process.pid) if "combiner.worker" in " ".join(p.cmdline())]
+        assert workers
+        for worker in workers:  # each holds the lock, and passes it to no child of its own
+            (flags,) = lock_flags(worker.pid, first / "owner.lock")
+            assert flags & os.O_CLOEXEC, oct(flags)
         with supervisor(deployment, tmp, "second"):
             assert first in folders(tmp) and len(folders(tmp)) == 2
             assert (first / "owner.lock").is_file()
