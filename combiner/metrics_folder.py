@@ -40,18 +40,22 @@ class MetricsFolder:
         parent = Path(parent or tempfile.gettempdir())
         self.reclaimed = reclaim_stale(parent)
         self.path = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=parent))  # 0700: ours alone
+        fd = None
         try:
             taking = self.path / f".{_LOCK}"
             # read-write: where flock is emulated with byte-range locks (NFS), an exclusive
             # lock needs a file open for writing
-            self.fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
             # the lock file appears under its name locked already: a supervisor starting
             # meanwhile never finds it unlocked and takes the folder for a dead one's
             os.rename(taking, self.path / _LOCK)
         except BaseException:
+            if fd is not None:
+                os.close(fd)
             shutil.rmtree(self.path, ignore_errors=True)
             raise
+        self.fd = fd
 
     def remove(self) -> None:
         _remove(self.path)
@@ -60,16 +64,22 @@ class MetricsFolder:
 
 def keep_from_children() -> None:
     """In a worker: the inherited lock is not passed on to what the worker may start (a child
-    that outlived it would keep a dead deployment's folder)."""
-    fd = os.environ.get(LOCK_FD_ENV, "")
-    if fd.isdigit():
-        with contextlib.suppress(OSError):
-            os.set_inheritable(int(fd), False)
+    that outlived it would keep a dead deployment's folder). Only a descriptor open on the
+    metrics folder's lock file is touched, whatever the variable says."""
+    value = os.environ.pop(LOCK_FD_ENV, "")
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not (value.isascii() and value.isdigit() and len(value) < 10) or not folder:
+        return
+    fd = int(value)
+    with contextlib.suppress(OSError):
+        if os.path.samestat(os.fstat(fd), os.stat(Path(folder) / _LOCK)):
+            os.set_inheritable(fd, False)
 
 
 def reclaim_stale(parent: Path) -> list[Path]:
     """Remove the metrics folders in ``parent`` whose owners are gone; returns them."""
     removed: list[Path] = []
+    stuck: list[Path] = []
     try:
         candidates = [p for p in parent.iterdir() if p.name.startswith(_PREFIX)]
     except OSError:
@@ -89,20 +99,28 @@ def reclaim_stale(parent: Path) -> list[Path]:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # still the folder's lock file: another starting supervisor may have removed the
+            # folder between our open and our lock
+            if not os.path.samestat(os.fstat(fd), os.lstat(folder / _LOCK)):
+                continue
         except OSError:
-            continue  # its supervisor, or one of its workers, lives
+            continue  # its supervisor, or one of its workers, lives (or it is gone)
         else:  # removed under the lock: nobody can take it meanwhile
             if _remove(folder):
                 removed.append(folder)
             else:
-                print(
-                    f"python -m combiner: cannot remove all of {folder}, left by a combiner "
-                    "that was killed (trying again at the next start)",
-                    file=sys.stderr,
-                )
+                stuck.append(folder)
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
+    if stuck:
+        print(
+            f"python -m combiner: cannot remove all of {len(stuck)} metrics folder(s) left by "
+            f"combiners that were killed (tried again at the next start): "
+            + ", ".join(map(str, stuck[:3]))
+            + (f" and {len(stuck) - 3} more" if len(stuck) > 3 else ""),
+            file=sys.stderr,
+        )
     return removed
 
 

@@ -4,14 +4,15 @@ a link or a FIFO), the lock file last."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
-import shutil
+import signal
 
 import pytest
 
 import combiner.metrics_folder as metrics_folder
-from combiner.metrics_folder import MetricsFolder, reclaim_stale
+from combiner.metrics_folder import LOCK_FD_ENV, MetricsFolder, keep_from_children, reclaim_stale
 
 
 def dead(parent):
@@ -65,7 +66,17 @@ def test_a_fifo_for_a_lock_file_does_not_hang_the_start(tmp_path):
     folder = tmp_path / "chorus-metrics-fifo"
     folder.mkdir()
     os.mkfifo(folder / "owner.lock")
-    assert reclaim_stale(tmp_path) == []
+
+    def hung(*_):
+        raise TimeoutError("reclaim_stale blocked on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        assert reclaim_stale(tmp_path) == []
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert folder.is_dir()
 
 
@@ -105,18 +116,39 @@ def test_a_removal_that_fails_part_way_keeps_the_lock_file_and_is_tried_again(
 ):
     gone = dead(tmp_path)
     (gone / "sub").mkdir()
-    (gone / "sub" / "f").touch()
+    (gone / "sub" / "stuck").touch()
+    unlink = os.unlink
 
-    def refuse(path, *args, **kwargs):
-        raise PermissionError(f"cannot remove {path}")
+    def refusing(path, *args, **kwargs):
+        if os.fspath(path).endswith("stuck"):
+            raise PermissionError(f"cannot remove {path}")
+        return unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr(shutil, "rmtree", refuse)
+    monkeypatch.setattr(os, "unlink", refusing)
     assert reclaim_stale(tmp_path) == []
-    assert (gone / "owner.lock").is_file() and (gone / "sub" / "f").exists()
-    assert "cannot remove all of" in capsys.readouterr().err
+    assert (gone / "owner.lock").is_file() and (gone / "sub" / "stuck").exists()
+    assert not (gone / "counter_123.db").exists()  # the rest went
+    assert "cannot remove all of 1 metrics folder" in capsys.readouterr().err
     monkeypatch.undo()
     assert reclaim_stale(tmp_path) == [gone]
     assert not gone.exists()
+
+
+def test_an_exclusive_lock_where_it_needs_a_file_open_for_writing(tmp_path, monkeypatch):
+    """Where flock is emulated with byte-range locks (NFS), LOCK_EX on a descriptor open for
+    reading only fails with EBADF: the lock file is opened for writing."""
+    flock = fcntl.flock
+
+    def as_on_nfs(fd, operation):
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == 0:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", as_on_nfs)
+    gone = dead(tmp_path)
+    fresh = MetricsFolder(tmp_path)
+    assert fresh.reclaimed == [gone]
+    fresh.remove()
 
 
 def test_a_new_folder_removes_the_dead_ones_first(tmp_path):
@@ -136,3 +168,45 @@ def test_a_folder_that_cannot_be_locked_is_not_left_behind(tmp_path, monkeypatch
     with pytest.raises(OSError):
         MetricsFolder(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_supervisors_starting_at_once_remove_a_folder_once(tmp_path, monkeypatch):
+    """One opens the dead folder's lock file; before it locks it, the other removes the folder:
+    the first then holds the lock of a file that is no longer the folder's, and says nothing."""
+    gone = dead(tmp_path)
+    flock = fcntl.flock
+    other: list = []
+
+    def meanwhile(fd, operation):
+        if not other:
+            monkeypatch.setattr(fcntl, "flock", flock)
+            other.append(reclaim_stale(tmp_path))  # the other supervisor, in between
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", meanwhile)
+    assert reclaim_stale(tmp_path) == []
+    assert other == [[gone]] and not gone.exists()
+
+
+def test_a_worker_marks_only_the_folders_lock_close_on_exec(tmp_path, monkeypatch):
+    owner = MetricsFolder(tmp_path)
+    lock = os.dup(owner.fd)  # as a worker inherits it (pass_fds: inheritable)
+    os.set_inheritable(lock, True)
+    unrelated = os.open(tmp_path, os.O_RDONLY)
+    os.set_inheritable(unrelated, True)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(owner.path))
+    standard = [os.get_inheritable(fd) for fd in (0, 1, 2)]
+    try:
+        for value in ("0", "2", "²", "99999999999999999999", "-1", "", str(unrelated)):
+            monkeypatch.setenv(LOCK_FD_ENV, value)
+            keep_from_children()  # never raises, never touches what is not the lock
+            assert LOCK_FD_ENV not in os.environ
+        assert [os.get_inheritable(fd) for fd in (0, 1, 2)] == standard
+        assert os.get_inheritable(unrelated) and os.get_inheritable(lock)
+        monkeypatch.setenv(LOCK_FD_ENV, str(lock))
+        keep_from_children()
+        assert not os.get_inheritable(lock)
+    finally:
+        os.close(lock)
+        os.close(unrelated)
+        owner.remove()
