@@ -3,27 +3,31 @@ endpoint costs, what Chorus's stages cost without one, and per request or per ba
 
     python -m benchmarks.combiner_layers [--seconds 3] [--rounds 3]
 
-On one deployment (its Triton and combiner), batch-1 requests, closed loop, at concurrency 1, 8
-and 64, each case's rounds interleaved with the others' (the median round is kept):
+On one deployment (its Triton and combiner), batch-1 requests, closed loop, at concurrency 1 to
+64, each case's rounds interleaved with the others' (the median round is kept):
 
 - the floor: a grpc.aio server on uvloop answering every ModelInfer at once (the unary handler
   of :mod:`benchmarks.profile_combiner`), its process's CPU;
 - Chorus in process: ``EnsembleService.infer`` called from this process on the deployment's own
   config, awaited directly: every stage and the batch's call to Triton, no gRPC endpoint; this
-  process's CPU (grpc's threads included) and the mean batch (its metrics);
-- the combiner: its worker through its gRPC endpoint, the worker's process tree's CPU and its
-  mean batch (from its metrics endpoint);
+  process's CPU (grpc's threads included, and the service's watch of Triton: this process's
+  CPU while idle is reported) and the mean batch (its metrics); what the imports made is frozen
+  out of the collector's sight, as the worker does;
+- the combiner: through its gRPC endpoint, the CPU of its process tree (the supervisor and its
+  workers) and its mean batch (from its metrics endpoint);
 - once, the batch's call to Triton alone: one call to the fan-out model as Chorus makes it for a
   batch of one, awaited in turn from this process.
 
 The stages' CPU is split into a part per request and a part per batch by a least-squares fit
-of ``cpu = per_request + per_batch / mean_batch`` over the three concurrencies.
+of ``cpu = per_request + per_batch / mean_batch`` over the concurrencies (its largest residual
+is reported).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import multiprocessing as mp
 import threading
 import time
@@ -51,7 +55,7 @@ from orchestrator.deploying.launch import free_port
 from orchestrator.examples.digits.train import HERE, load_split, train_members
 from orchestrator.planning.spec import load_ensemble
 
-CONCURRENCY = (1, 8, 64)
+CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
 T = TypeVar("T")
 
 
@@ -133,6 +137,14 @@ class InProcess:
         assert self.config.triton_url is not None, "one node's deployment"
         return service, Upstream(self.config.triton_url, key)
 
+    def idle(self, seconds: float = 2.0) -> float:
+        """This process's CPU while nothing is asked of it, in milliseconds a second."""
+        gc.collect()
+        gc.freeze()
+        cpu = _own_cpu()
+        time.sleep(seconds)
+        return (_own_cpu() - cpu) / seconds * 1000
+
     def load(self, requests: list, c: int, seconds: float) -> Case:
         self._run(_closed_loop(self.service.infer, requests, c, 0.5))
         before, cpu = _batches(_in_process()), _own_cpu()
@@ -172,12 +184,13 @@ class InProcess:
         self.loop.close()
 
 
-def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least squares of ``cpu = a + b / batch`` over (mean batch, cpu) points: (a, b)."""
+def fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Least squares of ``cpu = a + b / batch`` over (mean batch, cpu) points: (a, b, the
+    largest residual's size)."""
     x = np.array([[1.0, 1.0 / batch] for batch, _ in points])
     y = np.array([cpu for _, cpu in points])
     (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
-    return float(a), float(b)
+    return float(a), float(b), float(np.abs(y - x @ np.array([a, b])).max())
 
 
 def main() -> None:
@@ -205,6 +218,7 @@ def main() -> None:
             assert d.endpoints is not None and d.combiner is not None
             config = CombinerConfig.load(d.workdir / "combiner.json")
             local = InProcess(config)
+            idle = local.idle()
             worker = {"combiner": descendants(d.combiner.pid or 0)}
 
             def endpoint(c: int) -> Case:
@@ -241,7 +255,7 @@ def main() -> None:
                 local.close()
     finally:
         floor.terminate()
-    per_request, per_batch = fit(
+    per_request, per_batch, residual = fit(
         [(results["in process", c].batch, results["in process", c].cpu_ms) for c in CONCURRENCY]
     )
     lines = [
@@ -278,7 +292,9 @@ def main() -> None:
         ),
         "",
         f"- Chorus in process, fitted as CPU = per request + per batch / mean batch: "
-        f"{per_request:.3f} ms a request and {per_batch:.3f} ms a batch.",
+        f"{per_request:.3f} ms a request and {per_batch:.3f} ms a batch (the largest residual "
+        f"{residual:.3f} ms); this process spends {idle:.1f} ms of CPU a second when idle (the "
+        "service's watch of Triton, grpc's threads), which the rows count too.",
         f"- Of a batch's part, its call to Triton alone (the fan-out model, a batch of one, "
         f"from this process): {call.cpu_ms:.3f} ms ({call.requests_per_s:,.0f} calls/s in turn); "
         f"the rest, {per_batch - call.cpu_ms:.3f} ms, is the stages' work a batch.",
