@@ -41,7 +41,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from benchmarks.report import publish
 from orchestrator.deploying.up import Deployment
-from orchestrator.examples.digits.train import HERE, load_split, train_members
+from orchestrator.examples.digits.train import HERE, Split, load_split, train_members
 from orchestrator.measuring.bench import Load, closed_loop
 from orchestrator.planning.spec import Ensemble, load_ensemble
 from tests.onnx_models import linear
@@ -185,6 +185,14 @@ def add_baselines(
     with grpcclient.InferenceServerClient(triton_url) as client:
         for name in ("native_combine", "native", "bls"):
             client.load_model(name, headers=dict(headers or {}))  # Chorus's key to Triton
+
+
+def digits_example() -> tuple[Split, Ensemble]:
+    """The digits example's data split and ensemble, its members trained if they are not yet."""
+    split = load_split()
+    if not (HERE / "models" / "mlp.onnx").is_file():
+        train_members(HERE / "models", split)
+    return split, load_ensemble(HERE / "ensemble.yaml")
 
 
 def requests_for(
@@ -542,10 +550,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved; the median is kept")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/baselines.md"))
     args = parser.parse_args()
-    split = load_split()
-    if not (HERE / "models" / "mlp.onnx").is_file():
-        train_members(HERE / "models", split)
-    ensemble = load_ensemble(HERE / "ensemble.yaml")
+    split, ensemble = digits_example()
     root = Path(tempfile.mkdtemp(prefix="chorus-bench-"))
     x = split.x_test
     lines = [

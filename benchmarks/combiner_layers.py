@@ -42,7 +42,7 @@ import numpy as np
 import psutil
 import uvloop
 
-from benchmarks.baselines import descendants, interleaved, requests_for, served
+from benchmarks.baselines import descendants, digits_example, interleaved, requests_for, served
 from benchmarks.profile_combiner import _serve_canned, measured
 from benchmarks.report import publish
 from combiner import metrics
@@ -52,8 +52,6 @@ from combiner.stages.service import EnsembleService
 from combiner.triton.nodes import Nodes
 from combiner.triton.upstream import Upstream
 from orchestrator.deploying.launch import free_port
-from orchestrator.examples.digits.train import HERE, load_split, train_members
-from orchestrator.planning.spec import load_ensemble
 
 CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
 T = TypeVar("T")
@@ -199,10 +197,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/combiner_layers.md"))
     args = parser.parse_args()
-    data = load_split()
-    if not (HERE / "models" / "mlp.onnx").is_file():
-        train_members(HERE / "models", data)
-    ensemble = load_ensemble(HERE / "ensemble.yaml")
+    data, ensemble = digits_example()
     ours = requests_for(ensemble.name, "image", data.x_test)
     floor_port = free_port()
     floor = mp.get_context("spawn").Process(

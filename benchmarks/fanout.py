@@ -14,12 +14,11 @@ import asyncio
 import tempfile
 from pathlib import Path
 
+from benchmarks.baselines import digits_example
 from benchmarks.report import publish
 from combiner.sdk import AsyncEnsembleClient
 from orchestrator.deploying.up import Deployment
-from orchestrator.examples.digits.train import HERE, load_split, train_members
 from orchestrator.measuring.bench import Load, closed_loop
-from orchestrator.planning.spec import load_ensemble
 
 
 def load(url: str, x, batch: int, concurrency: int, seconds: float, deadline_ms) -> Load:
@@ -42,10 +41,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fanout.md"))
     args = parser.parse_args()
-    split = load_split()
-    if not (HERE / "models" / "mlp.onnx").is_file():
-        train_members(HERE / "models", split)
-    ensemble = load_ensemble(HERE / "ensemble.yaml")
+    split, ensemble = digits_example()
     rows = []
     with Deployment(ensemble, Path(tempfile.mkdtemp(prefix="chorus-fanout-"))) as endpoints:
         for batch, concurrency in ((1, 1), (1, 16), (64, 4)):

@@ -35,6 +35,7 @@ from benchmarks.baselines import (
     add_baselines,
     cpu_seconds,
     descendants,
+    digits_example,
     interleaved,
     load,
     requests_for,
@@ -42,7 +43,7 @@ from benchmarks.baselines import (
 )
 from benchmarks.report import publish
 from orchestrator.deploying.launch import free_port
-from orchestrator.examples.digits.train import HERE, load_split, train_members
+from orchestrator.examples.digits.train import HERE
 from orchestrator.planning.spec import load_ensemble
 
 
@@ -314,9 +315,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.py_spy and shutil.which("py-spy") is None:
         parser.error("--py-spy needs py-spy on PATH (pip install py-spy)")
-    data = load_split()
-    if not (HERE / "models" / "mlp.onnx").is_file():
-        train_members(HERE / "models", data)
+    data, _ = digits_example()
     x = data.x_test
     chorus, combiner = split(x, args.seconds, args.rounds, args.py_spy)
     floor_lines, floors = floor(x, args.seconds, args.rounds)
