@@ -10,7 +10,10 @@ children), so the kernel ends the lock when the last of them dies, however it di
 not tell: one given again, or in another PID namespace). At its start a supervisor removes every
 folder of this form that is its user's and whose lock nobody holds, the lock file last (a folder
 removed in part is tried again at the next start). A folder with no lock file (made by a version
-before this one), another user's, or a link is left alone.
+before this one), another user's, or a link is left alone. A folder is judged and emptied through
+a descriptor held open on it, and what it holds through descriptors too, never by a path: a name
+given meanwhile to a link (or to another folder) leads nowhere else; its name is removed last,
+and only while it is still that folder. A start never fails for a folder it cannot remove.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["LOCK_FD_ENV", "MetricsFolder", "keep_from_children", "reclaim_stale"]
@@ -29,6 +32,8 @@ __all__ = ["LOCK_FD_ENV", "MetricsFolder", "keep_from_children", "reclaim_stale"
 _PREFIX = "chorus-metrics-"
 _LOCK = "owner.lock"
 LOCK_FD_ENV = "CHORUS_METRICS_LOCK_FD"  # tells a worker which of its descriptors is the lock
+_DEPTH = 16  # the folders a removal goes down into, at most (prometheus_client writes none)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # never through a link
 
 
 class MetricsFolder:
@@ -40,25 +45,39 @@ class MetricsFolder:
         parent = Path(parent or tempfile.gettempdir())
         self.reclaimed = reclaim_stale(parent)
         self.path = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=parent))  # 0700: ours alone
-        fd = None
+        self._dir = fd = None
         try:
-            taking = self.path / f".{_LOCK}"
+            # the folder held open: what is removed at the end is this folder's content, even
+            # if its name is given meanwhile to a link or to another folder
+            self._dir = os.open(self.path, _DIR)
             # read-write: where flock is emulated with byte-range locks (NFS), an exclusive
             # lock needs a file open for writing
-            fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                f".{_LOCK}",
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                0o600,
+                dir_fd=self._dir,
+            )
             fcntl.flock(fd, fcntl.LOCK_EX)
             # the lock file appears under its name locked already: a supervisor starting
             # meanwhile never finds it unlocked and takes the folder for a dead one's
-            os.rename(taking, self.path / _LOCK)
+            os.rename(f".{_LOCK}", _LOCK, src_dir_fd=self._dir, dst_dir_fd=self._dir)
         except BaseException:
             if fd is not None:
                 os.close(fd)
-            shutil.rmtree(self.path, ignore_errors=True)
+            if self._dir is not None:
+                _remove(self.path, self._dir)
+                os.close(self._dir)
+            else:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
             raise
         self.fd = fd
 
     def remove(self) -> None:
-        _remove(self.path)
+        assert self._dir is not None
+        _remove(self.path, self._dir)
+        os.close(self._dir)
         os.close(self.fd)
 
 
@@ -77,42 +96,24 @@ def keep_from_children() -> None:
 
 
 def reclaim_stale(parent: Path) -> list[Path]:
-    """Remove the metrics folders in ``parent`` whose owners are gone; returns them."""
+    """Remove the metrics folders in ``parent`` whose owners are gone; returns them. Never
+    raises: a folder it cannot judge or remove is left (and said, when removing it failed)."""
     removed: list[Path] = []
     stuck: list[Path] = []
     try:
-        candidates = [p for p in parent.iterdir() if p.name.startswith(_PREFIX)]
+        names = [n for n in os.listdir(parent) if n.startswith(_PREFIX)]
     except OSError:
         return removed
-    for folder in candidates:
+    for name in names:
+        folder = parent / name
         try:
-            info = os.lstat(folder)
-        except OSError:
-            continue
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            continue  # a link, a file, another user's: not ours to judge
-        try:  # (not blocking on a FIFO; not through a link)
-            fd = os.open(folder / _LOCK, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue  # no lock file: another version's, or a folder being made
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # still the folder's lock file: another starting supervisor may have removed the
-            # folder between our open and our lock
-            if not os.path.samestat(os.fstat(fd), os.lstat(folder / _LOCK)):
-                continue
-        except OSError:
-            continue  # its supervisor, or one of its workers, lives (or it is gone)
-        else:  # removed under the lock: nobody can take it meanwhile
-            if _remove(folder):
-                removed.append(folder)
-            else:
-                stuck.append(folder)
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            gone = _reclaim(folder)
+        except Exception:  # (a bug here must not stop the combiner's start)
+            gone = False
+        if gone is True:
+            removed.append(folder)
+        elif gone is False:
+            stuck.append(folder)
     if stuck:
         print(
             f"python -m combiner: cannot remove all of {len(stuck)} metrics folder(s) left by "
@@ -124,23 +125,113 @@ def reclaim_stale(parent: Path) -> list[Path]:
     return removed
 
 
-def _remove(folder: Path) -> bool:
-    """Remove ``folder``, its lock file last: what is left of a removal that fails part way
-    (or is killed) still has it, and is tried again. Whether it is gone."""
-    try:
-        entries = list(folder.iterdir())
+def _reclaim(folder: Path) -> bool | None:
+    """Remove ``folder`` if it is a dead owner's: whether it is gone then, or None where it is
+    not one (a live owner's, another user's, a link, no lock file: not ours to judge)."""
+    try:  # the folder itself, held open: not a link, and what is emptied is what was judged
+        directory = os.open(folder, _DIR | os.O_NONBLOCK)
     except OSError:
-        return not folder.exists()
-    for entry in entries:
-        if entry.name == _LOCK:
-            continue
+        return None  # a link, a file, gone meanwhile
+    try:
+        if os.fstat(directory).st_uid != os.getuid():
+            return None
+        try:  # (not blocking on a FIFO; not through a link)
+            fd = os.open(
+                _LOCK, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory
+            )
+        except OSError:
+            return None  # no lock file: another version's, or a folder being made
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # still the folder's lock file: another starting supervisor may have removed it
+            # between our open and our lock
+            here = os.stat(_LOCK, dir_fd=directory, follow_symlinks=False)
+            if not os.path.samestat(os.fstat(fd), here):
+                return None
+        except OSError:
+            return None  # its supervisor, or one of its workers, lives (or it is gone)
+        else:  # removed under the lock: another supervisor starting meanwhile leaves it
+            return _remove(folder, directory)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(directory)
+
+
+def _remove(folder: Path, directory: int) -> bool:
+    """Empty the folder open at ``directory``, its lock file last (what is left of a removal
+    that fails part way, or is killed, still has it and is tried again), then remove its name
+    ``folder`` if that is still it. Nothing is followed through a link, nor removed outside it.
+    Whether the name is gone."""
+    if _empty(directory, keep=_LOCK):
         with contextlib.suppress(OSError):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            os.unlink(_LOCK, dir_fd=directory)
     with contextlib.suppress(OSError):
-        if [e.name for e in folder.iterdir()] == [_LOCK]:
-            (folder / _LOCK).unlink()
-        folder.rmdir()
-    return not os.path.lexists(folder)
+        if os.path.samestat(os.lstat(folder), os.fstat(directory)):
+            os.rmdir(folder)  # (only if empty: a lock file left keeps it)
+    try:
+        os.lstat(folder)  # still there (it, or what took its name: then not removed either)
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def _empty(top: int, keep: str) -> bool:
+    """Remove what the folder open at ``top`` holds but ``keep``, through descriptors (never by
+    a path a link could redirect), folder by folder without recursion, at most ``_DEPTH`` deep.
+    Whether it holds nothing else now."""
+    stack: list[tuple[int, list[str], str]] = []  # the folders above the one being emptied
+    fd, names = top, [n for n in os.listdir(top) if n != keep]
+    whole = True
+    try:
+        while names or stack:
+            if not names:  # this folder is empty: back up, and remove it
+                os.close(fd)
+                fd, names, name = stack.pop()
+                whole &= _gone(os.rmdir, name, fd)
+                continue
+            name = names.pop()
+            try:
+                os.unlink(name, dir_fd=fd)
+                continue
+            except IsADirectoryError:
+                pass
+            except FileNotFoundError:
+                continue
+            except OSError:
+                whole = False
+                continue
+            if len(stack) >= _DEPTH:
+                whole = False
+                continue
+            try:
+                child = os.open(name, _DIR, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                whole = False
+                continue
+            stack.append((fd, names, name))
+            fd = child
+            try:
+                names = os.listdir(fd)
+            except OSError:
+                names, whole = [], False
+        return whole
+    finally:
+        for opened in [fd, *(f for f, _, _ in stack)]:
+            if opened != top:
+                os.close(opened)
+
+
+def _gone(remove: Callable[..., None], name: str, directory: int) -> bool:
+    """``remove(name, dir_fd=directory)``: whether the name is gone."""
+    try:
+        remove(name, dir_fd=directory)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True

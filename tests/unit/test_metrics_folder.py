@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import signal
+import subprocess
 
 import pytest
 
@@ -94,15 +95,15 @@ def test_the_lock_file_is_locked_whenever_it_has_its_name(tmp_path, monkeypatch)
     rename = os.rename
     seen = []
 
-    def checked(source, target):
-        fd = os.open(source, os.O_RDONLY)
+    def checked(source, target, *, src_dir_fd=None, dst_dir_fd=None):
+        fd = os.open(source, os.O_RDONLY, dir_fd=src_dir_fd)
         try:
             with pytest.raises(BlockingIOError):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(fd)
         seen.append(os.path.basename(target))
-        rename(source, target)
+        rename(source, target, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     monkeypatch.setattr(metrics_folder.os, "rename", checked)
     folder = MetricsFolder(tmp_path)
@@ -210,3 +211,78 @@ def test_a_worker_marks_only_the_folders_lock_close_on_exec(tmp_path, monkeypatc
         os.close(lock)
         os.close(unrelated)
         owner.remove()
+
+
+def _victim(parent):
+    """A folder of someone's work, which no removal may touch."""
+    victim = parent / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "precious.txt").write_text("keep")
+    (victim / "sub" / "also.txt").write_text("keep")
+    return victim
+
+
+def _intact(victim):
+    return sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == [
+        "precious.txt",
+        "sub",
+        "sub/also.txt",
+    ]
+
+
+def test_a_stopping_supervisor_empties_its_own_folder_not_a_link_put_in_its_place(tmp_path):
+    """The folder's name given to a link while the deployment runs: the stop removes what is
+    in the folder it made (wherever it was moved), never what the link points to."""
+    victim = _victim(tmp_path)
+    folder = MetricsFolder(tmp_path)
+    (folder.path / "counter_1.db").touch()
+    moved = tmp_path / "moved"
+    folder.path.rename(moved)
+    folder.path.symlink_to(victim)
+    folder.remove()
+    assert _intact(victim)
+    assert folder.path.is_symlink()  # not ours: left
+    assert list(moved.iterdir()) == []  # ours, emptied
+
+
+def test_a_folder_swapped_for_a_link_after_it_was_judged_leaves_the_target_alone(
+    tmp_path, monkeypatch
+):
+    """The race a neighbour with rights on the folder's parent can run: the dead folder's name
+    given to a link between the lock's check and the removal."""
+    victim = _victim(tmp_path)
+    gone = dead(tmp_path)
+    samestat = os.path.samestat
+    swapped = []
+
+    def then_swap(a, b):
+        same = samestat(a, b)
+        if not swapped:
+            swapped.append(True)
+            gone.rename(tmp_path / "moved")
+            gone.symlink_to(victim)
+        return same
+
+    monkeypatch.setattr(metrics_folder.os.path, "samestat", then_swap)
+    reclaim_stale(tmp_path)
+    monkeypatch.undo()
+    assert swapped and _intact(victim)
+    assert gone.is_symlink()
+    assert not (tmp_path / "moved" / "counter_123.db").exists()  # the dead folder, emptied
+
+
+def test_a_folder_too_deep_to_remove_does_not_stop_the_start(tmp_path, capsys):
+    """1,200 nested folders (deeper than recursion goes): the start goes on, says it, and the
+    rest of the folder is removed."""
+    gone = dead(tmp_path)
+    deep = gone / "d"
+    path = os.fspath(deep)
+    for _ in range(1200):
+        os.mkdir(path)
+        path = os.path.join(path, "d")
+    fresh = MetricsFolder(tmp_path)
+    assert fresh.reclaimed == []
+    assert "cannot remove all of 1 metrics folder" in capsys.readouterr().err
+    assert (gone / "owner.lock").is_file() and not (gone / "counter_123.db").exists()
+    fresh.remove()
+    subprocess.run(["rm", "-rf", gone], check=True)  # (pytest's own clean-up would recurse)
