@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import stat
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["LOCK_FD_ENV", "MetricsFolder", "keep_from_children", "reclaim_stale"]
+__all__ = ["LOCK_FD_ENV", "MetricsFolder", "keep_from_children", "reclaim_stale", "shown"]
 
 _PREFIX = "chorus-metrics-"
 _LOCK = "owner.lock"
@@ -66,8 +67,10 @@ class MetricsFolder:
             if fd is not None:
                 os.close(fd)
             if self._dir is not None:
-                _remove(self.path, self._dir)
-                os.close(self._dir)
+                try:
+                    _remove(self.path, self._dir)
+                finally:
+                    os.close(self._dir)
             else:
                 with contextlib.suppress(OSError):
                     self.path.rmdir()
@@ -75,10 +78,16 @@ class MetricsFolder:
         self.fd = fd
 
     def remove(self) -> None:
-        assert self._dir is not None
-        _remove(self.path, self._dir)
-        os.close(self._dir)
-        os.close(self.fd)
+        """Remove the folder (its lock last) and let go of it; once: a second call does
+        nothing (its descriptors' numbers may be another file's by then)."""
+        directory, self._dir = self._dir, None
+        if directory is None:
+            return
+        try:
+            _remove(self.path, directory)
+        finally:
+            os.close(directory)
+            os.close(self.fd)
 
 
 def keep_from_children() -> None:
@@ -101,13 +110,14 @@ def reclaim_stale(parent: Path) -> list[Path]:
     removed: list[Path] = []
     stuck: list[Path] = []
     try:
+        device = os.stat(parent).st_dev
         names = [n for n in os.listdir(parent) if n.startswith(_PREFIX)]
     except OSError:
         return removed
     for name in names:
         folder = parent / name
         try:
-            gone = _reclaim(folder)
+            gone = _reclaim(folder, device)
         except Exception:  # (a bug here must not stop the combiner's start)
             gone = False
         if gone is True:
@@ -115,25 +125,32 @@ def reclaim_stale(parent: Path) -> list[Path]:
         elif gone is False:
             stuck.append(folder)
     if stuck:
-        print(
-            f"python -m combiner: cannot remove all of {len(stuck)} metrics folder(s) left by "
-            f"combiners that were killed (tried again at the next start): "
-            + ", ".join(map(str, stuck[:3]))
-            + (f" and {len(stuck) - 3} more" if len(stuck) > 3 else ""),
-            file=sys.stderr,
-        )
+        with contextlib.suppress(OSError, ValueError):  # (no stderr to say it on)
+            print(
+                f"python -m combiner: cannot remove all of {len(stuck)} metrics folder(s) left "
+                f"by combiners that were killed (tried again at the next start): " + shown(stuck),
+                file=sys.stderr,
+            )
     return removed
 
 
-def _reclaim(folder: Path) -> bool | None:
+def shown(folders: list[Path]) -> str:
+    """The first three of ``folders``, quoted (a name may hold a line break), and how many more."""
+    more = len(folders) - 3
+    return ", ".join(repr(str(f)) for f in folders[:3]) + (f" and {more} more" if more > 0 else "")
+
+
+def _reclaim(folder: Path, device: int) -> bool | None:
     """Remove ``folder`` if it is a dead owner's: whether it is gone then, or None where it is
-    not one (a live owner's, another user's, a link, no lock file: not ours to judge)."""
+    not one (a live owner's, another user's, a link, another file system mounted there, no lock
+    file: not ours to judge)."""
     try:  # the folder itself, held open: not a link, and what is emptied is what was judged
         directory = os.open(folder, _DIR | os.O_NONBLOCK)
     except OSError:
         return None  # a link, a file, gone meanwhile
     try:
-        if os.fstat(directory).st_uid != os.getuid():
+        info = os.fstat(directory)
+        if info.st_uid != os.getuid() or info.st_dev != device:
             return None
         try:  # (not blocking on a FIFO; not through a link)
             fd = os.open(
@@ -161,47 +178,78 @@ def _reclaim(folder: Path) -> bool | None:
 
 
 def _remove(folder: Path, directory: int) -> bool:
-    """Empty the folder open at ``directory``, its lock file last (what is left of a removal
-    that fails part way, or is killed, still has it and is tried again), then remove its name
-    ``folder`` if that is still it. Nothing is followed through a link, nor removed outside it.
-    Whether the name is gone."""
-    if _empty(directory, keep=_LOCK):
-        with contextlib.suppress(OSError):
-            os.unlink(_LOCK, dir_fd=directory)
-    with contextlib.suppress(OSError):
-        if os.path.samestat(os.lstat(folder), os.fstat(directory)):
-            os.rmdir(folder)  # (only if empty: a lock file left keeps it)
+    """Empty the folder open at ``directory``, then remove its lock file and its name
+    ``folder``, while that name is still it. Nothing is followed through a link, nor removed
+    outside it (another file system mounted in it included). Whether the folder is gone. What is
+    left of a removal that fails part way (or is killed) still has its lock file, and is tried
+    again at the next start: the lock file goes only when nothing else is left, and comes back
+    if something was made meanwhile."""
+    if _mounted_in(folder) or not _empty(directory, keep=_LOCK):
+        return False
     try:
-        os.lstat(folder)  # still there (it, or what took its name: then not removed either)
-    except FileNotFoundError:
-        return True
+        left = os.listdir(directory)
+        if left not in ([], [_LOCK]) or not _is(folder, directory):
+            return False
+        if left:
+            os.unlink(_LOCK, dir_fd=directory)
+    except OSError:
+        return False
+    try:
+        os.rmdir(folder)
+    except OSError:  # filled meanwhile (a leftover writer): the lock file back, unlocked
+        with contextlib.suppress(OSError):
+            os.close(
+                os.open(_LOCK, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=directory)
+            )
+        return False
+    return True
+
+
+def _mounted_in(folder: Path) -> bool:
+    """Whether a file system is mounted in ``folder`` (or at it), as /proc/self/mountinfo says
+    (a bind mount of the same file system shows no other device); True where /proc is but that
+    cannot be read, False without /proc (the device check alone, then)."""
+    inside = os.path.realpath(folder)
+    try:
+        with open("/proc/self/mountinfo", "rb") as table:
+            points = [line.split()[4] for line in table if len(line.split()) > 4]
+    except OSError:
+        return not os.path.exists("/proc/self")  # no /proc at all: the device check alone
+    for point in points:
+        # (spaces and the like are written in octal, as \040)
+        where = os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), point))
+        if where == inside or where.startswith(inside + os.sep):
+            return True
     return False
+
+
+def _is(name: Path, directory: int) -> bool:
+    """Whether ``name`` is the folder open at ``directory`` (not a link, nor one put there)."""
+    try:
+        return os.path.samestat(os.lstat(name), os.fstat(directory))
+    except FileNotFoundError:
+        return False
 
 
 def _empty(top: int, keep: str) -> bool:
     """Remove what the folder open at ``top`` holds but ``keep``, through descriptors (never by
-    a path a link could redirect), folder by folder without recursion, at most ``_DEPTH`` deep.
-    Whether it holds nothing else now."""
-    stack: list[tuple[int, list[str], str]] = []  # the folders above the one being emptied
-    fd, names = top, [n for n in os.listdir(top) if n != keep]
+    a path a link could redirect), folder by folder without recursion, at most ``_DEPTH`` deep,
+    on its file system only. Whether it holds nothing else now."""
+    device = os.fstat(top).st_dev
+    stack: list[tuple[int, list[tuple[str, bool]], str]] = []  # the folders above this one
+    fd, entries = top, [e for e in _entries(top) if e[0] != keep]
     whole = True
     try:
-        while names or stack:
-            if not names:  # this folder is empty: back up, and remove it
-                os.close(fd)
-                fd, names, name = stack.pop()
+        while entries or stack:
+            if not entries:  # this folder is empty: back up, and remove it
+                emptied = fd
+                fd, entries, name = stack.pop()
+                os.close(emptied)
                 whole &= _gone(os.rmdir, name, fd)
                 continue
-            name = names.pop()
-            try:
-                os.unlink(name, dir_fd=fd)
-                continue
-            except IsADirectoryError:
-                pass
-            except FileNotFoundError:
-                continue
-            except OSError:
-                whole = False
+            name, is_dir = entries.pop()
+            if not is_dir:
+                whole &= _gone(os.unlink, name, fd)
                 continue
             if len(stack) >= _DEPTH:
                 whole = False
@@ -213,17 +261,28 @@ def _empty(top: int, keep: str) -> bool:
             except OSError:
                 whole = False
                 continue
-            stack.append((fd, names, name))
-            fd = child
             try:
-                names = os.listdir(fd)
+                listed = _entries(child) if os.fstat(child).st_dev == device else None
             except OSError:
-                names, whole = [], False
+                listed = None
+            if listed is None:  # another file system mounted here, or not readable: left
+                os.close(child)
+                whole = False
+                continue
+            stack.append((fd, entries, name))
+            fd, entries = child, listed
         return whole
     finally:
         for opened in [fd, *(f for f, _, _ in stack)]:
             if opened != top:
                 os.close(opened)
+
+
+def _entries(directory: int) -> list[tuple[str, bool]]:
+    """The names in the folder open at ``directory``, and whether each is a folder (a link
+    is not)."""
+    with os.scandir(directory) as found:
+        return [(e.name, e.is_dir(follow_symlinks=False)) for e in found]
 
 
 def _gone(remove: Callable[..., None], name: str, directory: int) -> bool:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from combiner.config import CombinerConfig, config_digest, served_file
 from combiner.endpoints.auth import Credentials
-from combiner.metrics_folder import LOCK_FD_ENV, MetricsFolder
+from combiner.metrics_folder import LOCK_FD_ENV, MetricsFolder, shown
 from combiner.worker import add_endpoint_arguments
 from combiner.workers import PortInUse, Restarts, claim_ports, die_with_parent
 
@@ -125,12 +125,9 @@ def supervise(
     (``config`` is then required)."""
     folder = MetricsFolder()
     if folder.reclaimed:
-        shown = ", ".join(map(str, folder.reclaimed[:3]))
-        more = len(folder.reclaimed) - 3
         _say(
             f"removed {len(folder.reclaimed)} metrics folder(s) of combiners that were killed: "
-            + shown
-            + (f" and {more} more" if more > 0 else "")
+            + shown(folder.reclaimed)
         )
     metrics_dir = str(folder.path)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, LOCK_FD_ENV: str(folder.fd)}

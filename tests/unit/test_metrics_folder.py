@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -242,7 +244,7 @@ def test_a_stopping_supervisor_empties_its_own_folder_not_a_link_put_in_its_plac
     folder.remove()
     assert _intact(victim)
     assert folder.path.is_symlink()  # not ours: left
-    assert list(moved.iterdir()) == []  # ours, emptied
+    assert [p.name for p in moved.iterdir()] == ["owner.lock"]  # ours, emptied but its lock
 
 
 def test_a_folder_swapped_for_a_link_after_it_was_judged_leaves_the_target_alone(
@@ -275,14 +277,90 @@ def test_a_folder_too_deep_to_remove_does_not_stop_the_start(tmp_path, capsys):
     """1,200 nested folders (deeper than recursion goes): the start goes on, says it, and the
     rest of the folder is removed."""
     gone = dead(tmp_path)
-    deep = gone / "d"
-    path = os.fspath(deep)
-    for _ in range(1200):
-        os.mkdir(path)
-        path = os.path.join(path, "d")
-    fresh = MetricsFolder(tmp_path)
-    assert fresh.reclaimed == []
-    assert "cannot remove all of 1 metrics folder" in capsys.readouterr().err
-    assert (gone / "owner.lock").is_file() and not (gone / "counter_123.db").exists()
-    fresh.remove()
-    subprocess.run(["rm", "-rf", gone], check=True)  # (pytest's own clean-up would recurse)
+    path = os.fspath(gone / "d")
+    try:
+        for _ in range(1200):
+            os.mkdir(path)
+            path = os.path.join(path, "d")
+        fresh = MetricsFolder(tmp_path)
+        assert fresh.reclaimed == []
+        assert "cannot remove all of 1 metrics folder" in capsys.readouterr().err
+        assert (gone / "owner.lock").is_file() and not (gone / "counter_123.db").exists()
+        fresh.remove()
+    finally:  # (pytest's own clean-up would recurse, and fail every later run)
+        subprocess.run(["rm", "-rf", gone], check=True)
+
+
+def test_removing_twice_touches_nothing_the_second_time(tmp_path):
+    """The folder's descriptors are closed by the first removal; their numbers may be another
+    folder's by the second."""
+    victim = _victim(tmp_path)
+    folder = MetricsFolder(tmp_path)
+    folder.remove()
+    reused = os.open(victim, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        folder.remove()
+    finally:
+        os.close(reused)
+    assert _intact(victim)
+
+
+def test_a_folder_written_to_while_it_is_removed_keeps_its_lock_file(tmp_path, monkeypatch):
+    """A process still writing there (a worker's child, say) adds a file after the folder was
+    emptied: the folder gets its lock file back, so the next start tries again."""
+    gone = dead(tmp_path)
+    rmdir = os.rmdir
+
+    def written_first(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(gone):
+            (gone / "gauge_7.db").touch()
+        return rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", written_first)
+    assert reclaim_stale(tmp_path) == []
+    monkeypatch.undo()
+    assert (gone / "owner.lock").is_file()
+    assert reclaim_stale(tmp_path) == [gone]
+
+
+def test_a_folder_moved_away_is_not_said_removed(tmp_path, capsys, monkeypatch):
+    """Moved while it was emptied: its lock file stays with it, and it is not in the list of
+    the folders removed."""
+    gone = dead(tmp_path)
+    moved = tmp_path / "moved"
+    listdir = os.listdir
+
+    def moving(path):  # once emptied (its descriptor listed), the folder is moved
+        if isinstance(path, int) and not moved.exists():
+            gone.rename(moved)
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", moving)
+    assert reclaim_stale(tmp_path) == []
+    monkeypatch.undo()
+    assert (moved / "owner.lock").is_file()
+    assert "cannot remove all of 1" in capsys.readouterr().err
+
+
+UNSHARE = shutil.which("unshare")
+
+
+@pytest.mark.skipif(UNSHARE is None, reason="needs unshare(1)")
+def test_a_file_system_mounted_in_a_dead_folder_is_left_alone(tmp_path):
+    """A bind mount (same device: only the mount table tells) in a dead owner's folder."""
+    victim = _victim(tmp_path)
+    gone = dead(tmp_path)
+    (gone / "sub").mkdir()
+    script = (
+        f"mount --make-rprivate / && mount --bind {victim} {gone / 'sub'} && "
+        f"{sys.executable} -c 'import pathlib, combiner.metrics_folder as m; "
+        f'print(m.reclaim_stale(pathlib.Path("{tmp_path}")))\''
+    )
+    run = subprocess.run(
+        [UNSHARE, "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    if "mount" in run.stderr and run.returncode != 0:
+        pytest.skip(f"cannot mount here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    assert _intact(victim)
