@@ -40,6 +40,7 @@ from orchestrator.deploying.render import (
     render_plan,
 )
 from orchestrator.deploying.up import Deployment, Endpoints
+from orchestrator.deploying.workdir import owning
 from orchestrator.errors import ChorusError, SpecError
 from orchestrator.planning.plan import Plan, load_plan
 from orchestrator.planning.spec import load_ensemble
@@ -116,61 +117,62 @@ def up(
         except PortInUse as e:
             raise SpecError("--grpc-port/--http-port/--metrics-port", "", str(e.strerror)) from None
         workdir = resolve_workdir(ensemble, workdir)
-        cascading = resolve_cascade_options(ensemble, calibration, workdir)
-        plan = (
-            load_plan(plan_file)
-            if plan_file
-            else make_plan(
-                ensemble,
-                None,
-                profile,
-                workdir,
-                shares=cascading.shares,
-                shares_file=cascading.calibration,
-            )
-        )
-        deployment = Deployment(
-            ensemble,
-            workdir,
-            host=host,
-            grpc_port=grpc_port,
-            http_port=http_port,
-            plan=plan,
-            workers=None if workers == "auto" else int(workers),
-            metrics_port=metrics_port or None,  # (0: no metrics endpoint)
-            allow_client_shm=allow_client_shm,
-            token_file=token_file,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            drain_timeout_s=drain_timeout,
-            cascade=cascading.route,
-        )
-
-        def banner(endpoints: Endpoints) -> str:
-            http = endpoints.ensemble_http
-            scheme = "https" if tls_cert else "http"
-            return (
-                f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
-                f"{endpoints.ensemble} (gRPC, KServe v2)"
-                + (f" and {scheme}://{http} (HTTP/REST)" if http else "")
-                + "\n"
-                f"Triton (members) on {endpoints.triton_grpc}, its APIs behind a key only Chorus "
-                f"holds; logs in {workdir} (restarts: events.log)\n"
-                + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
-                + (
-                    f"{plan.data_path().describe()}\n"
-                    if workers == "auto"
-                    else f"combiner: {workers} process(es) (--workers; auto would start "
-                    f"{plan.combiner_workers})\n"
+        with owning(workdir):  # before it profiles or writes there: one deployment a folder
+            cascading = resolve_cascade_options(ensemble, calibration, workdir)
+            plan = (
+                load_plan(plan_file)
+                if plan_file
+                else make_plan(
+                    ensemble,
+                    None,
+                    profile,
+                    workdir,
+                    shares=cascading.shares,
+                    shares_file=cascading.calibration,
                 )
-                + "Ctrl-C to stop"
+            )
+            deployment = Deployment(
+                ensemble,
+                workdir,
+                host=host,
+                grpc_port=grpc_port,
+                http_port=http_port,
+                plan=plan,
+                workers=None if workers == "auto" else int(workers),
+                metrics_port=metrics_port or None,  # (0: no metrics endpoint)
+                allow_client_shm=allow_client_shm,
+                token_file=token_file,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                drain_timeout_s=drain_timeout,
+                cascade=cascading.route,
             )
 
-        events = _Events(workdir / "events.log", out)
-        try:
-            _serve(deployment, events, banner, drain_timeout)
-        finally:
-            events.close()
+            def banner(endpoints: Endpoints) -> str:
+                http = endpoints.ensemble_http
+                scheme = "https" if tls_cert else "http"
+                return (
+                    f"ensemble {ensemble.name!r} ({len(ensemble.members)} members) serving on "
+                    f"{endpoints.ensemble} (gRPC, KServe v2)"
+                    + (f" and {scheme}://{http} (HTTP/REST)" if http else "")
+                    + "\n"
+                    f"Triton (members) on {endpoints.triton_grpc}, its APIs behind a key only "
+                    f"Chorus holds; logs in {workdir} (restarts: events.log)\n"
+                    + (f"metrics on http://{host}:{metrics_port}/metrics\n" if metrics_port else "")
+                    + (
+                        f"{plan.data_path().describe()}\n"
+                        if workers == "auto"
+                        else f"combiner: {workers} process(es) (--workers; auto would start "
+                        f"{plan.combiner_workers})\n"
+                    )
+                    + "Ctrl-C to stop"
+                )
+
+            events = _Events(workdir / "events.log", out)
+            try:
+                _serve(deployment, events, banner, drain_timeout)
+            finally:
+                events.close()
 
 
 def _serve(

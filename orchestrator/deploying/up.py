@@ -50,6 +50,7 @@ from orchestrator.deploying.render import (
     render_config,
     render_plan,
 )
+from orchestrator.deploying.workdir import hold, release
 from orchestrator.errors import ChorusError, LaunchError
 from orchestrator.planning.hardware import Device, discover
 from orchestrator.planning.plan import Plan, one_instance_each
@@ -230,13 +231,17 @@ class Deployment:
         self.combiner: ManagedProcess | None = None
         self._combiner_stop_s = 15.0
         self.endpoints: Endpoints | None = None
+        self._owner = False  # whether it holds its working directory
 
     def start(self) -> Endpoints:
         deadline = time.monotonic() + self.timeout_s
         repo = self.workdir / "repository"
-        render_plan(self.ensemble, self.plan, repo, self.backend)
-        (self.workdir / "plan.json").write_text(self.plan.to_json())
+        if not self._owner:  # before anything is written there (workdir.py)
+            hold(self.workdir)
+            self._owner = True
         try:
+            render_plan(self.ensemble, self.plan, repo, self.backend)
+            (self.workdir / "plan.json").write_text(self.plan.to_json())
             models = [m.name for m in self.ensemble.members]
             if (repo / fanout_name(self.ensemble)).is_dir():
                 models.append(fanout_name(self.ensemble))  # after its members
@@ -417,6 +422,9 @@ class Deployment:
         self._stop_combiner()
         if self.triton is not None:
             self.triton.stop()
+        if self._owner:
+            self._owner = False
+            release(self.workdir)
 
     def __enter__(self) -> Endpoints:
         return self.start()

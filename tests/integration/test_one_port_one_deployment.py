@@ -1,6 +1,7 @@
-"""A deployment answers only for itself: a second one started on a port the first serves is
-refused (exit code 2, naming the port), and every answer on that port still comes from the
-first, on fresh connections, whoever starts the second (``chorus up`` or the combiner alone)."""
+"""A deployment answers only for itself: a second one started on a port the first serves, or in
+its working directory, is refused (exit code 2, naming the port or the folder), and every answer
+on that port still comes from the first, on fresh connections, whoever starts the second
+(``chorus up`` or the combiner alone)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import yaml
 
 from combiner.sdk import EnsembleClient
+from orchestrator.deploying.launch import free_port
 from tests.integration.test_serving import direct_combination
 
 
@@ -81,4 +83,25 @@ def test_a_second_combiner_on_a_served_port_is_refused_before_any_worker(
     assert code == 2, said
     assert f"port {port} on 127.0.0.1 is in use" in said
     assert "combiner.worker" not in said
+    assert wrong_answers(chorus_up.address, ensemble) == 0
+
+
+def test_a_second_chorus_up_in_the_first_ones_folder_is_refused(
+    chorus_up, ensemble, ensemble_file, profile_file, tmp_path
+):
+    """Ports of its own, the first's --workdir: refused before it writes there (it rewrote the
+    first's config and Triton key, and killed its processes as a dead run's); the first keeps
+    its files, its processes and its answers."""
+    workdir = chorus_up.workdir
+    files = {n: (workdir / n).read_bytes() for n in ("combiner.json", "triton.key", "plan.json")}
+    processes = chorus_up.children("tritonserver") | chorus_up.children("combiner")
+    argv = [sys.executable, "-m", "orchestrator", "up", str(ensemble_file)]
+    argv += ["--grpc-port", str(free_port()), "--http-port", "0", "--metrics-port", "0"]
+    argv += ["--profile", str(profile_file), "--workdir", str(workdir)]
+    code, said = run_second(argv, tmp_path / "second.txt")
+    assert code == 2, said
+    assert f"the working directory {workdir.resolve()} is in use by another deployment" in said
+    assert f"pid {chorus_up.process.pid}:" in said  # who holds it
+    assert {n: (workdir / n).read_bytes() for n in files} == files
+    assert chorus_up.children("tritonserver") | chorus_up.children("combiner") == processes
     assert wrong_answers(chorus_up.address, ensemble) == 0

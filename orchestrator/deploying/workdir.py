@@ -1,0 +1,90 @@
+"""One live owner per working directory.
+
+A deployment writes its repository, its plan, the combiner's config and Triton's key into its
+working directory, and takes the processes a session file there names for what a killed run
+left. A second one in the same folder would overwrite the first's files (its combiner, restarted,
+would read a key its Triton does not have) and kill its processes. So whoever deploys there
+(``chorus up``, :class:`~orchestrator.deploying.up.Deployment`) holds an exclusive ``flock`` on
+``WORKDIR/owner.lock`` for as long as it runs, and one that finds it held is refused before it
+writes anything (exit code 2, naming the folder and who holds it). The kernel lets go of the lock
+when its holder dies, however it dies; the lock is this process's alone (close-on-exec), so what
+a killed ``chorus up`` left running does not hold it, and the next run in that folder still
+stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from orchestrator.errors import ChorusError
+
+__all__ = ["WorkdirInUse", "hold", "owning", "release"]
+
+_LOCK = "owner.lock"
+_held: dict[Path, list[int]] = {}  # the folders this process holds: [descriptor, holds]
+
+
+class WorkdirInUse(ChorusError):
+    """Another live process deploys in this working directory."""
+
+    exit_code = 2
+
+
+def hold(workdir: Path) -> None:
+    """Own ``workdir`` (made if missing) until :func:`release`; again in the same process only
+    counts (each hold wants its release)."""
+    folder = workdir.resolve()
+    if folder in _held:
+        _held[folder][1] += 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    try:  # (read-write: an exclusive lock where flock is emulated, NFS, needs it)
+        fd = os.open(folder / _LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ChorusError(f"cannot use the working directory {folder}: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise WorkdirInUse(
+            f"the working directory {folder} is in use by another deployment"
+            + (f" ({holder})" if holder else "")
+            + ": stop it first, or give this one a folder of its own (--workdir)"
+        ) from None
+    except OSError:  # no locks on this file system: serve unguarded rather than not at all
+        pass
+    with contextlib.suppress(OSError):  # who holds it, for the one refused
+        command = shlex.join(sys.argv)
+        said = f"pid {os.getpid()}: {command[:300]}{'...' if len(command) > 300 else ''}\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, said.encode(errors="replace"), 0)
+    _held[folder] = [fd, 1]
+
+
+def release(workdir: Path) -> None:
+    """Let go of one hold of ``workdir``; the lock goes with the last."""
+    folder = workdir.resolve()
+    entry = _held.get(folder)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held[folder]
+        os.close(entry[0])
+
+
+@contextlib.contextmanager
+def owning(workdir: Path) -> Iterator[None]:
+    """Hold ``workdir`` for the block."""
+    hold(workdir)
+    try:
+        yield
+    finally:
+        release(workdir)
