@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import re
@@ -267,12 +268,19 @@ class ClientRegions:
             "(a regular file of the combiner's user with no other name, not a link, on this "
             "host)"
         )
-        try:
-            fd = os.open(self._dir / file_name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:  # O_NONBLOCK: a file under another process's lease is refused, not waited for
+            # (the open would wait in the event loop until the lease breaks: 45 s by default)
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(self._dir / file_name, flags)
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
                 raise _exhausted(
                     "the combiner has no file descriptor left; try again later"
+                ) from None
+            if e.errno == errno.EWOULDBLOCK:
+                raise _invalid(
+                    f"shared-memory region {name!r}: its file is under a lease another process "
+                    "holds (fcntl F_SETLEASE); release it and register again"
                 ) from None
             raise refused from None
         info = os.fstat(fd)
@@ -356,7 +364,7 @@ class ClientRegions:
 def _open_peers() -> set[tuple[str, int]]:
     """The remote ends of this process's established TCP connections."""
     return {
-        (str(c.raddr.ip), int(c.raddr.port))
+        (_host(str(c.raddr.ip)), int(c.raddr.port))
         for c in psutil.Process().net_connections(kind="tcp")
         if c.status == psutil.CONN_ESTABLISHED and c.raddr
     }
@@ -368,7 +376,19 @@ def peer_address(peer: str) -> tuple[str, int] | None:
     host, _, port = rest.rpartition(":")
     if not port.isdigit():
         return None
-    return host.strip("[]"), int(port)
+    return _host(host.strip("[]")), int(port)
+
+
+def _host(address: str) -> str:
+    """One spelling of an address: an IPv4 one mapped into IPv6 (``::ffff:127.0.0.1``, as the
+    socket table shows a dual-stack socket's peer where gRPC says ``ipv4:127.0.0.1``) as IPv4."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 def _invalid(message: str) -> RequestError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -97,6 +98,29 @@ def test_stock_grpc_client_with_input_and_output_in_shared_memory(ensemble, endp
             client.unregister_system_shared_memory(name, headers=H)
         with pytest.raises(InferenceServerException, match="unknown shared-memory region"):
             client.infer("digits", [tensor], headers=H)
+
+
+def test_a_stock_grpc_clients_registration_outlives_the_sweep_while_it_is_connected(
+    ensemble, endpoints, region
+):
+    """The sweep (every 2 s, on a registration or a status call) drops the regions of closed
+    connections only: it took gRPC's peer ``ipv4:127.0.0.1:P`` for gone where the socket table
+    shows the dual-stack socket's ``::ffff:127.0.0.1``, and dropped every gRPC session's."""
+    name, handle = region
+    x = np.random.default_rng(11).random((2, 1, 8, 8), np.float32)
+    shm.set_shared_memory_region(handle, [x])
+    with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
+        client.register_system_shared_memory(name, "/" + name, 4096, headers=H)
+        try:
+            time.sleep(2.5)  # past the sweep's interval
+            status = client.get_system_shared_memory_status(as_json=True, headers=H)
+            assert set(status.get("regions", {})) == {name}
+            tensor = grpcclient.InferInput("image", [2, 1, 8, 8], "FP32")
+            tensor.set_shared_memory(name, x.nbytes)
+            got = client.infer("digits", [tensor], headers=H).as_numpy("probabilities")
+            np.testing.assert_allclose(got, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
+        finally:
+            client.unregister_system_shared_memory(name, headers=H)
 
 
 def test_stock_http_client_with_shared_memory(ensemble, endpoints, region):

@@ -5,6 +5,7 @@ and the SDK across a worker that was killed or replaced."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import http.client
 import json
 import os
@@ -259,3 +260,32 @@ def test_the_sdks_shared_memory_survives_a_killed_worker_and_a_reload(ensemble, 
         config.write_text(json.dumps(doc))
         chorus_up.wait_for("the reload", lambda: served.read_text() != before, timeout=90)
         np.testing.assert_allclose(client.predict(x), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_region_under_a_lease_is_refused_at_once_and_the_worker_goes_on(endpoints, still_serving):
+    """A client that holds a write lease on its own region's file, then registers it: the
+    combiner's open waited in its event loop until the lease broke (45 s by default: every
+    other request on that worker with it); now it is refused at once, naming the lease."""
+    name = f"chorus_client_lease_{os.getpid()}"
+    path = SHM / name
+    with path.open("wb") as f:
+        f.truncate(4096)
+    previous = signal.signal(signal.SIGIO, lambda *_: None)  # the lease's break is asked for
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        with grpcclient.InferenceServerClient(endpoints.ensemble) as client:
+            with pytest.raises(InferenceServerException, match="under a lease") as refused:
+                client.register_system_shared_memory(
+                    "leased",
+                    "/" + name,
+                    4096,
+                    headers={SESSION: uuid.uuid4().hex},
+                    client_timeout=20,  # (not a speed bound: the wait was 45 s)
+                )
+            assert "INVALID_ARGUMENT" in str(refused.value.status())
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+        signal.signal(signal.SIGIO, previous)
+        path.unlink()
