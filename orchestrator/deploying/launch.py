@@ -145,7 +145,11 @@ class ManagedProcess:
         self._ended(0)
         self._reap_earlier_run()
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab" if self.proc is not None else "wb") as out, _signals_held():
+        # the log may hold a failed call's values (other clients' rows): this user's alone
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        flags |= os.O_APPEND if self.proc is not None else os.O_TRUNC
+        with open(os.open(self.log, flags, 0o600), "wb") as out, _signals_held():
+            os.fchmod(out.fileno(), 0o600)  # (one made by an earlier version)
             try:
                 self.proc = subprocess.Popen(
                     self.argv,
@@ -154,6 +158,9 @@ class ManagedProcess:
                     stderr=subprocess.STDOUT,
                     env=self.env,
                     start_new_session=True,
+                    # what it makes is this user's alone: Triton's Python backend passes each
+                    # request's tensors through shared memory it creates (0644 by default)
+                    umask=0o077,
                     preexec_fn=functools.partial(die_with_parent, self.death_signal),
                 )
             except OSError as e:

@@ -7,6 +7,7 @@ Triton's address when the members cannot be reached."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from combiner.sdk import EnsembleClient, Unavailable
 from combiner.triton.upstream import KEY_HEADER, MemberError, Upstream
 from combiner.triton.watch import TritonWatch
 from orchestrator.deploying.launch import TritonServer, free_port
+from tests.integration.processes import descendants
 from tests.integration.toy import BROKEN, combiner, toy_config, toy_triton
 
 KEY = f"triton-grpc-protocol-{KEY_HEADER}"
@@ -221,3 +223,40 @@ def test_a_listener_of_another_user_on_tritons_port_is_never_trusted(tmp_path: P
         assert not ready
         assert reason.endswith("is held by uid 65534, not this user's Triton"), reason
     assert said.split() == ["GOT", "0"], said
+
+
+def _shm_files(pid: int) -> set[Path]:
+    """The shared-memory files a process maps or holds open."""
+    files = set()
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            path = line.split(maxsplit=5)[-1]
+            if path.startswith("/dev/shm/"):
+                files.add(Path(path.removesuffix(" (deleted)")))
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("/dev/shm/"):
+                    files.add(Path(target.removesuffix(" (deleted)")))
+    return files
+
+
+def test_what_holds_clients_tensors_is_the_deployments_user_alone(deployment, endpoints) -> None:
+    """The combiner's shared memory (each batch's input, the members' outputs) and the logs (a
+    failed call's text may hold other clients' values) are for the deployment's user alone: the
+    logs were 0644. (Triton's Python backend makes its own regions 0644 whatever the umask:
+    SECURITY.md.)"""
+    with EnsembleClient(endpoints.ensemble) as client:  # the regions hold a request's tensors
+        client.predict(np.zeros((1, 1, 8, 8), np.float32))
+    assert deployment.combiner is not None and deployment.combiner.pid is not None
+    combiner = deployment.combiner.pid
+    files = set().union(*(_shm_files(p) for p in {combiner} | descendants(combiner)))
+    assert files, "the combiner maps no shared memory"
+    assert {f: oct(f.stat().st_mode & 0o777) for f in files if f.stat().st_mode & 0o077} == {}
+    logs = {p.name: oct(p.stat().st_mode & 0o777) for p in deployment.workdir.glob("*.log")}
+    assert {"tritonserver.log", "combiner.log"} <= set(logs), logs
+    assert {n: m for n, m in logs.items() if n in ("tritonserver.log", "combiner.log")} == {
+        "tritonserver.log": "0o600",
+        "combiner.log": "0o600",
+    }
