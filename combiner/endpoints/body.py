@@ -38,10 +38,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit, f"Content-Length is {request.content_length}")
     raw = bytearray()
-    async for chunk in request.content.iter_any():
-        raw += chunk
-        if len(raw) > limit:
-            raise _too_large(limit, "the body is longer")
+    try:
+        async for chunk in request.content.iter_any():
+            raw += chunk
+            if len(raw) > limit:
+                raise _too_large(limit, "the body is longer")
+    except ConnectionResetError:  # the client went away first: its doing, not a bug (no log)
+        raise BodyError(400, "the connection closed before the body ended") from None
     if encoding in ("identity", ""):
         return bytes(raw)
     return await inflate(bytes(raw), encoding, limit)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -191,3 +193,26 @@ def test_concurrent_distinct_requests_each_get_their_own_answer(ensemble, endpoi
 
     for x, answer in zip(xs, asyncio.run(go()), strict=True):
         np.testing.assert_allclose(answer, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
+
+
+def test_clients_that_leave_mid_body_are_not_each_a_traceback_in_the_log(
+    deployment, endpoints, still_serving
+):
+    """A client gone before its body ended is the client's doing, not a bug: it wrote ~20
+    lines of traceback a connection (megabytes a minute from one client), and no limit."""
+    assert endpoints.ensemble_http is not None
+    host, _, port = endpoints.ensemble_http.rpartition(":")
+    log = deployment.workdir / "combiner.log"
+    before = log.stat().st_size
+    for _ in range(20):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(
+                b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b"{" * 10
+            )
+            time.sleep(0.02)  # read by then: the handler waits for the rest
+    time.sleep(0.5)
+    with log.open("rb") as f:
+        f.seek(before)
+        added = f.read().decode(errors="replace")
+    assert "Traceback" not in added and "failed unexpectedly" not in added, added[-2000:]
