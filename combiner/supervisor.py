@@ -165,12 +165,14 @@ def supervise(
             reported = True
         if metrics_port is not None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import CollectorRegistry
             from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+            from combiner.metrics_endpoint import serve_metrics
 
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=metrics_dir)
-            start_http_server(metrics_port, addr=host, registry=registry)
+            serve_metrics(host, metrics_port, registry)
         retry_at = 0.0  # a reload that failed is tried again, after a while
         while not stop.wait(0.2):
             current_digest = _digest(config)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import socket
+import time
 import urllib.request
 
 import numpy as np
@@ -147,3 +149,26 @@ def test_client_shared_memory_is_off_unless_allowed(two_workers):
         http.close()
     finally:
         shm.destroy_shared_memory_region(handle)
+
+
+def test_idle_connections_to_the_metrics_port_hold_no_thread_for_long(two_workers):
+    """The metrics port is the supervisor's (the process that restarts the workers): each
+    connection held a thread of it for as long as the client kept it open, without limit."""
+    import psutil
+
+    deployment, _, url = two_workers
+    assert deployment.combiner is not None and deployment.combiner.pid is not None
+    supervisor = psutil.Process(deployment.combiner.pid)
+    threads = supervisor.num_threads()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
+    try:
+        for s in idle[::2]:
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")  # half a request, then nothing
+        time.sleep(1)
+        assert supervisor.num_threads() <= threads + 20  # bounded, whoever connects
+        text = urllib.request.urlopen(url, timeout=20).read().decode()
+        assert "chorus_requests_total" in text  # and it still answers
+    finally:
+        for s in idle:
+            s.close()
