@@ -52,9 +52,9 @@ from combiner.triton.shm import POOL_NAME
 __all__ = ["CLIENT_PREFIX", "NOBODY", "SESSION_HEADER", "Caller", "ClientRegion", "ClientRegions"]
 
 log = logging.getLogger("chorus.combiner.shm")
-_KEY = re.compile(r"^/?(chorus_client_[A-Za-z0-9_.-]{1,200})$")
-_REGION_NAME = re.compile(r"^[\x21-\x7e]{1,256}$")
-_SESSION = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
+_KEY = re.compile(r"/?(chorus_client_[A-Za-z0-9_.-]{1,200})")  # (fullmatch: no line break)
+_REGION_NAME = re.compile(r"[\x21-\x7e]{1,256}")
+_SESSION = re.compile(r"[A-Za-z0-9_-]{32,128}")
 _SWEEP_EVERY_S = 2.0
 
 
@@ -72,7 +72,7 @@ class Caller:
         """The key its registrations are kept under; None for a gRPC caller without a session
         (it has none)."""
         if self.session is not None:
-            if not _SESSION.match(self.session):
+            if not _SESSION.fullmatch(self.session):
                 raise _invalid(
                     f"header {SESSION_HEADER!r} must be 32-128 letters, digits, '_' or '-' "
                     "(a secret of the client's own, e.g. uuid4().hex)"
@@ -198,7 +198,7 @@ class ClientRegions:
         self._check_enabled()
         owner = caller.required_owner()
         self.sweep()
-        if not _REGION_NAME.match(name):
+        if not _REGION_NAME.fullmatch(name):
             raise _invalid("a shared-memory region needs a name of 1-256 printable characters")
         mine = self._owners[owner].regions if owner in self._owners else {}
         if name in mine:
@@ -206,7 +206,7 @@ class ClientRegions:
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"shared-memory region {name!r} is already registered; unregister it first",
             )
-        match = _KEY.match(key)
+        match = _KEY.fullmatch(key)
         if match is None or POOL_NAME.match(match.group(1)):
             raise _invalid(
                 f"shared-memory region {name!r}: this endpoint opens only keys "

@@ -188,6 +188,13 @@ def _json_bytes(name: str, datatype: str, shape: list[int], data: object) -> byt
                 f"input {name!r}: 'data' value {bad[1]!r} at index {bad[0]} is not a {datatype} "
                 f"integer (from {info.min} to {info.max})"
             )
+    if np.dtype(dtype).kind == "f":  # numpy would take true for 1.0
+        bad = next(((i, v) for i, v in enumerate(values) if isinstance(v, bool)), None)
+        if bad is not None:
+            raise invalid(
+                f"input {name!r}: 'data' value {bad[1]!r} at index {bad[0]} is not a "
+                f"{datatype} number"
+            )
     try:
         with np.errstate(over="ignore"):  # a float too large for FP16/FP32 is inf: refused below
             array = np.asarray(values, dtype=dtype)

@@ -157,6 +157,11 @@ class RequestReader:
                     offset, need, f"input {tensor.name!r}"
                 )
             else:
+                if raw and tensor.HasField("contents") and tensor.contents.ListFields():
+                    raise _invalid(
+                        f"input {tensor.name!r} is sent both in raw_input_contents and in "
+                        "contents: send one"
+                    )
                 content = raw[next_raw] if raw else _typed_bytes(tensor, info)
                 next_raw += 1
             if len(content) != need:
@@ -290,4 +295,10 @@ def _typed_bytes(tensor: service_pb2.ModelInferRequest.InferInputTensor, info: T
     if field is None:
         raise _invalid(f"input {tensor.name!r} of {info.dtype} must be sent as raw bytes")
     values = getattr(tensor.contents, field)
+    given = [f.name for f, _ in tensor.contents.ListFields()] if not values else []
+    if given:
+        raise _invalid(
+            f"input {tensor.name!r} of {info.dtype} takes its values in contents.{field}; the "
+            f"request sets contents.{given[0]}"
+        )
     return np.asarray(values, dtype=triton_to_np_dtype(info.dtype)).tobytes()

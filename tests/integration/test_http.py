@@ -155,6 +155,13 @@ MALFORMED = {
         {},
         "'data' must hold numbers, found str",
     ),
+    "booleans for FP32": (  # numpy took true for 1.0
+        json.dumps(
+            {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [True]}]}
+        ).encode(),
+        {},
+        "'data' value True at index 0 is not a FP32 number",
+    ),
 }
 
 

@@ -51,6 +51,20 @@ def test_only_keys_with_the_client_prefix_are_opened(tmp_path):
     assert len(regions) == 0
 
 
+def test_a_line_break_ends_neither_a_key_nor_a_name(tmp_path):
+    """``$`` matches before a final line break: the key named the file without it, and the name
+    kept it (a forged line wherever it is shown)."""
+    regions = ClientRegions(enabled=True, shm_dir=tmp_path)
+    region_file(tmp_path, "chorus_client_a")
+    with refused(match="opens only keys"):
+        regions.register(PEER, "r", "/chorus_client_a\n", 0, 64)
+    with refused(match="1-256 printable characters"):
+        regions.register(PEER, "r\n", "/chorus_client_a", 0, 64)
+    with refused(match="session"):
+        Caller("a" * 32 + "\n", "ipv4:127.0.0.1:1").required_owner()
+    assert len(regions) == 0
+
+
 def test_a_link_or_anything_but_a_regular_file_is_refused_without_saying_what_it_is(tmp_path):
     target = region_file(tmp_path, "secret.txt")
     (tmp_path / "chorus_client_link").symlink_to(target)

@@ -210,3 +210,34 @@ def _parameters(draw: Any, target: Any) -> None:
 @given(grpc_requests(), st.booleans())
 def test_any_grpc_inference_request_decodes_or_is_refused_in_the_protocol(request, enabled):
     decode(request, enabled)
+
+
+def _refusal(request: service_pb2.ModelInferRequest) -> str:
+    reader = RequestReader(CONFIG, OUTPUTS, ClientRegions(enabled=False))
+    try:
+        reader.parse(request, CALLER)
+    except RequestError as e:
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+        return str(e)
+    raise AssertionError("accepted")
+
+
+def _image(**contents: list[Any]) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="digits")
+    tensor = request.inputs.add(name="image", datatype="FP32", shape=[1, 1, 8, 8])
+    for field, values in contents.items():
+        getattr(tensor.contents, field).extend(values)
+    return request
+
+
+def test_values_in_the_wrong_contents_field_are_named():
+    """int_contents for an FP32 input was refused as 'carries 0 bytes'."""
+    said = _refusal(_image(int_contents=[1] * 64))
+    assert "takes its values in contents.fp32_contents" in said and "int_contents" in said
+
+
+def test_raw_and_typed_contents_together_are_refused():
+    """The typed values were silently dropped for the raw bytes."""
+    request = _image(fp32_contents=[0.5] * 64)
+    request.raw_input_contents.append(bytes(256))
+    assert "both in raw_input_contents and in contents" in _refusal(request)
