@@ -74,6 +74,12 @@ async def inflate(data: bytes, encoding: str, limit: int) -> bytes:
         raise _too_large(limit, "the body inflates to more")
     if not inflater.eof:
         raise BodyError(400, f"the {encoding} body ends before its stream does")
+    if inflater.unused_data:  # (dropped, it would go unread: a second gzip member, or junk)
+        raise BodyError(
+            400,
+            f"the {encoding} body goes on for {len(inflater.unused_data)} bytes after its "
+            "stream ends; send one stream",
+        )
     return bytes(out)
 
 

@@ -40,3 +40,13 @@ def test_broken_or_truncated_streams_are_bad_requests():
         with pytest.raises(BodyError) as e:
             asyncio.run(inflate(body, "gzip", 1 << 20))
         assert e.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "after", [gzip.compress(b'{"more": 1}'), b"junk"], ids=["a second gzip member", "junk"]
+)
+def test_what_follows_the_stream_is_refused_not_dropped(after):
+    body = gzip.compress(b'{"inputs": []}') + after
+    with pytest.raises(BodyError, match="after its stream ends") as e:
+        asyncio.run(inflate(body, "gzip", 1 << 20))
+    assert e.value.status == 400
