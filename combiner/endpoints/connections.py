@@ -113,41 +113,6 @@ class _Refused(asyncio.Protocol):
         self._timer.cancel()
 
 
-class _HalfClose(asyncio.Protocol):
-    """aiohttp's protocol for one connection, but for a client that shuts down its writing side
-    (``shutdown(SHUT_WR)``): a request it sent whole is still answered, then the connection
-    closes (aiohttp closed it at once, the answer lost); with nothing to answer, or a body cut
-    short, or over TLS (which has no half-close), it closes now."""
-
-    def __init__(self, handler: RequestHandler) -> None:
-        self.handler = handler
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._tls = transport.get_extra_info("sslcontext") is not None
-        self.handler.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.handler.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        handler = self.handler
-        current = getattr(handler, "_current_request", None)
-        busy = getattr(handler, "_request_in_progress", False) or getattr(handler, "_messages", ())
-        if self._tls or not busy or (current is not None and not current.content.is_eof()):
-            return None  # (the transport closes)
-        handler.close()  # no request after this one
-        return True  # (the transport stays open to write the answer)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.handler.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.handler.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.handler.resume_writing()
-
-
 class BoundedSite(web.TCPSite):
     """aiohttp's TCP site, holding at most ``limit`` connections (see the module's
     docstring). The app must have busy tracking (:func:`add_busy_tracking`)."""
@@ -167,7 +132,7 @@ class BoundedSite(web.TCPSite):
             if idle is None:
                 return _Refused()
             idle.force_close()
-        return _HalfClose(server())
+        return server()
 
     async def start(self) -> None:  # TCPSite.start, with the bounded protocol factory
         await web.BaseSite.start(self)
