@@ -295,10 +295,10 @@ def _typed_bytes(tensor: service_pb2.ModelInferRequest.InferInputTensor, info: T
     if field is None:
         raise _invalid(f"input {tensor.name!r} of {info.dtype} must be sent as raw bytes")
     values = getattr(tensor.contents, field)
-    given = [f.name for f, _ in tensor.contents.ListFields()] if not values else []
-    if given:
+    other = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+    if other:  # (alone, or beside the right one: either way not read)
         raise _invalid(
             f"input {tensor.name!r} of {info.dtype} takes its values in contents.{field}; the "
-            f"request sets contents.{given[0]}"
+            f"request sets contents.{other[0]}"
         )
     return np.asarray(values, dtype=triton_to_np_dtype(info.dtype)).tobytes()

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import os
 import shlex
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,14 +45,24 @@ def hold(workdir: Path) -> None:
         _held[folder][1] += 1
         return
     folder.mkdir(parents=True, exist_ok=True)
-    try:  # (read-write: an exclusive lock where flock is emulated, NFS, needs it)
-        fd = os.open(folder / _LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    lock = folder / _LOCK
+    try:  # (read-write: an exclusive lock where flock is emulated, NFS, needs it; not waiting
+        # on a FIFO, nor through a link)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(lock, flags, 0o600)
     except OSError as e:
-        raise ChorusError(f"cannot use the working directory {folder}: {e.strerror}") from e
+        raise ChorusError(
+            f"cannot use the working directory {folder} ({lock}: {e.strerror})"
+        ) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ChorusError(f"cannot use the working directory {folder}: {lock} is not a file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
+        holder = ""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
         os.close(fd)
         raise WorkdirInUse(
             f"the working directory {folder} is in use by another deployment"

@@ -232,8 +232,12 @@ def _image(**contents: list[Any]) -> service_pb2.ModelInferRequest:
 
 def test_values_in_the_wrong_contents_field_are_named():
     """int_contents for an FP32 input was refused as 'carries 0 bytes'."""
-    said = _refusal(_image(int_contents=[1] * 64))
-    assert "takes its values in contents.fp32_contents" in said and "int_contents" in said
+    for contents in (
+        {"int_contents": [1] * 64},
+        {"fp32_contents": [0.5] * 64, "int_contents": [1]},
+    ):
+        said = _refusal(_image(**contents))
+        assert "takes its values in contents.fp32_contents" in said and "int_contents" in said
 
 
 def test_raw_and_typed_contents_together_are_refused():

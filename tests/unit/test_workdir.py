@@ -3,12 +3,14 @@ refused while the owner lives, and not once it is gone, however it went."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from orchestrator.deploying.workdir import WorkdirInUse, hold, owning, release
+from orchestrator.errors import ChorusError
 
 HOLDER = """
 import sys, time
@@ -76,3 +78,10 @@ def test_what_it_starts_does_not_hold_it(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_lock_file_that_is_not_a_file_is_refused_by_name(tmp_path):
+    """A FIFO in its place (a traceback before: an illegal seek reading who held it)."""
+    os.mkfifo(tmp_path / "owner.lock")
+    with pytest.raises(ChorusError, match=r"owner\.lock is not a file"):
+        hold(tmp_path)
