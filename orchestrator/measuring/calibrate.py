@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from orchestrator.deploying.launch import ServerBinary, TritonServer, find_tritonserver
 from orchestrator.deploying.render import pick_backend, render_plan
+from orchestrator.deploying.workdir import owning
 from orchestrator.errors import ChorusError
 from orchestrator.measuring.progress import Phase, ProfileProgress
 from orchestrator.planning.hardware import Device, discover
@@ -44,7 +45,7 @@ def member_outputs(
     ensemble's order of members; ``workdir`` holds the repository and Triton's log."""
     names = [m.name for m in ensemble.members]
     plan = one_instance_each(ensemble.name, names, devices or discover(), ensemble.max_batch_size)
-    with ProfileProgress(show_progress) as progress:
+    with owning(workdir), ProfileProgress(show_progress) as progress:  # (workdir.py)
         with progress.doing("finding tritonserver and rendering the members' repository"):
             binary = binary or find_tritonserver()
             repo = workdir / "repository"

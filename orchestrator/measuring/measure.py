@@ -24,6 +24,7 @@ import tritonclient.grpc as grpcclient
 
 from orchestrator.deploying.launch import ServerBinary, TritonServer, find_tritonserver
 from orchestrator.deploying.render import InstanceGroup, pick_backend, render_repository
+from orchestrator.deploying.workdir import owning
 from orchestrator.measuring.host_costs import (
     Alone,
     Calls,
@@ -61,7 +62,21 @@ def measure_profile(
     show_progress: bool = True,
 ) -> Profile:
     """Measure every member on each kind of local device (the first GPU, and the CPU), then
-    what serving costs beyond them on the CPU; ``show_progress``: each step on stderr."""
+    what serving costs beyond them on the CPU; ``show_progress``: each step on stderr. The
+    working directory is held meanwhile (:mod:`orchestrator.deploying.workdir`): another
+    deployment's Triton there would be taken for a dead run's and stopped."""
+    with owning(workdir):
+        return _measure(ensemble, workdir, devices, seconds_per_point, binary, show_progress)
+
+
+def _measure(
+    ensemble: Ensemble,
+    workdir: Path,
+    devices: tuple[Device, ...] | None,
+    seconds_per_point: float,
+    binary: ServerBinary | None,
+    show_progress: bool,
+) -> Profile:
     devices = devices if devices is not None else discover()
     targets = [d for d in devices if d.kind == "gpu"][:1] + [d for d in devices if d.kind == "cpu"]
     results: dict[str, dict[str, Curve]] = {m.name: {} for m in ensemble.members}

@@ -105,3 +105,23 @@ def test_a_second_chorus_up_in_the_first_ones_folder_is_refused(
     assert {n: (workdir / n).read_bytes() for n in files} == files
     assert chorus_up.children("tritonserver") | chorus_up.children("combiner") == processes
     assert wrong_answers(chorus_up.address, ensemble) == 0
+
+
+def test_chorus_profile_in_a_held_folder_is_refused_before_its_triton(ensemble_file, tmp_path):
+    """A profile's Triton in the folder of a deployment that profiles took that one's Triton
+    (same session file) for a dead run's and stopped it."""
+    from tests.unit.test_workdir import other_process_holds
+
+    workdir = tmp_path / "held"
+    holder = other_process_holds(workdir)
+    try:
+        argv = [sys.executable, "-m", "orchestrator", "profile", str(ensemble_file)]
+        code, said = run_second([*argv, "--workdir", str(workdir)], tmp_path / "profile.txt")
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    assert code == 2, said
+    assert f"{workdir.resolve()} is in use by another deployment (pid {holder.pid}:" in said
+    assert not (workdir / "profile").exists()  # no Triton was started there
