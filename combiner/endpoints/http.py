@@ -12,13 +12,14 @@ body too large) included, is ``{"error": "..."}`` with the HTTP status of its gR
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from combiner import __version__
 from combiner.config import TensorInfo
@@ -63,19 +64,34 @@ def make_app(service: EnsembleService, credentials: Credentials | None = None) -
     app.router.add_get("/v2/health/live", _live)
     app.router.add_get("/v2/health/ready", _ready)
     app.router.add_get("/v2", _server_metadata)
-    app.router.add_post("/v2/repository/index", _repository_index)
+    app.router.add_post("/v2/repository/index", _repository_index, expect_handler=_continue)
     shm = "/v2/systemsharedmemory"
     app.router.add_get(shm + "/status", _shm_status)
     app.router.add_get(shm + "/region/{region}/status", _shm_status)
-    app.router.add_post(shm + "/region/{region}/register", _shm_register)
-    app.router.add_post(shm + "/unregister", _shm_unregister)
-    app.router.add_post(shm + "/region/{region}/unregister", _shm_unregister)
+    app.router.add_post(shm + "/region/{region}/register", _shm_register, expect_handler=_continue)
+    app.router.add_post(shm + "/unregister", _shm_unregister, expect_handler=_continue)
+    app.router.add_post(
+        shm + "/region/{region}/unregister", _shm_unregister, expect_handler=_continue
+    )
     for base in (model, versioned):
         app.router.add_get(base, _model_metadata)
         app.router.add_get(base + "/ready", _model_ready)
         app.router.add_get(base + "/config", _model_config)
-        app.router.add_post(base + "/infer", _infer)
+        app.router.add_post(base + "/infer", _infer, expect_handler=_continue)
     return app
+
+
+async def _continue(request: web.Request) -> None:
+    """aiohttp's answer to ``Expect: 100-continue``, but a client gone before it is sent is
+    not an error to log (aiohttp logged a traceback for each): its body, read next, is cut
+    short (answered 400, to nobody)."""
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11:
+        if expect.lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+        with contextlib.suppress(ConnectionResetError):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # (not the answer's bytes)
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -218,8 +218,43 @@ def test_clients_that_leave_mid_body_are_not_each_a_traceback_in_the_log(
                 b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b"{" * 10
             )
             time.sleep(0.02)  # read by then: the handler waits for the rest
-    time.sleep(0.5)
+    for _ in range(20):  # asked for a 100 Continue, gone before it is sent
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(
+                b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                b"Content-Type: application/json\r\nExpect: 100-continue\r\n\r\n"
+            )
+    time.sleep(1.0)
     with log.open("rb") as f:
         f.seek(before)
         added = f.read().decode(errors="replace")
     assert "Traceback" not in added and "failed unexpectedly" not in added, added[-2000:]
+    assert "Error handling request" not in added, added[-2000:]
+
+
+def test_a_client_that_waits_for_100_continue_gets_it_then_the_answer(endpoints):
+    """(curl does so for bodies over 1 KiB.)"""
+    assert endpoints.ensemble_http is not None
+    host, _, port = endpoints.ensemble_http.rpartition(":")
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+            ]
+        }
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            + f"\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = s.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert json.loads(payload)["outputs"][0]["shape"] == [1, 10]
