@@ -3,16 +3,17 @@ limit has a value.
 
 prometheus_client's own server gives each connection a thread for as long as the client keeps
 it open, however many there are; here it is the supervisor's, the process that restarts the
-workers. So a connection that sends nothing for ``TIMEOUT_S`` is closed, and at most
-``CONNECTIONS`` are open at once: one more closes the oldest (a scrape takes milliseconds, so
-the oldest is one that holds its connection without asking; a flood evicts itself), and a
-scraper is answered whoever else connects.
+workers. So a connection that sends nothing for ``TIMEOUT_S`` is closed (without a word in the
+log: a client's doing), and at most ``CONNECTIONS`` are open at once: one more closes the oldest
+(a scrape takes milliseconds, so the oldest is usually one that holds its connection without
+asking; a flood mostly evicts itself, though a scrape caught behind many newcomers is cut too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import threading
 from collections import OrderedDict
 from socketserver import ThreadingMixIn
@@ -48,6 +49,12 @@ class _Server(ThreadingMixIn, WSGIServer):
                     oldest.shutdown(socket.SHUT_RDWR)
             self._open[id(request)] = request
         super().process_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that timed out or broke is the client's doing: nothing to log (the
+        default prints a traceback each time, to the supervisor's log)."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:

@@ -4,6 +4,7 @@ stopped), ``regenerate-configs`` (plan again and switch the running Tritons to i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -233,7 +234,7 @@ class _Events:
             file.parent.mkdir(parents=True, exist_ok=True)
             # O_NONBLOCK: a FIFO without a reader is ENXIO at once, not a wait for one
             flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
-            fd = os.open(file, flags, 0o644)
+            fd = os.open(file, flags, 0o600)  # (a failure's log tail may go there)
         except OSError as e:
             self._unusable(e.strerror or str(e))
             return
@@ -242,6 +243,8 @@ class _Events:
             os.close(fd)
             self._unusable("not a regular file")
             return
+        with contextlib.suppress(OSError):  # (one an earlier version made 0644)
+            os.fchmod(fd, 0o600)
         self._fd = fd
         size = status.st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut short (a full disk)

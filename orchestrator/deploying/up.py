@@ -231,14 +231,13 @@ class Deployment:
         self.combiner: ManagedProcess | None = None
         self._combiner_stop_s = 15.0
         self.endpoints: Endpoints | None = None
-        self._owner = False  # whether it holds its working directory
+        self._owner: Path | None = None  # its working directory, while it holds it
 
     def start(self) -> Endpoints:
         deadline = time.monotonic() + self.timeout_s
         repo = self.workdir / "repository"
-        if not self._owner:  # before anything is written there (workdir.py)
-            hold(self.workdir)
-            self._owner = True
+        if self._owner is None:  # before anything is written there (workdir.py)
+            self._owner = hold(self.workdir)
         try:
             render_plan(self.ensemble, self.plan, repo, self.backend)
             (self.workdir / "plan.json").write_text(self.plan.to_json())
@@ -419,12 +418,14 @@ class Deployment:
     def stop(self) -> None:
         """Stop the combiner (it answers what it accepted, up to the drain timeout), then
         Triton; safe to call more than once."""
-        self._stop_combiner()
-        if self.triton is not None:
-            self.triton.stop()
-        if self._owner:
-            self._owner = False
-            release(self.workdir)
+        try:
+            self._stop_combiner()
+            if self.triton is not None:
+                self.triton.stop()
+        finally:
+            if self._owner is not None:
+                owner, self._owner = self._owner, None
+                release(owner)
 
     def __enter__(self) -> Endpoints:
         return self.start()

@@ -3,10 +3,13 @@
 A deployment writes its repository, its plan, the combiner's config and Triton's key into its
 working directory, and takes the processes a session file there names for what a killed run
 left. A second one in the same folder would overwrite the first's files (its combiner, restarted,
-would read a key its Triton does not have) and kill its processes. So whoever deploys there
-(``chorus up``, :class:`~orchestrator.deploying.up.Deployment`) holds an exclusive ``flock`` on
-``WORKDIR/owner.lock`` for as long as it runs, and one that finds it held is refused before it
-writes anything (exit code 2, naming the folder and who holds it). The kernel lets go of the lock
+would read a key its Triton does not have) and kill its processes. So a process that deploys or
+measures there (``chorus up``, :class:`~orchestrator.deploying.up.Deployment`, a profile or a
+calibration) holds an exclusive ``flock`` on ``WORKDIR/owner.lock`` for as long as it runs, and
+another process that finds it held is refused before it writes anything (exit code 2, naming the
+folder and who holds it). Within one process holds are counted, not refused (``chorus up``
+holds the folder, then profiles and deploys in it): two deployments of one process in one
+folder are the caller's to avoid. The kernel lets go of the lock
 when its holder dies, however it dies; the lock is this process's alone (close-on-exec), so what
 a killed ``chorus up`` left running does not hold it, and the next run in that folder still
 stops it.
@@ -37,13 +40,14 @@ class WorkdirInUse(ChorusError):
     exit_code = 2
 
 
-def hold(workdir: Path) -> None:
-    """Own ``workdir`` (made if missing) until :func:`release`; again in the same process only
-    counts (each hold wants its release)."""
+def hold(workdir: Path) -> Path:
+    """Own ``workdir`` (made if missing) until :func:`release` of what this returns (the
+    folder, resolved); again in the same process only counts (each hold wants its release: the
+    guard is between processes, not between two deployments of one process)."""
     folder = workdir.resolve()
     if folder in _held:
         _held[folder][1] += 1
-        return
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / _LOCK
     try:  # (read-write: an exclusive lock where flock is emulated, NFS, needs it; not waiting
@@ -77,11 +81,12 @@ def hold(workdir: Path) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, said.encode(errors="replace"), 0)
     _held[folder] = [fd, 1]
+    return folder
 
 
-def release(workdir: Path) -> None:
-    """Let go of one hold of ``workdir``; the lock goes with the last."""
-    folder = workdir.resolve()
+def release(folder: Path) -> None:
+    """Let go of one hold of ``folder`` (as :func:`hold` returned it); the lock goes with the
+    last."""
     entry = _held.get(folder)
     if entry is None:
         return
@@ -94,8 +99,8 @@ def release(workdir: Path) -> None:
 @contextlib.contextmanager
 def owning(workdir: Path) -> Iterator[None]:
     """Hold ``workdir`` for the block."""
-    hold(workdir)
+    folder = hold(workdir)
     try:
         yield
     finally:
-        release(workdir)
+        release(folder)

@@ -168,7 +168,14 @@ def test_idle_connections_to_the_metrics_port_hold_no_thread_for_long(two_worker
         time.sleep(1)
         assert supervisor.num_threads() <= threads + 20  # bounded, whoever connects
         text = urllib.request.urlopen(url, timeout=20).read().decode()
-        assert "chorus_requests_total" in text  # and it still answers
+        assert "chorus_requests_in_flight" in text  # and it still answers
+        log = deployment.workdir / "combiner.log"
+        size = log.stat().st_size
+        time.sleep(11)  # past the timeout: those left are closed, each without a traceback
+        with log.open("rb") as f:
+            f.seek(size)
+            added = f.read().decode(errors="replace")
+        assert "Traceback" not in added and "Exception occurred" not in added, added[-1500:]
     finally:
         for s in idle:
             s.close()

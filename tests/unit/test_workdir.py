@@ -49,16 +49,16 @@ def test_a_folder_another_live_process_holds_is_refused_naming_it(tmp_path):
 
 
 def test_holds_in_one_process_count_and_the_last_release_lets_go(tmp_path):
-    hold(tmp_path)
-    hold(tmp_path)
-    release(tmp_path)
+    folder = hold(tmp_path)
+    assert hold(tmp_path) == folder
+    release(folder)
     holder = subprocess.run(
         [sys.executable, "-c", HOLDER.replace("time.sleep(600)", ""), str(tmp_path)],
         capture_output=True,
         text=True,
     )
     assert holder.returncode != 0 and "is in use" in holder.stderr  # one hold left
-    release(tmp_path)
+    release(folder)
     holder = subprocess.run(
         [sys.executable, "-c", HOLDER.replace("time.sleep(600)", ""), str(tmp_path)],
         capture_output=True,
