@@ -111,7 +111,7 @@ def serve_node(
     server = TritonServer(repo, workdir, models, host, binary or find_tritonserver(), key=key)
     server.grpc_port, server.http_port = grpc_port, http_port
     argv, env = server.command()
-    os.umask(0o077)  # its Python backend's shared memory holds clients' tensors (launch.py)
+    os.umask(0o077)  # what it makes is this user's alone, as under chorus up (launch.py)
     os.execve(argv[0], argv, env)
 
 

@@ -158,8 +158,8 @@ class ManagedProcess:
                     stderr=subprocess.STDOUT,
                     env=self.env,
                     start_new_session=True,
-                    # what it makes is this user's alone: Triton's Python backend passes each
-                    # request's tensors through shared memory it creates (0644 by default)
+                    # what it makes is this user's alone (not the Python backend's own shared
+                    # memory, whose mode boost sets: SECURITY.md)
                     umask=0o077,
                     preexec_fn=functools.partial(die_with_parent, self.death_signal),
                 )
