@@ -35,6 +35,7 @@ class _Handler(WSGIRequestHandler):
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    request_queue_size = 64  # connections not yet accepted (socketserver's default is 5)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._open: OrderedDict[int, socket.socket] = OrderedDict()  # oldest first

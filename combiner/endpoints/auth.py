@@ -57,6 +57,10 @@ class Credentials:
             given.strip().encode(), self.token.encode()
         )
 
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
     def grpc_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None or self.tls_key is None:
             return None

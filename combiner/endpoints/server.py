@@ -421,7 +421,9 @@ async def serve(config: CombinerConfig, listen: Listen, stop: asyncio.Event) -> 
             "serving ensemble %r on %s%s (Triton at %s)",
             config.name,
             address,
-            f" and http://{listen.host}:{listen.http_port}" if listen.http_port else "",
+            f" and {'https' if credentials.tls else 'http'}://{listen.host}:{listen.http_port}"
+            if listen.http_port
+            else "",
             ", ".join(f"{n.name} {n.url}" for n in config.node_routes()),
         )
         await stop.wait()

@@ -87,13 +87,14 @@ def guarded(tmp_path_factory):
                 str(key),
                 "--http-port",
                 str(tls_http_port),
-            ) as (_, secure),
+            ) as (secure_process, secure),
         ):
             yield {
                 "plain": plain,
                 "plain_http": f"127.0.0.1:{http_port}",
                 "secure": secure,
                 "secure_http": f"127.0.0.1:{tls_http_port}",
+                "secure_log": secure_process.log,
                 "ca": str(ca_file),
             }
 
@@ -166,3 +167,5 @@ def test_the_sdk_brings_the_token_and_speaks_tls(guarded):
     )
     with urllib.request.urlopen(request, timeout=10, context=context) as response:
         assert json.loads(response.read())["name"] == "toy"
+    # and its log tells the operator the scheme a client must use
+    assert f"https://{guarded['secure_http']}" in guarded["secure_log"].read_text()
