@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,7 +26,14 @@ from combiner.endpoints.auth import Credentials
 from combiner.endpoints.body import BodyError, read_body
 from combiner.endpoints.client_shm import NOBODY, SESSION_HEADER, Caller
 from combiner.endpoints.connections import add_busy_tracking
-from combiner.endpoints.http_codec import HEADER_LENGTH, from_proto, invalid, is_int64, to_proto
+from combiner.endpoints.http_codec import (
+    HEADER_LENGTH,
+    from_proto,
+    invalid,
+    is_int64,
+    parse_json,
+    to_proto,
+)
 from combiner.errors import RequestError
 from combiner.stages.service import EnsembleService
 
@@ -121,7 +127,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def _authorized(request: web.Request, handler: Handler) -> web.StreamResponse:
-    health = request.path.startswith("/v2/health/") or request.path.endswith("/ready")
+    # by the route matched, not the path's text: '/v2/models/x%2Fready' ends in '/ready' once
+    # decoded, but is a model's metadata
+    health = request.match_info.handler in _HEALTH
     if health or request.app[_CREDENTIALS].allows(request.headers.get("Authorization")):
         return await handler(request)
     response = _error(401, "this endpoint needs 'Authorization: Bearer <token>'")
@@ -183,10 +191,7 @@ async def _repository_index(request: web.Request) -> web.Response:
 
 async def _shm_register(request: web.Request) -> web.Response:
     body = await read_body(request, _CONTROL_LIMIT)
-    try:
-        doc = json.loads(body or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise invalid(f"the request is not valid JSON: {e}") from None
+    doc = parse_json(body or b"{}")
     if not isinstance(doc, dict) or not isinstance(doc.get("key"), str):
         raise invalid("register needs a JSON object with 'key', 'offset' and 'byte_size'")
     offset, size = doc.get("offset", 0), doc.get("byte_size")
@@ -217,6 +222,9 @@ async def _model_ready(request: web.Request) -> web.Response:
     service = request.app[_SERVICE]
     ok = service.is_ours(*_names(request)) and service.ready()
     return web.Response(status=200 if ok else 400)
+
+
+_HEALTH = frozenset({_live, _ready, _model_ready})  # what needs no token (auth.HEALTH_METHODS)
 
 
 async def _model_metadata(request: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ from tritonclient.utils import triton_to_np_dtype
 
 from combiner.errors import RequestError
 
-__all__ = ["HEADER_LENGTH", "from_proto", "invalid", "is_int64", "to_proto"]
+__all__ = ["HEADER_LENGTH", "from_proto", "invalid", "is_int64", "parse_json", "to_proto"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _INT64 = (-(2**63), 2**63 - 1)
@@ -59,12 +59,7 @@ def to_proto(
         if not 0 <= length <= len(body):
             raise invalid(f"header {HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
         header, binary = body[:length], body[length:]
-    try:
-        doc = json.loads(header, parse_constant=_not_json)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise invalid(f"the request is not valid JSON: {type(e).__name__}: {e}") from None
-    except _NotJSON as e:
-        raise invalid(f"the request is not valid JSON: {e}") from None
+    doc = parse_json(header)
     if not isinstance(doc, dict):
         raise invalid("the request must be a JSON object with 'inputs'")
     try:
@@ -101,7 +96,11 @@ def _build(
         size = item_params.pop("binary_data_size", None)
         _set_parameters(tensor.parameters, item_params, f"input {name!r}")
         if size is not None:
-            if not is_int64(size) or size < 0 or offset + size > len(binary):
+            if not is_int64(size) or size < 0:
+                raise invalid(
+                    f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}"
+                )
+            if offset + size > len(binary):
                 raise invalid(
                     f"input {name!r}: binary_data_size {size!r} runs past the "
                     f"{len(binary)} bytes of binary data"
@@ -207,6 +206,20 @@ def _json_bytes(name: str, datatype: str, shape: list[int], data: object) -> byt
             f"{datatype} number (inputs must be finite)"
         )
     return array.tobytes()
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body's JSON; anything that is not JSON, or not JSON Python reads (nesting
+    past the recursion limit, an integer of more digits than Python converts), is refused as
+    INVALID_ARGUMENT naming why (json raises a bare ValueError for the digits)."""
+    try:
+        return json.loads(body, parse_constant=_not_json)
+    except _NotJSON as e:
+        raise invalid(f"the request is not valid JSON: {e}") from None
+    except RecursionError:
+        raise invalid("the request is not valid JSON Chorus reads: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer's digits
+        raise invalid(f"the request is not valid JSON: {type(e).__name__}: {e}") from None
 
 
 class _NotJSON(ValueError):

@@ -139,6 +139,14 @@ def test_the_http_endpoint_wants_the_token_too(guarded):
         f"{base}/v2/models/toy", headers={"Authorization": "Bearer s3cret-token"}
     )
     assert json.loads(urllib.request.urlopen(request, timeout=10).read())["name"] == "toy"
+    assert urllib.request.urlopen(f"{base}/v2/models/toy/ready", timeout=10).status == 200
+    # paths that end in '/ready' only once decoded are not health checks: they told anyone
+    # the ensemble's name (a 404 naming it) without the token
+    for path in ("/v2/models/x%2Fready", "/v2/models/toy/versions/1%2Fready"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{base}{path}", timeout=10)
+        assert e.value.code == 401, path
+        assert "toy" not in e.value.read().decode()
 
 
 def test_the_sdk_brings_the_token_and_speaks_tls(guarded):

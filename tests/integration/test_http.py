@@ -155,6 +155,23 @@ MALFORMED = {
         {},
         "'data' must hold numbers, found str",
     ),
+    "binary size not an integer": (
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "FP32",
+                        "shape": [1, 1, 8, 8],
+                        "parameters": {"binary_data_size": "256"},
+                    }
+                ]
+            }
+        ).encode()
+        + b"\0" * 256,
+        "header",
+        "binary_data_size must be a non-negative integer, got '256'",
+    ),
     "booleans for FP32": (  # numpy took true for 1.0
         json.dumps(
             {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [True]}]}
@@ -168,10 +185,37 @@ MALFORMED = {
 @pytest.mark.parametrize(("body", "headers", "expected"), MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_bodies_are_refused_by_name(endpoints, body, headers, expected):
     if headers == "header":
-        headers = {"Inference-Header-Content-Length": str(len(body) - 10)}
+        binary = len(body) - body.rindex(b"}") - 1
+        headers = {"Inference-Header-Content-Length": str(len(body) - binary)}
     status, text = _post(endpoints, "/v2/models/digits/infer", body, headers)
     assert status == 400
     assert expected in json.loads(text)["error"]
+
+
+UNREADABLE_JSON = {  # JSON that Python's json does not read: a bare ValueError, a RecursionError
+    "an integer of 4,301 digits": (b'{"id": ' + b"9" * 4301 + b', "inputs": []}', "digits"),
+    "nesting 5,000 deep": (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize(
+    "path", ["/v2/models/digits/infer", "/v2/systemsharedmemory/region/r/register"]
+)
+@pytest.mark.parametrize(("body", "expected"), UNREADABLE_JSON.values(), ids=UNREADABLE_JSON.keys())
+def test_json_python_cannot_read_is_400_not_a_traceback(
+    deployment, endpoints, path, body, expected
+):
+    """Each was a 500 and a traceback in the log, for a 10 KB request from anyone."""
+    log = deployment.workdir / "combiner.log"
+    before = log.stat().st_size
+    status, text = _post(endpoints, path, body)
+    assert status == 400, text
+    error = json.loads(text)["error"]
+    assert "not valid JSON" in error and expected in error
+    with log.open("rb") as f:
+        f.seek(before)
+        added = f.read().decode(errors="replace")
+    assert "failed unexpectedly" not in added, added[-2000:]
 
 
 def test_unknown_model_is_404(endpoints):
