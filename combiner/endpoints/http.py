@@ -6,7 +6,10 @@ back in the protocol (the bodies both ways, JSON and binary tensors, are transla
 :mod:`combiner.endpoints.http_codec`). This module holds the routes, the bearer-token check and the
 errors. Bodies are read within the ensemble's request limit, and inflated within it too
 (:mod:`combiner.endpoints.body`). Every error, the server's own (an unknown route, a wrong method, a
-body too large) included, is ``{"error": "..."}`` with the HTTP status of its gRPC code.
+body too large) included, is ``{"error": "..."}`` with the HTTP status of its gRPC code; only
+bytes that aiohttp's parser does not take for HTTP/1.1 (a request line or a header too long, an
+unknown method, conflicting lengths, a bad chunk) get its plain-text 400 (or 413, 431), and the
+connection closes.
 """
 
 from __future__ import annotations
