@@ -96,6 +96,8 @@ def _build(
         size = item_params.pop("binary_data_size", None)
         _set_parameters(tensor.parameters, item_params, f"input {name!r}")
         if size is not None:
+            if "data" in item:  # (one would be dropped unseen)
+                raise invalid(f"input {name!r} has both 'data' and binary_data_size")
             if not is_int64(size) or size < 0:
                 raise invalid(
                     f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}"

@@ -172,6 +172,24 @@ MALFORMED = {
         "header",
         "binary_data_size must be a non-negative integer, got '256'",
     ),
+    "binary and JSON data": (
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "FP32",
+                        "shape": [1, 1, 8, 8],
+                        "data": [0.0] * 64,
+                        "parameters": {"binary_data_size": 256},
+                    }
+                ]
+            }
+        ).encode()
+        + b"\0" * 256,
+        "header",
+        "has both 'data' and binary_data_size",
+    ),
     "booleans for FP32": (  # numpy took true for 1.0
         json.dumps(
             {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [True]}]}
