@@ -79,12 +79,15 @@ def main(argv: list[str] | None = None) -> None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     argv.append("--reuse-port")  # what lets them, and a reload's workers, share the ports
     ports = [p for p in (args.grpc_port, args.http_port) if p is not None]
+    metrics = [] if args.metrics_port is None else [args.metrics_port]
     try:
-        held = claim_ports(args.host, ports)
-        if args.metrics_port is not None:  # bound by this process alone, below
-            claim_ports(args.host, [args.metrics_port], hold=False)
+        claim_ports(args.host, ports + metrics, hold=False)  # each free, and none given twice
+        held = claim_ports(args.host, ports)  # (the metrics port: bound by this process alone)
     except PortInUse as e:
         _say(f"python -m combiner: {e.strerror}")
+        raise SystemExit(2) from None
+    except OSError as e:  # a name that does not resolve, an address not this host's
+        _say(f"python -m combiner: cannot listen on {args.host!r}: {e.strerror}")
         raise SystemExit(2) from None
     try:
         code = supervise(

@@ -44,6 +44,12 @@ def claim_ports(host: str, ports: Iterable[int], hold: bool = True) -> list[sock
     only). While closed connections linger the keeper also needs SO_REUSEADDR, and then a
     process that sets SO_REUSEADDR could bind the port while no worker listens. Close the
     returned sockets to give the ports up."""
+    ports = list(ports)
+    twice = next((p for p in ports if ports.count(p) > 1), None)
+    if twice is not None:  # (gRPC and HTTP would both listen, one family each: half answer)
+        raise PortInUse(
+            errno.EINVAL, f"port {twice} is given twice: each endpoint needs a port of its own"
+        )
     held: list[socket.socket] = []
     try:
         for port in ports:

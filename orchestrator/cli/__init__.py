@@ -158,6 +158,13 @@ def main() -> None:
     except ChorusError as e:
         console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         raise SystemExit(e.exit_code) from None
+    except OSError as e:
+        if e.errno not in _THE_HOSTS:
+            raise
+        where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        said = f"{e.strerror}" + (f": {where}" if where else "")
+        console.print(Text.assemble(("error: ", "bold red"), said), soft_wrap=True)
+        raise SystemExit(1) from None
     except SystemExit as e:
         if _stopping and _stopping[0] != signal.SIGINT and e.code == _INTERRUPTED:
             name = signal.Signals(_stopping[0]).name
@@ -166,4 +173,6 @@ def main() -> None:
         raise
 
 
+# what the host refused (its disk, its permissions): the message is the whole story
+_THE_HOSTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 _INTERRUPTED = 130  # typer's exit code for an interrupt (128 + SIGINT)

@@ -117,6 +117,8 @@ def up(
             claim_ports(host, [p for p in (grpc_port, http_port, metrics_port) if p], hold=False)
         except PortInUse as e:
             raise SpecError("--grpc-port/--http-port/--metrics-port", "", str(e.strerror)) from None
+        except OSError as e:  # a name that does not resolve, an address not this host's
+            raise SpecError("--host", "", f"cannot listen on {host!r}: {e.strerror}") from None
         workdir = resolve_workdir(ensemble, workdir)
         with owning(workdir):  # before it profiles or writes there: one deployment a folder
             cascading = resolve_cascade_options(ensemble, calibration, workdir)

@@ -377,10 +377,23 @@ def _bundled_backend_dir(binary: ServerBinary, workdir: Path) -> Path:
             f"(looked for {stub}); use a Python the nvidia-pytriton wheel supports"
         )
     target = workdir / "backends" / "python"
-    target.mkdir(parents=True, exist_ok=True)
     for src in (*sorted((binary.backend_dir / "python").glob("*.*")), stub):
-        if src.is_file() and not (target / src.name).is_file():
-            shutil.copy2(src, target / src.name)
+        dst = target / src.name
+        if not src.is_file() or (dst.is_file() and dst.stat().st_size == src.stat().st_size):
+            continue
+        # whole or not at all: a copy cut short (a full disk) was loaded by every later start,
+        # which died of SIGBUS with no word of why
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp)
+            tmp.replace(dst)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise LaunchError(
+                f"cannot copy Triton's Python backend into {target} ({e.strerror})"
+            ) from None
     return target.parent
 
 

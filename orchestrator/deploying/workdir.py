@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shlex
 import stat
 import sys
@@ -28,10 +29,20 @@ from pathlib import Path
 
 from orchestrator.errors import ChorusError
 
-__all__ = ["WorkdirInUse", "hold", "owning", "release"]
+__all__ = ["WorkdirInUse", "WorkdirUnusable", "hold", "owning", "release"]
 
 _LOCK = "owner.lock"
 _held: dict[Path, list[int]] = {}  # the folders this process holds: [descriptor, holds]
+
+
+class WorkdirUnusable(ChorusError):
+    """The working directory cannot be made, or its path would break Triton's models."""
+
+    exit_code = 2
+
+
+# what a shell splits or expands in a path it is given unquoted
+_SHELL_READS = re.compile(r"""[\s'"\\$`;&|<>()*?\[\]{}!]""")
 
 
 class WorkdirInUse(ChorusError):
@@ -48,7 +59,22 @@ def hold(workdir: Path) -> Path:
     if folder in _held:
         _held[folder][1] += 1
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    unsafe = sorted(set(_SHELL_READS.findall(str(folder))))
+    if unsafe:
+        raise WorkdirUnusable(
+            f"cannot use the working directory {str(folder)!r}: its path holds "
+            f"{', '.join(map(repr, unsafe))}, and Triton's Python backend starts its models "
+            "through a shell that would split or read it (they would never start); "
+            "choose a path without them (--workdir)"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise WorkdirUnusable(f"cannot use the working directory {folder}: it is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkdirUnusable(
+            f"cannot make the working directory {folder} ({e.strerror}: {e.filename})"
+        ) from None
     lock = folder / _LOCK
     try:  # (read-write: an exclusive lock where flock is emulated, NFS, needs it; not waiting
         # on a FIFO, nor through a link)

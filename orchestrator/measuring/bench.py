@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc.aio as aioclient
@@ -20,6 +21,8 @@ from combiner.sdk import AsyncEnsembleClient
 from orchestrator.planning.spec import Tensor
 
 __all__ = ["Load", "closed_loop", "ensemble_load", "member_load", "random_rows"]
+
+T = TypeVar("T")
 
 
 def random_rows(tensor: Tensor, rows: int, seed: int = 0) -> np.ndarray:
@@ -78,6 +81,23 @@ async def closed_loop(
     )
 
 
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, but an interrupt (Ctrl-C, SIGTERM: the CLI raises KeyboardInterrupt in
+    whatever runs) is not also a traceback: the task it was raised in ends with it, and asyncio
+    logged that task's exception as never retrieved."""
+
+    async def quietly() -> T:
+        asyncio.get_running_loop().set_exception_handler(_unless_interrupt)
+        return await main
+
+    return asyncio.run(quietly())
+
+
+def _unless_interrupt(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    if not isinstance(context.get("exception"), KeyboardInterrupt):
+        loop.default_exception_handler(context)
+
+
 def ensemble_load(url: str, x: np.ndarray, batch: int, concurrency: int, seconds: float) -> Load:
     """Closed-loop load on an ensemble endpoint, through the client SDK."""
 
@@ -86,7 +106,7 @@ def ensemble_load(url: str, x: np.ndarray, batch: int, concurrency: int, seconds
             await client.metadata()
             return await closed_loop(client.predict, x, batch, concurrency, seconds)
 
-    return asyncio.run(go())
+    return _run(go())
 
 
 def member_load(
@@ -115,4 +135,4 @@ def member_load(
         finally:
             await client.close()
 
-    return asyncio.run(go())
+    return _run(go())

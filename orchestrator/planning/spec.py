@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     ValidationError,
@@ -139,7 +140,7 @@ class CombineFile(_Strict):
         "mean",
         description="mean | weighted_mean | geometric_mean | median | max | vote | module:function",
     )
-    softmax: bool = Field(False, description="apply softmax to each member's output first")
+    softmax: StrictBool = Field(False, description="apply softmax to each member's output first")
     uncertainty: list[Uncertainty] = Field(
         default_factory=list, description="uncertainty outputs to serve beside each output"
     )
@@ -276,6 +277,13 @@ def _resolve(file: Path, spec: EnsembleFile, read_models: bool) -> Ensemble:
     for i, m in enumerate(spec.members):
         if m.name in seen:
             raise SpecError(file, f"members[{i}].name", f"duplicate member name {m.name!r}")
+        if m.name == f"{spec.name}__fanout":  # (render.fanout_name: Triton would see a cycle)
+            raise SpecError(
+                file,
+                f"members[{i}].name",
+                f"{m.name!r} is the name of the model Chorus adds to call every member; "
+                "choose another",
+            )
         seen.add(m.name)
 
     base = file.resolve().parent

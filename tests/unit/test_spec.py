@@ -106,6 +106,23 @@ def test_duplicate_member_names_are_refused(tmp_path, members):
     assert e.value.field == "members[1].name"
 
 
+def test_a_member_named_as_the_fanout_model_is_refused(tmp_path, members):
+    """It passed, then Triton refused the repository as a cycle, after a minute's profiling."""
+    members["members"][1]["name"] = "toy__fanout"
+    with pytest.raises(SpecError, match="the model Chorus adds") as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "members[1].name"
+
+
+@pytest.mark.parametrize("value", ["yes", "off", 1, 0])
+def test_a_boolean_is_a_boolean(tmp_path, members, value):
+    """'off' had been served as softmax false, and 'yes' or 1 as true."""
+    members["combine"] = {"softmax": value}
+    with pytest.raises(SpecError) as e:
+        load_ensemble(write(tmp_path, members))
+    assert "combine.softmax" in str(e.value)
+
+
 def test_a_fixed_batch_dimension_is_refused_with_the_fix(tmp_path, members):
     linear(tmp_path / "a.onnx", batch=1)
     with pytest.raises(SpecError, match="dynamic batch axis"):
