@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from combiner import CascadeRoute
+from orchestrator.errors import SpecError
 from orchestrator.planning.cascade import load_calibration, resolve_cascade
 from orchestrator.planning.climb import Budget
 from orchestrator.planning.hardware import Device, discover, load_hardware
@@ -236,12 +237,25 @@ class Cascading(NamedTuple):
     calibration: Path | None
 
 
+def check_calibration_option(ensemble: Ensemble, calibration: Path | None) -> None:
+    """A --calibration given for an ensemble without a cascade is a mistake (it was ignored,
+    even a file that is not there: the operator meant some other ensemble or file)."""
+    if ensemble.cascade is None and calibration is not None:
+        raise SpecError(
+            "--calibration",
+            "",
+            f"ensemble {ensemble.name!r} has no combine.cascade section, so there is nothing "
+            "to calibrate; drop --calibration or add the section",
+        )
+
+
 def resolve_cascade_options(
     ensemble: Ensemble, calibration: Path | None, workdir: Path
 ) -> Cascading:
     """The ensemble file's ``combine.cascade`` completed by the calibration: the one given,
     else ``WORKDIR/calibration.json`` if there is one (an ensemble without a cascade reads
     none)."""
+    check_calibration_option(ensemble, calibration)
     if ensemble.cascade is None:
         return Cascading(None, None, None)
     if calibration is None and (workdir / "calibration.json").is_file():

@@ -27,6 +27,7 @@ from orchestrator.cli.options import (
     ProfileOpt,
     WorkdirOpt,
     already_stopping,
+    check_calibration_option,
     console,
     finite,
     make_plan,
@@ -111,6 +112,7 @@ def up(
     with ConsoleThread() as out:  # from here on, nothing waits for the console
         ensemble = load_ensemble(ensemble_file)
         _check_files(token_file=token_file, tls_cert=tls_cert, tls_key=tls_key)
+        check_calibration_option(ensemble, calibration)
         if (tls_cert is None) != (tls_key is None):
             raise SpecError("--tls-cert/--tls-key", "", "TLS needs both a certificate and a key")
         try:  # before any long step: the combiner's supervisor refuses them too, later

@@ -431,8 +431,9 @@ def _read_members(
                 f"{m.path} is TorchScript, which names no tensors: declare the ensemble's "
                 "'inputs' and 'outputs' (name, dtype, shape), or list an ONNX member first",
             )
-        if not (base / m.path).is_file():
-            raise SpecError(file, f"members[{i}].path", f"no such file: {base / m.path}")
+        problem = _not_a_model_file(base / m.path)
+        if problem:
+            raise SpecError(file, f"members[{i}].path", problem)
         read.append(
             (
                 tuple(Tensor(f"INPUT__{k}", t.dtype, t.shape) for k, t in enumerate(inputs)),
@@ -512,10 +513,25 @@ def _declared(file: Path, field: str, tensors: list[TensorFile] | None) -> tuple
     return tuple(out)
 
 
+def _not_a_model_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a member's file, if it cannot."""
+    shown = repr(str(path))
+    if not path.exists():
+        return f"member file {shown} does not exist"
+    if path.is_dir():
+        return f"member file {shown} is a folder, not a model file"
+    if not path.is_file():
+        return f"member file {shown} is not a regular file (a device, a pipe?)"
+    if path.stat().st_size == 0:
+        return f"member file {shown} is empty, not a model"
+    return None
+
+
 def _read_onnx(file: Path, i: int, path: Path) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     field = f"members[{i}].path"
-    if not path.is_file():
-        raise SpecError(file, field, f"member file {str(path)!r} does not exist")
+    problem = _not_a_model_file(path)
+    if problem:
+        raise SpecError(file, field, problem)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, ValueError, OSError...

@@ -75,6 +75,25 @@ def test_missing_member_file_names_the_path_field(tmp_path, members):
     assert "nowhere.onnx" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("", "is a folder"),
+        ("sub", "is a folder"),
+        ("empty.onnx", "is empty"),
+        ("/dev/zero", "device"),
+    ],
+)
+def test_a_member_path_that_is_not_a_model_file_says_what_it_is(tmp_path, members, path, says):
+    """A folder, the empty path or /dev/zero had been said not to exist."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    members["members"][0]["path"] = path
+    with pytest.raises(SpecError, match=says) as e:
+        load_ensemble(write(tmp_path, members))
+    assert e.value.field == "members[0].path"
+
+
 def test_members_whose_outputs_disagree_in_shape_are_refused(tmp_path, members):
     linear(tmp_path / "b.onnx", out_dim=5)
     with pytest.raises(SpecError) as e:
@@ -223,6 +242,9 @@ def test_a_drain_timeout_past_a_day_is_refused_before_anything_starts(tmp_path, 
         (["up", "--grpc-port", "99999999999999999999"], "'--grpc-port'"),
         (["up", "--metrics-port", "70000"], "'--metrics-port'"),
         (["tune", "--concurrency", "0"], "'--concurrency'"),
+        # an ensemble without a cascade had ignored it, even a file that is not there
+        (["plan", "--calibration", "nowhere.json"], "has no combine.cascade section"),
+        (["up", "--calibration", "nowhere.json"], "has no combine.cascade section"),
     ],
 )
 def test_a_number_option_out_of_range_exits_2_naming_it(tmp_path, members, argv, says):
