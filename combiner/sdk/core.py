@@ -20,7 +20,7 @@ from typing import Any, TypeAlias, TypeVar
 from tritonclient.utils import InferenceServerException
 
 from combiner.sdk.answer import Answer, Inputs
-from combiner.sdk.errors import translate
+from combiner.sdk.errors import InvalidRequest, translate
 from combiner.sdk.protocol import CASCADE, DEADLINE_MS, SESSION_HEADER, UNKNOWN_REGION
 from combiner.sdk.regions import Region, Regions
 from combiner.sdk.tensors import Request, Signature, split
@@ -106,7 +106,10 @@ class Core:
                 if self.model is None:
                     index = yield self._call("get_model_repository_index", as_json=True)
                     self.model = index["models"][0]["name"]
-                self._metadata = yield self._call("get_model_metadata", self.model, as_json=True)
+                metadata = yield self._call("get_model_metadata", self.model, as_json=True)
+                for t in (*metadata.get("inputs", ()), *metadata.get("outputs", ())):
+                    t["shape"] = [int(d) for d in t["shape"]]  # (JSON's int64s are strings)
+                self._metadata = metadata
                 self._signature = Signature.of(self.model, self._metadata)
                 config = yield self._call("get_model_config", self.model, as_json=True)
                 self.max_batch = int(config["config"].get("max_batch_size", 1)) or 1
@@ -122,8 +125,11 @@ class Core:
 
     def parts(self, x: Inputs, chunk: int | None) -> Steps[list[Inputs]]:
         """``x`` in pieces of at most ``chunk`` rows (default: the ensemble's max batch)."""
+        if chunk is not None and (type(chunk) is not int or chunk < 1):
+            raise InvalidRequest(f"chunk must be a whole number of rows, at least 1; got {chunk!r}")
         yield from self.metadata()
-        return split(x, chunk or self.max_batch)
+        assert self._signature is not None
+        return split(self._signature.arrays(x), chunk or self.max_batch)
 
     def infer(
         self, x: Inputs, timeout_s: float | None, deadline_ms: float | None, cascade: bool = True
@@ -186,8 +192,14 @@ class Core:
             region = Region.create(size)
             try:
                 yield from self._register(region)
-            except BaseException:
-                region.destroy()
+            except BaseException as e:
+                try:  # the server may have registered it before the client gave up (a
+                    # cancellation, a timeout): not left there, counted against the client's cap
+                    if not (isinstance(e, InferenceServerException) and _answered(e)):
+                        with contextlib.suppress(InferenceServerException):
+                            yield self._call("unregister_system_shared_memory", region.name)
+                finally:
+                    region.destroy()
                 raise
             self.regions.add(region)
         return region
@@ -206,9 +218,11 @@ class Core:
             self.regions.give_back(region)
             return
         self.regions.discard(region)
-        with contextlib.suppress(InferenceServerException):
-            yield self._call("unregister_system_shared_memory", region.name)
-        region.destroy()
+        try:
+            with contextlib.suppress(InferenceServerException):
+                yield self._call("unregister_system_shared_memory", region.name)
+        finally:  # (unlinked even if this call is cancelled too)
+            region.destroy()
 
     def close(self) -> Steps[None]:
         """Unregister and unlink the client's shared memory, then close the channel."""

@@ -62,15 +62,23 @@ class Signature:
         )
 
     def arrays(self, x: Inputs) -> dict[str, np.ndarray]:
-        """``x`` as input name -> C-contiguous array."""
+        """``x`` as input name -> C-contiguous array of numbers in this machine's byte order,
+        with rows; what cannot be one is refused here (tritonclient raised a bare TypeError,
+        or failed writing shared memory)."""
         if isinstance(x, Mapping):
-            return {n: np.ascontiguousarray(a) for n, a in x.items()}
-        if len(self.inputs) == 1:
-            return {self.inputs[0]: np.ascontiguousarray(x)}
-        raise InvalidRequest(
-            f"ensemble {self.model!r} takes several inputs ({list(self.inputs)}); "
-            "pass a mapping of name to array"
-        )
+            given = dict(x)
+            if not given:
+                raise InvalidRequest(
+                    f"no inputs given; ensemble {self.model!r} takes {list(self.inputs)}"
+                )
+        elif len(self.inputs) == 1:
+            given = {self.inputs[0]: x}
+        else:
+            raise InvalidRequest(
+                f"ensemble {self.model!r} takes several inputs ({list(self.inputs)}); "
+                "pass a mapping of name to array"
+            )
+        return {name: _rows(name, a) for name, a in given.items()}
 
     def request(self, arrays: dict[str, np.ndarray]) -> Request:
         """Inputs and outputs in the request and the response."""
@@ -133,6 +141,24 @@ class Signature:
             reasons,
             tuple(int(t) for t in tiers.split(",") if t) if tiers is not None else None,
         )
+
+
+def _rows(name: str, value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    if array.ndim == 0:
+        raise InvalidRequest(
+            f"input {name!r} is a single value; pass a batch, an array of shape (rows, ...)"
+        )
+    if len(array) == 0:
+        raise InvalidRequest(f"input {name!r} has no rows")
+    if array.dtype.kind not in "biuf":
+        raise InvalidRequest(
+            f"input {name!r} has dtype {array.dtype}; the ensemble takes numbers "
+            "(see metadata() for its datatype)"
+        )
+    if not array.dtype.isnative:  # (big-endian data: tritonclient refused it)
+        array = array.astype(array.dtype.newbyteorder("="))
+    return np.ascontiguousarray(array)
 
 
 def split(x: Inputs, size: int) -> list[Inputs]:

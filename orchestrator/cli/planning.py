@@ -116,7 +116,7 @@ def plan(
         float,
         typer.Option(
             parser=finite(0, 1000),
-            help="search effort (0-1000): 1 plans 12 members x 16 GPUs in under 1 s",
+            help="search effort (0-1000): 1 plans 12 members x 16 GPUs in a few seconds",
         ),
     ] = 1.0,
     borrow_curves: BorrowOpt = False,

@@ -4,6 +4,7 @@ through stock tritonclient (gRPC and HTTP)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -73,6 +74,33 @@ def region():
     handle = shm.create_shared_memory_region(name, "/" + name, 4096)
     yield name, handle
     shm.destroy_shared_memory_region(handle)
+
+
+def test_async_calls_cancelled_at_any_step_leave_no_registration_behind(ensemble, endpoints):
+    """A call cancelled while its region was being registered unlinked the region here but
+    left it registered there: 64 such filled the client's cap, and every later call failed."""
+    x = np.random.default_rng(7).random((2, 1, 8, 8), np.float32)
+
+    async def go() -> tuple[np.ndarray, set[str], set[str]]:
+        client = AsyncEnsembleClient(endpoints.ensemble, shared_memory=True)
+        try:
+            await client.predict(x)
+            for i in range(150):  # each cancelled in a step of its own, by chance
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(client.predict(x), 0.0002 * (i % 10 + 1))
+            answer = await client.predict(x)
+            session = client._core.headers or {}
+            with grpcclient.InferenceServerClient(endpoints.ensemble) as stock:
+                status = stock.get_system_shared_memory_status(as_json=True, headers=session)
+            assert client._core.regions is not None
+            held = {r.name for r in client._core.regions.every}
+            return answer, set(status.get("regions", {})), held
+        finally:
+            await client.close()
+
+    answer, registered, held = asyncio.run(go())
+    np.testing.assert_allclose(answer, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
+    assert registered <= held, registered - held
 
 
 def test_stock_grpc_client_with_input_and_output_in_shared_memory(ensemble, endpoints, region):

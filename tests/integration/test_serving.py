@@ -146,6 +146,44 @@ def test_client_translates_errors_into_its_own_tree(endpoints):
             c.predict(_good())
 
 
+NOT_A_BATCH = {  # each had escaped the SDK's tree: TypeError, RuntimeError, SharedMemoryException
+    "big-endian": (np.zeros((2, 1, 8, 8), ">f4"), None),  # (answered: it is converted)
+    "strings": (np.array([["x"]]), "has dtype <U1"),
+    "objects": (np.array([[object()]]), "has dtype object"),
+    "a single value": (np.float32(0.5), "a single value"),
+    "no rows": (np.zeros((0, 1, 8, 8), np.float32), "has no rows"),
+    "no inputs": ({}, "no inputs given"),
+}
+
+
+@pytest.mark.parametrize("shared_memory", [False, True])
+@pytest.mark.parametrize(("x", "says"), NOT_A_BATCH.values(), ids=NOT_A_BATCH.keys())
+def test_what_is_not_a_batch_is_an_invalid_request_naming_why(
+    ensemble, endpoints, shared_memory, x, says
+):
+    with EnsembleClient(endpoints.ensemble, shared_memory=shared_memory) as c:
+        if says is None:
+            expected = direct_combination(ensemble, x.astype(np.float32))
+            np.testing.assert_allclose(c.predict(x), expected, rtol=1e-4, atol=1e-6)
+            return
+        with pytest.raises(InvalidRequest, match=says):
+            c.predict(x)
+        with pytest.raises(InvalidRequest, match=says):
+            c.predict_all(x)
+
+
+def test_predict_all_takes_a_chunk_of_at_least_one_row_and_metadata_has_integer_shapes(
+    endpoints,
+):
+    with EnsembleClient(endpoints.ensemble) as c:
+        for chunk in (0, -1, 1.5, True):
+            with pytest.raises(InvalidRequest, match="chunk must be a whole number"):
+                c.predict_all(_good(), chunk=chunk)
+        assert c.predict_all(_good(), chunk=1).shape == (2, 10)
+        shape = c.metadata()["inputs"][0]["shape"]
+        assert shape == [-1, 1, 8, 8]  # (strings, as JSON carries int64, had been passed on)
+
+
 def test_async_client_answers_concurrent_requests_each_with_its_own_answer(ensemble, endpoints):
     xs = [
         np.random.default_rng(i).random((i % 5 + 1, 1, 8, 8), dtype=np.float32) for i in range(24)
