@@ -45,7 +45,7 @@ def claim_ports(host: str, ports: Iterable[int], hold: bool = True) -> list[sock
     process that sets SO_REUSEADDR could bind the port while no worker listens. Close the
     returned sockets to give the ports up."""
     ports = list(ports)
-    twice = next((p for p in ports if ports.count(p) > 1), None)
+    twice = next((p for p in ports if p and ports.count(p) > 1), None)  # (0: any free one)
     if twice is not None:  # (gRPC and HTTP would both listen, one family each: half answer)
         raise PortInUse(
             errno.EINVAL, f"port {twice} is given twice: each endpoint needs a port of its own"
@@ -59,6 +59,12 @@ def claim_ports(host: str, ports: Iterable[int], hold: bool = True) -> list[sock
                     try:
                         probe.bind(address)
                     except OSError as e:
+                        if e.errno == errno.EACCES:  # the port's fault, not the host's
+                            raise PortInUse(
+                                e.errno,
+                                f"port {port} on {host}: permission denied (ports below 1024 "
+                                "need privileges); choose another port",
+                            ) from None
                         if e.errno != errno.EADDRINUSE:
                             raise
                         if _listened(port):

@@ -12,11 +12,14 @@ once, here.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import uuid
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
+import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from combiner.sdk.answer import Answer, Inputs
@@ -66,6 +69,15 @@ def _answered(e: InferenceServerException) -> bool:
     return e.status() not in _NO_ANSWER
 
 
+def _positive(value: object) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool | np.bool_)
+        and math.isfinite(value)
+        and float(value) > 0
+    )
+
+
 class Core:
     """One client's state (its ensemble, its headers, its regions) and its operations as steps."""
 
@@ -84,6 +96,8 @@ class Core:
         self.regions = Regions() if shared_memory else None
         self._metadata: dict[str, Any] | None = None
         self._signature: Signature | None = None
+        if token is not None and token != token.strip():  # (gRPC said 'Invalid metadata')
+            raise ValueError("the token has spaces or a line break around it; strip it")
         headers = {"authorization": f"Bearer {token}"} if token else {}
         if shared_memory:
             headers[SESSION_HEADER] = uuid.uuid4().hex  # the session's secret
@@ -139,6 +153,9 @@ class Core:
         ensemble with a cascade for every member's answer."""
         if not isinstance(cascade, bool):  # a string "false" would be true
             raise TypeError(f"cascade must be True or False, got {cascade!r}")
+        for name, value in (("timeout_s", timeout_s), ("deadline_ms", deadline_ms)):
+            if value is not None and not _positive(value):  # (-1 had been DeadlineExceeded)
+                raise InvalidRequest(f"{name} must be a positive number or None, got {value!r}")
         yield from self.metadata()
         assert self._signature is not None
         signature = self._signature

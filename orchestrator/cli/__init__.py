@@ -159,7 +159,7 @@ def main() -> None:
         console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         raise SystemExit(e.exit_code) from None
     except OSError as e:
-        if e.errno not in _THE_HOSTS:
+        if e.errno not in _THE_HOSTS or e.filename is None:  # (without a path: a bug's)
             raise
         where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         said = f"{e.strerror}" + (f": {where}" if where else "")

@@ -383,7 +383,7 @@ def _bundled_backend_dir(binary: ServerBinary, workdir: Path) -> Path:
             continue
         # whole or not at all: a copy cut short (a full disk) was loaded by every later start,
         # which died of SIGBUS with no word of why
-        tmp = dst.with_name(f".{dst.name}.tmp")
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # (`chorus node`s share a folder)
         try:
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp)

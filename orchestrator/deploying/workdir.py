@@ -42,7 +42,7 @@ class WorkdirUnusable(ChorusError):
 
 
 # what a shell splits or expands in a path it is given unquoted
-_SHELL_READS = re.compile(r"""[\s'"\\$`;&|<>()*?\[\]{}!]""")
+_SHELL_READS = re.compile(r"""[\s'"\\$`;&|<>()*?\[\]]""", re.ASCII)
 
 
 class WorkdirInUse(ChorusError):

@@ -184,6 +184,25 @@ def test_predict_all_takes_a_chunk_of_at_least_one_row_and_metadata_has_integer_
         assert shape == [-1, 1, 8, 8]  # (strings, as JSON carries int64, had been passed on)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"timeout_s": -1}, {"timeout_s": 0}, {"deadline_ms": "50"}, {"deadline_ms": float("nan")}],
+)
+def test_a_timeout_or_deadline_that_is_not_a_positive_number_is_refused_by_name(endpoints, kwargs):
+    """timeout_s=-1 had been a DeadlineExceeded, and deadline_ms="50" quietly accepted."""
+    (name,) = kwargs
+    with EnsembleClient(endpoints.ensemble) as c:
+        with pytest.raises(InvalidRequest, match=f"{name} must be a positive number"):
+            c.predict(_good(), **kwargs)
+        assert c.predict(_good(), timeout_s=30, deadline_ms=np.float32(5000)).shape == (2, 10)
+
+
+def test_a_token_read_with_its_line_break_is_refused_by_name(endpoints):
+    """gRPC had answered INTERNAL 'Invalid metadata', which does not name the token."""
+    with pytest.raises(ValueError, match="token has spaces or a line break"):
+        EnsembleClient(endpoints.ensemble, token="s3cret\n")
+
+
 def test_async_client_answers_concurrent_requests_each_with_its_own_answer(ensemble, endpoints):
     xs = [
         np.random.default_rng(i).random((i % 5 + 1, 1, 8, 8), dtype=np.float32) for i in range(24)
