@@ -111,7 +111,14 @@ class AsyncEnsembleClient:
             async with limit:
                 return await self.predict(part, timeout_s, deadline_ms, cascade=cascade)
 
-        return join(list(await asyncio.gather(*(one(p) for p in parts))))
+        calls = [asyncio.ensure_future(one(p)) for p in parts]
+        try:
+            return join(list(await asyncio.gather(*calls)))
+        except BaseException:  # the first error: the other chunks end before it is raised
+            for call in calls:  # (left running, they outlived a close() of the client)
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            raise
 
     async def close(self) -> None:
         """Unregister and unlink the client's shared memory, then close the channel."""

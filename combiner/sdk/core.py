@@ -70,11 +70,21 @@ def _answered(e: InferenceServerException) -> bool:
 
 
 def _positive(value: object) -> bool:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool | np.bool_):
+        return False
+    try:
+        number = float(value)
+    except OverflowError:  # (an int past float's range)
+        return False
+    return math.isfinite(number) and number > 0
+
+
+def _header_value(token: object) -> bool:
     return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool | np.bool_)
-        and math.isfinite(value)
-        and float(value) > 0
+        isinstance(token, str)
+        and token.isascii()
+        and token.isprintable()
+        and token == token.strip()
     )
 
 
@@ -96,8 +106,11 @@ class Core:
         self.regions = Regions() if shared_memory else None
         self._metadata: dict[str, Any] | None = None
         self._signature: Signature | None = None
-        if token is not None and token != token.strip():  # (gRPC said 'Invalid metadata')
-            raise ValueError("the token has spaces or a line break around it; strip it")
+        if token is not None and not _header_value(token):  # (gRPC said 'Invalid metadata')
+            raise ValueError(
+                "the token must be printable ASCII without spaces or line breaks around it "
+                "(read from a file: strip it)"
+            )
         headers = {"authorization": f"Bearer {token}"} if token else {}
         if shared_memory:
             headers[SESSION_HEADER] = uuid.uuid4().hex  # the session's secret
@@ -139,8 +152,12 @@ class Core:
 
     def parts(self, x: Inputs, chunk: int | None) -> Steps[list[Inputs]]:
         """``x`` in pieces of at most ``chunk`` rows (default: the ensemble's max batch)."""
-        if chunk is not None and (type(chunk) is not int or chunk < 1):
-            raise InvalidRequest(f"chunk must be a whole number of rows, at least 1; got {chunk!r}")
+        if chunk is not None:
+            if isinstance(chunk, bool | np.bool_) or not isinstance(chunk, numbers.Integral):
+                raise InvalidRequest(f"chunk must be a whole number of rows, got {chunk!r}")
+            if chunk < 1:
+                raise InvalidRequest(f"chunk must be at least 1 row, got {chunk!r}")
+            chunk = int(chunk)
         yield from self.metadata()
         assert self._signature is not None
         return split(self._signature.arrays(x), chunk or self.max_batch)
@@ -204,21 +221,22 @@ class Core:
     def _region(self, size: int) -> Steps[Region]:
         """A free region of at least ``size`` bytes, or a new one, registered."""
         assert self.regions is not None
+        yield from self._unregister_pending()
         region = self.regions.take(size)
         if region is None:
             region = Region.create(size)
+            self.regions.add(region)  # (from here close() sees it, whatever interrupts)
             try:
                 yield from self._register(region)
             except BaseException as e:
+                self.regions.discard(region)
                 try:  # the server may have registered it before the client gave up (a
                     # cancellation, a timeout): not left there, counted against the client's cap
                     if not (isinstance(e, InferenceServerException) and _answered(e)):
-                        with contextlib.suppress(InferenceServerException):
-                            yield self._call("unregister_system_shared_memory", region.name)
+                        yield from self._unregister(region.name)
                 finally:
                     region.destroy()
                 raise
-            self.regions.add(region)
         return region
 
     def _register(self, region: Region) -> Steps[None]:
@@ -236,18 +254,34 @@ class Core:
             return
         self.regions.discard(region)
         try:
-            with contextlib.suppress(InferenceServerException):
-                yield self._call("unregister_system_shared_memory", region.name)
+            yield from self._unregister(region.name)
         finally:  # (unlinked even if this call is cancelled too)
             region.destroy()
+
+    def _unregister(self, name: str) -> Steps[None]:
+        """Unregister ``name`` on the server. Until the server has answered, it is pending: a
+        cancellation of this call too (a second one) leaves it to the next call or close(),
+        not registered there for good (64 such had filled the client's cap)."""
+        assert self.regions is not None
+        pending = self.regions.pending
+        pending.add(name)
+        with contextlib.suppress(InferenceServerException):  # (an endpoint gone: so is it)
+            yield self._call("unregister_system_shared_memory", name)
+        pending.discard(name)
+
+    def _unregister_pending(self) -> Steps[None]:
+        assert self.regions is not None
+        for name in list(self.regions.pending):
+            yield from self._unregister(name)
 
     def close(self) -> Steps[None]:
         """Unregister and unlink the client's shared memory, then close the channel."""
         if self.regions is not None:
-            for region in self.regions.every:
-                # if the endpoint is gone, its mapping went with it
-                with contextlib.suppress(InferenceServerException):
-                    yield self._call("unregister_system_shared_memory", region.name)
-                region.destroy()
-            self.regions = Regions()
+            yield from self._unregister_pending()
+            for region in list(self.regions.every):
+                try:  # (if the endpoint is gone, its mapping went with it)
+                    yield from self._unregister(region.name)
+                finally:
+                    region.destroy()
+                self.regions.discard(region)
         yield Call("close")

@@ -54,8 +54,10 @@ class Region:
         raise EnsembleError("could not create a shared-memory region of the client's own")
 
     def destroy(self) -> None:
-        """Unmap and unlink it."""
-        shm.destroy_shared_memory_region(self.handle)
+        """Unmap and unlink it (once: a call still in flight at close() comes to it again)."""
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            shm.destroy_shared_memory_region(handle)
 
 
 class Regions:
@@ -65,6 +67,7 @@ class Regions:
     def __init__(self) -> None:
         self.free: list[Region] = []
         self.every: list[Region] = []
+        self.pending: set[str] = set()  # names whose unregistering did not end (cancelled)
         self._lock = threading.Lock()
 
     def take(self, size: int) -> Region | None:
@@ -86,9 +89,13 @@ class Regions:
         """Its call ended with an answer: free for the next one."""
         region.outputs = {}
         with self._lock:
-            self.free.append(region)
+            if region in self.every:  # (not after close(), which unlinked it)
+                self.free.append(region)
 
     def discard(self, region: Region) -> None:
         """Its call ended without an answer: the server may still write into it."""
         with self._lock:
-            self.every.remove(region)
+            if region in self.every:  # (close() may have come first)
+                self.every.remove(region)
+            if region in self.free:
+                self.free.remove(region)

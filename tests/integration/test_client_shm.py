@@ -17,7 +17,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from combiner.sdk import AsyncEnsembleClient, EnsembleClient
+from combiner.sdk import AsyncEnsembleClient, EnsembleClient, InvalidRequest
 from tests.integration.test_serving import direct_combination
 
 SHM = Path("/dev/shm")
@@ -88,6 +88,14 @@ def test_async_calls_cancelled_at_any_step_leave_no_registration_behind(ensemble
             for i in range(150):  # each cancelled in a step of its own, by chance
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(client.predict(x), 0.0002 * (i % 10 + 1))
+            for i in range(150):  # cancelled twice: the second lands on the cleaning up
+                call = asyncio.ensure_future(client.predict(x))
+                await asyncio.sleep(0.0002 * (i % 10 + 1))
+                call.cancel()
+                await asyncio.sleep(0.0001 * (i % 7))
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
             answer = await client.predict(x)
             session = client._core.headers or {}
             with grpcclient.InferenceServerClient(endpoints.ensemble) as stock:
@@ -101,6 +109,22 @@ def test_async_calls_cancelled_at_any_step_leave_no_registration_behind(ensemble
     answer, registered, held = asyncio.run(go())
     np.testing.assert_allclose(answer, direct_combination(ensemble, x), rtol=1e-4, atol=1e-6)
     assert registered <= held, registered - held
+
+
+def test_an_async_predict_all_that_fails_leaves_no_segment_once_closed(endpoints):
+    """Its other chunks were left running: closed under them, they leaked their segments."""
+    x = np.random.default_rng(9).random((400, 1, 8, 8), np.float32)
+    x[330] = np.nan  # one chunk refused, the others in flight
+    before = own_segments()
+
+    async def go() -> None:
+        for _ in range(3):
+            async with AsyncEnsembleClient(endpoints.ensemble, shared_memory=True) as client:
+                with pytest.raises(InvalidRequest, match="is not finite"):
+                    await client.predict_all(x, chunk=8, concurrency=8)
+
+    asyncio.run(go())
+    assert own_segments() - before == set()
 
 
 def test_stock_grpc_client_with_input_and_output_in_shared_memory(ensemble, endpoints, region):

@@ -153,6 +153,7 @@ NOT_A_BATCH = {  # each had escaped the SDK's tree: TypeError, RuntimeError, Sha
     "a single value": (np.float32(0.5), "a single value"),
     "no rows": (np.zeros((0, 1, 8, 8), np.float32), "has no rows"),
     "no inputs": ({}, "no inputs given"),
+    "a ragged list": ([[1.0], [1.0, 2.0]], "is not an array"),
 }
 
 
@@ -177,16 +178,23 @@ def test_predict_all_takes_a_chunk_of_at_least_one_row_and_metadata_has_integer_
 ):
     with EnsembleClient(endpoints.ensemble) as c:
         for chunk in (0, -1, 1.5, True):
-            with pytest.raises(InvalidRequest, match="chunk must be a whole number"):
+            with pytest.raises(InvalidRequest, match=r"chunk must be (a whole number|at least 1)"):
                 c.predict_all(_good(), chunk=chunk)
         assert c.predict_all(_good(), chunk=1).shape == (2, 10)
+        assert c.predict_all(_good(), chunk=np.int64(1)).shape == (2, 10)  # (computed, often)
         shape = c.metadata()["inputs"][0]["shape"]
         assert shape == [-1, 1, 8, 8]  # (strings, as JSON carries int64, had been passed on)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"timeout_s": -1}, {"timeout_s": 0}, {"deadline_ms": "50"}, {"deadline_ms": float("nan")}],
+    [
+        {"timeout_s": -1},
+        {"timeout_s": 0},
+        {"timeout_s": 10**400},
+        {"deadline_ms": "50"},
+        {"deadline_ms": float("nan")},
+    ],
 )
 def test_a_timeout_or_deadline_that_is_not_a_positive_number_is_refused_by_name(endpoints, kwargs):
     """timeout_s=-1 had been a DeadlineExceeded, and deadline_ms="50" quietly accepted."""
@@ -199,8 +207,9 @@ def test_a_timeout_or_deadline_that_is_not_a_positive_number_is_refused_by_name(
 
 def test_a_token_read_with_its_line_break_is_refused_by_name(endpoints):
     """gRPC had answered INTERNAL 'Invalid metadata', which does not name the token."""
-    with pytest.raises(ValueError, match="token has spaces or a line break"):
-        EnsembleClient(endpoints.ensemble, token="s3cret\n")
+    for token in ("s3cret\n", "s3\ncret", "tøken"):
+        with pytest.raises(ValueError, match="token must be printable ASCII"):
+            EnsembleClient(endpoints.ensemble, token=token)
 
 
 def test_async_client_answers_concurrent_requests_each_with_its_own_answer(ensemble, endpoints):
