@@ -10,6 +10,7 @@ import tritonclient.grpc.aio as aioclient
 
 from combiner.sdk.answer import Answer, Inputs, Outputs
 from combiner.sdk.core import Core, Steps
+from combiner.sdk.errors import EnsembleError
 from combiner.sdk.tensors import join
 
 __all__ = ["AsyncEnsembleClient"]
@@ -47,6 +48,12 @@ class AsyncEnsembleClient:
                     call = steps.send(result)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._core.closed and task is not None and not task.cancelling():
+                # grpc.aio cancels the calls of a channel it closes: not the caller's doing
+                raise EnsembleError("the client was closed during this call") from None
+            raise
 
     @property
     def url(self) -> str:

@@ -11,7 +11,6 @@ once, here.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import uuid
@@ -23,7 +22,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from combiner.sdk.answer import Answer, Inputs
-from combiner.sdk.errors import InvalidRequest, translate
+from combiner.sdk.errors import EnsembleError, InvalidRequest, translate
 from combiner.sdk.protocol import CASCADE, DEADLINE_MS, SESSION_HEADER, UNKNOWN_REGION
 from combiner.sdk.regions import Region, Regions
 from combiner.sdk.tensors import Request, Signature, split
@@ -104,6 +103,7 @@ class Core:
         self.model = model
         self.max_batch = 1
         self.regions = Regions() if shared_memory else None
+        self.closed = False
         self._metadata: dict[str, Any] | None = None
         self._signature: Signature | None = None
         if token is not None and not _header_value(token):  # (gRPC said 'Invalid metadata')
@@ -129,6 +129,8 @@ class Core:
         """The ensemble's KServe v2 metadata (asked once); the ensemble is the endpoint's only
         one unless the client was given ``model``."""
         if self._metadata is None:
+            if self.closed:
+                raise EnsembleError("this client is closed; make a new one")
             try:
                 if self.model is None:
                     index = yield self._call("get_model_repository_index", as_json=True)
@@ -145,6 +147,8 @@ class Core:
         return dict(self._metadata)
 
     def ready(self) -> Steps[bool]:
+        if self.closed:
+            return False
         try:
             return bool((yield self._call("is_server_ready")))
         except InferenceServerException:
@@ -170,6 +174,8 @@ class Core:
         ensemble with a cascade for every member's answer."""
         if not isinstance(cascade, bool):  # a string "false" would be true
             raise TypeError(f"cascade must be True or False, got {cascade!r}")
+        if self.closed:
+            raise EnsembleError("this client is closed; make a new one")
         for name, value in (("timeout_s", timeout_s), ("deadline_ms", deadline_ms)):
             if value is not None and not _positive(value):  # (-1 had been DeadlineExceeded)
                 raise InvalidRequest(f"{name} must be a positive number or None, got {value!r}")
@@ -214,6 +220,10 @@ class Core:
         except InferenceServerException as e:
             answered = answered or _answered(e)
             raise translate(e) from e
+        except Exception as e:
+            if self.closed:  # (tritonclient's ValueError or grpc's UsageError)
+                raise EnsembleError("the client was closed during this call") from e
+            raise
         finally:
             if region is not None:
                 yield from self._release(region, answered)
@@ -249,8 +259,7 @@ class Core:
     def _release(self, region: Region, answered: bool) -> Steps[None]:
         """Its call ended: reuse the region after an answer, else unregister and unlink it."""
         assert self.regions is not None
-        if answered:
-            self.regions.give_back(region)
+        if answered and self.regions.give_back(region):
             return
         self.regions.discard(region)
         try:
@@ -265,9 +274,14 @@ class Core:
         assert self.regions is not None
         pending = self.regions.pending
         pending.add(name)
-        with contextlib.suppress(InferenceServerException):  # (an endpoint gone: so is it)
+        try:
             yield self._call("unregister_system_shared_memory", name)
-        pending.discard(name)
+        except InferenceServerException:  # (an endpoint gone: so is it)
+            pass
+        except Exception:  # the channel closed under it (close() from another thread, task)
+            if not self.closed:
+                raise
+        pending.discard(name)  # (a closed session's registrations the endpoint drops itself)
 
     def _unregister_pending(self) -> Steps[None]:
         assert self.regions is not None
@@ -276,12 +290,13 @@ class Core:
 
     def close(self) -> Steps[None]:
         """Unregister and unlink the client's shared memory, then close the channel."""
+        self.closed = True
         if self.regions is not None:
+            free = self.regions.close()  # (those in use: their calls unlink them)
             yield from self._unregister_pending()
-            for region in list(self.regions.every):
+            for region in free:
                 try:  # (if the endpoint is gone, its mapping went with it)
                     yield from self._unregister(region.name)
                 finally:
                     region.destroy()
-                self.regions.discard(region)
         yield Call("close")

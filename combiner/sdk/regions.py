@@ -68,6 +68,7 @@ class Regions:
         self.free: list[Region] = []
         self.every: list[Region] = []
         self.pending: set[str] = set()  # names whose unregistering did not end (cancelled)
+        self.closed = False
         self._lock = threading.Lock()
 
     def take(self, size: int) -> Region | None:
@@ -85,12 +86,26 @@ class Regions:
         with self._lock:
             self.every.append(region)
 
-    def give_back(self, region: Region) -> None:
-        """Its call ended with an answer: free for the next one."""
+    def give_back(self, region: Region) -> bool:
+        """Its call ended with an answer: free for the next one; False once the client is
+        closed (its call unlinks it)."""
         region.outputs = {}
         with self._lock:
-            if region in self.every:  # (not after close(), which unlinked it)
-                self.free.append(region)
+            if self.closed or region not in self.every:
+                return False
+            self.free.append(region)
+            return True
+
+    def close(self) -> list[Region]:
+        """No region is reused from now on: the free ones, taken (the client's close() unlinks
+        them); those in use are left to their calls, which unlink them as they end (unmapped
+        under a call, a region had crashed the process)."""
+        with self._lock:
+            self.closed = True
+            free, self.free = self.free, []
+            for region in free:
+                self.every.remove(region)
+            return free
 
     def discard(self, region: Region) -> None:
         """Its call ended without an answer: the server may still write into it."""

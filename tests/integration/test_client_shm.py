@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +19,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from combiner.sdk import AsyncEnsembleClient, EnsembleClient, InvalidRequest
+from combiner.sdk import AsyncEnsembleClient, EnsembleClient, EnsembleError, InvalidRequest
 from tests.integration.test_serving import direct_combination
 
 SHM = Path("/dev/shm")
@@ -124,6 +126,86 @@ def test_an_async_predict_all_that_fails_leaves_no_segment_once_closed(endpoints
                     await client.predict_all(x, chunk=8, concurrency=8)
 
     asyncio.run(go())
+    assert own_segments() - before == set()
+
+
+CLOSE_UNDER_CALLS = """
+import os, sys, threading, time
+import numpy as np
+from combiner.sdk import EnsembleClient, EnsembleError
+client = EnsembleClient(sys.argv[1], shared_memory=True)
+x = np.random.default_rng(4).random((8, 1, 8, 8), np.float32)
+client.predict(x)
+odd = []
+def loop():
+    while True:
+        try:
+            client.predict(x)
+        except EnsembleError:  # closed: during its call, or before it
+            if client._core.closed:
+                return
+        except BaseException as e:
+            odd.append(repr(e))
+            return
+threads = [threading.Thread(target=loop) for _ in range(4)]
+for t in threads:
+    t.start()
+time.sleep(0.3)
+client.close()
+for t in threads:
+    t.join(30)
+assert not any(t.is_alive() for t in threads), "a call hung"
+assert not odd, odd
+left = [n for n in os.listdir("/dev/shm") if n.startswith(f"chorus_client_{os.getpid()}_")]
+assert not left, left
+print("ok")
+"""
+
+
+def test_closing_a_client_under_its_calls_in_flight_crashes_nothing_and_leaks_nothing(
+    endpoints,
+):
+    """close() from another thread unmapped regions calls were writing into: a segfault."""
+    for _ in range(4):
+        run = subprocess.run(
+            [sys.executable, "-c", CLOSE_UNDER_CALLS, endpoints.ensemble],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+def test_closing_an_async_client_under_its_calls_leaves_no_segment_and_no_odd_error(endpoints):
+    """Calls outliving close() had raised grpc's UsageError or a CancelledError nobody asked
+    for, and left segments."""
+    x = np.random.default_rng(5).random((8, 1, 8, 8), np.float32)
+    before = own_segments()
+
+    async def go() -> list[str]:
+        client = AsyncEnsembleClient(endpoints.ensemble, shared_memory=True)
+        await client.predict(x)
+        odd: list[str] = []
+
+        async def loop() -> None:
+            while not client._core.closed:
+                try:
+                    await client.predict(x)
+                except EnsembleError:
+                    if not client._core.closed:
+                        raise
+                except BaseException as e:
+                    odd.append(repr(e))
+                    return
+
+        calls = [asyncio.ensure_future(loop()) for _ in range(6)]
+        await asyncio.sleep(0.3)
+        await client.close()
+        await asyncio.wait_for(asyncio.gather(*calls), 30)
+        return odd
+
+    for _ in range(3):
+        assert asyncio.run(go()) == []
     assert own_segments() - before == set()
 
 

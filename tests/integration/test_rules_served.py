@@ -43,7 +43,7 @@ def test_vote_and_uncertainty_outputs_match_numpy_on_the_member_files(voting):
         meta = client.metadata()
         answer = client.predict(x)
     assert [o["name"] for o in meta["outputs"]] == ["y", *(f"y_{m}" for m in MEASURES)]
-    assert meta["outputs"][1]["shape"] == ["-1"]
+    assert meta["outputs"][1]["shape"] == [-1]
     outs = np.stack(
         [ort.InferenceSession(str(m.path)).run(None, {"x": x})[0] for m in ensemble.members]
     ).astype(np.float64)
