@@ -299,4 +299,5 @@ class Core:
                     yield from self._unregister(region.name)
                 finally:
                     region.destroy()
+                    self.regions.discard(region)
         yield Call("close")

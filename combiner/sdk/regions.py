@@ -74,6 +74,8 @@ class Regions:
     def take(self, size: int) -> Region | None:
         """The smallest free region of at least ``size`` bytes, taken; or None."""
         with self._lock:
+            if self.closed:
+                return None
             fitting = [r for r in self.free if r.size >= size]
             if not fitting:
                 return None
@@ -102,10 +104,7 @@ class Regions:
         under a call, a region had crashed the process)."""
         with self._lock:
             self.closed = True
-            free, self.free = self.free, []
-            for region in free:
-                self.every.remove(region)
-            return free
+            return list(self.free)  # (kept until unlinked: a cancelled close() is done again)
 
     def discard(self, region: Region) -> None:
         """Its call ended without an answer: the server may still write into it."""
