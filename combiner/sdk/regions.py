@@ -54,7 +54,7 @@ class Region:
         raise EnsembleError("could not create a shared-memory region of the client's own")
 
     def destroy(self) -> None:
-        """Unmap and unlink it (once: a call still in flight at close() comes to it again)."""
+        """Unmap and unlink it (once: a cancelled close() comes to it again)."""
         handle, self.handle = self.handle, None
         if handle is not None:
             shm.destroy_shared_memory_region(handle)

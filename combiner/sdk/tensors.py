@@ -15,7 +15,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from combiner.sdk.answer import Answer, Inputs, Outputs
-from combiner.sdk.errors import EnsembleError, InvalidRequest
+from combiner.sdk.errors import InvalidRequest
 from combiner.sdk.protocol import CONTRIBUTORS, MISSING, TIER, parse_missing
 from combiner.sdk.regions import Region, aligned
 
@@ -119,8 +119,6 @@ class Signature:
     def answer(self, result: InferResult, region: Region | None = None) -> Answer:
         """The response read: outputs from it, or copied out of ``region`` (which serves the
         next call), with the contributing members and the missing ones."""
-        if region is not None and region.handle is None:
-            raise EnsembleError("the client was closed while this call was in flight")
         placed = region.outputs if region is not None else {}
         params = result.get_response().parameters
         contributors = params[CONTRIBUTORS].string_param if CONTRIBUTORS in params else ""
